@@ -1,0 +1,423 @@
+//! A YAML document as a tree of nodes that remember where they came from.
+//!
+//! serde_yaml locates syntax errors but not semantic ones, and silently keeps
+//! the last of two duplicate keys. This module builds a small tree from
+//! yaml-rust2's marked events so that every later error (an unknown field, a
+//! bad port, a duplicate key) names its line and column. It does no I/O.
+
+use std::collections::HashMap;
+
+use yaml_rust2::parser::{Event, MarkedEventReceiver, Parser, Tag};
+use yaml_rust2::scanner::{Marker, TScalarStyle};
+
+/// A 1-based line and column in the source text.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Pos {
+    pub line: u32,
+    pub column: u32,
+}
+
+impl Pos {
+    fn from_marker(m: Marker) -> Pos {
+        Pos {
+            line: u32::try_from(m.line()).unwrap_or(u32::MAX),
+            column: u32::try_from(m.col()).unwrap_or(u32::MAX).saturating_add(1),
+        }
+    }
+}
+
+/// The type of a scalar after YAML 1.2 core-schema resolution.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ScalarKind {
+    Null,
+    Bool,
+    Int,
+    Float,
+    Str,
+}
+
+#[derive(Debug, Clone)]
+pub(crate) enum Value {
+    Scalar { text: String, kind: ScalarKind },
+    Seq(Vec<Node>),
+    Map(Vec<(Node, Node)>),
+}
+
+#[derive(Debug, Clone)]
+pub(crate) struct Node {
+    pub pos: Pos,
+    pub value: Value,
+}
+
+impl Node {
+    /// A short description of the node's type for error messages.
+    pub fn describe(&self) -> String {
+        match &self.value {
+            Value::Scalar { text, kind } => match kind {
+                ScalarKind::Null => "null".to_string(),
+                ScalarKind::Bool => format!("boolean {text}"),
+                ScalarKind::Int => format!("integer {text}"),
+                ScalarKind::Float => format!("number {text}"),
+                ScalarKind::Str => "a string".to_string(),
+            },
+            Value::Seq(_) => "a list".to_string(),
+            Value::Map(_) => "a mapping".to_string(),
+        }
+    }
+}
+
+/// Why a document could not be turned into a tree.
+#[derive(Debug)]
+pub(crate) struct ParseError {
+    pub pos: Pos,
+    pub message: String,
+}
+
+/// Parses `text` into at most one document. `Ok(None)` for an empty stream.
+/// Duplicate keys in any mapping are reported with both positions.
+pub(crate) fn parse(text: &str) -> Result<Option<Node>, ParseError> {
+    let mut builder = Builder::default();
+    let mut parser = Parser::new_from_str(text);
+    if let Err(e) = parser.load(&mut builder, true) {
+        let pos = Pos::from_marker(*e.marker());
+        if e.info().contains("tab") {
+            if let Some(tab) = first_indenting_tab(text, pos.line) {
+                return Err(ParseError {
+                    pos: tab,
+                    message: "invalid yaml: a tab indents this line; yaml indents with spaces"
+                        .to_string(),
+                });
+            }
+        }
+        return Err(ParseError {
+            pos,
+            message: format!("invalid yaml: {}", e.info()),
+        });
+    }
+    if let Some(err) = builder.error {
+        return Err(err);
+    }
+    let mut docs = builder.docs.into_iter();
+    let first = docs.next();
+    if let Some(second) = docs.next() {
+        return Err(ParseError {
+            pos: builder.doc_starts.get(1).copied().unwrap_or(second.pos),
+            message: "expected one yaml document, found several (remove the extra `---`)"
+                .to_string(),
+        });
+    }
+    Ok(first)
+}
+
+/// The first tab in a line's indentation, at or after `from_line`.
+fn first_indenting_tab(text: &str, from_line: u32) -> Option<Pos> {
+    for (i, line) in text.lines().enumerate() {
+        let number = u32::try_from(i + 1).ok()?;
+        if number < from_line {
+            continue;
+        }
+        let indent = line.len() - line.trim_start_matches([' ', '\t']).len();
+        if let Some(col) = line[..indent].find('\t') {
+            return Some(Pos {
+                line: number,
+                column: u32::try_from(col + 1).ok()?,
+            });
+        }
+    }
+    None
+}
+
+enum Frame {
+    Seq {
+        pos: Pos,
+        anchor: usize,
+        items: Vec<Node>,
+    },
+    Map {
+        pos: Pos,
+        anchor: usize,
+        entries: Vec<(Node, Node)>,
+        pending_key: Option<Node>,
+    },
+}
+
+/// The most nodes a document may expand to, aliases included. A config file
+/// is small; this stops "billion laughs" alias bombs from eating memory.
+const MAX_NODES: usize = 100_000;
+
+#[derive(Default)]
+struct Builder {
+    stack: Vec<Frame>,
+    docs: Vec<Node>,
+    anchors: HashMap<usize, (Node, usize)>,
+    doc_starts: Vec<Pos>,
+    nodes: usize,
+    error: Option<ParseError>,
+}
+
+impl Builder {
+    fn fail(&mut self, pos: Pos, message: String) {
+        if self.error.is_none() {
+            self.error = Some(ParseError { pos, message });
+        }
+    }
+
+    fn push_node(&mut self, node: Node) {
+        match self.stack.last_mut() {
+            None => self.docs.push(node),
+            Some(Frame::Seq { items, .. }) => items.push(node),
+            Some(Frame::Map {
+                entries,
+                pending_key,
+                ..
+            }) => match pending_key.take() {
+                None => {
+                    if let Value::Scalar { .. } = node.value {
+                        let key = key_text(&node);
+                        if let Some((first, _)) = entries.iter().find(|(k, _)| key_text(k) == key) {
+                            let message = format!(
+                                "duplicate key \"{key}\" (first defined at line {})",
+                                first.pos.line
+                            );
+                            let pos = node.pos;
+                            *pending_key = Some(node);
+                            self.fail(pos, message);
+                            return;
+                        }
+                        *pending_key = Some(node);
+                    } else {
+                        let pos = node.pos;
+                        *pending_key = Some(node);
+                        self.fail(pos, "mapping keys must be plain strings".to_string());
+                    }
+                }
+                Some(key) => entries.push((key, node)),
+            },
+        }
+    }
+}
+
+fn count_nodes(node: &Node) -> usize {
+    match &node.value {
+        Value::Scalar { .. } => 1,
+        Value::Seq(items) => 1 + items.iter().map(count_nodes).sum::<usize>(),
+        Value::Map(entries) => {
+            1 + entries
+                .iter()
+                .map(|(k, v)| count_nodes(k) + count_nodes(v))
+                .sum::<usize>()
+        }
+    }
+}
+
+fn key_text(node: &Node) -> &str {
+    match &node.value {
+        Value::Scalar { text, .. } => text,
+        _ => "",
+    }
+}
+
+impl MarkedEventReceiver for Builder {
+    fn on_event(&mut self, ev: Event, mark: Marker) {
+        let pos = Pos::from_marker(mark);
+        match ev {
+            Event::Scalar(text, style, anchor, tag) => {
+                let kind = resolve_scalar(&text, style, tag.as_ref());
+                let node = Node {
+                    pos,
+                    value: Value::Scalar { text, kind },
+                };
+                self.nodes += 1;
+                if anchor > 0 {
+                    self.anchors.insert(anchor, (node.clone(), 1));
+                }
+                self.push_node(node);
+            }
+            Event::SequenceStart(anchor, _) => self.stack.push(Frame::Seq {
+                pos,
+                anchor,
+                items: Vec::new(),
+            }),
+            Event::MappingStart(anchor, _) => self.stack.push(Frame::Map {
+                pos,
+                anchor,
+                entries: Vec::new(),
+                pending_key: None,
+            }),
+            Event::SequenceEnd | Event::MappingEnd => {
+                let (node, anchor) = match self.stack.pop() {
+                    Some(Frame::Seq { pos, anchor, items }) => (
+                        Node {
+                            pos,
+                            value: Value::Seq(items),
+                        },
+                        anchor,
+                    ),
+                    Some(Frame::Map {
+                        pos,
+                        anchor,
+                        entries,
+                        ..
+                    }) => (
+                        Node {
+                            pos,
+                            value: Value::Map(entries),
+                        },
+                        anchor,
+                    ),
+                    None => return,
+                };
+                if anchor > 0 {
+                    let size = count_nodes(&node);
+                    self.anchors.insert(anchor, (node.clone(), size));
+                }
+                self.nodes += 1;
+                self.push_node(node);
+            }
+            Event::Alias(id) => match self.anchors.get(&id) {
+                Some((target, size)) => {
+                    self.nodes = self.nodes.saturating_add(*size);
+                    if self.nodes > MAX_NODES {
+                        self.fail(
+                            pos,
+                            format!("document too large: aliases expand to more than {MAX_NODES} nodes"),
+                        );
+                        return;
+                    }
+                    let mut node = target.clone();
+                    node.pos = pos;
+                    self.push_node(node);
+                }
+                None => self.fail(pos, "alias refers to an unknown anchor".to_string()),
+            },
+            Event::DocumentStart => self.doc_starts.push(pos),
+            Event::Nothing | Event::StreamStart | Event::StreamEnd | Event::DocumentEnd => {}
+        }
+    }
+}
+
+/// YAML 1.2 core schema resolution for plain scalars; quoted and block
+/// scalars are strings. `!!str` forces a string.
+fn resolve_scalar(text: &str, style: TScalarStyle, tag: Option<&Tag>) -> ScalarKind {
+    if let Some(tag) = tag {
+        if tag.suffix == "str" {
+            return ScalarKind::Str;
+        }
+    }
+    if style != TScalarStyle::Plain {
+        return ScalarKind::Str;
+    }
+    match text {
+        "" | "~" | "null" | "Null" | "NULL" => return ScalarKind::Null,
+        "true" | "True" | "TRUE" | "false" | "False" | "FALSE" => return ScalarKind::Bool,
+        ".inf" | "-.inf" | "+.inf" | ".Inf" | ".INF" | ".nan" | ".NaN" | ".NAN" => {
+            return ScalarKind::Float
+        }
+        _ => {}
+    }
+    let digits = text.strip_prefix(['-', '+']).unwrap_or(text);
+    let is_int = (!digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit()))
+        || text
+            .strip_prefix("0x")
+            .is_some_and(|h| !h.is_empty() && h.bytes().all(|b| b.is_ascii_hexdigit()))
+        || text
+            .strip_prefix("0o")
+            .is_some_and(|o| !o.is_empty() && o.bytes().all(|b| (b'0'..=b'7').contains(&b)));
+    if is_int {
+        return ScalarKind::Int;
+    }
+    let looks_float = digits.bytes().any(|b| b.is_ascii_digit())
+        && digits
+            .bytes()
+            .all(|b| b.is_ascii_digit() || b == b'.' || b == b'e' || b == b'E' || b == b'-' || b == b'+')
+        && digits.parse::<f64>().is_ok();
+    if looks_float {
+        return ScalarKind::Float;
+    }
+    ScalarKind::Str
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn root(text: &str) -> Node {
+        parse(text).unwrap().unwrap()
+    }
+
+    #[test]
+    fn positions_are_one_based() {
+        let node = root("name: x\nports:\n  web: 3000\n");
+        let Value::Map(entries) = node.value else {
+            panic!("not a map")
+        };
+        assert_eq!(entries[0].0.pos, Pos { line: 1, column: 1 });
+        let Value::Map(ports) = &entries[1].1.value else {
+            panic!("not a map")
+        };
+        assert_eq!(ports[0].0.pos, Pos { line: 3, column: 3 });
+        assert_eq!(ports[0].1.pos, Pos { line: 3, column: 8 });
+    }
+
+    #[test]
+    fn duplicate_keys_are_located() {
+        let err = parse("name: a\nenv: {}\nname: b\n").unwrap_err();
+        assert_eq!(err.pos, Pos { line: 3, column: 1 });
+        assert_eq!(
+            err.message,
+            "duplicate key \"name\" (first defined at line 1)"
+        );
+    }
+
+    #[test]
+    fn scalar_resolution() {
+        let t = |s| resolve_scalar(s, TScalarStyle::Plain, None);
+        assert_eq!(t("3000"), ScalarKind::Int);
+        assert_eq!(t("-1"), ScalarKind::Int);
+        assert_eq!(t("0x1F"), ScalarKind::Int);
+        assert_eq!(t("1.0"), ScalarKind::Float);
+        assert_eq!(t("1.0.0"), ScalarKind::Str);
+        assert_eq!(t("true"), ScalarKind::Bool);
+        assert_eq!(t("~"), ScalarKind::Null);
+        assert_eq!(t("node@20"), ScalarKind::Str);
+        assert_eq!(t("e"), ScalarKind::Str);
+        assert_eq!(
+            resolve_scalar("3000", TScalarStyle::DoubleQuoted, None),
+            ScalarKind::Str
+        );
+    }
+
+    #[test]
+    fn aliases_are_expanded() {
+        let node = root("a: &x [1, 2]\nb: *x\n");
+        let Value::Map(entries) = node.value else {
+            panic!("not a map")
+        };
+        assert!(matches!(&entries[1].1.value, Value::Seq(items) if items.len() == 2));
+    }
+
+    #[test]
+    fn alias_bombs_are_refused() {
+        let mut text = String::from("a0: &a0 [x, x, x, x, x, x, x, x, x, x]\n");
+        for i in 1..8 {
+            let prev = i - 1;
+            text.push_str(&format!(
+                "a{i}: &a{i} [*a{prev}, *a{prev}, *a{prev}, *a{prev}, *a{prev}, *a{prev}, *a{prev}, *a{prev}, *a{prev}, *a{prev}]\n"
+            ));
+        }
+        let err = parse(&text).unwrap_err();
+        assert!(err.message.contains("too large"), "{}", err.message);
+    }
+
+    #[test]
+    fn several_documents_are_refused() {
+        let err = parse("a: 1\n---\nb: 2\n").unwrap_err();
+        assert!(err.message.contains("one yaml document"), "{}", err.message);
+    }
+
+    #[test]
+    fn empty_is_none() {
+        assert!(parse("").unwrap().is_none());
+        assert!(parse("# only a comment\n").unwrap().is_none());
+    }
+}
