@@ -590,9 +590,11 @@ pub fn find_config_file(workspace: &Path) -> Result<(PathBuf, Option<PathBuf>)> 
         };
         return Ok((dir, Some(workspace.to_path_buf())));
     }
+    // In the current directory, name the file as the user would: agent.yaml.
+    let here = workspace == Path::new(".") || workspace.as_os_str().is_empty();
     let found: Vec<PathBuf> = CONFIG_FILE_NAMES
         .iter()
-        .map(|n| workspace.join(n))
+        .map(|n| if here { PathBuf::from(n) } else { workspace.join(n) })
         .filter(|p| p.is_file())
         .collect();
     match found.as_slice() {

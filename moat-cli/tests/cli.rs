@@ -1,0 +1,148 @@
+//! The `moat` binary, run as a user would run it.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+fn moat(args: &[&str], cwd: &Path) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_moat"))
+        .args(args)
+        .current_dir(cwd)
+        .output()
+        .expect("run moat")
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+fn workspace(yaml: &str) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("agent.yaml"), yaml).unwrap();
+    dir
+}
+
+#[test]
+fn version_matches_cargo() {
+    let out = moat(&["--version"], Path::new("."));
+    assert!(out.status.success());
+    assert_eq!(text(&out.stdout).trim(), format!("moat {}", env!("CARGO_PKG_VERSION")));
+}
+
+#[test]
+fn help_speaks_as_the_seeds_do() {
+    let out = moat(&["--help"], Path::new("."));
+    assert!(out.status.success());
+    let help = text(&out.stdout);
+    assert!(help.contains("Run AI agents locally with one command"), "{help}");
+    assert!(help.contains("config"), "{help}");
+}
+
+#[test]
+fn config_prints_resolved_yaml() {
+    let ws = workspace("name: demo\ndependencies: [python@3.11]\n");
+    let out = moat(&["config"], ws.path());
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let yaml: serde_yaml::Value = serde_yaml::from_slice(&out.stdout).unwrap();
+    assert_eq!(yaml["name"].as_str(), Some("demo"));
+    assert_eq!(yaml["image"].as_str(), Some("python:3.11"));
+    assert_eq!(yaml["image_source"].as_str(), Some("dependencies"));
+    assert_eq!(yaml["network"]["policy"].as_str(), Some("permissive"));
+    assert_eq!(yaml["interactive"].as_bool(), Some(false));
+}
+
+#[test]
+fn config_json_for_scripts() {
+    let ws = workspace("ports:\n  web: 3000\n");
+    let path = ws.path().to_str().unwrap();
+    let out = moat(&["config", path, "--json"], Path::new("/"));
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(json["ports"]["web"], 3000);
+    assert_eq!(json["image"], "ubuntu:22.04");
+    assert_eq!(json["image_source"], "default");
+}
+
+#[test]
+fn config_without_file_shows_defaults_and_says_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = moat(&["config", "--json"], dir.path());
+    assert!(out.status.success());
+    assert!(text(&out.stderr).contains("no agent.yaml or moat.yaml"));
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(json["config_file"], serde_json::Value::Null);
+}
+
+#[test]
+fn invalid_config_fails_with_located_errors_on_stderr() {
+    let ws = workspace("name: demo\ngrnats:\n  - github\nports:\n  web: 70000\n");
+    let out = moat(&["config"], ws.path());
+    assert_eq!(out.status.code(), Some(1));
+    assert!(out.stdout.is_empty());
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("error: agent.yaml:2:1: unknown field \"grnats\" (did you mean \"grants\"?)"),
+        "{err}"
+    );
+    assert!(err.contains("error: agent.yaml:5:8: ports.web: port 70000 is out of range (1-65535)"), "{err}");
+    assert!(err.contains(" 5 |   web: 70000\n   |        ^"), "{err}");
+}
+
+#[test]
+fn both_files_is_an_error() {
+    let ws = workspace("name: a\n");
+    std::fs::write(ws.path().join("moat.yaml"), "name: b\n").unwrap();
+    let out = moat(&["config"], ws.path());
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out.stderr).contains("both agent.yaml and moat.yaml exist"));
+}
+
+#[test]
+fn flags_merge_over_the_file() {
+    let ws = workspace("name: file-name\ngrants: [github]\nenv:\n  A: file\n");
+    let out = moat(
+        &["config", "--json", "--name", "cli-name", "--grant", "anthropic,ssh:github.com", "-e", "A=cli", "-i"],
+        ws.path(),
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(json["name"], "cli-name");
+    assert_eq!(json["grants"], serde_json::json!(["github", "anthropic", "ssh:github.com"]));
+    assert_eq!(json["env"]["A"], "cli");
+    assert_eq!(json["interactive"], true);
+}
+
+#[test]
+fn bad_flags_name_the_flag_and_hide_values() {
+    let ws = workspace("secrets:\n  TOKEN: op://v/i/f\n");
+    let out = moat(&["config", "--grant", "githb", "-e", "TOKEN=hunter2-secret"], ws.path());
+    assert_eq!(out.status.code(), Some(1));
+    let err = text(&out.stderr);
+    assert!(err.contains("--grant githb: unknown grant provider \"githb\" (did you mean \"github\"?)"), "{err}");
+    assert!(err.contains("-e TOKEN:"), "{err}");
+    assert!(!err.contains("hunter2-secret"), "{err}");
+}
+
+#[test]
+fn missing_workspace_is_a_clear_error() {
+    let out = moat(&["config", "/nonexistent/ws"], Path::new("/"));
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(
+        text(&out.stderr).trim(),
+        "error: /nonexistent/ws: cannot open workspace: no such file or directory"
+    );
+}
+
+#[test]
+fn unknown_flag_is_a_usage_error() {
+    let out = moat(&["config", "--frobnicate"], Path::new("."));
+    assert_eq!(out.status.code(), Some(2));
+}
+
+#[test]
+fn repository_examples_are_valid() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples");
+    for name in ["full", "minimal"] {
+        let out = moat(&["config", root.join(name).to_str().unwrap()], Path::new("/"));
+        assert!(out.status.success(), "{name}: {}", text(&out.stderr));
+    }
+}
