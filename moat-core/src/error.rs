@@ -13,8 +13,9 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 
 /// What kind of failure an [`Error`] is.
+/// Not `#[non_exhaustive]` on purpose: the bindings match every kind, so a
+/// new kind does not compile until C and Python map it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-#[non_exhaustive]
 pub enum ErrorKind {
     /// A configuration file or a configuration override is invalid.
     Config,

@@ -1,1 +1,404 @@
-//! x
+//! The C ABI of moat (`libmoat`, header `include/moat.h`).
+//!
+//! Conventions, after rustls-ffi:
+//! - Opaque handles (`moat_config`, `moat_error`), created and freed by moat.
+//! - Every function checks its pointers for NULL and returns a stable
+//!   [`moat_status`]; outputs are written only on success.
+//! - Fallible functions take an optional `moat_error **out_error`; on failure
+//!   it receives an error object carrying the message and, for configuration
+//!   errors, the file, line and column. Free it with `moat_error_free`.
+//! - Every export runs inside a panic boundary: a panic becomes
+//!   `MOAT_ERR_PANIC`, never an abort of the host process.
+//! - Strings returned as `const char *` belong to their handle and live as
+//!   long as it; strings returned through `char **` are freed with
+//!   `moat_string_free`.
+//!
+//! No logic lives here: every decision is moat-core's.
+
+#![allow(non_camel_case_types)]
+
+use std::ffi::{c_char, CStr, CString};
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::path::PathBuf;
+use std::ptr;
+
+use moat_core::config::Config;
+use moat_core::{Error, ErrorKind};
+
+/// Major version of moat; matches `Cargo.toml`.
+pub const MOAT_VERSION_MAJOR: u32 = 0;
+/// Minor version of moat; matches `Cargo.toml`.
+pub const MOAT_VERSION_MINOR: u32 = 1;
+/// Patch version of moat; matches `Cargo.toml`.
+pub const MOAT_VERSION_PATCH: u32 = 0;
+
+/// The result of every fallible moat function. Values are stable.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum moat_status {
+    /// Success.
+    MOAT_OK = 0,
+    /// A configuration file or override is invalid.
+    MOAT_ERR_CONFIG = 1,
+    /// Reading or writing a file failed.
+    MOAT_ERR_IO = 2,
+    /// An argument is invalid (including a required pointer that is NULL).
+    MOAT_ERR_INVALID_ARGUMENT = 3,
+    /// A bug in moat.
+    MOAT_ERR_INTERNAL = 4,
+    /// A panic inside moat was caught at the C boundary (a bug in moat).
+    MOAT_ERR_PANIC = 5,
+}
+
+fn status_of(kind: ErrorKind) -> moat_status {
+    match kind {
+        ErrorKind::Config => moat_status::MOAT_ERR_CONFIG,
+        ErrorKind::Io => moat_status::MOAT_ERR_IO,
+        ErrorKind::InvalidArgument => moat_status::MOAT_ERR_INVALID_ARGUMENT,
+        ErrorKind::Internal => moat_status::MOAT_ERR_INTERNAL,
+    }
+}
+
+/// A validated configuration. Free with `moat_config_free`.
+#[derive(Debug)]
+pub struct moat_config {
+    inner: Config,
+    name: Option<CString>,
+    image: CString,
+}
+
+/// An error: status, message and optional location. Free with
+/// `moat_error_free`.
+#[derive(Debug)]
+pub struct moat_error {
+    status: moat_status,
+    message: CString,
+    path: Option<CString>,
+    line: u32,
+    column: u32,
+}
+
+fn cstring(s: &str) -> CString {
+    CString::new(s.replace('\0', "\u{FFFD}")).unwrap_or_default()
+}
+
+impl moat_error {
+    fn from_error(err: &Error) -> moat_error {
+        let loc = err.location();
+        moat_error {
+            status: status_of(err.kind()),
+            message: cstring(&err.to_string()),
+            path: loc.map(|l| cstring(&l.path.to_string_lossy())),
+            line: loc.map_or(0, |l| l.line),
+            column: loc.map_or(0, |l| l.column),
+        }
+    }
+
+    fn plain(status: moat_status, message: &str) -> moat_error {
+        moat_error {
+            status,
+            message: cstring(message),
+            path: None,
+            line: 0,
+            column: 0,
+        }
+    }
+}
+
+/// Stores `err` in `*out_error` when the caller asked for it; returns its status.
+///
+/// # Safety
+/// `out_error` is NULL or valid for a write.
+unsafe fn fail(out_error: *mut *mut moat_error, err: moat_error) -> moat_status {
+    let status = err.status;
+    if !out_error.is_null() {
+        // SAFETY: checked non-null; the caller promises it is writable.
+        unsafe { *out_error = Box::into_raw(Box::new(err)) };
+    }
+    status
+}
+
+/// Runs `f` inside the panic boundary.
+///
+/// # Safety
+/// `out_error` is NULL or valid for a write.
+unsafe fn guard(
+    out_error: *mut *mut moat_error,
+    what: &str,
+    f: impl FnOnce() -> Result<(), moat_error>,
+) -> moat_status {
+    match catch_unwind(AssertUnwindSafe(f)) {
+        Ok(Ok(())) => moat_status::MOAT_OK,
+        // SAFETY: forwarded from the caller.
+        Ok(Err(err)) => unsafe { fail(out_error, err) },
+        Err(_) => {
+            let err = moat_error::plain(
+                moat_status::MOAT_ERR_PANIC,
+                &format!("internal error: moat panicked in {what}; please report this bug"),
+            );
+            // SAFETY: forwarded from the caller.
+            unsafe { fail(out_error, err) }
+        }
+    }
+}
+
+/// Reads a required C string argument.
+///
+/// # Safety
+/// `ptr` is NULL or a NUL-terminated string.
+unsafe fn arg_str<'a>(ptr: *const c_char, name: &str) -> Result<&'a str, moat_error> {
+    if ptr.is_null() {
+        return Err(moat_error::plain(
+            moat_status::MOAT_ERR_INVALID_ARGUMENT,
+            &format!("{name} is NULL"),
+        ));
+    }
+    // SAFETY: non-null and NUL-terminated by the caller's promise.
+    unsafe { CStr::from_ptr(ptr) }.to_str().map_err(|_| {
+        moat_error::plain(
+            moat_status::MOAT_ERR_INVALID_ARGUMENT,
+            &format!("{name} is not valid utf-8"),
+        )
+    })
+}
+
+fn null_arg(name: &str) -> moat_error {
+    moat_error::plain(
+        moat_status::MOAT_ERR_INVALID_ARGUMENT,
+        &format!("{name} is NULL"),
+    )
+}
+
+/// The version of moat as a static string, such as `"0.1.0"`.
+#[no_mangle]
+pub extern "C" fn moat_version() -> *const c_char {
+    concat!(env!("CARGO_PKG_VERSION"), "\0").as_ptr().cast()
+}
+
+/// Loads and validates the configuration of `workspace` (a directory, or the
+/// path of its `agent.yaml` / `moat.yaml`). On success writes a new handle to
+/// `*out_config`; on failure writes an error to `*out_error` if it is not
+/// NULL.
+///
+/// # Safety
+/// `workspace` is a NUL-terminated string; `out_config` is valid for a write;
+/// `out_error` is NULL or valid for a write.
+#[no_mangle]
+pub unsafe extern "C" fn moat_config_load(
+    workspace: *const c_char,
+    out_config: *mut *mut moat_config,
+    out_error: *mut *mut moat_error,
+) -> moat_status {
+    // SAFETY: the caller's promises are forwarded.
+    unsafe {
+        guard(out_error, "moat_config_load", || {
+            let workspace = arg_str(workspace, "workspace")?;
+            if out_config.is_null() {
+                return Err(null_arg("out_config"));
+            }
+            let config = moat_core::blocking::load_config(&PathBuf::from(workspace))
+                .map_err(|e| moat_error::from_error(&e))?;
+            let handle = moat_config {
+                name: config.name.as_deref().map(cstring),
+                image: cstring(&config.resolved_image().0),
+                inner: config,
+            };
+            *out_config = Box::into_raw(Box::new(handle));
+            Ok(())
+        })
+    }
+}
+
+/// The agent's name, or NULL when the configuration names none.
+///
+/// # Safety
+/// `config` is NULL or a live handle.
+#[no_mangle]
+pub unsafe extern "C" fn moat_config_name(config: *const moat_config) -> *const c_char {
+    // SAFETY: NULL or a live handle, by the caller's promise.
+    match unsafe { config.as_ref() }.and_then(|c| c.name.as_ref()) {
+        Some(name) => name.as_ptr(),
+        None => ptr::null(),
+    }
+}
+
+/// The resolved image (`image:`, else from `dependencies`, else
+/// `ubuntu:22.04`); NULL only when `config` is NULL.
+///
+/// # Safety
+/// `config` is NULL or a live handle.
+#[no_mangle]
+pub unsafe extern "C" fn moat_config_image(config: *const moat_config) -> *const c_char {
+    // SAFETY: NULL or a live handle, by the caller's promise.
+    match unsafe { config.as_ref() } {
+        Some(c) => c.image.as_ptr(),
+        None => ptr::null(),
+    }
+}
+
+/// The resolved configuration as JSON (the output of `moat config --json`).
+/// On success writes a new string to `*out_json`; free it with
+/// `moat_string_free`.
+///
+/// # Safety
+/// `config` is NULL or a live handle; `out_json` is valid for a write;
+/// `out_error` is NULL or valid for a write.
+#[no_mangle]
+pub unsafe extern "C" fn moat_config_to_json(
+    config: *const moat_config,
+    out_json: *mut *mut c_char,
+    out_error: *mut *mut moat_error,
+) -> moat_status {
+    // SAFETY: the caller's promises are forwarded.
+    unsafe {
+        guard(out_error, "moat_config_to_json", || {
+            let config = config.as_ref().ok_or_else(|| null_arg("config"))?;
+            if out_json.is_null() {
+                return Err(null_arg("out_json"));
+            }
+            let json = serde_json::to_string(&config.inner.resolved()).map_err(|e| {
+                moat_error::plain(moat_status::MOAT_ERR_INTERNAL, &format!("cannot encode json: {e}"))
+            })?;
+            *out_json = cstring(&json).into_raw();
+            Ok(())
+        })
+    }
+}
+
+/// Frees a configuration handle. NULL is ignored.
+///
+/// # Safety
+/// `config` is NULL or a handle from `moat_config_load`, not yet freed.
+#[no_mangle]
+pub unsafe extern "C" fn moat_config_free(config: *mut moat_config) {
+    if !config.is_null() {
+        // SAFETY: created by Box::into_raw in moat_config_load, freed once.
+        drop(unsafe { Box::from_raw(config) });
+    }
+}
+
+/// Frees a string returned through a `char **` output. NULL is ignored.
+///
+/// # Safety
+/// `s` is NULL or a string from moat, not yet freed.
+#[no_mangle]
+pub unsafe extern "C" fn moat_string_free(s: *mut c_char) {
+    if !s.is_null() {
+        // SAFETY: created by CString::into_raw, freed once.
+        drop(unsafe { CString::from_raw(s) });
+    }
+}
+
+/// The status this error stands for.
+///
+/// # Safety
+/// `err` is NULL or a live error.
+#[no_mangle]
+pub unsafe extern "C" fn moat_error_status(err: *const moat_error) -> moat_status {
+    // SAFETY: NULL or live, by the caller's promise.
+    match unsafe { err.as_ref() } {
+        Some(e) => e.status,
+        None => moat_status::MOAT_ERR_INVALID_ARGUMENT,
+    }
+}
+
+/// The full message, prefixed with `path:line:column: ` when located.
+/// Never NULL for a non-NULL error.
+///
+/// # Safety
+/// `err` is NULL or a live error.
+#[no_mangle]
+pub unsafe extern "C" fn moat_error_message(err: *const moat_error) -> *const c_char {
+    // SAFETY: NULL or live, by the caller's promise.
+    match unsafe { err.as_ref() } {
+        Some(e) => e.message.as_ptr(),
+        None => ptr::null(),
+    }
+}
+
+/// The file the error is in, or NULL when it has no location.
+///
+/// # Safety
+/// `err` is NULL or a live error.
+#[no_mangle]
+pub unsafe extern "C" fn moat_error_path(err: *const moat_error) -> *const c_char {
+    // SAFETY: NULL or live, by the caller's promise.
+    match unsafe { err.as_ref() }.and_then(|e| e.path.as_ref()) {
+        Some(p) => p.as_ptr(),
+        None => ptr::null(),
+    }
+}
+
+/// The 1-based line of the error, or 0 when it has no location.
+///
+/// # Safety
+/// `err` is NULL or a live error.
+#[no_mangle]
+pub unsafe extern "C" fn moat_error_line(err: *const moat_error) -> u32 {
+    // SAFETY: NULL or live, by the caller's promise.
+    unsafe { err.as_ref() }.map_or(0, |e| e.line)
+}
+
+/// The 1-based column of the error, or 0 when it has no location.
+///
+/// # Safety
+/// `err` is NULL or a live error.
+#[no_mangle]
+pub unsafe extern "C" fn moat_error_column(err: *const moat_error) -> u32 {
+    // SAFETY: NULL or live, by the caller's promise.
+    unsafe { err.as_ref() }.map_or(0, |e| e.column)
+}
+
+/// Frees an error. NULL is ignored.
+///
+/// # Safety
+/// `err` is NULL or an error from moat, not yet freed.
+#[no_mangle]
+pub unsafe extern "C" fn moat_error_free(err: *mut moat_error) {
+    if !err.is_null() {
+        // SAFETY: created by Box::into_raw in `fail`, freed once.
+        drop(unsafe { Box::from_raw(err) });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn version_constants_match_cargo() {
+        assert_eq!(MOAT_VERSION_MAJOR.to_string(), env!("CARGO_PKG_VERSION_MAJOR"));
+        assert_eq!(MOAT_VERSION_MINOR.to_string(), env!("CARGO_PKG_VERSION_MINOR"));
+        assert_eq!(MOAT_VERSION_PATCH.to_string(), env!("CARGO_PKG_VERSION_PATCH"));
+        let v = unsafe { CStr::from_ptr(moat_version()) };
+        assert_eq!(v.to_str().unwrap(), env!("CARGO_PKG_VERSION"));
+    }
+
+    #[test]
+    fn panics_become_status_codes() {
+        let mut err: *mut moat_error = ptr::null_mut();
+        let status = unsafe {
+            guard(&mut err, "test", || -> Result<(), moat_error> {
+                panic!("boom");
+            })
+        };
+        assert_eq!(status, moat_status::MOAT_ERR_PANIC);
+        assert!(!err.is_null());
+        let msg = unsafe { CStr::from_ptr(moat_error_message(err)) };
+        assert!(msg.to_str().unwrap().contains("panicked in test"));
+        unsafe { moat_error_free(err) };
+    }
+
+    #[test]
+    fn null_arguments_are_refused() {
+        let mut err: *mut moat_error = ptr::null_mut();
+        let mut cfg: *mut moat_config = ptr::null_mut();
+        let status = unsafe { moat_config_load(ptr::null(), &mut cfg, &mut err) };
+        assert_eq!(status, moat_status::MOAT_ERR_INVALID_ARGUMENT);
+        assert!(cfg.is_null());
+        unsafe { moat_error_free(err) };
+        // A NULL out_error is allowed.
+        let status = unsafe { moat_config_load(c"/".as_ptr(), ptr::null_mut(), ptr::null_mut()) };
+        assert_eq!(status, moat_status::MOAT_ERR_INVALID_ARGUMENT);
+    }
+}
