@@ -1,6 +1,9 @@
 //! `moat`: the command-line consumer of moat-core. Argument parsing, printing
 //! and exit codes only; every decision is made in moat-core.
 
+// The workspace forbids printing; the CLI is the one crate that prints.
+#![allow(clippy::print_stdout, clippy::print_stderr)]
+
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -100,16 +103,32 @@ fn cmd_config(args: &ConfigArgs) -> Result<(), Error> {
     }
     let resolved = config.resolved();
     let text = if args.json {
-        serde_json::to_string_pretty(&resolved).map(|s| s + "\n").map_err(internal)?
+        serde_json::to_string_pretty(&resolved)
+            .map(|s| s + "\n")
+            .map_err(internal)?
     } else {
         serde_yaml::to_string(&resolved).map_err(internal)?
     };
-    print!("{text}");
-    Ok(())
+    write_stdout(&text)
+}
+
+/// Writes data to stdout. A reader that went away (`moat config | head -1`)
+/// is not an error; anything else is reported, never a panic.
+fn write_stdout(text: &str) -> Result<(), Error> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        Err(e) => Err(Error::io(Path::new("<stdout>"), "write", e)),
+    }
 }
 
 fn internal(e: impl std::fmt::Display) -> Error {
-    Error::new(moat_core::ErrorKind::Internal, format!("cannot print the configuration: {e}"))
+    Error::new(
+        moat_core::ErrorKind::Internal,
+        format!("cannot print the configuration: {e}"),
+    )
 }
 
 /// Prints every problem of `err` on stderr; a located problem gets the line
@@ -127,7 +146,9 @@ fn report(err: &Error) {
 
 fn snippet(path: &Path, line: u32, column: u32) -> Option<String> {
     let text = std::fs::read_to_string(path).ok()?;
-    let source = text.lines().nth(usize::try_from(line).ok()?.checked_sub(1)?)?;
+    let source = text
+        .lines()
+        .nth(usize::try_from(line).ok()?.checked_sub(1)?)?;
     let number = line.to_string();
     let pad = " ".repeat(number.len());
     // Columns count characters; keep tabs so the caret lines up.

@@ -1,5 +1,7 @@
 //! The `moat` binary, run as a user would run it.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::path::Path;
 use std::process::{Command, Output};
 
@@ -25,7 +27,10 @@ fn workspace(yaml: &str) -> tempfile::TempDir {
 fn version_matches_cargo() {
     let out = moat(&["--version"], Path::new("."));
     assert!(out.status.success());
-    assert_eq!(text(&out.stdout).trim(), format!("moat {}", env!("CARGO_PKG_VERSION")));
+    assert_eq!(
+        text(&out.stdout).trim(),
+        format!("moat {}", env!("CARGO_PKG_VERSION"))
+    );
 }
 
 #[test]
@@ -33,7 +38,10 @@ fn help_speaks_as_the_seeds_do() {
     let out = moat(&["--help"], Path::new("."));
     assert!(out.status.success());
     let help = text(&out.stdout);
-    assert!(help.contains("Run AI agents locally with one command"), "{help}");
+    assert!(
+        help.contains("Run AI agents locally with one command"),
+        "{help}"
+    );
     assert!(help.contains("config"), "{help}");
 }
 
@@ -83,7 +91,10 @@ fn invalid_config_fails_with_located_errors_on_stderr() {
         err.contains("error: agent.yaml:2:1: unknown field \"grnats\" (did you mean \"grants\"?)"),
         "{err}"
     );
-    assert!(err.contains("error: agent.yaml:5:8: ports.web: port 70000 is out of range (1-65535)"), "{err}");
+    assert!(
+        err.contains("error: agent.yaml:5:8: ports.web: port 70000 is out of range (1-65535)"),
+        "{err}"
+    );
     assert!(err.contains(" 5 |   web: 70000\n   |        ^"), "{err}");
 }
 
@@ -100,13 +111,26 @@ fn both_files_is_an_error() {
 fn flags_merge_over_the_file() {
     let ws = workspace("name: file-name\ngrants: [github]\nenv:\n  A: file\n");
     let out = moat(
-        &["config", "--json", "--name", "cli-name", "--grant", "anthropic,ssh:github.com", "-e", "A=cli", "-i"],
+        &[
+            "config",
+            "--json",
+            "--name",
+            "cli-name",
+            "--grant",
+            "anthropic,ssh:github.com",
+            "-e",
+            "A=cli",
+            "-i",
+        ],
         ws.path(),
     );
     assert!(out.status.success(), "{}", text(&out.stderr));
     let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(json["name"], "cli-name");
-    assert_eq!(json["grants"], serde_json::json!(["github", "anthropic", "ssh:github.com"]));
+    assert_eq!(
+        json["grants"],
+        serde_json::json!(["github", "anthropic", "ssh:github.com"])
+    );
     assert_eq!(json["env"]["A"], "cli");
     assert_eq!(json["interactive"], true);
 }
@@ -114,10 +138,16 @@ fn flags_merge_over_the_file() {
 #[test]
 fn bad_flags_name_the_flag_and_hide_values() {
     let ws = workspace("secrets:\n  TOKEN: op://v/i/f\n");
-    let out = moat(&["config", "--grant", "githb", "-e", "TOKEN=hunter2-secret"], ws.path());
+    let out = moat(
+        &["config", "--grant", "githb", "-e", "TOKEN=hunter2-secret"],
+        ws.path(),
+    );
     assert_eq!(out.status.code(), Some(1));
     let err = text(&out.stderr);
-    assert!(err.contains("--grant githb: unknown grant provider \"githb\" (did you mean \"github\"?)"), "{err}");
+    assert!(
+        err.contains("--grant githb: unknown grant provider \"githb\" (did you mean \"github\"?)"),
+        "{err}"
+    );
     assert!(err.contains("-e TOKEN:"), "{err}");
     assert!(!err.contains("hunter2-secret"), "{err}");
 }
@@ -142,7 +172,27 @@ fn unknown_flag_is_a_usage_error() {
 fn repository_examples_are_valid() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples");
     for name in ["full", "minimal"] {
-        let out = moat(&["config", root.join(name).to_str().unwrap()], Path::new("/"));
+        let out = moat(
+            &["config", root.join(name).to_str().unwrap()],
+            Path::new("/"),
+        );
         assert!(out.status.success(), "{name}: {}", text(&out.stderr));
     }
+}
+
+#[test]
+fn a_closed_stdout_is_not_a_panic() {
+    use std::process::Stdio;
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/full");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_moat"))
+        .args(["config", root.to_str().unwrap()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take()); // the reader goes away at once
+    let out = child.wait_with_output().unwrap();
+    let err = text(&out.stderr);
+    assert!(!err.contains("panicked"), "{err}");
+    assert!(out.status.success(), "{err}");
 }

@@ -286,7 +286,10 @@ mod tests {
             "[::1]:443",
             ":443",
         ] {
-            assert!(HostPattern::parse(bad).is_err(), "{bad:?} should be refused");
+            assert!(
+                HostPattern::parse(bad).is_err(),
+                "{bad:?} should be refused"
+            );
         }
     }
 

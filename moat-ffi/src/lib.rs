@@ -257,7 +257,10 @@ pub unsafe extern "C" fn moat_config_to_json(
                 return Err(null_arg("out_json"));
             }
             let json = serde_json::to_string(&config.inner.resolved()).map_err(|e| {
-                moat_error::plain(moat_status::MOAT_ERR_INTERNAL, &format!("cannot encode json: {e}"))
+                moat_error::plain(
+                    moat_status::MOAT_ERR_INTERNAL,
+                    &format!("cannot encode json: {e}"),
+                )
             })?;
             *out_json = cstring(&json).into_raw();
             Ok(())
@@ -367,9 +370,18 @@ mod tests {
 
     #[test]
     fn version_constants_match_cargo() {
-        assert_eq!(MOAT_VERSION_MAJOR.to_string(), env!("CARGO_PKG_VERSION_MAJOR"));
-        assert_eq!(MOAT_VERSION_MINOR.to_string(), env!("CARGO_PKG_VERSION_MINOR"));
-        assert_eq!(MOAT_VERSION_PATCH.to_string(), env!("CARGO_PKG_VERSION_PATCH"));
+        assert_eq!(
+            MOAT_VERSION_MAJOR.to_string(),
+            env!("CARGO_PKG_VERSION_MAJOR")
+        );
+        assert_eq!(
+            MOAT_VERSION_MINOR.to_string(),
+            env!("CARGO_PKG_VERSION_MINOR")
+        );
+        assert_eq!(
+            MOAT_VERSION_PATCH.to_string(),
+            env!("CARGO_PKG_VERSION_PATCH")
+        );
         let v = unsafe { CStr::from_ptr(moat_version()) };
         assert_eq!(v.to_str().unwrap(), env!("CARGO_PKG_VERSION"));
     }

@@ -1,1 +1,247 @@
-//! x
+//! The Python module `moat` (native part `moat._moat`), a thin layer over
+//! moat-core: arguments become owned Rust values, the GIL is released for
+//! blocking work, and every [`ErrorKind`] maps to its own exception.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use moat_core::config::{self, Config as CoreConfig};
+use moat_core::{Error, ErrorKind};
+use pyo3::create_exception;
+use pyo3::exceptions::PyException;
+use pyo3::prelude::*;
+
+create_exception!(
+    _moat,
+    MoatError,
+    PyException,
+    "Base class of every moat error."
+);
+create_exception!(
+    _moat,
+    ConfigError,
+    MoatError,
+    "An invalid configuration file; `path`, `line` and `column` locate the first problem, `errors` lists all."
+);
+create_exception!(
+    _moat,
+    MoatIOError,
+    MoatError,
+    "Reading or writing a file failed."
+);
+create_exception!(
+    _moat,
+    InvalidArgumentError,
+    MoatError,
+    "An argument passed to moat is invalid."
+);
+create_exception!(_moat, InternalError, MoatError, "A bug in moat.");
+
+/// Converts a moat-core error into its Python exception, with location
+/// attributes (`path`, `line`, `column`, `errors`) on every kind.
+fn to_py_err(py: Python<'_>, err: &Error) -> PyErr {
+    let message = err.to_string();
+    let exc = match err.kind() {
+        ErrorKind::Config => ConfigError::new_err(message),
+        ErrorKind::Io => MoatIOError::new_err(message),
+        ErrorKind::InvalidArgument => InvalidArgumentError::new_err(message),
+        ErrorKind::Internal => InternalError::new_err(message),
+    };
+    let value = exc.value(py);
+    let loc = err.location();
+    let errors: Vec<String> = err.diagnostics().iter().map(ToString::to_string).collect();
+    let attrs = [
+        value.setattr("message", err.message()),
+        value.setattr("path", loc.map(|l| l.path.to_string_lossy().into_owned())),
+        value.setattr("line", loc.map(|l| l.line)),
+        value.setattr("column", loc.map(|l| l.column)),
+        value.setattr("errors", errors),
+    ];
+    match attrs.into_iter().find_map(Result::err) {
+        Some(e) => e,
+        None => exc,
+    }
+}
+
+/// The `network` section of a configuration.
+#[pyclass(module = "moat", frozen, get_all)]
+#[derive(Clone)]
+struct Network {
+    /// `"permissive"` or `"strict"`.
+    policy: String,
+    /// Allow-list host patterns.
+    allow: Vec<String>,
+}
+
+#[pymethods]
+impl Network {
+    fn __repr__(&self) -> String {
+        format!("Network(policy={:?}, allow={:?})", self.policy, self.allow)
+    }
+}
+
+/// A bind mount.
+#[pyclass(module = "moat", frozen, get_all)]
+#[derive(Clone)]
+struct Mount {
+    /// Absolute host path.
+    source: String,
+    /// Absolute container path.
+    target: String,
+    /// Mounted read-only.
+    read_only: bool,
+}
+
+#[pymethods]
+impl Mount {
+    fn __repr__(&self) -> String {
+        format!(
+            "Mount(source={:?}, target={:?}, read_only={})",
+            self.source,
+            self.target,
+            if self.read_only { "True" } else { "False" }
+        )
+    }
+}
+
+/// A validated configuration with defaults filled in and the image resolved.
+#[pyclass(module = "moat", frozen)]
+struct Config {
+    inner: CoreConfig,
+}
+
+#[pymethods]
+impl Config {
+    #[getter]
+    fn workspace(&self) -> String {
+        self.inner.workspace.to_string_lossy().into_owned()
+    }
+    #[getter]
+    fn config_file(&self) -> Option<String> {
+        self.inner
+            .config_file
+            .as_ref()
+            .map(|p| p.to_string_lossy().into_owned())
+    }
+    #[getter]
+    fn name(&self) -> Option<String> {
+        self.inner.name.clone()
+    }
+    #[getter]
+    fn version(&self) -> Option<String> {
+        self.inner.version.clone()
+    }
+    #[getter]
+    fn image(&self) -> String {
+        self.inner.resolved_image().0
+    }
+    #[getter]
+    fn dependencies(&self) -> Vec<String> {
+        self.inner
+            .dependencies
+            .iter()
+            .map(ToString::to_string)
+            .collect()
+    }
+    #[getter]
+    fn grants(&self) -> Vec<String> {
+        self.inner.grants.iter().map(ToString::to_string).collect()
+    }
+    #[getter]
+    fn env(&self) -> BTreeMap<String, String> {
+        self.inner.env.clone()
+    }
+    /// Secret references (never values), by variable name.
+    #[getter]
+    fn secrets(&self) -> BTreeMap<String, String> {
+        self.inner
+            .secrets
+            .iter()
+            .map(|(k, v)| (k.clone(), v.reference.clone()))
+            .collect()
+    }
+    #[getter]
+    fn network(&self) -> Network {
+        Network {
+            policy: self.inner.network.policy.as_str().to_string(),
+            allow: self
+                .inner
+                .network
+                .allow
+                .iter()
+                .map(ToString::to_string)
+                .collect(),
+        }
+    }
+    #[getter]
+    fn mounts(&self) -> Vec<Mount> {
+        self.inner
+            .mounts
+            .iter()
+            .map(|m| Mount {
+                source: m.source.to_string_lossy().into_owned(),
+                target: m.target.clone(),
+                read_only: m.read_only,
+            })
+            .collect()
+    }
+    #[getter]
+    fn ports(&self) -> BTreeMap<String, u16> {
+        self.inner.ports.clone()
+    }
+    #[getter]
+    fn command(&self) -> Option<Vec<String>> {
+        self.inner.command.clone()
+    }
+    #[getter]
+    fn interactive(&self) -> bool {
+        self.inner.interactive
+    }
+    /// The resolved configuration as JSON, as `moat config --json` prints it.
+    fn to_json(&self, py: Python<'_>) -> PyResult<String> {
+        serde_json::to_string(&self.inner.resolved()).map_err(|e| {
+            to_py_err(
+                py,
+                &Error::new(ErrorKind::Internal, format!("cannot encode json: {e}")),
+            )
+        })
+    }
+    fn __repr__(&self) -> String {
+        format!(
+            "Config(name={:?}, image={:?}, workspace={:?})",
+            self.inner.name,
+            self.inner.resolved_image().0,
+            self.inner.workspace
+        )
+    }
+}
+
+/// Loads and validates the configuration of a workspace (a directory, or the
+/// path of its agent.yaml / moat.yaml). Raises ConfigError for an invalid file.
+#[pyfunction]
+fn load_config(py: Python<'_>, path: PathBuf) -> PyResult<Config> {
+    let result = py.detach(|| config::load(&path));
+    match result {
+        Ok(inner) => Ok(Config { inner }),
+        Err(e) => Err(to_py_err(py, &e)),
+    }
+}
+
+#[pymodule]
+fn _moat(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    let py = m.py();
+    m.add("__version__", moat_core::VERSION)?;
+    m.add("MoatError", py.get_type::<MoatError>())?;
+    m.add("ConfigError", py.get_type::<ConfigError>())?;
+    m.add("MoatIOError", py.get_type::<MoatIOError>())?;
+    m.add(
+        "InvalidArgumentError",
+        py.get_type::<InvalidArgumentError>(),
+    )?;
+    m.add("InternalError", py.get_type::<InternalError>())?;
+    m.add_class::<Config>()?;
+    m.add_class::<Network>()?;
+    m.add_class::<Mount>()?;
+    m.add_function(wrap_pyfunction!(load_config, m)?)?;
+    Ok(())
+}

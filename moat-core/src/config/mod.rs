@@ -153,8 +153,8 @@ impl GrantRef {
         match (provider, scope) {
             ("ssh", None) => Err("ssh grants name a host, as in \"ssh:github.com\"".to_string()),
             ("ssh", Some(host)) => {
-                let pattern = HostPattern::parse(host)
-                    .map_err(|e| format!("grant \"{text}\": {e}"))?;
+                let pattern =
+                    HostPattern::parse(host).map_err(|e| format!("grant \"{text}\": {e}"))?;
                 if host.contains('*') || pattern.port().is_some() {
                     return Err(format!(
                         "grant \"{text}\": ssh grants name one host, without wildcards or a port"
@@ -167,9 +167,9 @@ impl GrantRef {
             }
             ("github", Some(scope)) => {
                 if scope.is_empty()
-                    || !scope
-                        .chars()
-                        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '_' | '-' | ':'))
+                    || !scope.chars().all(|c| {
+                        c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '_' | '-' | ':')
+                    })
                 {
                     return Err(format!(
                         "grant \"{text}\": scope \"{scope}\" is not a github scope (such as repo or read:org)"
@@ -250,7 +250,9 @@ impl SecretRef {
                     .chars()
                     .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
             {
-                return Err(format!("ssm reference \"{text}\": \"{region}\" is not an aws region"));
+                return Err(format!(
+                    "ssm reference \"{text}\": \"{region}\" is not an aws region"
+                ));
             }
             if path.len() < 2 || path.contains("//") {
                 return Err(format!(
@@ -343,13 +345,19 @@ impl Mount {
             .components()
             .any(|c| matches!(c, Component::ParentDir))
         {
-            return Err(format!("mount \"{text}\": target \"{dst}\" must not contain \"..\""));
+            return Err(format!(
+                "mount \"{text}\": target \"{dst}\" must not contain \"..\""
+            ));
         }
         let target = dst.trim_end_matches('/');
         if target.is_empty() || target == "/workspace" {
             return Err(format!(
                 "mount \"{text}\": target \"{dst}\" would hide {} ",
-                if target.is_empty() { "the container's root" } else { "the workspace" }
+                if target.is_empty() {
+                    "the container's root"
+                } else {
+                    "the workspace"
+                }
             )
             .trim_end()
             .to_string());
@@ -560,7 +568,10 @@ impl Config {
         if problems.is_empty() {
             Ok(self)
         } else {
-            Err(Error::from_diagnostics(ErrorKind::InvalidArgument, problems))
+            Err(Error::from_diagnostics(
+                ErrorKind::InvalidArgument,
+                problems,
+            ))
         }
     }
 }
@@ -569,7 +580,8 @@ impl Config {
 /// never both. `Ok(None)` when there is neither. `workspace` may also be the
 /// path of the file itself.
 pub fn find_config_file(workspace: &Path) -> Result<(PathBuf, Option<PathBuf>)> {
-    let meta = std::fs::metadata(workspace).map_err(|e| Error::io(workspace, "open workspace", e))?;
+    let meta =
+        std::fs::metadata(workspace).map_err(|e| Error::io(workspace, "open workspace", e))?;
     if meta.is_file() {
         let is_config = workspace
             .file_name()
@@ -594,7 +606,13 @@ pub fn find_config_file(workspace: &Path) -> Result<(PathBuf, Option<PathBuf>)> 
     let here = workspace == Path::new(".") || workspace.as_os_str().is_empty();
     let found: Vec<PathBuf> = CONFIG_FILE_NAMES
         .iter()
-        .map(|n| if here { PathBuf::from(n) } else { workspace.join(n) })
+        .map(|n| {
+            if here {
+                PathBuf::from(n)
+            } else {
+                workspace.join(n)
+            }
+        })
         .filter(|p| p.is_file())
         .collect();
     match found.as_slice() {
@@ -706,7 +724,10 @@ impl Validator<'_> {
 
     fn type_error(&mut self, node: &Node, field: &str, expected: &str) {
         let found = node.describe();
-        self.problem(node.pos, format!("{field}: expected {expected}, found {found}"));
+        self.problem(
+            node.pos,
+            format!("{field}: expected {expected}, found {found}"),
+        );
     }
 
     /// A string value. Other scalars are refused unless `any_scalar`, in which
@@ -836,7 +857,8 @@ impl Validator<'_> {
         if c.image.is_none() && c.dependencies.len() > 1 {
             if let Some(Value::Seq(items)) = deps_node.map(|n| &n.value) {
                 if let Some(second) = items.get(1) {
-                    let list: Vec<String> = c.dependencies.iter().map(ToString::to_string).collect();
+                    let list: Vec<String> =
+                        c.dependencies.iter().map(ToString::to_string).collect();
                     self.problem(
                         second.pos,
                         format!(
@@ -881,7 +903,9 @@ impl Validator<'_> {
                 if !ok {
                     self.problem(
                         item.pos,
-                        format!("dependency \"{text}\": \"{v}\" is not a version (such as 20 or 3.11)"),
+                        format!(
+                            "dependency \"{text}\": \"{v}\" is not a version (such as 20 or 3.11)"
+                        ),
                     );
                     continue;
                 }
@@ -1007,7 +1031,10 @@ impl Validator<'_> {
                     }
                 }
                 other => {
-                    let full: Vec<String> = NETWORK_FIELDS.iter().map(|f| format!("network.{f}")).collect();
+                    let full: Vec<String> = NETWORK_FIELDS
+                        .iter()
+                        .map(|f| format!("network.{f}"))
+                        .collect();
                     let full: Vec<&str> = full.iter().map(String::as_str).collect();
                     let hint = did_you_mean(&format!("network.{other}"), &full);
                     self.problem(key.pos, format!("unknown field \"network.{other}\"{hint}"));
@@ -1173,7 +1200,9 @@ fn check_image(image: &str) -> std::result::Result<(), String> {
         return Err("empty image name".to_string());
     }
     if image.chars().any(|c| c.is_whitespace() || c.is_control()) {
-        return Err(format!("\"{image}\" is not an image reference (it contains whitespace)"));
+        return Err(format!(
+            "\"{image}\" is not an image reference (it contains whitespace)"
+        ));
     }
     Ok(())
 }

@@ -65,10 +65,16 @@ fn seed_readme_example() {
     let c = ok(SEED_README);
     assert_eq!(c.name.as_deref(), Some("my-agent"));
     assert_eq!(c.version.as_deref(), Some("1.0.0"));
-    assert_eq!(c.resolved_image(), ("node:20".to_string(), ImageSource::Dependencies));
+    assert_eq!(
+        c.resolved_image(),
+        ("node:20".to_string(), ImageSource::Dependencies)
+    );
     assert_eq!(c.grants[0].to_string(), "github:repo");
     assert_eq!(c.env["NODE_ENV"], "development");
-    assert_eq!(c.secrets["OPENAI_API_KEY"].backend, SecretBackend::OnePassword);
+    assert_eq!(
+        c.secrets["OPENAI_API_KEY"].backend,
+        SecretBackend::OnePassword
+    );
     assert_eq!(c.secrets["DATABASE_URL"].backend, SecretBackend::AwsSsm);
     assert_eq!(c.network.policy, PolicyMode::Strict);
     assert_eq!(c.network.allow.len(), 2);
@@ -83,7 +89,10 @@ fn seed_readme_example() {
     );
     assert_eq!(c.ports["web"], 3000);
     assert_eq!(c.ports["api"], 8080);
-    assert_eq!(c.command, Some(vec!["npm".to_string(), "start".to_string()]));
+    assert_eq!(
+        c.command,
+        Some(vec!["npm".to_string(), "start".to_string()])
+    );
     assert!(!c.interactive);
 }
 
@@ -138,7 +147,10 @@ fn dependency_images() {
     assert_eq!(
         ok("image: registry.local/agents/base:1\ndependencies: [node@20, python@3.11]\n")
             .resolved_image(),
-        ("registry.local/agents/base:1".to_string(), ImageSource::Image)
+        (
+            "registry.local/agents/base:1".to_string(),
+            ImageSource::Image
+        )
     );
 }
 
@@ -170,109 +182,339 @@ fn relative_mounts_resolve_against_workspace() {
 /// (yaml, line, column, message). Each file has exactly one problem.
 const INVALID: &[(&str, u32, u32, &str)] = &[
     // 1. unknown top-level field, with a suggestion
-    ("name: a\ngrnats:\n  - github\n", 2, 1, "unknown field \"grnats\" (did you mean \"grants\"?)"),
+    (
+        "name: a\ngrnats:\n  - github\n",
+        2,
+        1,
+        "unknown field \"grnats\" (did you mean \"grants\"?)",
+    ),
     // 2. unknown field with no close match
     ("frobnicate: 1\n", 1, 1, "unknown field \"frobnicate\""),
     // 3. unknown network field
-    ("network:\n  polcy: strict\n", 2, 3, "unknown field \"network.polcy\" (did you mean \"network.policy\"?)"),
+    (
+        "network:\n  polcy: strict\n",
+        2,
+        3,
+        "unknown field \"network.polcy\" (did you mean \"network.policy\"?)",
+    ),
     // 4. wrong type: name as a list
     ("name: [a]\n", 1, 7, "name: expected a string, found a list"),
     // 5. wrong type: grants as a string
-    ("grants: github\n", 1, 9, "grants: expected a list, found a string"),
+    (
+        "grants: github\n",
+        1,
+        9,
+        "grants: expected a list, found a string",
+    ),
     // 6. wrong type: env as a list
-    ("env:\n  - A=1\n", 2, 3, "env: expected a mapping, found a list"),
+    (
+        "env:\n  - A=1\n",
+        2,
+        3,
+        "env: expected a mapping, found a list",
+    ),
     // 7. upper-case agent name
-    ("name: MyAgent\n", 1, 7, "invalid agent name \"MyAgent\": must be lowercase"),
+    (
+        "name: MyAgent\n",
+        1,
+        7,
+        "invalid agent name \"MyAgent\": must be lowercase",
+    ),
     // 8. underscore in agent name
-    ("name: my_agent\n", 1, 7, "invalid agent name \"my_agent\": contains \"_\", which host names cannot have; use \"-\""),
+    (
+        "name: my_agent\n",
+        1,
+        7,
+        "invalid agent name \"my_agent\": contains \"_\", which host names cannot have; use \"-\"",
+    ),
     // 9. leading hyphen
-    ("name: -agent\n", 1, 7, "invalid agent name \"-agent\": must not start or end with a hyphen"),
+    (
+        "name: -agent\n",
+        1,
+        7,
+        "invalid agent name \"-agent\": must not start or end with a hyphen",
+    ),
     // 10. too long
-    ("name: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\n", 1, 7, "is longer than 63 characters"),
+    (
+        "name: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\n",
+        1,
+        7,
+        "is longer than 63 characters",
+    ),
     // 11. bad endpoint name
-    ("ports:\n  Web_UI: 3000\n", 2, 3, "ports: invalid endpoint name \"Web_UI\": contains \"_\""),
+    (
+        "ports:\n  Web_UI: 3000\n",
+        2,
+        3,
+        "ports: invalid endpoint name \"Web_UI\": contains \"_\"",
+    ),
     // 12. port out of range
-    ("ports:\n  web: 70000\n", 2, 8, "ports.web: port 70000 is out of range (1-65535)"),
+    (
+        "ports:\n  web: 70000\n",
+        2,
+        8,
+        "ports.web: port 70000 is out of range (1-65535)",
+    ),
     // 13. port zero
-    ("ports:\n  web: 0\n", 2, 8, "ports.web: port 0 is out of range (1-65535)"),
+    (
+        "ports:\n  web: 0\n",
+        2,
+        8,
+        "ports.web: port 0 is out of range (1-65535)",
+    ),
     // 14. negative port
-    ("ports:\n  web: -1\n", 2, 8, "ports.web: port -1 is out of range (1-65535)"),
+    (
+        "ports:\n  web: -1\n",
+        2,
+        8,
+        "ports.web: port -1 is out of range (1-65535)",
+    ),
     // 15. port as a string
-    ("ports:\n  web: \"3000\"\n", 2, 8, "ports.web: expected a port number, found a string"),
+    (
+        "ports:\n  web: \"3000\"\n",
+        2,
+        8,
+        "ports.web: expected a port number, found a string",
+    ),
     // 16. bad mount mode
-    ("mounts:\n  - ./data:/data:rx\n", 2, 5, "mount \"./data:/data:rx\": mode \"rx\" must be ro or rw"),
+    (
+        "mounts:\n  - ./data:/data:rx\n",
+        2,
+        5,
+        "mount \"./data:/data:rx\": mode \"rx\" must be ro or rw",
+    ),
     // 17. relative mount target
-    ("mounts:\n  - ./data:data\n", 2, 5, "target \"data\" must be an absolute path in the container"),
+    (
+        "mounts:\n  - ./data:data\n",
+        2,
+        5,
+        "target \"data\" must be an absolute path in the container",
+    ),
     // 18. mount over the workspace
-    ("mounts:\n  - ./x:/workspace\n", 2, 5, "would hide the workspace"),
+    (
+        "mounts:\n  - ./x:/workspace\n",
+        2,
+        5,
+        "would hide the workspace",
+    ),
     // 19. too many colons
-    ("mounts:\n  - a:b:c:d\n", 2, 5, "must look like source:target or source:target:ro"),
+    (
+        "mounts:\n  - a:b:c:d\n",
+        2,
+        5,
+        "must look like source:target or source:target:ro",
+    ),
     // 20. duplicate mount target
-    ("mounts:\n  - ./a:/data\n  - ./b:/data:ro\n", 3, 5, "target \"/data\" is already mounted"),
+    (
+        "mounts:\n  - ./a:/data\n  - ./b:/data:ro\n",
+        3,
+        5,
+        "target \"/data\" is already mounted",
+    ),
     // 21. unsupported secret scheme
-    ("secrets:\n  TOKEN: vault://kv/token\n", 2, 10, "secrets.TOKEN: unsupported secret backend \"vault://\""),
+    (
+        "secrets:\n  TOKEN: vault://kv/token\n",
+        2,
+        10,
+        "secrets.TOKEN: unsupported secret backend \"vault://\"",
+    ),
     // 22. a secret value instead of a reference
-    ("secrets:\n  TOKEN: sk-live-abc\n", 2, 10, "a secret must be a reference to a secret store, not a value"),
+    (
+        "secrets:\n  TOKEN: sk-live-abc\n",
+        2,
+        10,
+        "a secret must be a reference to a secret store, not a value",
+    ),
     // 23. malformed op reference
-    ("secrets:\n  TOKEN: op://vault/item\n", 2, 10, "must look like op://vault/item/field"),
+    (
+        "secrets:\n  TOKEN: op://vault/item\n",
+        2,
+        10,
+        "must look like op://vault/item/field",
+    ),
     // 24. malformed ssm reference
-    ("secrets:\n  TOKEN: ssm://\n", 2, 10, "must look like ssm:///path or ssm://region/path"),
+    (
+        "secrets:\n  TOKEN: ssm://\n",
+        2,
+        10,
+        "must look like ssm:///path or ssm://region/path",
+    ),
     // 25. key in env and secrets
-    ("env:\n  API_KEY: x\nsecrets:\n  API_KEY: op://a/b/c\n", 4, 3, "\"API_KEY\" is in both env and secrets; keep one"),
+    (
+        "env:\n  API_KEY: x\nsecrets:\n  API_KEY: op://a/b/c\n",
+        4,
+        3,
+        "\"API_KEY\" is in both env and secrets; keep one",
+    ),
     // 26. unknown grant provider with suggestion
-    ("grants:\n  - githb\n", 2, 5, "unknown grant provider \"githb\" (did you mean \"github\"?)"),
+    (
+        "grants:\n  - githb\n",
+        2,
+        5,
+        "unknown grant provider \"githb\" (did you mean \"github\"?)",
+    ),
     // 27. ssh grant without host
-    ("grants:\n  - ssh\n", 2, 5, "ssh grants name a host, as in \"ssh:github.com\""),
+    (
+        "grants:\n  - ssh\n",
+        2,
+        5,
+        "ssh grants name a host, as in \"ssh:github.com\"",
+    ),
     // 28. ssh grant with wildcard
-    ("grants:\n  - ssh:*.github.com\n", 2, 5, "ssh grants name one host, without wildcards or a port"),
+    (
+        "grants:\n  - ssh:*.github.com\n",
+        2,
+        5,
+        "ssh grants name one host, without wildcards or a port",
+    ),
     // 29. scope on a provider that has none
-    ("grants:\n  - openai:admin\n", 2, 5, "openai grants take no scope"),
+    (
+        "grants:\n  - openai:admin\n",
+        2,
+        5,
+        "openai grants take no scope",
+    ),
     // 30. duplicate top-level key
-    ("name: a\nenv: {}\nname: b\n", 3, 1, "duplicate key \"name\" (first defined at line 1)"),
+    (
+        "name: a\nenv: {}\nname: b\n",
+        3,
+        1,
+        "duplicate key \"name\" (first defined at line 1)",
+    ),
     // 31. duplicate nested key
-    ("ports:\n  web: 3000\n  web: 3001\n", 3, 3, "duplicate key \"web\" (first defined at line 2)"),
+    (
+        "ports:\n  web: 3000\n  web: 3001\n",
+        3,
+        3,
+        "duplicate key \"web\" (first defined at line 2)",
+    ),
     // 32. bad policy name with suggestion
-    ("network:\n  policy: strcit\n", 2, 11, "network.policy: unknown network policy \"strcit\" (did you mean \"strict\"?)"),
+    (
+        "network:\n  policy: strcit\n",
+        2,
+        11,
+        "network.policy: unknown network policy \"strcit\" (did you mean \"strict\"?)",
+    ),
     // 33. bad policy name without suggestion
-    ("network:\n  policy: paranoid\n", 2, 11, "unknown network policy \"paranoid\" (expected \"permissive\" or \"strict\")"),
+    (
+        "network:\n  policy: paranoid\n",
+        2,
+        11,
+        "unknown network policy \"paranoid\" (expected \"permissive\" or \"strict\")",
+    ),
     // 34. malformed allow pattern: wildcard in the middle
-    ("network:\n  allow:\n    - \"api.*.com\"\n", 3, 7, "\"*\" may only stand at the left"),
+    (
+        "network:\n  allow:\n    - \"api.*.com\"\n",
+        3,
+        7,
+        "\"*\" may only stand at the left",
+    ),
     // 35. allow pattern with a scheme
-    ("network:\n  allow:\n    - https://api.github.com\n", 3, 7, "must be a host name, not a url"),
+    (
+        "network:\n  allow:\n    - https://api.github.com\n",
+        3,
+        7,
+        "must be a host name, not a url",
+    ),
     // 36. allow pattern that matches everything
-    ("network:\n  allow: [\"*\"]\n", 2, 11, "matches every host; use policy: permissive instead"),
+    (
+        "network:\n  allow: [\"*\"]\n",
+        2,
+        11,
+        "matches every host; use policy: permissive instead",
+    ),
     // 37. allow pattern with a bad port
-    ("network:\n  allow: [\"api.github.com:99999\"]\n", 2, 11, "port \"99999\" is not a number from 1 to 65535"),
+    (
+        "network:\n  allow: [\"api.github.com:99999\"]\n",
+        2,
+        11,
+        "port \"99999\" is not a number from 1 to 65535",
+    ),
     // 38. YAML syntax error
     ("name: a\nenv:\n  A: [1, 2\n", 4, 1, "invalid yaml"),
     // 39. bad indentation / tab
     ("env:\n  A: 1\n\tB: 2\n", 3, 1, "invalid yaml"),
     // 40. interactive not a boolean
-    ("interactive: yes\n", 1, 14, "interactive: expected true or false, found a string"),
+    (
+        "interactive: yes\n",
+        1,
+        14,
+        "interactive: expected true or false, found a string",
+    ),
     // 41. command as a shell string
-    ("command: npm start\n", 1, 10, "command: expected a list such as [\"npm\", \"start\"]"),
+    (
+        "command: npm start\n",
+        1,
+        10,
+        "command: expected a list such as [\"npm\", \"start\"]",
+    ),
     // 42. empty command
     ("command: []\n", 1, 10, "command: empty list"),
     // 43. unknown dependency with suggestion
-    ("dependencies:\n  - nodejs@20\n", 2, 5, "unknown dependency \"nodejs\" (did you mean \"node\"?)"),
+    (
+        "dependencies:\n  - nodejs@20\n",
+        2,
+        5,
+        "unknown dependency \"nodejs\" (did you mean \"node\"?)",
+    ),
     // 44. bad dependency version
-    ("dependencies:\n  - node@\n", 2, 5, "dependency \"node@\": \"\" is not a version"),
+    (
+        "dependencies:\n  - node@\n",
+        2,
+        5,
+        "dependency \"node@\": \"\" is not a version",
+    ),
     // 45. two runtimes without image
-    ("dependencies:\n  - node@20\n  - python@3.11\n", 3, 5, "cannot combine several runtimes (node@20, python@3.11)"),
+    (
+        "dependencies:\n  - node@20\n  - python@3.11\n",
+        3,
+        5,
+        "cannot combine several runtimes (node@20, python@3.11)",
+    ),
     // 46. invalid env key
-    ("env:\n  1BAD: x\n", 2, 3, "env: \"1BAD\" is not a valid environment variable name"),
+    (
+        "env:\n  1BAD: x\n",
+        2,
+        3,
+        "env: \"1BAD\" is not a valid environment variable name",
+    ),
     // 47. reserved env key
-    ("env:\n  HTTPS_PROXY: http://evil:3128\n", 2, 3, "env: \"HTTPS_PROXY\" is set by moat and cannot be overridden"),
+    (
+        "env:\n  HTTPS_PROXY: http://evil:3128\n",
+        2,
+        3,
+        "env: \"HTTPS_PROXY\" is set by moat and cannot be overridden",
+    ),
     // 48. env with no value
     ("env:\n  EMPTY:\n", 2, 3, "env.EMPTY: no value"),
     // 49. root is a list
-    ("- name: a\n", 1, 1, "expected a mapping of fields (name, grants, ...), found a list"),
+    (
+        "- name: a\n",
+        1,
+        1,
+        "expected a mapping of fields (name, grants, ...), found a list",
+    ),
     // 50. two documents
-    ("name: a\n---\nname: b\n", 2, 1, "expected one yaml document, found several"),
+    (
+        "name: a\n---\nname: b\n",
+        2,
+        1,
+        "expected one yaml document, found several",
+    ),
     // 51. image with whitespace
-    ("image: \"node 20\"\n", 1, 8, "image: \"node 20\" is not an image reference"),
+    (
+        "image: \"node 20\"\n",
+        1,
+        8,
+        "image: \"node 20\" is not an image reference",
+    ),
     // 52. mapping used as key
-    ("? [a, b]\n: 1\n", 1, 3, "mapping keys must be plain strings"),
+    (
+        "? [a, b]\n: 1\n",
+        1,
+        3,
+        "mapping keys must be plain strings",
+    ),
 ];
 
 #[test]
@@ -298,7 +540,13 @@ fn invalid_configs_are_located() {
             ));
         }
         assert!(loc.is_some(), "#{}: no location", i + 1);
-        assert_eq!(err.diagnostics().len(), 1, "#{}: {:?}", i + 1, err.diagnostics());
+        assert_eq!(
+            err.diagnostics().len(),
+            1,
+            "#{}: {:?}",
+            i + 1,
+            err.diagnostics()
+        );
     }
     assert!(failures.is_empty(), "\n{}", failures.join("\n"));
 }
@@ -355,7 +603,11 @@ fn merge_errors_name_the_flag_and_never_echo_values() {
         .merge(&Overrides {
             name: Some("Bad_Name".into()),
             grants: vec!["githb".into()],
-            env: vec!["NOEQUALS".into(), "TOKEN=supersecretvalue".into(), "1X=alsosecret".into()],
+            env: vec![
+                "NOEQUALS".into(),
+                "TOKEN=supersecretvalue".into(),
+                "1X=alsosecret".into(),
+            ],
             image: Some("".into()),
             ..Overrides::default()
         })
@@ -363,13 +615,25 @@ fn merge_errors_name_the_flag_and_never_echo_values() {
     assert!(err.is_invalid_argument());
     let all: Vec<String> = err.diagnostics().iter().map(ToString::to_string).collect();
     let text = all.join("\n");
-    assert!(text.contains("--name: invalid agent name \"Bad_Name\""), "{text}");
-    assert!(text.contains("--grant githb: unknown grant provider \"githb\" (did you mean \"github\"?)"), "{text}");
+    assert!(
+        text.contains("--name: invalid agent name \"Bad_Name\""),
+        "{text}"
+    );
+    assert!(
+        text.contains("--grant githb: unknown grant provider \"githb\" (did you mean \"github\"?)"),
+        "{text}"
+    );
     assert!(text.contains("-e NOEQUALS: expected KEY=VALUE"), "{text}");
-    assert!(text.contains("-e TOKEN: \"TOKEN\" is also a secret"), "{text}");
+    assert!(
+        text.contains("-e TOKEN: \"TOKEN\" is also a secret"),
+        "{text}"
+    );
     assert!(text.contains("-e 1X:"), "{text}");
     assert!(text.contains("--image: empty image name"), "{text}");
-    assert!(!text.contains("supersecretvalue") && !text.contains("alsosecret"), "{text}");
+    assert!(
+        !text.contains("supersecretvalue") && !text.contains("alsosecret"),
+        "{text}"
+    );
 }
 
 #[test]
@@ -382,7 +646,10 @@ fn resolved_view_serializes() {
     assert_eq!(json["network"]["allow"][1], "*.amazonaws.com");
     assert_eq!(json["mounts"][0]["mode"], "ro");
     assert_eq!(json["grants"][0], "github:repo");
-    assert_eq!(json["secrets"]["DATABASE_URL"], "ssm:///production/database/url");
+    assert_eq!(
+        json["secrets"]["DATABASE_URL"],
+        "ssm:///production/database/url"
+    );
     assert_eq!(json["command"][1], "start");
     let yaml = serde_yaml::to_string(&c.resolved()).unwrap();
     assert!(yaml.contains("image: node:20"), "{yaml}");
@@ -402,7 +669,8 @@ fn load_finds_files_and_refuses_both() {
     let err = load(dir.path()).unwrap_err();
     assert!(err.is_config());
     assert!(
-        err.to_string().ends_with("both agent.yaml and moat.yaml exist; keep one of them"),
+        err.to_string()
+            .ends_with("both agent.yaml and moat.yaml exist; keep one of them"),
         "{err}"
     );
 

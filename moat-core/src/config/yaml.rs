@@ -274,22 +274,24 @@ impl MarkedEventReceiver for Builder {
                 self.nodes += 1;
                 self.push_node(node);
             }
-            Event::Alias(id) => match self.anchors.get(&id) {
-                Some((target, size)) => {
-                    self.nodes = self.nodes.saturating_add(*size);
-                    if self.nodes > MAX_NODES {
-                        self.fail(
+            Event::Alias(id) => {
+                match self.anchors.get(&id) {
+                    Some((target, size)) => {
+                        self.nodes = self.nodes.saturating_add(*size);
+                        if self.nodes > MAX_NODES {
+                            self.fail(
                             pos,
                             format!("document too large: aliases expand to more than {MAX_NODES} nodes"),
                         );
-                        return;
+                            return;
+                        }
+                        let mut node = target.clone();
+                        node.pos = pos;
+                        self.push_node(node);
                     }
-                    let mut node = target.clone();
-                    node.pos = pos;
-                    self.push_node(node);
+                    None => self.fail(pos, "alias refers to an unknown anchor".to_string()),
                 }
-                None => self.fail(pos, "alias refers to an unknown anchor".to_string()),
-            },
+            }
             Event::DocumentStart => self.doc_starts.push(pos),
             Event::Nothing | Event::StreamStart | Event::StreamEnd | Event::DocumentEnd => {}
         }
@@ -327,9 +329,9 @@ fn resolve_scalar(text: &str, style: TScalarStyle, tag: Option<&Tag>) -> ScalarK
         return ScalarKind::Int;
     }
     let looks_float = digits.bytes().any(|b| b.is_ascii_digit())
-        && digits
-            .bytes()
-            .all(|b| b.is_ascii_digit() || b == b'.' || b == b'e' || b == b'E' || b == b'-' || b == b'+')
+        && digits.bytes().all(|b| {
+            b.is_ascii_digit() || b == b'.' || b == b'e' || b == b'E' || b == b'-' || b == b'+'
+        })
         && digits.parse::<f64>().is_ok();
     if looks_float {
         return ScalarKind::Float;

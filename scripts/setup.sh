@@ -1,0 +1,81 @@
+#!/usr/bin/env bash
+# Installs what building and testing moat needs, on a fresh Debian machine or
+# this one again (every step is skipped when already done):
+#   - Debian packages: gcc, pkg-config, debootstrap; docker.io when no Docker
+#     engine answers (and starts dockerd)
+#   - cbindgen, pinned (the header check compares its output byte for byte)
+#   - a Python virtualenv in target/venv with maturin and pytest
+#   - the local test image (scripts/build-test-image.sh)
+# Usage: bash scripts/setup.sh
+set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+cd "$root"
+
+CBINDGEN_VERSION=0.29.4
+MATURIN_VERSION=1.16.0
+PYTEST_VERSION=9.2.0
+
+log() { printf '[setup] %s\n' "$*" >&2; }
+die() { printf '[setup] error: %s\n' "$*" >&2; exit 1; }
+
+as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
+
+apt_updated=0
+apt_install() {
+    local missing=()
+    for pkg in "$@"; do
+        dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
+    done
+    [ ${#missing[@]} -eq 0 ] && return 0
+    if [ $apt_updated = 0 ]; then
+        log "apt-get update"
+        as_root apt-get update -qq
+        apt_updated=1
+    fi
+    log "installing ${missing[*]}"
+    DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+}
+
+command -v cargo >/dev/null || die "cargo is missing: install Rust (https://rustup.rs) first"
+command -v python3 >/dev/null || die "python3 is missing: install Python 3.9 or newer first"
+
+apt_install gcc pkg-config debootstrap
+
+# A Docker engine: use the one that answers, else install and start one.
+if ! docker info >/dev/null 2>&1; then
+    if ! command -v dockerd >/dev/null 2>&1; then
+        apt_install docker.io
+    fi
+    if ! docker info >/dev/null 2>&1; then
+        log "starting dockerd (log: /tmp/moat-dockerd.log)"
+        as_root sh -c 'nohup dockerd >/tmp/moat-dockerd.log 2>&1 &'
+        for _ in $(seq 1 60); do
+            docker info >/dev/null 2>&1 && break
+            sleep 1
+        done
+        docker info >/dev/null 2>&1 || die "dockerd did not start; see /tmp/moat-dockerd.log"
+    fi
+fi
+log "docker engine: $(docker version --format '{{.Server.Version}}' 2>/dev/null)"
+
+# cbindgen, pinned: a different version may format the header differently.
+if [ "$(cbindgen --version 2>/dev/null || true)" != "cbindgen $CBINDGEN_VERSION" ]; then
+    log "installing cbindgen $CBINDGEN_VERSION (a few minutes, once)"
+    cargo install --quiet --locked cbindgen --version "$CBINDGEN_VERSION"
+fi
+
+# Python tools in a virtualenv of the repository's own.
+venv="$root/target/venv"
+if [ ! -x "$venv/bin/python" ]; then
+    log "creating $venv"
+    mkdir -p "$root/target"
+    python3 -m venv "$venv"
+fi
+if ! "$venv/bin/python" -c 'import importlib.metadata as m, sys; sys.exit(m.version("maturin") != sys.argv[1] or m.version("pytest") != sys.argv[2])' \
+        "$MATURIN_VERSION" "$PYTEST_VERSION" 2>/dev/null; then
+    log "installing maturin $MATURIN_VERSION and pytest $PYTEST_VERSION"
+    "$venv/bin/pip" install -q --disable-pip-version-check "maturin==$MATURIN_VERSION" "pytest==$PYTEST_VERSION"
+fi
+
+bash "$root/scripts/build-test-image.sh"
+log "ready"
