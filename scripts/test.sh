@@ -38,10 +38,8 @@ header_check() {
 
 python_tests() {
     [ -x "$venv/bin/python" ] || { echo "missing $venv: run bash scripts/setup.sh"; return 1; }
-    (
-        export VIRTUAL_ENV="$venv" PATH="$venv/bin:$PATH"
-        maturin develop --quiet --skip-install 2>/dev/null || maturin develop --quiet
-    ) || return 1
+    # Builds the module and installs it, editable, into the virtualenv.
+    VIRTUAL_ENV="$venv" PATH="$venv/bin:$PATH" maturin develop --quiet || return 1
     "$venv/bin/python" -m pytest tests/python -q
 }
 
