@@ -14,7 +14,11 @@
 pub mod blocking;
 pub mod config;
 mod error;
+pub mod paths;
 pub mod policy;
+pub mod proxy;
+pub mod secret;
+pub mod trace;
 
 pub use error::{Diagnostic, Error, ErrorKind, Location, Result};
 

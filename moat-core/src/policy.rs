@@ -179,6 +179,87 @@ impl HostPattern {
     }
 }
 
+/// A client's policy: the mode, the allow list, and the hosts of its
+/// credentials (allowed automatically in strict mode).
+#[derive(Debug, Clone, Default)]
+pub struct Policy {
+    /// Permissive or strict.
+    pub mode: PolicyMode,
+    /// The allow list.
+    pub allow: Vec<HostPattern>,
+    /// Hosts of granted credentials, with the grant's name.
+    pub grant_hosts: Vec<(HostPattern, String)>,
+}
+
+/// The outcome of a policy check, with the rule that decided it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Decision {
+    /// Whether the destination may be reached.
+    pub allowed: bool,
+    /// `permissive`, `allow:<pattern>`, `grant:<name>` or `strict`.
+    pub rule: String,
+}
+
+impl Policy {
+    /// May HTTP(S) traffic go to `host:port`?
+    pub fn decide(&self, host: &str, port: u16) -> Decision {
+        if self.mode == PolicyMode::Permissive {
+            return Decision {
+                allowed: true,
+                rule: "permissive".into(),
+            };
+        }
+        if let Some(p) = self.allow.iter().find(|p| p.matches(host, port)) {
+            return Decision {
+                allowed: true,
+                rule: format!("allow:{p}"),
+            };
+        }
+        if let Some((_, grant)) = self.grant_hosts.iter().find(|(p, _)| p.matches(host, port)) {
+            return Decision {
+                allowed: true,
+                rule: format!("grant:{grant}"),
+            };
+        }
+        Decision {
+            allowed: false,
+            rule: "strict".into(),
+        }
+    }
+
+    /// May a raw (non-TLS) tunnel go to `host:port`? Permissive: yes.
+    /// Strict: only when an allow-list entry names that exact port.
+    pub fn decide_tunnel(&self, host: &str, port: u16) -> Decision {
+        if self.mode == PolicyMode::Permissive {
+            return Decision {
+                allowed: true,
+                rule: "permissive".into(),
+            };
+        }
+        match self
+            .allow
+            .iter()
+            .find(|p| p.port() == Some(port) && p.matches(host, port))
+        {
+            Some(p) => Decision {
+                allowed: true,
+                rule: format!("allow:{p}"),
+            },
+            None => Decision {
+                allowed: false,
+                rule: "strict".into(),
+            },
+        }
+    }
+}
+
+/// The body of the 403 a blocked request gets (the seeds' words).
+pub fn blocked_message(host: &str) -> String {
+    format!(
+        "Moat: request blocked by network policy.\nHost \"{host}\" is not in the allow list.\nAdd it to network.allow in agent.yaml or use policy: permissive.\n"
+    )
+}
+
 fn check_label(label: &str) -> Result<(), String> {
     if label.is_empty() {
         return Err("empty label (two dots in a row?)".to_string());
@@ -291,6 +372,39 @@ mod tests {
                 "{bad:?} should be refused"
             );
         }
+    }
+
+    #[test]
+    fn strict_policy_decisions() {
+        let policy = Policy {
+            mode: PolicyMode::Strict,
+            allow: vec![p("*.github.com"), p("db.internal:5432")],
+            grant_hosts: vec![(p("api.anthropic.com"), "anthropic".into())],
+        };
+        assert_eq!(
+            policy.decide("api.github.com", 443).rule,
+            "allow:*.github.com"
+        );
+        assert_eq!(
+            policy.decide("api.anthropic.com", 443).rule,
+            "grant:anthropic"
+        );
+        assert!(!policy.decide("api.anthropic.com", 8443).allowed);
+        assert!(!policy.decide("evil.com", 443).allowed);
+        assert!(!policy.decide("github.com", 443).allowed);
+        // Raw tunnels need an explicit port.
+        assert!(!policy.decide_tunnel("api.github.com", 443).allowed);
+        assert!(policy.decide_tunnel("db.internal", 5432).allowed);
+        let permissive = Policy::default();
+        assert!(permissive.decide("anything.example", 8080).allowed);
+    }
+
+    #[test]
+    fn blocked_message_is_the_seeds() {
+        assert_eq!(
+            blocked_message("blocked.example.com"),
+            "Moat: request blocked by network policy.\nHost \"blocked.example.com\" is not in the allow list.\nAdd it to network.allow in agent.yaml or use policy: permissive.\n"
+        );
     }
 
     #[test]

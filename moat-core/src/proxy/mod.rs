@@ -1,0 +1,501 @@
+//! The credential-injecting forward proxy.
+//!
+//! One [`Proxy`] serves many clients (runs). Each client registers a
+//! [`ClientSpec`] (credentials, policy, trace and audit sinks) and gets its
+//! own random token; it authenticates every request with
+//! `Proxy-Authorization: Basic base64("moat:<token>")`.
+//!
+//! Phases of a request, each in one function below:
+//! 1. `handle_proxy_request`: authenticate (407), then CONNECT or an
+//!    absolute-form `http://` request. Policy is checked here (403).
+//! 2. `handle_tunnel`: after CONNECT, the first byte tells TLS (0x16,
+//!    intercepted) from anything else (a raw tunnel: permissive only, or a
+//!    strict allow entry naming the port).
+//! 3. `intercept`: the TLS ClientHello's SNI must equal the CONNECT host;
+//!    a leaf from the moat CA is presented; HTTP/1.1 or HTTP/2 by ALPN.
+//! 4. `handle_intercepted`: each request's Host / `:authority` must equal the
+//!    CONNECT host and port (421 otherwise, nothing injected); credentials
+//!    for that host replace any client-sent header of the same name; the
+//!    request goes upstream over verified TLS through a pooled client.
+//! 5. The response streams back; a trace record is written when its body
+//!    ends; credential injections and policy decisions go to the audit sink.
+//!
+//! Invariants: a credential is only sent over upstream TLS that verified, to
+//! its own host and port, never over plain HTTP; redirects are never
+//! followed; loopback, private, link-local and metadata destinations are
+//! refused unless the operator mapped the host with `MOAT_RESOLVE`.
+
+mod body;
+pub mod ca;
+pub mod dest;
+mod server;
+pub mod upstream;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use http::{HeaderName, HeaderValue};
+use rustls_pki_types::CertificateDer;
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+
+use crate::error::{Error, ErrorKind, Result};
+use crate::policy::{HostPattern, Policy, PolicyMode};
+use crate::secret::Secret;
+use crate::trace::{AuditSink, TraceSink};
+
+pub use ca::CertificateAuthority;
+pub use upstream::ResolveMap;
+
+/// A credential the proxy injects: a header for a host (or `*.` pattern) and
+/// port.
+#[derive(Debug, Clone)]
+pub struct Credential {
+    host: HostPattern,
+    header: HeaderName,
+    value: Secret<HeaderValue>,
+    grant: String,
+}
+
+impl Credential {
+    /// A credential for `host` (`api.github.com`, `*.example.com`, with an
+    /// optional `:port`; without one, port 443), sent as header `header`.
+    /// Errors never include the value.
+    pub fn new(host: &str, header: &str, value: &str) -> Result<Credential> {
+        let pattern = HostPattern::parse(host)
+            .map_err(|e| Error::new(ErrorKind::InvalidArgument, format!("credential host: {e}")))?;
+        let header = HeaderName::from_bytes(header.as_bytes()).map_err(|_| {
+            Error::new(
+                ErrorKind::InvalidArgument,
+                format!("credential for {host}: \"{header}\" is not a valid header name"),
+            )
+        })?;
+        let mut value = HeaderValue::from_str(value).map_err(|_| {
+            Error::new(
+                ErrorKind::InvalidArgument,
+                format!("credential for {host}: the value is not a valid header value (control characters or non-ascii)"),
+            )
+        })?;
+        value.set_sensitive(true);
+        Ok(Credential {
+            host: pattern,
+            header,
+            value: Secret::new(value),
+            grant: "custom".to_string(),
+        })
+    }
+
+    /// Names the grant this credential comes from (for trace and audit).
+    pub fn with_grant(mut self, grant: impl Into<String>) -> Credential {
+        self.grant = grant.into();
+        self
+    }
+
+    /// The grant's name.
+    pub fn grant(&self) -> &str {
+        &self.grant
+    }
+
+    /// The header this credential sets.
+    pub fn header(&self) -> &HeaderName {
+        &self.header
+    }
+
+    /// Does this credential apply to `host:port`? Without a port in its
+    /// pattern, only 443.
+    pub fn matches(&self, host: &str, port: u16) -> bool {
+        let want = self.host.port().unwrap_or(443);
+        port == want && self.host.matches(host, want)
+    }
+}
+
+/// What a client (a run) registers with the proxy.
+#[derive(Clone)]
+pub struct ClientSpec {
+    /// A name for traces and audit events (the run id).
+    pub name: String,
+    /// Credentials to inject for this client only.
+    pub credentials: Vec<Credential>,
+    /// Permissive or strict.
+    pub policy: PolicyMode,
+    /// The allow list for strict mode.
+    pub allow: Vec<HostPattern>,
+    /// Where trace records go.
+    pub trace: Option<Arc<dyn TraceSink>>,
+    /// Where audit events go.
+    pub audit: Option<Arc<dyn AuditSink>>,
+}
+
+impl std::fmt::Debug for ClientSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClientSpec")
+            .field("name", &self.name)
+            .field("credentials", &self.credentials)
+            .field("policy", &self.policy)
+            .field("allow", &self.allow)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ClientSpec {
+    /// A permissive client with no credentials and no sinks.
+    pub fn new(name: impl Into<String>) -> ClientSpec {
+        ClientSpec {
+            name: name.into(),
+            credentials: Vec::new(),
+            policy: PolicyMode::Permissive,
+            allow: Vec::new(),
+            trace: None,
+            audit: None,
+        }
+    }
+}
+
+/// A registered client: its id and token.
+#[derive(Debug, Clone)]
+pub struct ClientHandle {
+    id: u64,
+    token: Secret<String>,
+    name: String,
+}
+
+impl ClientHandle {
+    /// The client's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The proxy URL with this client's token, for `HTTP_PROXY`. It grants
+    /// the use of this client's credentials: give it only to that client.
+    pub fn proxy_url(&self, addr: SocketAddr) -> Secret<String> {
+        Secret::new(format!("http://moat:{}@{addr}", self.token.expose()))
+    }
+}
+
+pub(crate) struct ClientCtx {
+    id: u64,
+    token: Vec<u8>,
+    name: String,
+    credentials: Vec<Credential>,
+    policy: Policy,
+    trace: Option<Arc<dyn TraceSink>>,
+    audit: Option<Arc<dyn AuditSink>>,
+}
+
+/// Limits on client connections, with their defaults.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Largest request head (status line and headers); larger gets 431.
+    /// Default 64 KiB.
+    pub max_header_bytes: usize,
+    /// Time to read a request head. Default 30 s.
+    pub header_timeout: Duration,
+    /// Time for a client's TLS handshake (and its first byte after CONNECT).
+    /// Default 10 s.
+    pub handshake_timeout: Duration,
+    /// Time to connect to an upstream, TLS included. Default 15 s.
+    pub connect_timeout: Duration,
+    /// Concurrent client connections; more are closed at once. Default 4096.
+    pub max_connections: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Limits {
+        Limits {
+            max_header_bytes: 64 * 1024,
+            header_timeout: Duration::from_secs(30),
+            handshake_timeout: Duration::from_secs(10),
+            connect_timeout: Duration::from_secs(15),
+            max_connections: 4096,
+        }
+    }
+}
+
+/// Builds a [`Proxy`].
+#[derive(Debug, Clone)]
+pub struct ProxyBuilder {
+    listen: SocketAddr,
+    home: Option<PathBuf>,
+    extra_roots: Vec<CertificateDer<'static>>,
+    resolve: ResolveMap,
+    limits: Limits,
+}
+
+impl Default for ProxyBuilder {
+    fn default() -> Self {
+        ProxyBuilder::new()
+    }
+}
+
+impl ProxyBuilder {
+    /// Listens on `127.0.0.1:0` (never all interfaces by default), CA under
+    /// `$MOAT_HOME`, system roots only, no overrides.
+    pub fn new() -> ProxyBuilder {
+        ProxyBuilder {
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            home: None,
+            extra_roots: Vec::new(),
+            resolve: ResolveMap::new(),
+            limits: Limits::default(),
+        }
+    }
+
+    /// Like [`ProxyBuilder::new`], plus the operator settings from the
+    /// environment: `MOAT_UPSTREAM_CA_FILE` (extra PEM roots) and
+    /// `MOAT_RESOLVE` (`host:port=addr:port,...`).
+    pub fn from_env() -> Result<ProxyBuilder> {
+        let mut b = ProxyBuilder::new();
+        if let Some(path) = std::env::var_os("MOAT_UPSTREAM_CA_FILE").filter(|v| !v.is_empty()) {
+            b = b.upstream_ca_file(Path::new(&path))?;
+        }
+        if let Ok(text) = std::env::var("MOAT_RESOLVE") {
+            b.resolve.extend(upstream::parse_resolve(&text)?);
+        }
+        Ok(b)
+    }
+
+    /// The address to listen on.
+    pub fn listen(mut self, addr: SocketAddr) -> ProxyBuilder {
+        self.listen = addr;
+        self
+    }
+
+    /// The moat home (the CA lives in `<home>/proxy/ca`).
+    pub fn home(mut self, home: impl Into<PathBuf>) -> ProxyBuilder {
+        self.home = Some(home.into());
+        self
+    }
+
+    /// Trusts the PEM certificates in `path` for upstream TLS, besides the
+    /// system roots.
+    pub fn upstream_ca_file(mut self, path: &Path) -> Result<ProxyBuilder> {
+        self.extra_roots.extend(upstream::load_pem_roots(path)?);
+        Ok(self)
+    }
+
+    /// Connects to `addr` whenever `host:port` is requested (like curl's
+    /// `--resolve`). The address is exempt from destination checks: it is
+    /// the operator's choice.
+    pub fn resolve(mut self, host: &str, port: u16, addr: SocketAddr) -> ProxyBuilder {
+        self.resolve.insert(
+            (host.trim_end_matches('.').to_ascii_lowercase(), port),
+            addr,
+        );
+        self
+    }
+
+    /// Adds overrides in `MOAT_RESOLVE` syntax.
+    pub fn resolve_str(mut self, text: &str) -> Result<ProxyBuilder> {
+        self.resolve.extend(upstream::parse_resolve(text)?);
+        Ok(self)
+    }
+
+    /// Sets the connection limits.
+    pub fn limits(mut self, limits: Limits) -> ProxyBuilder {
+        self.limits = limits;
+        self
+    }
+
+    /// Creates or loads the CA, binds the listener and starts serving. Must
+    /// be called inside a tokio runtime.
+    pub async fn start(self) -> Result<Proxy> {
+        let home = match self.home {
+            Some(h) => h,
+            None => crate::paths::moat_home()?,
+        };
+        let ca = CertificateAuthority::load_or_create(&home.join("proxy").join("ca"))?;
+        let listener = tokio::net::TcpListener::bind(self.listen)
+            .await
+            .map_err(|e| {
+                Error::new(
+                    ErrorKind::Io,
+                    format!("cannot listen on {}: {}", self.listen, e),
+                )
+            })?;
+        let addr = listener.local_addr().map_err(|e| {
+            Error::new(
+                ErrorKind::Io,
+                format!("cannot read the listen address: {e}"),
+            )
+        })?;
+        let tls = upstream::client_tls(&self.extra_roots)?;
+        let shared = Arc::new(server::Shared::new(
+            ca,
+            tls,
+            Arc::new(self.resolve),
+            self.limits,
+        ));
+        let task = tokio::spawn(server::accept_loop(listener, shared.clone()));
+        tracing::info!(%addr, "moat proxy listening");
+        Ok(Proxy {
+            shared,
+            addr,
+            accept_task: Some(task),
+        })
+    }
+}
+
+/// A running proxy. Dropping it stops accepting and cuts its connections;
+/// [`Proxy::shutdown`] also waits for them to end.
+pub struct Proxy {
+    shared: Arc<server::Shared>,
+    addr: SocketAddr,
+    accept_task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for Proxy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Proxy")
+            .field("addr", &self.addr)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Proxy {
+    /// A builder with defaults ([`ProxyBuilder::new`]).
+    pub fn builder() -> ProxyBuilder {
+        ProxyBuilder::new()
+    }
+
+    /// The address the proxy listens on.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The CA certificate clients must trust.
+    pub fn ca_cert_path(&self) -> &Path {
+        self.shared.ca.cert_path()
+    }
+
+    /// The CA.
+    pub fn ca(&self) -> &CertificateAuthority {
+        &self.shared.ca
+    }
+
+    /// Registers a client and returns its handle (with a fresh 32-byte
+    /// random token).
+    pub fn register(&self, spec: ClientSpec) -> Result<ClientHandle> {
+        let mut raw = [0u8; 32];
+        getrandom::fill(&mut raw).map_err(|e| {
+            Error::new(
+                ErrorKind::Internal,
+                format!("no randomness for a token: {e}"),
+            )
+        })?;
+        let token: String = raw.iter().map(|b| format!("{b:02x}")).collect();
+        let grant_hosts = spec
+            .credentials
+            .iter()
+            .map(|c| (c.host.clone(), c.grant.clone()))
+            .collect();
+        let id = self.shared.next_id();
+        let ctx = Arc::new(ClientCtx {
+            id,
+            token: token.as_bytes().to_vec(),
+            name: spec.name.clone(),
+            credentials: spec.credentials,
+            policy: Policy {
+                mode: spec.policy,
+                allow: spec.allow,
+                grant_hosts,
+            },
+            trace: spec.trace,
+            audit: spec.audit,
+        });
+        let key: [u8; 32] = Sha256::digest(token.as_bytes()).into();
+        self.shared
+            .clients
+            .write()
+            .map_err(|_| Error::new(ErrorKind::Internal, "client table lock poisoned"))?
+            .insert(key, ctx);
+        Ok(ClientHandle {
+            id,
+            token: Secret::new(token),
+            name: spec.name,
+        })
+    }
+
+    /// Removes a client: its token stops working at once.
+    pub fn unregister(&self, handle: &ClientHandle) {
+        if let Ok(mut clients) = self.shared.clients.write() {
+            clients.retain(|_, c| c.id != handle.id);
+        }
+    }
+
+    /// The environment a child process needs to use this proxy as `handle`:
+    /// proxy variables (with the token) and CA trust for common tools.
+    pub fn client_env(&self, handle: &ClientHandle) -> Vec<(String, String)> {
+        let url = handle.proxy_url(self.addr).expose().clone();
+        let ca = self.ca_cert_path().to_string_lossy().into_owned();
+        let no_proxy = "localhost,127.0.0.1,::1".to_string();
+        let mut env = Vec::new();
+        for key in ["HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy"] {
+            env.push((key.to_string(), url.clone()));
+        }
+        env.push(("NO_PROXY".into(), no_proxy.clone()));
+        env.push(("no_proxy".into(), no_proxy));
+        for key in [
+            "SSL_CERT_FILE",
+            "REQUESTS_CA_BUNDLE",
+            "NODE_EXTRA_CA_CERTS",
+            "GIT_SSL_CAINFO",
+            "CURL_CA_BUNDLE",
+        ] {
+            env.push((key.to_string(), ca.clone()));
+        }
+        env
+    }
+
+    /// Stops accepting, cuts open connections and waits (up to 5 s) for
+    /// their tasks to end.
+    pub async fn shutdown(mut self) {
+        self.shared.cancel.cancel();
+        self.shared.tasks.close();
+        if let Some(task) = self.accept_task.take() {
+            let _ = task.await;
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(5), self.shared.tasks.wait()).await;
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.shared.cancel.cancel();
+        self.shared.tasks.close();
+    }
+}
+
+impl server::Shared {
+    /// Finds the client whose token is in `Proxy-Authorization`. The table
+    /// is keyed by the token's SHA-256 and the token is then compared in
+    /// constant time, so timing tells nothing about any token.
+    pub(crate) fn authenticate(&self, header: Option<&HeaderValue>) -> Option<Arc<ClientCtx>> {
+        use base64::Engine;
+        let value = header?.to_str().ok()?;
+        let (scheme, b64) = value.trim().split_once(' ')?;
+        if !scheme.eq_ignore_ascii_case("basic") {
+            return None;
+        }
+        let decoded = base64::engine::general_purpose::STANDARD
+            .decode(b64.trim())
+            .ok()?;
+        let (user, token) = decoded.split_at(decoded.iter().position(|b| *b == b':')?);
+        let token = &token[1..];
+        if user != b"moat" {
+            return None;
+        }
+        let key: [u8; 32] = Sha256::digest(token).into();
+        let clients = self.clients.read().ok()?;
+        let ctx = clients.get(&key)?;
+        if bool::from(ctx.token.as_slice().ct_eq(token)) {
+            Some(ctx.clone())
+        } else {
+            None
+        }
+    }
+}
+
+pub(crate) type ClientTable = RwLock<HashMap<[u8; 32], Arc<ClientCtx>>>;

@@ -1,0 +1,834 @@
+//! The proxy's connection handling; see the phases in `proxy/mod.rs`.
+
+use std::convert::Infallible;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Request, Response, StatusCode, Uri};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::io::AsyncReadExt;
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio_rustls::LazyConfigAcceptor;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::body::{empty, full, Counted, Prefixed, ProxyBody};
+use super::upstream::{self, ConnectError, Connector, ResolveMap};
+use super::{CertificateAuthority, ClientCtx, ClientTable, Limits};
+use crate::policy::blocked_message;
+use crate::trace::{now_rfc3339, AuditEvent, TraceRecord};
+
+pub(crate) struct Shared {
+    pub ca: CertificateAuthority,
+    pub clients: ClientTable,
+    pub cancel: CancellationToken,
+    pub tasks: TaskTracker,
+    https: Client<Connector, ProxyBody>,
+    http: Client<Connector, ProxyBody>,
+    overrides: Arc<ResolveMap>,
+    limits: Limits,
+    connections: Arc<Semaphore>,
+    ids: AtomicU64,
+}
+
+impl Shared {
+    pub(crate) fn new(
+        ca: CertificateAuthority,
+        tls: Arc<rustls::ClientConfig>,
+        overrides: Arc<ResolveMap>,
+        limits: Limits,
+    ) -> Shared {
+        let client = |tls: Option<Arc<rustls::ClientConfig>>| {
+            Client::builder(TokioExecutor::new())
+                .pool_idle_timeout(std::time::Duration::from_secs(60))
+                .pool_timer(TokioTimer::new())
+                .timer(TokioTimer::new())
+                .build(Connector {
+                    overrides: overrides.clone(),
+                    tls,
+                    timeout: limits.connect_timeout,
+                })
+        };
+        Shared {
+            ca,
+            clients: ClientTable::default(),
+            cancel: CancellationToken::new(),
+            tasks: TaskTracker::new(),
+            https: client(Some(tls)),
+            http: client(None),
+            connections: Arc::new(Semaphore::new(limits.max_connections)),
+            overrides,
+            limits,
+            ids: AtomicU64::new(1),
+        }
+    }
+
+    pub(crate) fn next_id(&self) -> u64 {
+        self.ids.fetch_add(1, Ordering::Relaxed)
+    }
+}
+
+pub(crate) async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
+    loop {
+        let accepted = tokio::select! {
+            () = shared.cancel.cancelled() => break,
+            accepted = listener.accept() => accepted,
+        };
+        let (tcp, peer) = match accepted {
+            Ok(conn) => conn,
+            Err(e) => {
+                // Out of file descriptors and the like: back off, keep serving.
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                continue;
+            }
+        };
+        let Ok(permit) = shared.connections.clone().try_acquire_owned() else {
+            tracing::warn!(%peer, "connection limit reached; closing");
+            continue;
+        };
+        let _ = tcp.set_nodelay(true);
+        let conn_shared = shared.clone();
+        shared.tasks.spawn(async move {
+            let _permit = permit;
+            serve_client(tcp, conn_shared).await;
+        });
+    }
+}
+
+async fn serve_client(tcp: tokio::net::TcpStream, shared: Arc<Shared>) {
+    let cancel = shared.cancel.clone();
+    let svc_shared = shared.clone();
+    let service = service_fn(move |req| handle_proxy_request(svc_shared.clone(), req));
+    let conn = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(shared.limits.header_timeout)
+        .max_buf_size(shared.limits.max_header_bytes.max(8192))
+        .serve_connection(TokioIo::new(tcp), service)
+        .with_upgrades();
+    tokio::select! {
+        result = conn => {
+            if let Err(e) = result {
+                tracing::debug!(error = %e, "client connection ended with an error");
+            }
+        }
+        () = cancel.cancelled() => {}
+    }
+}
+
+fn text_response(status: StatusCode, body: impl Into<Bytes>) -> Response<ProxyBody> {
+    let mut resp = Response::new(full(body));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    resp
+}
+
+/// Splits `host[:port]` (IPv6 in brackets), lowercasing and dropping a
+/// trailing dot.
+pub(crate) fn split_authority(text: &str) -> Option<(String, Option<u16>)> {
+    let (host, port) = if let Some(rest) = text.strip_prefix('[') {
+        let end = rest.find(']')?;
+        let host = &rest[..end];
+        let after = &rest[end + 1..];
+        let port = match after.strip_prefix(':') {
+            Some(p) => Some(p.parse().ok()?),
+            None if after.is_empty() => None,
+            None => return None,
+        };
+        (host.to_string(), port)
+    } else {
+        match text.rsplit_once(':') {
+            Some((h, p)) => (h.to_string(), Some(p.parse().ok()?)),
+            None => (text.to_string(), None),
+        }
+    };
+    let host = host.trim_end_matches('.').to_ascii_lowercase();
+    if host.is_empty()
+        || host
+            .chars()
+            .any(|c| c.is_whitespace() || c == '/' || c == '@')
+    {
+        return None;
+    }
+    Some((host, port))
+}
+
+struct Outcome<'a> {
+    ctx: &'a ClientCtx,
+    method: String,
+    url: String,
+    host: String,
+    port: u16,
+    started: Instant,
+    time: String,
+}
+
+impl Outcome<'_> {
+    fn record(&self, status: Option<u16>, denied: Option<String>, error: Option<String>) {
+        if let Some(trace) = &self.ctx.trace {
+            trace.record(&TraceRecord {
+                time: self.time.clone(),
+                client: self.ctx.name.clone(),
+                method: self.method.clone(),
+                url: self.url.clone(),
+                host: self.host.clone(),
+                port: self.port,
+                status,
+                duration_ms: self.started.elapsed().as_secs_f64() * 1000.0,
+                request_bytes: 0,
+                response_bytes: 0,
+                grant: None,
+                denied,
+                error,
+                request_headers: Vec::new(),
+                response_headers: Vec::new(),
+            });
+        }
+    }
+
+    fn decision(&self, allowed: bool, rule: &str) {
+        if let Some(audit) = &self.ctx.audit {
+            audit.event(&AuditEvent::PolicyDecision {
+                client: self.ctx.name.clone(),
+                host: self.host.clone(),
+                port: self.port,
+                allowed,
+                rule: rule.to_string(),
+            });
+        }
+    }
+}
+
+async fn handle_proxy_request(
+    shared: Arc<Shared>,
+    req: Request<Incoming>,
+) -> Result<Response<ProxyBody>, Infallible> {
+    let Some(ctx) = shared.authenticate(req.headers().get(header::PROXY_AUTHORIZATION)) else {
+        let mut resp = text_response(
+            StatusCode::PROXY_AUTHENTICATION_REQUIRED,
+            "Moat: proxy authentication required (use the proxy URL moat gave this run)\n",
+        );
+        resp.headers_mut().insert(
+            header::PROXY_AUTHENTICATE,
+            HeaderValue::from_static("Basic realm=\"moat\""),
+        );
+        return Ok(resp);
+    };
+    if req.method() == Method::CONNECT {
+        return Ok(handle_connect(shared, ctx, req));
+    }
+    if req.uri().scheme_str() == Some("http") && req.uri().authority().is_some() {
+        return Ok(forward_plain(shared, ctx, req).await);
+    }
+    Ok(text_response(
+        StatusCode::BAD_REQUEST,
+        "Moat: this is a forward proxy; send absolute http:// URLs or CONNECT\n",
+    ))
+}
+
+fn handle_connect(
+    shared: Arc<Shared>,
+    ctx: Arc<ClientCtx>,
+    req: Request<Incoming>,
+) -> Response<ProxyBody> {
+    let authority = req.uri().authority().map(|a| a.as_str().to_string());
+    let Some((host, port)) = authority.as_deref().and_then(split_authority) else {
+        return text_response(StatusCode::BAD_REQUEST, "Moat: CONNECT needs host:port\n");
+    };
+    let port = port.unwrap_or(443);
+    let out = Outcome {
+        ctx: &ctx,
+        method: "CONNECT".into(),
+        url: format!("{host}:{port}"),
+        host: host.clone(),
+        port,
+        started: Instant::now(),
+        time: now_rfc3339(),
+    };
+    let decision = ctx.policy.decide(&host, port);
+    let tunnel_ok = ctx.policy.decide_tunnel(&host, port).allowed;
+    if !decision.allowed && !tunnel_ok {
+        out.decision(false, &decision.rule);
+        out.record(Some(403), Some("network policy".into()), None);
+        return text_response(StatusCode::FORBIDDEN, blocked_message(&host));
+    }
+    // An IP literal is checked now; names are checked when dialled.
+    if !shared.overrides.contains_key(&(host.clone(), port)) {
+        if let Some(ip) = super::dest::parse_ip(&host) {
+            if let Some(reason) = super::dest::forbidden_reason(ip) {
+                let msg = ConnectError::Refused {
+                    host: host.clone(),
+                    addr: ip,
+                    reason,
+                }
+                .to_string();
+                out.decision(false, "destination");
+                out.record(Some(403), Some(msg.clone()), None);
+                return text_response(StatusCode::FORBIDDEN, format!("Moat: {msg}\n"));
+            }
+        }
+    }
+    let task_shared = shared.clone();
+    let cancel = shared.cancel.clone();
+    shared.tasks.spawn(async move {
+        let work = async {
+            match hyper::upgrade::on(req).await {
+                Ok(upgraded) => handle_tunnel(task_shared, ctx, host, port, upgraded).await,
+                Err(e) => tracing::debug!(error = %e, "CONNECT upgrade failed"),
+            }
+        };
+        tokio::select! {
+            () = work => {}
+            () = cancel.cancelled() => {}
+        }
+    });
+    Response::new(empty())
+}
+
+async fn handle_tunnel(
+    shared: Arc<Shared>,
+    ctx: Arc<ClientCtx>,
+    host: String,
+    port: u16,
+    upgraded: hyper::upgrade::Upgraded,
+) {
+    let mut io = TokioIo::new(upgraded);
+    let mut first = [0u8; 1];
+    let n = match tokio::time::timeout(shared.limits.handshake_timeout, io.read(&mut first)).await {
+        Ok(Ok(n)) => n,
+        _ => return,
+    };
+    if n == 0 {
+        return;
+    }
+    let io = Prefixed::new(Bytes::copy_from_slice(&first[..n]), io);
+    let out = Outcome {
+        ctx: &ctx,
+        method: "CONNECT".into(),
+        url: format!("{host}:{port}"),
+        host: host.clone(),
+        port,
+        started: Instant::now(),
+        time: now_rfc3339(),
+    };
+    if first[0] == 0x16 {
+        if !ctx.policy.decide(&host, port).allowed {
+            out.decision(false, "strict");
+            out.record(None, Some("network policy".into()), None);
+            return;
+        }
+        intercept(shared, ctx.clone(), host, port, io).await;
+        return;
+    }
+    // Not TLS: a raw tunnel (ssh over CONNECT, say). No credentials, ever.
+    let decision = ctx.policy.decide_tunnel(&host, port);
+    out.decision(decision.allowed, &decision.rule);
+    if !decision.allowed {
+        out.record(
+            None,
+            Some("raw tunnels in strict mode need an allow entry with this port".into()),
+            None,
+        );
+        return;
+    }
+    match upstream::dial(
+        &host,
+        port,
+        &shared.overrides,
+        shared.limits.connect_timeout,
+    )
+    .await
+    {
+        Ok(mut tcp) => {
+            let mut io = io;
+            let result = tokio::io::copy_bidirectional(&mut io, &mut tcp).await;
+            let (up, down) = result.unwrap_or((0, 0));
+            if let Some(trace) = &ctx.trace {
+                trace.record(&TraceRecord {
+                    time: out.time.clone(),
+                    client: ctx.name.clone(),
+                    method: "CONNECT".into(),
+                    url: out.url.clone(),
+                    host: host.clone(),
+                    port,
+                    status: None,
+                    duration_ms: out.started.elapsed().as_secs_f64() * 1000.0,
+                    request_bytes: up,
+                    response_bytes: down,
+                    grant: None,
+                    denied: None,
+                    error: None,
+                    request_headers: Vec::new(),
+                    response_headers: Vec::new(),
+                });
+            }
+        }
+        Err(e) => {
+            let denied = matches!(e, ConnectError::Refused { .. });
+            if denied {
+                out.decision(false, "destination");
+            }
+            let msg = e.to_string();
+            out.record(None, denied.then(|| msg.clone()), (!denied).then_some(msg));
+        }
+    }
+}
+
+/// Serves a leaf certificate chosen before the handshake.
+#[derive(Debug)]
+struct FixedCert(Arc<rustls::sign::CertifiedKey>);
+
+impl rustls::server::ResolvesServerCert for FixedCert {
+    fn resolve(
+        &self,
+        _: rustls::server::ClientHello<'_>,
+    ) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        Some(self.0.clone())
+    }
+}
+
+fn same_host(a: &str, b: &str) -> bool {
+    let norm = |s: &str| {
+        s.trim_end_matches('.')
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_ascii_lowercase()
+    };
+    norm(a) == norm(b)
+}
+
+async fn intercept<S>(shared: Arc<Shared>, ctx: Arc<ClientCtx>, host: String, port: u16, io: S)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let limit = shared.limits.handshake_timeout;
+    let acceptor = LazyConfigAcceptor::new(rustls::server::Acceptor::default(), io);
+    let Ok(Ok(start)) = tokio::time::timeout(limit, acceptor).await else {
+        return;
+    };
+    let sni = start.client_hello().server_name().map(str::to_string);
+    if let Some(sni) = &sni {
+        if !same_host(sni, &host) {
+            let out = Outcome {
+                ctx: &ctx,
+                method: "CONNECT".into(),
+                url: format!("{host}:{port}"),
+                host: host.clone(),
+                port,
+                started: Instant::now(),
+                time: now_rfc3339(),
+            };
+            out.decision(false, "identity");
+            out.record(
+                None,
+                Some(format!(
+                    "tls server name \"{sni}\" differs from the CONNECT host \"{host}\""
+                )),
+                None,
+            );
+            return;
+        }
+    }
+    let leaf = match shared.ca.leaf(&host) {
+        Ok(leaf) => leaf,
+        Err(e) => {
+            tracing::warn!(%host, error = %e, "cannot mint a leaf certificate");
+            return;
+        }
+    };
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let Ok(builder) =
+        rustls::ServerConfig::builder_with_provider(provider).with_safe_default_protocol_versions()
+    else {
+        return;
+    };
+    let mut config = builder
+        .with_no_client_auth()
+        .with_cert_resolver(Arc::new(FixedCert(leaf)));
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    let Ok(Ok(tls)) = tokio::time::timeout(limit, start.into_stream(Arc::new(config))).await else {
+        return;
+    };
+    let svc_shared = shared.clone();
+    let service = service_fn(move |req| {
+        handle_intercepted(svc_shared.clone(), ctx.clone(), host.clone(), port, req)
+    });
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(shared.limits.header_timeout)
+        .max_buf_size(shared.limits.max_header_bytes.max(8192));
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(u32::try_from(shared.limits.max_header_bytes).unwrap_or(u32::MAX));
+    if let Err(e) = builder
+        .serve_connection_with_upgrades(TokioIo::new(tls), service)
+        .await
+    {
+        tracing::debug!(error = %e, "intercepted connection ended with an error");
+    }
+}
+
+/// Hop-by-hop headers, never forwarded.
+const HOP_BY_HOP: &[&str] = &[
+    "connection",
+    "proxy-connection",
+    "keep-alive",
+    "proxy-authorization",
+    "proxy-authenticate",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+];
+
+fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let listed: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .collect();
+    for name in listed {
+        headers.remove(name);
+    }
+    for name in HOP_BY_HOP {
+        headers.remove(*name);
+    }
+}
+
+/// Header names whose values are never recorded.
+const REDACTED: &[&str] = &[
+    "authorization",
+    "proxy-authorization",
+    "cookie",
+    "set-cookie",
+    "x-api-key",
+    "api-key",
+];
+
+fn redacted(headers: &HeaderMap, also: &[HeaderName]) -> Vec<(String, String)> {
+    headers
+        .iter()
+        .map(|(name, value)| {
+            let secret =
+                value.is_sensitive() || REDACTED.contains(&name.as_str()) || also.contains(name);
+            let shown = if secret {
+                "[redacted]".to_string()
+            } else {
+                String::from_utf8_lossy(value.as_bytes()).into_owned()
+            };
+            (name.as_str().to_string(), shown)
+        })
+        .collect()
+}
+
+fn upstream_error_response(err: &hyper_util::client::legacy::Error) -> (StatusCode, String, bool) {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(err);
+    while let Some(e) = source {
+        if let Some(ce) = e.downcast_ref::<ConnectError>() {
+            return match ce {
+                ConnectError::Refused { .. } => (StatusCode::FORBIDDEN, ce.to_string(), true),
+                ConnectError::Timeout(_) => (StatusCode::GATEWAY_TIMEOUT, ce.to_string(), false),
+                _ => (StatusCode::BAD_GATEWAY, ce.to_string(), false),
+            };
+        }
+        source = e.source();
+    }
+    (
+        StatusCode::BAD_GATEWAY,
+        format!("upstream request failed: {err}"),
+        false,
+    )
+}
+
+async fn handle_intercepted(
+    shared: Arc<Shared>,
+    ctx: Arc<ClientCtx>,
+    host: String,
+    port: u16,
+    req: Request<Incoming>,
+) -> Result<Response<ProxyBody>, Infallible> {
+    let path = req
+        .uri()
+        .path_and_query()
+        .map_or("/", |p| p.as_str())
+        .to_string();
+    let authority = if port == 443 {
+        host.clone()
+    } else {
+        format!("{host}:{port}")
+    };
+    let out = Outcome {
+        ctx: &ctx,
+        method: req.method().to_string(),
+        url: format!("https://{authority}{path}"),
+        host: host.clone(),
+        port,
+        started: Instant::now(),
+        time: now_rfc3339(),
+    };
+
+    // Identity: the URI authority (HTTP/2, absolute-form) and the Host header
+    // must both name the CONNECT host and port.
+    let mut named = Vec::new();
+    if let Some(a) = req.uri().authority() {
+        named.push(a.as_str().to_string());
+    }
+    for h in req.headers().get_all(header::HOST) {
+        named.push(String::from_utf8_lossy(h.as_bytes()).into_owned());
+    }
+    if named.is_empty() {
+        out.record(Some(400), Some("no host in the request".into()), None);
+        return Ok(text_response(
+            StatusCode::BAD_REQUEST,
+            "Moat: the request names no host\n",
+        ));
+    }
+    for name in &named {
+        let ok = split_authority(name)
+            .is_some_and(|(h, p)| same_host(&h, &host) && p.unwrap_or(443) == port);
+        if !ok {
+            let msg =
+                format!("request host \"{name}\" does not match the tunnel's host \"{authority}\"");
+            out.decision(false, "identity");
+            out.record(Some(421), Some(msg.clone()), None);
+            return Ok(text_response(
+                StatusCode::MISDIRECTED_REQUEST,
+                format!("Moat: {msg}; nothing was sent\n"),
+            ));
+        }
+    }
+    if req.headers().contains_key(header::TRANSFER_ENCODING)
+        && req.headers().contains_key(header::CONTENT_LENGTH)
+    {
+        out.record(
+            Some(400),
+            Some("both content-length and transfer-encoding".into()),
+            None,
+        );
+        return Ok(text_response(
+            StatusCode::BAD_REQUEST,
+            "Moat: a request may not carry both Content-Length and Transfer-Encoding\n",
+        ));
+    }
+
+    let (mut parts, body) = req.into_parts();
+    strip_hop_by_hop(&mut parts.headers);
+    parts.headers.remove(header::HOST);
+    let mut grant = None;
+    let mut injected_headers = Vec::new();
+    for cred in ctx.credentials.iter().filter(|c| c.matches(&host, port)) {
+        // The one injection site: the value replaces any client-sent header
+        // of that name (placeholders) and is never duplicated.
+        parts.headers.remove(cred.header());
+        parts
+            .headers
+            .insert(cred.header().clone(), cred.value.expose().clone());
+        injected_headers.push(cred.header().clone());
+        grant = Some(cred.grant().to_string());
+        if let Some(audit) = &ctx.audit {
+            audit.event(&AuditEvent::CredentialInjected {
+                client: ctx.name.clone(),
+                host: host.clone(),
+                port,
+                grant: cred.grant().to_string(),
+                header: cred.header().as_str().to_string(),
+                method: parts.method.to_string(),
+                path: parts.uri.path().to_string(),
+            });
+        }
+    }
+    let uri: Uri = match format!("https://{authority}{path}").parse() {
+        Ok(uri) => uri,
+        Err(_) => {
+            out.record(Some(400), Some("bad request target".into()), None);
+            return Ok(text_response(
+                StatusCode::BAD_REQUEST,
+                "Moat: bad request target\n",
+            ));
+        }
+    };
+    parts.uri = uri;
+    parts.version = http::Version::HTTP_11;
+    let request_headers = redacted(&parts.headers, &injected_headers);
+    let sent = Arc::new(AtomicU64::new(0));
+    let body = Counted::new(body.map_err(Into::into).boxed(), sent.clone(), None).boxed();
+    let upstream_req = Request::from_parts(parts, body);
+
+    match shared.https.request(upstream_req).await {
+        Ok(resp) => Ok(stream_back(&out, resp, grant, request_headers, sent)),
+        Err(e) => {
+            let (status, msg, denied) = upstream_error_response(&e);
+            if denied {
+                out.decision(false, "destination");
+            }
+            out.record(
+                Some(status.as_u16()),
+                denied.then(|| msg.clone()),
+                (!denied).then(|| msg.clone()),
+            );
+            Ok(text_response(status, format!("Moat: {msg}\n")))
+        }
+    }
+}
+
+fn stream_back(
+    out: &Outcome<'_>,
+    resp: Response<Incoming>,
+    grant: Option<String>,
+    request_headers: Vec<(String, String)>,
+    sent: Arc<AtomicU64>,
+) -> Response<ProxyBody> {
+    let (mut parts, body) = resp.into_parts();
+    strip_hop_by_hop(&mut parts.headers);
+    let received = Arc::new(AtomicU64::new(0));
+    let on_end: Option<Box<dyn FnOnce() + Send + Sync>> = out.ctx.trace.clone().map(|trace| {
+        let record = TraceRecord {
+            time: out.time.clone(),
+            client: out.ctx.name.clone(),
+            method: out.method.clone(),
+            url: out.url.clone(),
+            host: out.host.clone(),
+            port: out.port,
+            status: Some(parts.status.as_u16()),
+            duration_ms: 0.0,
+            request_bytes: 0,
+            response_bytes: 0,
+            grant,
+            denied: None,
+            error: None,
+            request_headers,
+            response_headers: redacted(&parts.headers, &[]),
+        };
+        let started = out.started;
+        let received = received.clone();
+        let f: Box<dyn FnOnce() + Send + Sync> = Box::new(move || {
+            let mut record = record;
+            record.duration_ms = started.elapsed().as_secs_f64() * 1000.0;
+            record.request_bytes = sent.load(Ordering::Relaxed);
+            record.response_bytes = received.load(Ordering::Relaxed);
+            trace.record(&record);
+        });
+        f
+    });
+    let body = Counted::new(body.map_err(Into::into).boxed(), received, on_end).boxed();
+    Response::from_parts(parts, body)
+}
+
+/// An absolute-form `http://` request: forwarded without any credential
+/// (credentials never travel over plain HTTP).
+async fn forward_plain(
+    shared: Arc<Shared>,
+    ctx: Arc<ClientCtx>,
+    req: Request<Incoming>,
+) -> Response<ProxyBody> {
+    let authority = req
+        .uri()
+        .authority()
+        .map(|a| a.as_str().to_string())
+        .unwrap_or_default();
+    let Some((host, port)) = split_authority(&authority) else {
+        return text_response(StatusCode::BAD_REQUEST, "Moat: bad request target\n");
+    };
+    let port = port.unwrap_or(80);
+    let out = Outcome {
+        ctx: &ctx,
+        method: req.method().to_string(),
+        url: req.uri().to_string(),
+        host: host.clone(),
+        port,
+        started: Instant::now(),
+        time: now_rfc3339(),
+    };
+    let decision = ctx.policy.decide(&host, port);
+    out.decision(decision.allowed, &decision.rule);
+    if !decision.allowed {
+        out.record(Some(403), Some("network policy".into()), None);
+        return text_response(StatusCode::FORBIDDEN, blocked_message(&host));
+    }
+    if req.headers().contains_key(header::TRANSFER_ENCODING)
+        && req.headers().contains_key(header::CONTENT_LENGTH)
+    {
+        out.record(
+            Some(400),
+            Some("both content-length and transfer-encoding".into()),
+            None,
+        );
+        return text_response(
+            StatusCode::BAD_REQUEST,
+            "Moat: a request may not carry both Content-Length and Transfer-Encoding\n",
+        );
+    }
+    let (mut parts, body) = req.into_parts();
+    strip_hop_by_hop(&mut parts.headers);
+    parts.version = http::Version::HTTP_11;
+    let request_headers = redacted(&parts.headers, &[]);
+    let sent = Arc::new(AtomicU64::new(0));
+    let body = Counted::new(body.map_err(Into::into).boxed(), sent.clone(), None).boxed();
+    match shared.http.request(Request::from_parts(parts, body)).await {
+        Ok(resp) => stream_back(&out, resp, None, request_headers, sent),
+        Err(e) => {
+            let (status, msg, denied) = upstream_error_response(&e);
+            out.record(
+                Some(status.as_u16()),
+                denied.then(|| msg.clone()),
+                (!denied).then(|| msg.clone()),
+            );
+            text_response(status, format!("Moat: {msg}\n"))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn authorities() {
+        assert_eq!(
+            split_authority("API.GitHub.com:443"),
+            Some(("api.github.com".into(), Some(443)))
+        );
+        assert_eq!(
+            split_authority("api.github.com."),
+            Some(("api.github.com".into(), None))
+        );
+        assert_eq!(
+            split_authority("[::1]:8443"),
+            Some(("::1".into(), Some(8443)))
+        );
+        assert_eq!(split_authority("a:b"), None);
+        assert_eq!(split_authority("user@evil.com"), None);
+        assert_eq!(split_authority(""), None);
+    }
+
+    #[test]
+    fn hop_by_hop_and_connection_listed_headers_are_removed() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            "connection",
+            HeaderValue::from_static("close, x-secret-hop"),
+        );
+        h.insert("x-secret-hop", HeaderValue::from_static("1"));
+        h.insert("proxy-authorization", HeaderValue::from_static("Basic x"));
+        h.insert("accept", HeaderValue::from_static("*/*"));
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 1);
+        assert!(h.contains_key("accept"));
+    }
+}

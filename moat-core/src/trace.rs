@@ -1,0 +1,143 @@
+//! What the proxy records: a trace record per request (for `network.jsonl`)
+//! and audit events (for the audit log). Both go to per-client sinks.
+//!
+//! No secret value is ever put in a record: header values that carry
+//! credentials are replaced by `[redacted]` before a record is built.
+
+use std::sync::Mutex;
+
+use serde::Serialize;
+
+/// One request through the proxy.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct TraceRecord {
+    /// When the request arrived (RFC 3339, UTC).
+    pub time: String,
+    /// The client (run) that sent it.
+    pub client: String,
+    /// HTTP method (`CONNECT` for a refused tunnel).
+    pub method: String,
+    /// The full URL (`https://host/path?query`).
+    pub url: String,
+    /// Destination host.
+    pub host: String,
+    /// Destination port.
+    pub port: u16,
+    /// Status sent to the client, if a response was sent.
+    pub status: Option<u16>,
+    /// Time from request to the end of the response body, in milliseconds.
+    pub duration_ms: f64,
+    /// Request body bytes forwarded.
+    pub request_bytes: u64,
+    /// Response body bytes returned.
+    pub response_bytes: u64,
+    /// The grant whose credential was injected, if any.
+    pub grant: Option<String>,
+    /// Why the request was refused, if it was.
+    pub denied: Option<String>,
+    /// What failed, if something did (upstream unreachable, tls).
+    pub error: Option<String>,
+    /// Request headers as sent upstream, credential values redacted.
+    pub request_headers: Vec<(String, String)>,
+    /// Response headers, credential values redacted.
+    pub response_headers: Vec<(String, String)>,
+}
+
+/// Receives trace records.
+pub trait TraceSink: Send + Sync {
+    /// Records one request.
+    fn record(&self, record: &TraceRecord);
+}
+
+/// A security-relevant decision of the proxy, for the audit log.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum AuditEvent {
+    /// A policy decision on a destination.
+    PolicyDecision {
+        /// The client (run).
+        client: String,
+        /// Destination host.
+        host: String,
+        /// Destination port.
+        port: u16,
+        /// Allowed or refused.
+        allowed: bool,
+        /// The rule that decided (`permissive`, `allow:*.github.com`,
+        /// `grant:github`, `strict`, `identity`, `destination`).
+        rule: String,
+    },
+    /// A credential was injected into a request.
+    CredentialInjected {
+        /// The client (run).
+        client: String,
+        /// Destination host.
+        host: String,
+        /// Destination port.
+        port: u16,
+        /// The grant whose credential was used.
+        grant: String,
+        /// The header that carried it (never its value).
+        header: String,
+        /// Request method.
+        method: String,
+        /// Request path.
+        path: String,
+    },
+}
+
+/// Receives audit events.
+pub trait AuditSink: Send + Sync {
+    /// Records one event.
+    fn event(&self, event: &AuditEvent);
+}
+
+/// The most records a [`MemorySink`] keeps; older ones are dropped first.
+pub const MEMORY_SINK_LIMIT: usize = 100_000;
+
+/// A sink that keeps trace records and audit events in memory, bounded.
+#[derive(Debug, Default)]
+pub struct MemorySink {
+    records: Mutex<Vec<TraceRecord>>,
+    events: Mutex<Vec<AuditEvent>>,
+}
+
+impl MemorySink {
+    /// The trace records so far.
+    pub fn records(&self) -> Vec<TraceRecord> {
+        self.records.lock().map(|r| r.clone()).unwrap_or_default()
+    }
+
+    /// The audit events so far.
+    pub fn events(&self) -> Vec<AuditEvent> {
+        self.events.lock().map(|r| r.clone()).unwrap_or_default()
+    }
+}
+
+fn push_bounded<T>(list: &Mutex<Vec<T>>, item: T) {
+    if let Ok(mut list) = list.lock() {
+        if list.len() >= MEMORY_SINK_LIMIT {
+            list.remove(0);
+        }
+        list.push(item);
+    }
+}
+
+impl TraceSink for MemorySink {
+    fn record(&self, record: &TraceRecord) {
+        push_bounded(&self.records, record.clone());
+    }
+}
+
+impl AuditSink for MemorySink {
+    fn event(&self, event: &AuditEvent) {
+        push_bounded(&self.events, event.clone());
+    }
+}
+
+/// The current time in RFC 3339.
+pub(crate) fn now_rfc3339() -> String {
+    time::OffsetDateTime::now_utc()
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default()
+}
