@@ -418,6 +418,18 @@ mod tests {
     }
 
     #[test]
+    fn a_bare_carriage_return_breaks_lines() {
+        // Found by the fuzzer: YAML counts a lone \r as a line break.
+        let err = parse("a: 1\rb: [\r").unwrap_err();
+        assert_eq!(err.pos.line, 3, "{}", err.message);
+        let node = root("a: 1\r\nb: 2\r\n");
+        let Value::Map(entries) = node.value else {
+            panic!("not a map")
+        };
+        assert_eq!(entries[1].0.pos, Pos { line: 2, column: 1 });
+    }
+
+    #[test]
     fn empty_is_none() {
         assert!(parse("").unwrap().is_none());
         assert!(parse("# only a comment\n").unwrap().is_none());

@@ -210,10 +210,30 @@ impl Outcome<'_> {
     }
 }
 
+/// The size of a request head as sent: request line and header lines.
+fn head_size<B>(req: &Request<B>) -> usize {
+    let line = req.method().as_str().len() + req.uri().to_string().len() + 12;
+    line + req
+        .headers()
+        .iter()
+        .map(|(k, v)| k.as_str().len() + v.len() + 4)
+        .sum::<usize>()
+}
+
+fn too_large() -> Response<ProxyBody> {
+    text_response(
+        StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+        "Moat: request headers too large\n",
+    )
+}
+
 async fn handle_proxy_request(
     shared: Arc<Shared>,
     req: Request<Incoming>,
 ) -> Result<Response<ProxyBody>, Infallible> {
+    if head_size(&req) > shared.limits.max_header_bytes {
+        return Ok(too_large());
+    }
     let Some(ctx) = shared.authenticate(req.headers().get(header::PROXY_AUTHORIZATION)) else {
         let mut resp = text_response(
             StatusCode::PROXY_AUTHENTICATION_REQUIRED,
@@ -563,6 +583,9 @@ async fn handle_intercepted(
     port: u16,
     req: Request<Incoming>,
 ) -> Result<Response<ProxyBody>, Infallible> {
+    if head_size(&req) > shared.limits.max_header_bytes {
+        return Ok(too_large());
+    }
     let path = req
         .uri()
         .path_and_query()
@@ -612,19 +635,6 @@ async fn handle_intercepted(
                 format!("Moat: {msg}; nothing was sent\n"),
             ));
         }
-    }
-    if req.headers().contains_key(header::TRANSFER_ENCODING)
-        && req.headers().contains_key(header::CONTENT_LENGTH)
-    {
-        out.record(
-            Some(400),
-            Some("both content-length and transfer-encoding".into()),
-            None,
-        );
-        return Ok(text_response(
-            StatusCode::BAD_REQUEST,
-            "Moat: a request may not carry both Content-Length and Transfer-Encoding\n",
-        ));
     }
 
     let (mut parts, body) = req.into_parts();
@@ -760,19 +770,6 @@ async fn forward_plain(
     if !decision.allowed {
         out.record(Some(403), Some("network policy".into()), None);
         return text_response(StatusCode::FORBIDDEN, blocked_message(&host));
-    }
-    if req.headers().contains_key(header::TRANSFER_ENCODING)
-        && req.headers().contains_key(header::CONTENT_LENGTH)
-    {
-        out.record(
-            Some(400),
-            Some("both content-length and transfer-encoding".into()),
-            None,
-        );
-        return text_response(
-            StatusCode::BAD_REQUEST,
-            "Moat: a request may not carry both Content-Length and Transfer-Encoding\n",
-        );
     }
     let (mut parts, body) = req.into_parts();
     strip_hop_by_hop(&mut parts.headers);

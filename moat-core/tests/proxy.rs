@@ -1,0 +1,1020 @@
+//! The proxy against real local upstreams (HTTPS with a test CA, plain HTTP,
+//! raw TCP) and real clients (curl, a raw TLS client). All traffic stays on
+//! loopback: upstream host names reach local servers through the proxy's
+//! resolve overrides.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, StreamBody};
+use hyper::body::{Frame, Incoming};
+use hyper::{Request, Response};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use moat_core::policy::{HostPattern, PolicyMode};
+use moat_core::proxy::{ClientHandle, ClientSpec, Credential, Limits, Proxy, ProxyBuilder};
+use moat_core::trace::{AuditEvent, MemorySink};
+use rcgen::{CertificateParams, DnType, IsCa, Issuer, KeyPair, PKCS_ECDSA_P256_SHA256};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+const TOKEN: &str = "ghp_REALsecretTOKENvalue0123456789";
+
+/// A request the upstream saw.
+#[derive(Debug, Clone)]
+struct Seen {
+    host: String,
+    path: String,
+    authorization: Vec<String>,
+    version: String,
+}
+
+type Log = Arc<Mutex<Vec<Seen>>>;
+
+struct Upstream {
+    addr: SocketAddr,
+    log: Log,
+}
+
+struct Env {
+    dir: tempfile::TempDir,
+    upstream_ca: PathBuf,
+    tls: Arc<rustls::ServerConfig>,
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// A test CA (not moat's) and a server config for the upstream names.
+fn env() -> Env {
+    let dir = tempfile::tempdir().unwrap();
+    let ca_key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
+    let mut ca_params = CertificateParams::default();
+    ca_params
+        .distinguished_name
+        .push(DnType::CommonName, "upstream test ca");
+    ca_params.is_ca = IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca_cert = ca_params.self_signed(&ca_key).unwrap();
+    let upstream_ca = dir.path().join("upstream-ca.pem");
+    std::fs::write(&upstream_ca, ca_cert.pem()).unwrap();
+    let issuer = Issuer::new(ca_params, ca_key);
+    let leaf_key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
+    let leaf = CertificateParams::new(vec![
+        "api.github.com".to_string(),
+        "github.com".to_string(),
+        "other.test".to_string(),
+    ])
+    .unwrap()
+    .signed_by(&leaf_key, &issuer)
+    .unwrap();
+    let mut tls = rustls::ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![leaf.der().clone()],
+            PrivateKeyDer::from_pem_slice(leaf_key.serialize_pem().as_bytes()).unwrap(),
+        )
+        .unwrap();
+    tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Env {
+        dir,
+        upstream_ca,
+        tls: Arc::new(tls),
+    }
+}
+
+async fn route(
+    req: Request<Incoming>,
+    log: Log,
+) -> Result<Response<http_body_util::combinators::BoxBody<Bytes, Infallible>>, Infallible> {
+    let host = req
+        .uri()
+        .authority()
+        .map(|a| a.to_string())
+        .or_else(|| {
+            req.headers()
+                .get("host")
+                .map(|h| h.to_str().unwrap().to_string())
+        })
+        .unwrap_or_default();
+    let authorization: Vec<String> = req
+        .headers()
+        .get_all("authorization")
+        .iter()
+        .map(|v| v.to_str().unwrap().to_string())
+        .collect();
+    let path = req.uri().path().to_string();
+    log.lock().unwrap().push(Seen {
+        host: host.clone(),
+        path: path.clone(),
+        authorization: authorization.clone(),
+        version: format!("{:?}", req.version()),
+    });
+    let full = |s: String| Full::new(Bytes::from(s)).boxed();
+    match path.as_str() {
+        "/redirect" => Ok(Response::builder()
+            .status(302)
+            .header("location", "https://other.test/after-redirect")
+            .body(full(String::new()))
+            .unwrap()),
+        "/sse" => {
+            let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, Infallible>>(4);
+            tokio::spawn(async move {
+                let _ = tx.send(Ok(Frame::data(Bytes::from("data: one\n\n")))).await;
+                tokio::time::sleep(Duration::from_millis(1500)).await;
+                let _ = tx.send(Ok(Frame::data(Bytes::from("data: two\n\n")))).await;
+            });
+            let stream = tokio_stream::wrappers::ReceiverStream::new(rx);
+            Ok(Response::builder()
+                .header("content-type", "text/event-stream")
+                .body(StreamBody::new(stream).boxed())
+                .unwrap())
+        }
+        _ => {
+            let body = serde_json::json!({
+                "host": host,
+                "path": path,
+                "authorization": authorization,
+            });
+            Ok(Response::new(full(body.to_string())))
+        }
+    }
+}
+
+/// Starts an HTTPS upstream (HTTP/1.1 and HTTP/2) on loopback.
+async fn https_upstream(tls: Arc<rustls::ServerConfig>) -> Upstream {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let log: Log = Arc::default();
+    let accept_log = log.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else {
+                return;
+            };
+            let acceptor = tokio_rustls::TlsAcceptor::from(tls.clone());
+            let log = accept_log.clone();
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let svc = hyper::service::service_fn(move |req| route(req, log.clone()));
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(tls), svc)
+                    .await;
+            });
+        }
+    });
+    Upstream { addr, log }
+}
+
+/// Starts a plain HTTP upstream on loopback.
+async fn http_upstream() -> Upstream {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let log: Log = Arc::default();
+    let accept_log = log.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else {
+                return;
+            };
+            let log = accept_log.clone();
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(move |req| route(req, log.clone()));
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(tcp), svc)
+                    .await;
+            });
+        }
+    });
+    Upstream { addr, log }
+}
+
+/// A raw TCP echo server (stands in for ssh and other non-HTTP protocols).
+async fn echo_server() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut tcp, _)) = listener.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                let (mut r, mut w) = tcp.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            });
+        }
+    });
+    addr
+}
+
+struct Setup {
+    env: Env,
+    upstream: Upstream,
+    plain: Upstream,
+    proxy: Proxy,
+    client: ClientHandle,
+    sink: Arc<MemorySink>,
+}
+
+impl Setup {
+    fn url(&self) -> String {
+        self.client
+            .proxy_url(self.proxy.local_addr())
+            .expose()
+            .clone()
+    }
+    fn ca(&self) -> &Path {
+        self.proxy.ca_cert_path()
+    }
+    /// What the HTTPS upstream saw.
+    fn seen(&self) -> Vec<Seen> {
+        self.upstream.log.lock().unwrap().clone()
+    }
+    /// What the plain HTTP upstream saw.
+    fn seen_plain(&self) -> Vec<Seen> {
+        self.plain.log.lock().unwrap().clone()
+    }
+}
+
+fn github_credential() -> Credential {
+    Credential::new(
+        "api.github.com",
+        "authorization",
+        &format!("Bearer {TOKEN}"),
+    )
+    .unwrap()
+    .with_grant("github")
+}
+
+async fn setup_with(
+    trust_upstream: bool,
+    policy: PolicyMode,
+    allow: &[&str],
+    limits: Limits,
+) -> Setup {
+    let env = env();
+    let upstream = https_upstream(env.tls.clone()).await;
+    let plain = http_upstream().await;
+    // Every name a test uses maps to a local server: no test may cause a
+    // DNS lookup or any traffic off this machine.
+    let mut builder = ProxyBuilder::new()
+        .home(env.dir.path().join("home"))
+        .limits(limits)
+        .resolve("api.github.com", 443, upstream.addr)
+        .resolve("github.com", 443, upstream.addr)
+        .resolve("other.test", 443, upstream.addr)
+        .resolve("other.test", 80, plain.addr);
+    if trust_upstream {
+        builder = builder.upstream_ca_file(&env.upstream_ca).unwrap();
+    }
+    let proxy = builder.start().await.unwrap();
+    let sink = Arc::new(MemorySink::default());
+    let client = proxy
+        .register(ClientSpec {
+            name: "run_test".into(),
+            credentials: vec![github_credential()],
+            policy,
+            allow: allow
+                .iter()
+                .map(|a| HostPattern::parse(a).unwrap())
+                .collect(),
+            trace: Some(sink.clone()),
+            audit: Some(sink.clone()),
+        })
+        .unwrap();
+    Setup {
+        env,
+        upstream,
+        plain,
+        proxy,
+        client,
+        sink,
+    }
+}
+
+async fn setup() -> Setup {
+    setup_with(true, PolicyMode::Permissive, &[], Limits::default()).await
+}
+
+/// Runs curl through the proxy; returns (http code, body, stderr).
+async fn curl(proxy_url: &str, ca: &Path, args: &[&str]) -> (u16, String, String) {
+    let mut cmd = tokio::process::Command::new("curl");
+    cmd.args(["-sS", "--max-time", "20", "--proxy", proxy_url, "--cacert"])
+        .arg(ca)
+        .args(["-w", "\n%{http_code} %{http_version}"])
+        .args(args)
+        .env_remove("http_proxy")
+        .env_remove("https_proxy")
+        .env_remove("HTTPS_PROXY")
+        .env_remove("NO_PROXY")
+        .env_remove("no_proxy");
+    let out = cmd
+        .output()
+        .await
+        .expect("curl must be installed to run these tests");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, tail) = stdout.rsplit_once('\n').unwrap_or(("", &stdout));
+    let code = tail.split(' ').next().unwrap_or("0").parse().unwrap_or(0);
+    (
+        code,
+        body.to_string(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Opens a CONNECT tunnel by hand; returns the stream and the response head.
+async fn connect(proxy: SocketAddr, url: &str, target: &str) -> (TcpStream, String) {
+    use base64::Engine;
+    let token = url
+        .trim_start_matches("http://moat:")
+        .split('@')
+        .next()
+        .unwrap()
+        .to_string();
+    let auth = base64::engine::general_purpose::STANDARD.encode(format!("moat:{token}"));
+    let mut tcp = TcpStream::connect(proxy).await.unwrap();
+    let req = format!(
+        "CONNECT {target} HTTP/1.1\r\nHost: {target}\r\nProxy-Authorization: Basic {auth}\r\n\r\n"
+    );
+    tcp.write_all(req.as_bytes()).await.unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        if tcp.read(&mut byte).await.unwrap() == 0 {
+            break;
+        }
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&head).into_owned();
+    (tcp, head)
+}
+
+/// TLS over a tunnel, trusting the moat CA, with the given SNI and ALPN.
+async fn tls_over(
+    tcp: TcpStream,
+    ca: &Path,
+    sni: &str,
+    alpn: &[&[u8]],
+) -> std::io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_file_iter(ca).unwrap() {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let mut config = rustls::ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(ServerName::try_from(sni.to_string()).unwrap(), tcp)
+        .await
+}
+
+/// An HTTP/1.1 client on a hand-made tunnel, so tests can set any Host.
+async fn h1_over_tunnel(
+    s: &Setup,
+    target: &str,
+    sni: &str,
+) -> hyper::client::conn::http1::SendRequest<Full<Bytes>> {
+    let (tcp, head) = connect(s.proxy.local_addr(), &s.url(), target).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let tls = tls_over(tcp, s.ca(), sni, &[b"http/1.1"]).await.unwrap();
+    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    sender
+}
+
+/// Waits until a keep-alive connection can take the next request.
+async fn ready(send: &mut hyper::client::conn::http1::SendRequest<Full<Bytes>>) {
+    send.ready().await.expect("connection closed");
+}
+
+fn get(uri: &str, host: &str) -> Request<Full<Bytes>> {
+    Request::builder()
+        .uri(uri)
+        .header("host", host)
+        .body(Full::new(Bytes::new()))
+        .unwrap()
+}
+
+async fn body_text(resp: Response<Incoming>) -> String {
+    let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+    String::from_utf8_lossy(&bytes).into_owned()
+}
+
+fn no_secret_anywhere(sink: &MemorySink) {
+    let records = serde_json::to_string(&sink.records()).unwrap();
+    let events = serde_json::to_string(&sink.events()).unwrap();
+    assert!(!records.contains(TOKEN), "token in trace: {records}");
+    assert!(!events.contains(TOKEN), "token in audit: {events}");
+}
+
+// ---------------------------------------------------------------- injection
+
+#[tokio::test(flavor = "multi_thread")]
+async fn curl_gets_the_credential_injected_replacing_a_placeholder() {
+    let s = setup().await;
+    let (code, body, err) = curl(
+        &s.url(),
+        s.ca(),
+        &[
+            "-H",
+            "Authorization: Bearer ghp_placeholder",
+            "https://api.github.com/user",
+        ],
+    )
+    .await;
+    assert_eq!(code, 200, "{err}");
+    let json: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(
+        json["authorization"],
+        serde_json::json!([format!("Bearer {TOKEN}")])
+    );
+    let seen = s.seen();
+    assert_eq!(seen.len(), 1);
+    assert_eq!(seen[0].authorization, vec![format!("Bearer {TOKEN}")]);
+    let records = s.sink.records();
+    let rec = records
+        .iter()
+        .find(|r| r.url == "https://api.github.com/user")
+        .unwrap();
+    assert_eq!(rec.grant.as_deref(), Some("github"));
+    assert_eq!(rec.status, Some(200));
+    assert!(rec
+        .request_headers
+        .iter()
+        .any(|(k, v)| k == "authorization" && v == "[redacted]"));
+    assert!(s.sink.events().iter().any(|e| matches!(e,
+        AuditEvent::CredentialInjected { grant, host, .. } if grant == "github" && host == "api.github.com")));
+    no_secret_anywhere(&s.sink);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn duplicate_client_headers_are_replaced_by_one() {
+    let s = setup().await;
+    let mut send = h1_over_tunnel(&s, "api.github.com:443", "api.github.com").await;
+    let mut req = get("/dup", "api.github.com");
+    req.headers_mut()
+        .append("authorization", "Bearer one".parse().unwrap());
+    req.headers_mut()
+        .append("authorization", "Bearer two".parse().unwrap());
+    let resp = send.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(s.seen()[0].authorization, vec![format!("Bearer {TOKEN}")]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn hosts_without_a_credential_get_none() {
+    let s = setup().await;
+    let (code, body, err) = curl(&s.url(), s.ca(), &["https://other.test/x"]).await;
+    assert_eq!(code, 200, "{err}");
+    assert!(!body.contains(TOKEN));
+    assert!(s.seen()[0].authorization.is_empty());
+}
+
+// ------------------------------------------------------------ authentication
+
+#[tokio::test(flavor = "multi_thread")]
+async fn missing_or_wrong_token_gets_407() {
+    let s = setup().await;
+    let addr = s.proxy.local_addr();
+    let (code, _, _) = curl(&format!("http://{addr}"), s.ca(), &["http://other.test/"]).await;
+    assert_eq!(code, 407);
+    let wrong = format!("http://moat:{}@{addr}", "0".repeat(64));
+    let (code, _, _) = curl(&wrong, s.ca(), &["http://other.test/"]).await;
+    assert_eq!(code, 407);
+    let (_, head) = connect(addr, &wrong, "api.github.com:443").await;
+    assert!(head.starts_with("HTTP/1.1 407"), "{head}");
+    assert!(
+        head.to_ascii_lowercase()
+            .contains("proxy-authenticate: basic realm=\"moat\""),
+        "{head}"
+    );
+    assert!(s.seen().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn one_clients_token_cannot_use_anothers_credentials() {
+    let s = setup().await;
+    let other = s.proxy.register(ClientSpec::new("run_other")).unwrap();
+    let url = other.proxy_url(s.proxy.local_addr()).expose().clone();
+    let (code, body, err) = curl(&url, s.ca(), &["https://api.github.com/user"]).await;
+    assert_eq!(code, 200, "{err}");
+    assert!(!body.contains(TOKEN));
+    assert!(s.seen()[0].authorization.is_empty());
+    // Unregistered tokens stop working at once.
+    s.proxy.unregister(&other);
+    let (code, _, _) = curl(&url, s.ca(), &["https://api.github.com/user"]).await;
+    assert_ne!(code, 200);
+}
+
+// ---------------------------------------------------------- identity binding
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sni_differing_from_connect_is_refused() {
+    let s = setup().await;
+    let (tcp, head) = connect(s.proxy.local_addr(), &s.url(), "api.github.com:443").await;
+    assert!(head.starts_with("HTTP/1.1 200"));
+    let result = tls_over(tcp, s.ca(), "other.test", &[b"http/1.1"]).await;
+    assert!(result.is_err(), "the handshake must fail");
+    // curl's --connect-to makes the same attack: CONNECT one host, SNI another.
+    let (code, _, _) = curl(
+        &s.url(),
+        s.ca(),
+        &[
+            "--connect-to",
+            "other.test:443:api.github.com:443",
+            "https://other.test/",
+        ],
+    )
+    .await;
+    assert_ne!(code, 200);
+    assert!(s.seen().is_empty(), "{:?}", s.seen());
+    assert!(s.sink.records().iter().any(|r| r
+        .denied
+        .as_deref()
+        .is_some_and(|d| d.contains("tls server name"))));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn host_differing_from_connect_is_refused_on_first_and_later_requests() {
+    let s = setup().await;
+    // First request.
+    let (code, body, _) = curl(
+        &s.url(),
+        s.ca(),
+        &["-H", "Host: other.test", "https://api.github.com/first"],
+    )
+    .await;
+    assert_eq!(code, 421, "{body}");
+    assert!(s.seen().is_empty());
+    // A later request on a keep-alive connection.
+    let mut send = h1_over_tunnel(&s, "api.github.com:443", "api.github.com").await;
+    let ok = send
+        .send_request(get("/one", "api.github.com"))
+        .await
+        .unwrap();
+    assert_eq!(ok.status(), 200);
+    body_text(ok).await;
+    ready(&mut send).await;
+    let bad = send.send_request(get("/two", "other.test")).await.unwrap();
+    assert_eq!(bad.status(), 421);
+    let seen = s.seen();
+    assert_eq!(seen.len(), 1, "{seen:?}");
+    assert_eq!(seen[0].path, "/one");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn absolute_form_to_another_host_inside_a_tunnel_is_refused() {
+    let s = setup().await;
+    let mut send = h1_over_tunnel(&s, "api.github.com:443", "api.github.com").await;
+    let resp = send
+        .send_request(get("https://other.test/steal", "api.github.com"))
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 421);
+    body_text(resp).await;
+    ready(&mut send).await;
+    let port = send
+        .send_request(get("/p", "api.github.com:8443"))
+        .await
+        .unwrap();
+    assert_eq!(port.status(), 421, "a different port is a different host");
+    assert!(s.seen().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn redirects_are_not_followed_and_a_followed_one_gets_no_credential() {
+    let s = setup().await;
+    let (code, _, _) = curl(&s.url(), s.ca(), &["https://api.github.com/redirect"]).await;
+    assert_eq!(code, 302, "the proxy returns the redirect as is");
+    assert_eq!(s.seen().len(), 1);
+    let (code, body, err) =
+        curl(&s.url(), s.ca(), &["-L", "https://api.github.com/redirect"]).await;
+    assert_eq!(code, 200, "{err}");
+    assert!(body.contains("after-redirect"));
+    let seen = s.seen();
+    let followed = seen.iter().find(|r| r.path == "/after-redirect").unwrap();
+    assert!(followed.host.starts_with("other.test"));
+    assert!(followed.authorization.is_empty(), "{followed:?}");
+}
+
+// ------------------------------------------------------------------ upstream
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_untrusted_upstream_certificate_gets_502_and_no_credential() {
+    let s = setup_with(false, PolicyMode::Permissive, &[], Limits::default()).await;
+    let (code, body, _) = curl(&s.url(), s.ca(), &["https://api.github.com/user"]).await;
+    assert_eq!(code, 502);
+    assert!(
+        body.contains("tls with \"api.github.com\" failed"),
+        "{body}"
+    );
+    assert!(
+        s.seen().is_empty(),
+        "nothing may reach an unverified upstream"
+    );
+    no_secret_anywhere(&s.sink);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn http2_end_to_end() {
+    let s = setup().await;
+    let (tcp, _) = connect(s.proxy.local_addr(), &s.url(), "api.github.com:443").await;
+    let tls = tls_over(tcp, s.ca(), "api.github.com", &[b"h2"])
+        .await
+        .unwrap();
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+    let (mut send, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let req = Request::builder()
+        .uri("https://api.github.com/h2")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let resp = send.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.version(), hyper::Version::HTTP_2);
+    let seen = s.seen();
+    assert_eq!(seen[0].authorization, vec![format!("Bearer {TOKEN}")]);
+    assert_eq!(
+        seen[0].version, "HTTP/2.0",
+        "the upstream leg negotiated h2 too"
+    );
+    // An :authority naming another host is refused like a Host header.
+    let req = Request::builder()
+        .uri("https://other.test/h2")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    assert_eq!(send.send_request(req).await.unwrap().status(), 421);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn curl_http2() {
+    let s = setup().await;
+    let (code, _, err) = curl(
+        &s.url(),
+        s.ca(),
+        &["--http2", "https://api.github.com/curl-h2"],
+    )
+    .await;
+    assert_eq!(code, 200, "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn server_sent_events_arrive_event_by_event() {
+    let s = setup().await;
+    let mut send = h1_over_tunnel(&s, "api.github.com:443", "api.github.com").await;
+    let started = Instant::now();
+    let resp = send
+        .send_request(get("/sse", "api.github.com"))
+        .await
+        .unwrap();
+    let mut body = resp.into_body();
+    let first = loop {
+        let frame = body.frame().await.unwrap().unwrap();
+        if let Ok(data) = frame.into_data() {
+            break data;
+        }
+    };
+    let first_at = started.elapsed();
+    assert_eq!(&first[..], b"data: one\n\n");
+    assert!(
+        first_at < Duration::from_millis(1200),
+        "first event took {first_at:?}: buffered?"
+    );
+    let second = loop {
+        let frame = body.frame().await.unwrap().unwrap();
+        if let Ok(data) = frame.into_data() {
+            break data;
+        }
+    };
+    assert_eq!(&second[..], b"data: two\n\n");
+    assert!(started.elapsed() >= Duration::from_millis(1400));
+}
+
+// ------------------------------------------------------------- destinations
+
+#[tokio::test(flavor = "multi_thread")]
+async fn loopback_private_and_metadata_destinations_are_refused_in_every_spelling() {
+    let s = setup().await;
+    let port = s.upstream.addr.port();
+    for host in [
+        "127.0.0.1".to_string(),
+        "2130706433".to_string(),
+        "0x7f.1".to_string(),
+        "0177.0.0.1".to_string(),
+        "127.0.0.1.".to_string(),
+        "[::1]".to_string(),
+        "[::ffff:127.0.0.1]".to_string(),
+        "169.254.169.254".to_string(),
+        "[fd00:ec2::254]".to_string(),
+        "10.0.0.1".to_string(),
+        "localhost".to_string(),
+    ] {
+        let target = format!("{host}:{port}");
+        let (_, head) = connect(s.proxy.local_addr(), &s.url(), &target).await;
+        // Names are refused when dialled, after the CONNECT; literals at once.
+        if head.starts_with("HTTP/1.1 200") {
+            assert_eq!(host, "localhost", "{host} was let through");
+            continue;
+        }
+        assert!(head.starts_with("HTTP/1.1 403"), "{host}: {head}");
+        let (code, body, _) = curl(&s.url(), s.ca(), &[&format!("http://{target}/")]).await;
+        assert_eq!(code, 403, "{host}: {body}");
+    }
+    // A name that resolves to loopback is refused at dial time.
+    let (code, body, _) = curl(&s.url(), s.ca(), &[&format!("http://localhost:{port}/")]).await;
+    assert_eq!(code, 403, "{body}");
+    assert!(body.contains("loopback"), "{body}");
+    assert!(s.seen().is_empty(), "{:?}", s.seen());
+}
+
+// ------------------------------------------------------------------- policy
+
+#[tokio::test(flavor = "multi_thread")]
+async fn strict_mode_blocks_with_the_seeds_message_and_allows_grants_and_the_list() {
+    let s = setup_with(true, PolicyMode::Strict, &["other.test"], Limits::default()).await;
+    let (code, _, err) = curl(&s.url(), s.ca(), &["https://api.github.com/granted"]).await;
+    assert_eq!(code, 200, "grant hosts are allowed: {err}");
+    let (code, _, err) = curl(&s.url(), s.ca(), &["https://other.test/listed"]).await;
+    assert_eq!(code, 200, "{err}");
+    let (_, head) = connect(s.proxy.local_addr(), &s.url(), "blocked.example.com:443").await;
+    assert!(head.starts_with("HTTP/1.1 403"), "{head}");
+    let (code, body, _) = curl(&s.url(), s.ca(), &["http://blocked.example.com/"]).await;
+    assert_eq!(code, 403);
+    assert_eq!(
+        body,
+        "Moat: request blocked by network policy.\nHost \"blocked.example.com\" is not in the allow list.\nAdd it to network.allow in agent.yaml or use policy: permissive.\n"
+    );
+    assert!(s.sink.events().iter().any(|e| matches!(e,
+        AuditEvent::PolicyDecision { allowed: false, host, .. } if host == "blocked.example.com")));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn raw_tunnels_in_permissive_mode_and_only_listed_ports_in_strict() {
+    let echo = echo_server().await;
+    for (policy, allow, expect_echo) in [
+        (PolicyMode::Permissive, vec![], true),
+        (PolicyMode::Strict, vec!["ssh.test"], false),
+        (PolicyMode::Strict, vec!["ssh.test:22"], true),
+    ] {
+        let env = env();
+        let proxy = ProxyBuilder::new()
+            .home(env.dir.path().join("home"))
+            .resolve("ssh.test", 22, echo)
+            .start()
+            .await
+            .unwrap();
+        let client = proxy
+            .register(ClientSpec {
+                policy,
+                allow: allow
+                    .iter()
+                    .map(|a| HostPattern::parse(a).unwrap())
+                    .collect(),
+                ..ClientSpec::new("run_raw")
+            })
+            .unwrap();
+        let url = client.proxy_url(proxy.local_addr()).expose().clone();
+        let (mut tcp, head) = connect(proxy.local_addr(), &url, "ssh.test:22").await;
+        if head.starts_with("HTTP/1.1 403") {
+            assert!(!expect_echo, "{policy:?} {allow:?}: {head}");
+            continue;
+        }
+        tcp.write_all(b"SSH-2.0-test\r\n").await.unwrap();
+        let mut buf = [0u8; 14];
+        let got = tokio::time::timeout(Duration::from_secs(5), tcp.read_exact(&mut buf)).await;
+        assert_eq!(
+            matches!(got, Ok(Ok(_))) && &buf == b"SSH-2.0-test\r\n",
+            expect_echo,
+            "{policy:?} {allow:?}"
+        );
+    }
+}
+
+// ------------------------------------------------------------------- limits
+
+/// Content-Length with Transfer-Encoding: hyper lets Transfer-Encoding win,
+/// drops Content-Length and closes the connection after the response (RFC
+/// 9112 section 6.3), so the bytes after the chunked body are never read as a
+/// second request, neither by the proxy nor by any upstream.
+#[tokio::test(flavor = "multi_thread")]
+async fn content_length_with_transfer_encoding_cannot_smuggle_a_request() {
+    use base64::Engine;
+    let s = setup().await;
+    let token = s
+        .url()
+        .trim_start_matches("http://moat:")
+        .split('@')
+        .next()
+        .unwrap()
+        .to_string();
+    let auth = base64::engine::general_purpose::STANDARD.encode(format!("moat:{token}"));
+    let smuggle = |target: &str, host: &str, auth: &str| {
+        format!(
+            "POST {target} HTTP/1.1\r\nHost: {host}\r\n{auth}Content-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: {host}\r\n\r\n"
+        )
+    };
+    // To the proxy itself, absolute-form.
+    let mut tcp = TcpStream::connect(s.proxy.local_addr()).await.unwrap();
+    let proxy_auth = format!("Proxy-Authorization: Basic {auth}\r\n");
+    tcp.write_all(smuggle("http://other.test/first", "other.test", &proxy_auth).as_bytes())
+        .await
+        .unwrap();
+    let mut out = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(5), tcp.read_to_end(&mut out)).await;
+    assert!(
+        closed.is_ok(),
+        "the connection must be closed after the response"
+    );
+    let text = String::from_utf8_lossy(&out);
+    assert_eq!(text.matches("HTTP/1.1 ").count(), 1, "{text}");
+    // Inside an intercepted tunnel.
+    let (tcp, head) = connect(s.proxy.local_addr(), &s.url(), "api.github.com:443").await;
+    assert!(head.starts_with("HTTP/1.1 200"));
+    let mut tls = tls_over(tcp, s.ca(), "api.github.com", &[b"http/1.1"])
+        .await
+        .unwrap();
+    tls.write_all(smuggle("/first", "api.github.com", "").as_bytes())
+        .await
+        .unwrap();
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), tls.read_to_end(&mut out)).await;
+    let text = String::from_utf8_lossy(&out);
+    assert_eq!(text.matches("HTTP/1.1 ").count(), 1, "{text}");
+    let paths: Vec<String> = s
+        .seen()
+        .into_iter()
+        .chain(s.seen_plain())
+        .map(|r| r.path)
+        .collect();
+    assert!(paths.iter().any(|p| p == "/first"), "{paths:?}");
+    assert!(!paths.iter().any(|p| p == "/smuggled"), "{paths:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn huge_headers_get_431() {
+    let s = setup().await;
+    let big = "x".repeat(100 * 1024);
+    let (code, _, _) = curl(
+        &s.url(),
+        s.ca(),
+        &["-H", &format!("X-Big: {big}"), "http://other.test/"],
+    )
+    .await;
+    assert_eq!(code, 431);
+    let (code, _, _) = curl(
+        &s.url(),
+        s.ca(),
+        &[
+            "--http1.1",
+            "-H",
+            &format!("X-Big: {big}"),
+            "https://api.github.com/",
+        ],
+    )
+    .await;
+    assert_eq!(code, 431, "inside a tunnel too");
+    // HTTP/2 refuses an oversized header list at the protocol level.
+    let (code, _, _) = curl(
+        &s.url(),
+        s.ca(),
+        &[
+            "--http2",
+            "-H",
+            &format!("X-Big: {big}"),
+            "https://api.github.com/",
+        ],
+    )
+    .await;
+    assert_ne!(code, 200);
+    assert!(s.seen_plain().is_empty() && s.seen().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_slow_client_does_not_hold_a_connection_forever() {
+    let limits = Limits {
+        header_timeout: Duration::from_millis(500),
+        handshake_timeout: Duration::from_millis(500),
+        ..Limits::default()
+    };
+    let s = setup_with(true, PolicyMode::Permissive, &[], limits).await;
+    // Half a request head, then silence.
+    let mut tcp = TcpStream::connect(s.proxy.local_addr()).await.unwrap();
+    tcp.write_all(b"GET http://other.test/ HTTP/1.1\r\nHost: oth")
+        .await
+        .unwrap();
+    let mut buf = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(5), tcp.read_to_end(&mut buf)).await;
+    assert!(
+        closed.is_ok(),
+        "the proxy kept a slow client's connection open"
+    );
+    // A tunnel whose client never starts TLS is closed too.
+    let (mut tcp, head) = connect(s.proxy.local_addr(), &s.url(), "api.github.com:443").await;
+    assert!(head.starts_with("HTTP/1.1 200"));
+    let closed = tokio::time::timeout(Duration::from_secs(5), tcp.read_to_end(&mut buf)).await;
+    assert!(closed.is_ok(), "a silent tunnel was kept open");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn plain_http_never_carries_a_credential() {
+    let env = env();
+    let plain = http_upstream().await;
+    let proxy = ProxyBuilder::new()
+        .home(env.dir.path().join("home"))
+        .resolve("api.github.com", 80, plain.addr)
+        .resolve("api.github.com", 8080, plain.addr)
+        .start()
+        .await
+        .unwrap();
+    let creds = vec![
+        github_credential(),
+        Credential::new(
+            "api.github.com:8080",
+            "authorization",
+            &format!("Bearer {TOKEN}"),
+        )
+        .unwrap(),
+    ];
+    let client = proxy
+        .register(ClientSpec {
+            credentials: creds,
+            ..ClientSpec::new("run_plain")
+        })
+        .unwrap();
+    let url = client.proxy_url(proxy.local_addr()).expose().clone();
+    for target in [
+        "http://api.github.com/user",
+        "http://api.github.com:8080/user",
+    ] {
+        let (code, body, err) = curl(&url, proxy.ca_cert_path(), &[target]).await;
+        assert_eq!(code, 200, "{err}");
+        assert!(!body.contains(TOKEN), "{target}: {body}");
+    }
+    assert!(plain
+        .log
+        .lock()
+        .unwrap()
+        .iter()
+        .all(|r| r.authorization.is_empty()));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn concurrent_first_connections_to_a_host_mint_one_certificate() {
+    let s = setup().await;
+    let before = s.proxy.ca().mint_count();
+    let mut tasks = Vec::new();
+    for _ in 0..20 {
+        let url = s.url();
+        let ca = s.ca().to_path_buf();
+        let addr = s.proxy.local_addr();
+        tasks.push(tokio::spawn(async move {
+            let (tcp, _) = connect(addr, &url, "other.test:443").await;
+            tls_over(tcp, &ca, "other.test", &[b"http/1.1"])
+                .await
+                .is_ok()
+        }));
+    }
+    for t in tasks {
+        assert!(t.await.unwrap());
+    }
+    assert_eq!(s.proxy.ca().mint_count() - before, 1);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn shutdown_stops_serving() {
+    let s = setup().await;
+    let addr = s.proxy.local_addr();
+    s.proxy.shutdown().await;
+    let refused = TcpStream::connect(addr).await;
+    assert!(refused.is_err(), "still listening after shutdown");
+    drop(s.env);
+}
+
+#[test]
+fn curl_is_installed() {
+    let out = Command::new("curl").arg("--version").output();
+    assert!(
+        out.is_ok(),
+        "curl is required by the proxy tests: apt-get install curl"
+    );
+}
