@@ -90,7 +90,7 @@ pub(crate) fn parse(text: &str) -> Result<Option<Node>, ParseError> {
             }
         }
         return Err(ParseError {
-            pos,
+            pos: clamp_to_text(text, pos),
             message: format!("invalid yaml: {}", e.info()),
         });
     }
@@ -107,6 +107,27 @@ pub(crate) fn parse(text: &str) -> Result<Option<Node>, ParseError> {
         });
     }
     Ok(first)
+}
+
+/// The parser may point one line past the end of a text that does not end
+/// in a line break; point at the end of the last line instead.
+fn clamp_to_text(text: &str, pos: Pos) -> Pos {
+    let mut line = 1u32;
+    let mut column = 1u32;
+    let mut chars = text.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == '\n' || (c == '\r' && chars.peek() != Some(&'\n')) {
+            line = line.saturating_add(1);
+            column = 1;
+        } else if c != '\r' {
+            column = column.saturating_add(1);
+        }
+    }
+    if pos.line > line || (pos.line == line && pos.column > column) {
+        Pos { line, column }
+    } else {
+        pos
+    }
 }
 
 /// The first tab in a line's indentation, at or after `from_line`.
@@ -427,6 +448,13 @@ mod tests {
             panic!("not a map")
         };
         assert_eq!(entries[1].0.pos, Pos { line: 2, column: 1 });
+    }
+
+    #[test]
+    fn errors_at_the_end_point_inside_the_text() {
+        // Found by the fuzzer: no final line break, error reported past it.
+        let err = parse("name: hello\ncomech#o helo :lrom moat\"]\u{5}").unwrap_err();
+        assert_eq!(err.pos.line, 2, "{}", err.message);
     }
 
     #[test]
