@@ -36,12 +36,30 @@ typedef enum {
   MOAT_ERR_PANIC = 5,
 } moat_status;
 
+// Which document `moat_proxy_json` returns.
+typedef enum {
+  // The environment a child process needs: a JSON object of strings.
+  MOAT_PROXY_ENV = 0,
+  // The trace records so far: a JSON array of objects.
+  MOAT_PROXY_TRACE = 1,
+  // The audit events so far: a JSON array of objects.
+  MOAT_PROXY_AUDIT = 2,
+} moat_proxy_doc;
+
 // A validated configuration. Free with `moat_config_free`.
 typedef struct moat_config moat_config;
 
 // An error: status, message and optional location. Free with
 // `moat_error_free`.
 typedef struct moat_error moat_error;
+
+// A running proxy with one client. Free with `moat_proxy_free` (which also
+// stops it).
+typedef struct moat_proxy moat_proxy;
+
+// Options for `moat_proxy_start`. Create with `moat_proxy_options_new`,
+// free with `moat_proxy_options_free`.
+typedef struct moat_proxy_options moat_proxy_options;
 
 #ifdef __cplusplus
 extern "C" {
@@ -132,6 +150,118 @@ uint32_t moat_error_column(const moat_error *err);
 // # Safety
 // `err` is NULL or an error from moat, not yet freed.
 void moat_error_free(moat_error *err);
+
+// New proxy options with the defaults: listen on 127.0.0.1 (a free port),
+// permissive policy, no credentials, the CA under `$MOAT_HOME`.
+moat_proxy_options *moat_proxy_options_new(void);
+
+// Frees proxy options. NULL is ignored.
+//
+// # Safety
+// `options` is NULL or a handle from `moat_proxy_options_new`, not yet freed.
+void moat_proxy_options_free(moat_proxy_options *options);
+
+// Sets the listen address (`host:port`), the moat home directory, the extra
+// upstream CA file, the policy (`"permissive"` or `"strict"`) or the client
+// name: `key` is one of `"listen"`, `"home"`, `"upstream_ca"`, `"policy"`,
+// `"name"`. Values are checked by `moat_proxy_start`.
+//
+// # Safety
+// `options` is a live handle; `key` and `value` are NUL-terminated strings;
+// `out_error` is NULL or valid for a write.
+moat_status moat_proxy_options_set(moat_proxy_options *options,
+                                   const char *key,
+                                   const char *value,
+                                   moat_error **out_error);
+
+// Adds a host pattern to the strict-mode allow list.
+//
+// # Safety
+// `options` is a live handle; `pattern` is a NUL-terminated string;
+// `out_error` is NULL or valid for a write.
+moat_status moat_proxy_options_add_allow(moat_proxy_options *options,
+                                         const char *pattern,
+                                         moat_error **out_error);
+
+// Connects to `address` (`addr:port`) whenever `host_port` (`host:port`) is
+// requested, like curl's `--resolve`.
+//
+// # Safety
+// `options` is a live handle; `host_port` and `address` are NUL-terminated
+// strings; `out_error` is NULL or valid for a write.
+moat_status moat_proxy_options_add_resolve(moat_proxy_options *options,
+                                           const char *host_port,
+                                           const char *address,
+                                           moat_error **out_error);
+
+// Adds a credential: `header: value` on requests to `host` (a host or
+// `*.` pattern, optionally `:port`; default 443). `grant` may be NULL. The
+// value is checked now and never appears in errors.
+//
+// # Safety
+// `options` is a live handle; `host`, `header` and `value` are
+// NUL-terminated strings; `grant` is NULL or one; `out_error` is NULL or
+// valid for a write.
+moat_status moat_proxy_options_add_credential(moat_proxy_options *options,
+                                              const char *host,
+                                              const char *header,
+                                              const char *value,
+                                              const char *grant,
+                                              moat_error **out_error);
+
+// Starts a proxy with `options` (which stay owned by the caller) and
+// registers one client. On success writes a new handle to `*out_proxy`.
+//
+// # Safety
+// `options` is a live handle; `out_proxy` is valid for a write; `out_error`
+// is NULL or valid for a write.
+moat_status moat_proxy_start(const moat_proxy_options *options,
+                             moat_proxy **out_proxy,
+                             moat_error **out_error);
+
+// The proxy URL with the client's token (`http://moat:TOKEN@addr`).
+//
+// # Safety
+// `proxy` is NULL or a live handle.
+const char *moat_proxy_url(const moat_proxy *proxy);
+
+// The listen address, `host:port`.
+//
+// # Safety
+// `proxy` is NULL or a live handle.
+const char *moat_proxy_address(const moat_proxy *proxy);
+
+// The moat CA certificate clients must trust.
+//
+// # Safety
+// `proxy` is NULL or a live handle.
+const char *moat_proxy_ca_cert_path(const moat_proxy *proxy);
+
+// Writes a JSON document about the proxy to `*out_json` (free it with
+// `moat_string_free`). Trace and audit stay readable after
+// `moat_proxy_close`.
+//
+// # Safety
+// `proxy` is NULL or a live handle; `out_json` is valid for a write;
+// `out_error` is NULL or valid for a write.
+moat_status moat_proxy_json(const moat_proxy *proxy,
+                            moat_proxy_doc doc,
+                            char **out_json,
+                            moat_error **out_error);
+
+// Stops the proxy and waits for its connections to end. Closing twice is
+// fine; the handle stays valid until `moat_proxy_free`.
+//
+// # Safety
+// `proxy` is NULL or a live handle; `out_error` is NULL or valid for a
+// write.
+moat_status moat_proxy_close(moat_proxy *proxy, moat_error **out_error);
+
+// Stops (if needed) and frees a proxy. NULL is ignored.
+//
+// # Safety
+// `proxy` is NULL or a handle from `moat_proxy_start`, not yet freed.
+void moat_proxy_free(moat_proxy *proxy);
 
 #ifdef __cplusplus
 }  // extern "C"

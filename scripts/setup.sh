@@ -4,7 +4,7 @@
 #   - Debian packages: gcc, pkg-config, debootstrap; docker.io when no Docker
 #     engine answers (and starts dockerd)
 #   - cbindgen, pinned (the header check compares its output byte for byte)
-#   - a Python virtualenv in target/venv with maturin and pytest
+#   - a Python virtualenv in target/venv with maturin, pytest and requests
 #   - the local test image (scripts/build-test-image.sh)
 # Usage: bash scripts/setup.sh
 set -euo pipefail
@@ -14,6 +14,7 @@ cd "$root"
 CBINDGEN_VERSION=0.29.4
 MATURIN_VERSION=1.16.0
 PYTEST_VERSION=9.2.0
+REQUESTS_VERSION=2.32.5
 
 log() { printf '[setup] %s\n' "$*" >&2; }
 die() { printf '[setup] error: %s\n' "$*" >&2; exit 1; }
@@ -39,7 +40,8 @@ apt_install() {
 command -v cargo >/dev/null || die "cargo is missing: install Rust (https://rustup.rs) first"
 command -v python3 >/dev/null || die "python3 is missing: install Python 3.9 or newer first"
 
-apt_install gcc pkg-config debootstrap
+# curl, openssl and git are real clients and tools of the proxy tests.
+apt_install gcc pkg-config debootstrap curl openssl git ca-certificates
 
 # A Docker engine: use the one that answers, else install and start one.
 if ! docker info >/dev/null 2>&1; then
@@ -71,10 +73,11 @@ if [ ! -x "$venv/bin/python" ]; then
     mkdir -p "$root/target"
     python3 -m venv "$venv"
 fi
-if ! "$venv/bin/python" -c 'import importlib.metadata as m, sys; sys.exit(m.version("maturin") != sys.argv[1] or m.version("pytest") != sys.argv[2])' \
-        "$MATURIN_VERSION" "$PYTEST_VERSION" 2>/dev/null; then
-    log "installing maturin $MATURIN_VERSION and pytest $PYTEST_VERSION"
-    "$venv/bin/pip" install -q --disable-pip-version-check "maturin==$MATURIN_VERSION" "pytest==$PYTEST_VERSION"
+if ! "$venv/bin/python" -c 'import importlib.metadata as m, sys; sys.exit([m.version(p) for p in ("maturin", "pytest", "requests")] != sys.argv[1:])' \
+        "$MATURIN_VERSION" "$PYTEST_VERSION" "$REQUESTS_VERSION" 2>/dev/null; then
+    log "installing maturin $MATURIN_VERSION, pytest $PYTEST_VERSION, requests $REQUESTS_VERSION"
+    "$venv/bin/pip" install -q --disable-pip-version-check "maturin==$MATURIN_VERSION" \
+        "pytest==$PYTEST_VERSION" "requests==$REQUESTS_VERSION"
 fi
 
 bash "$root/scripts/build-test-image.sh"

@@ -68,3 +68,175 @@ mod tests {
         assert!(err.is_invalid_argument(), "{err}");
     }
 }
+
+pub use proxy_facade::{BlockingProxy, ProxyOptions};
+
+mod proxy_facade {
+    use std::path::{Path, PathBuf};
+    use std::sync::Arc;
+
+    use super::block_on;
+    use crate::error::{Error, ErrorKind, Result};
+    use crate::policy::{HostPattern, PolicyMode};
+    use crate::proxy::{ClientHandle, ClientSpec, Credential, Proxy, ProxyBuilder};
+    use crate::trace::{AuditEvent, MemorySink, TraceRecord};
+
+    /// Options of a [`BlockingProxy`], as C and Python give them: plain
+    /// strings, validated here with errors that name the option.
+    #[derive(Debug, Clone, Default)]
+    pub struct ProxyOptions {
+        /// `host:port` to listen on; default `127.0.0.1:0`.
+        pub listen: Option<String>,
+        /// The moat home (CA location); default `$MOAT_HOME` or `~/.moat`.
+        pub home: Option<PathBuf>,
+        /// Extra PEM roots for upstream TLS (adds to `MOAT_UPSTREAM_CA_FILE`).
+        pub upstream_ca: Option<PathBuf>,
+        /// `("host:port", "addr:port")` overrides (adds to `MOAT_RESOLVE`).
+        pub resolve: Vec<(String, String)>,
+        /// Credentials to inject.
+        pub credentials: Vec<Credential>,
+        /// `"permissive"` (default) or `"strict"`.
+        pub policy: Option<String>,
+        /// Allow-list host patterns for strict mode.
+        pub allow: Vec<String>,
+        /// The client's name in traces; default `"client"`.
+        pub name: Option<String>,
+    }
+
+    /// A proxy with one registered client, run on the facade's runtime: what
+    /// a harness needs to run any subprocess through moat.
+    pub struct BlockingProxy {
+        proxy: Option<Proxy>,
+        client: ClientHandle,
+        sink: Arc<MemorySink>,
+        url: String,
+        address: String,
+        ca_cert_path: PathBuf,
+        env: Vec<(String, String)>,
+    }
+
+    impl std::fmt::Debug for BlockingProxy {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.debug_struct("BlockingProxy")
+                .field("address", &self.address)
+                .field("open", &self.proxy.is_some())
+                .finish_non_exhaustive()
+        }
+    }
+
+    fn bad(message: String) -> Error {
+        Error::new(ErrorKind::InvalidArgument, message)
+    }
+
+    impl BlockingProxy {
+        /// Validates `options`, starts the proxy and registers the client.
+        /// Operator settings from the environment (`MOAT_UPSTREAM_CA_FILE`,
+        /// `MOAT_RESOLVE`) apply too.
+        pub fn start(options: ProxyOptions) -> Result<BlockingProxy> {
+            let mut builder = ProxyBuilder::from_env()?;
+            if let Some(listen) = &options.listen {
+                let addr = listen.parse().map_err(|_| {
+                    bad(format!(
+                        "listen: \"{listen}\" is not an address like 127.0.0.1:0"
+                    ))
+                })?;
+                builder = builder.listen(addr);
+            }
+            if let Some(home) = &options.home {
+                builder = builder.home(home);
+            }
+            if let Some(ca) = &options.upstream_ca {
+                builder = builder.upstream_ca_file(ca)?;
+            }
+            for (from, to) in &options.resolve {
+                builder = builder
+                    .resolve_str(&format!("{from}={to}"))
+                    .map_err(|e| bad(format!("resolve: {}", e.message())))?;
+            }
+            let policy = match options.policy.as_deref() {
+                None => PolicyMode::Permissive,
+                Some(p) => p.parse().map_err(|e| bad(format!("policy: {e}")))?,
+            };
+            let allow = options
+                .allow
+                .iter()
+                .enumerate()
+                .map(|(i, a)| HostPattern::parse(a).map_err(|e| bad(format!("allow[{i}]: {e}"))))
+                .collect::<Result<Vec<_>>>()?;
+            let proxy = block_on(builder.start())??;
+            let sink = Arc::new(MemorySink::default());
+            let client = proxy.register(ClientSpec {
+                name: options.name.unwrap_or_else(|| "client".to_string()),
+                credentials: options.credentials,
+                policy,
+                allow,
+                trace: Some(sink.clone()),
+                audit: Some(sink.clone()),
+            })?;
+            Ok(BlockingProxy {
+                url: client.proxy_url(proxy.local_addr()).expose().clone(),
+                address: proxy.local_addr().to_string(),
+                ca_cert_path: proxy.ca_cert_path().to_path_buf(),
+                env: proxy.client_env(&client),
+                proxy: Some(proxy),
+                client,
+                sink,
+            })
+        }
+
+        /// The proxy URL with the client's token (`http://moat:TOKEN@addr`).
+        pub fn url(&self) -> &str {
+            &self.url
+        }
+
+        /// The listen address, `host:port`.
+        pub fn address(&self) -> &str {
+            &self.address
+        }
+
+        /// The moat CA certificate clients must trust.
+        pub fn ca_cert_path(&self) -> &Path {
+            &self.ca_cert_path
+        }
+
+        /// The variables a child process needs (proxy and CA trust).
+        pub fn env(&self) -> &[(String, String)] {
+            &self.env
+        }
+
+        /// The client's name.
+        pub fn name(&self) -> &str {
+            self.client.name()
+        }
+
+        /// Trace records so far (also after [`BlockingProxy::close`]).
+        pub fn trace(&self) -> Vec<TraceRecord> {
+            self.sink.records()
+        }
+
+        /// Audit events so far (also after [`BlockingProxy::close`]).
+        pub fn audit_events(&self) -> Vec<AuditEvent> {
+            self.sink.events()
+        }
+
+        /// Is the proxy still serving?
+        pub fn is_open(&self) -> bool {
+            self.proxy.is_some()
+        }
+
+        /// Stops the proxy and waits for its connections to end. Closing
+        /// twice is fine.
+        pub fn close(&mut self) -> Result<()> {
+            if let Some(proxy) = self.proxy.take() {
+                block_on(proxy.shutdown())?;
+            }
+            Ok(())
+        }
+    }
+
+    impl Drop for BlockingProxy {
+        fn drop(&mut self) {
+            let _ = self.close();
+        }
+    }
+}

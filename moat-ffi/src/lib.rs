@@ -22,7 +22,9 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::PathBuf;
 use std::ptr;
 
+use moat_core::blocking::{BlockingProxy, ProxyOptions};
 use moat_core::config::Config;
+use moat_core::proxy::Credential;
 use moat_core::{Error, ErrorKind};
 
 /// Major version of moat; matches `Cargo.toml`.
@@ -361,6 +363,338 @@ pub unsafe extern "C" fn moat_error_free(err: *mut moat_error) {
     if !err.is_null() {
         // SAFETY: created by Box::into_raw in `fail`, freed once.
         drop(unsafe { Box::from_raw(err) });
+    }
+}
+
+/// Options for `moat_proxy_start`. Create with `moat_proxy_options_new`,
+/// free with `moat_proxy_options_free`.
+#[derive(Debug, Default)]
+pub struct moat_proxy_options {
+    inner: ProxyOptions,
+}
+
+/// A running proxy with one client. Free with `moat_proxy_free` (which also
+/// stops it).
+#[derive(Debug)]
+pub struct moat_proxy {
+    inner: BlockingProxy,
+    url: CString,
+    address: CString,
+    ca_cert_path: CString,
+}
+
+/// Reads an optional C string argument (NULL is `None`).
+///
+/// # Safety
+/// `ptr` is NULL or a NUL-terminated string.
+unsafe fn opt_str<'a>(ptr: *const c_char, name: &str) -> Result<Option<&'a str>, moat_error> {
+    if ptr.is_null() {
+        Ok(None)
+    } else {
+        // SAFETY: forwarded from the caller.
+        unsafe { arg_str(ptr, name) }.map(Some)
+    }
+}
+
+/// # Safety
+/// `options` is NULL or a live handle.
+unsafe fn options_mut<'a>(
+    options: *mut moat_proxy_options,
+) -> Result<&'a mut moat_proxy_options, moat_error> {
+    // SAFETY: NULL or live, by the caller's promise.
+    unsafe { options.as_mut() }.ok_or_else(|| null_arg("options"))
+}
+
+/// New proxy options with the defaults: listen on 127.0.0.1 (a free port),
+/// permissive policy, no credentials, the CA under `$MOAT_HOME`.
+#[no_mangle]
+pub extern "C" fn moat_proxy_options_new() -> *mut moat_proxy_options {
+    Box::into_raw(Box::default())
+}
+
+/// Frees proxy options. NULL is ignored.
+///
+/// # Safety
+/// `options` is NULL or a handle from `moat_proxy_options_new`, not yet freed.
+#[no_mangle]
+pub unsafe extern "C" fn moat_proxy_options_free(options: *mut moat_proxy_options) {
+    if !options.is_null() {
+        // SAFETY: created by Box::into_raw, freed once.
+        drop(unsafe { Box::from_raw(options) });
+    }
+}
+
+/// Sets the listen address (`host:port`), the moat home directory, the extra
+/// upstream CA file, the policy (`"permissive"` or `"strict"`) or the client
+/// name: `key` is one of `"listen"`, `"home"`, `"upstream_ca"`, `"policy"`,
+/// `"name"`. Values are checked by `moat_proxy_start`.
+///
+/// # Safety
+/// `options` is a live handle; `key` and `value` are NUL-terminated strings;
+/// `out_error` is NULL or valid for a write.
+#[no_mangle]
+pub unsafe extern "C" fn moat_proxy_options_set(
+    options: *mut moat_proxy_options,
+    key: *const c_char,
+    value: *const c_char,
+    out_error: *mut *mut moat_error,
+) -> moat_status {
+    // SAFETY: the caller's promises are forwarded.
+    unsafe {
+        guard(out_error, "moat_proxy_options_set", || {
+            let options = &mut options_mut(options)?.inner;
+            let key = arg_str(key, "key")?;
+            let value = arg_str(value, "value")?.to_string();
+            match key {
+                "listen" => options.listen = Some(value),
+                "home" => options.home = Some(PathBuf::from(value)),
+                "upstream_ca" => options.upstream_ca = Some(PathBuf::from(value)),
+                "policy" => options.policy = Some(value),
+                "name" => options.name = Some(value),
+                other => {
+                    return Err(moat_error::plain(
+                        moat_status::MOAT_ERR_INVALID_ARGUMENT,
+                        &format!(
+                            "unknown proxy option \"{other}\" (expected listen, home, upstream_ca, policy or name)"
+                        ),
+                    ))
+                }
+            }
+            Ok(())
+        })
+    }
+}
+
+/// Adds a host pattern to the strict-mode allow list.
+///
+/// # Safety
+/// `options` is a live handle; `pattern` is a NUL-terminated string;
+/// `out_error` is NULL or valid for a write.
+#[no_mangle]
+pub unsafe extern "C" fn moat_proxy_options_add_allow(
+    options: *mut moat_proxy_options,
+    pattern: *const c_char,
+    out_error: *mut *mut moat_error,
+) -> moat_status {
+    // SAFETY: the caller's promises are forwarded.
+    unsafe {
+        guard(out_error, "moat_proxy_options_add_allow", || {
+            let options = &mut options_mut(options)?.inner;
+            options.allow.push(arg_str(pattern, "pattern")?.to_string());
+            Ok(())
+        })
+    }
+}
+
+/// Connects to `address` (`addr:port`) whenever `host_port` (`host:port`) is
+/// requested, like curl's `--resolve`.
+///
+/// # Safety
+/// `options` is a live handle; `host_port` and `address` are NUL-terminated
+/// strings; `out_error` is NULL or valid for a write.
+#[no_mangle]
+pub unsafe extern "C" fn moat_proxy_options_add_resolve(
+    options: *mut moat_proxy_options,
+    host_port: *const c_char,
+    address: *const c_char,
+    out_error: *mut *mut moat_error,
+) -> moat_status {
+    // SAFETY: the caller's promises are forwarded.
+    unsafe {
+        guard(out_error, "moat_proxy_options_add_resolve", || {
+            let options = &mut options_mut(options)?.inner;
+            let from = arg_str(host_port, "host_port")?.to_string();
+            let to = arg_str(address, "address")?.to_string();
+            options.resolve.push((from, to));
+            Ok(())
+        })
+    }
+}
+
+/// Adds a credential: `header: value` on requests to `host` (a host or
+/// `*.` pattern, optionally `:port`; default 443). `grant` may be NULL. The
+/// value is checked now and never appears in errors.
+///
+/// # Safety
+/// `options` is a live handle; `host`, `header` and `value` are
+/// NUL-terminated strings; `grant` is NULL or one; `out_error` is NULL or
+/// valid for a write.
+#[no_mangle]
+pub unsafe extern "C" fn moat_proxy_options_add_credential(
+    options: *mut moat_proxy_options,
+    host: *const c_char,
+    header: *const c_char,
+    value: *const c_char,
+    grant: *const c_char,
+    out_error: *mut *mut moat_error,
+) -> moat_status {
+    // SAFETY: the caller's promises are forwarded.
+    unsafe {
+        guard(out_error, "moat_proxy_options_add_credential", || {
+            let options = &mut options_mut(options)?.inner;
+            let host = arg_str(host, "host")?;
+            let header = arg_str(header, "header")?;
+            let value = arg_str(value, "value")?;
+            let grant = opt_str(grant, "grant")?;
+            let mut cred =
+                Credential::new(host, header, value).map_err(|e| moat_error::from_error(&e))?;
+            if let Some(g) = grant {
+                cred = cred.with_grant(g);
+            }
+            options.credentials.push(cred);
+            Ok(())
+        })
+    }
+}
+
+/// Starts a proxy with `options` (which stay owned by the caller) and
+/// registers one client. On success writes a new handle to `*out_proxy`.
+///
+/// # Safety
+/// `options` is a live handle; `out_proxy` is valid for a write; `out_error`
+/// is NULL or valid for a write.
+#[no_mangle]
+pub unsafe extern "C" fn moat_proxy_start(
+    options: *const moat_proxy_options,
+    out_proxy: *mut *mut moat_proxy,
+    out_error: *mut *mut moat_error,
+) -> moat_status {
+    // SAFETY: the caller's promises are forwarded.
+    unsafe {
+        guard(out_error, "moat_proxy_start", || {
+            let options = options.as_ref().ok_or_else(|| null_arg("options"))?;
+            if out_proxy.is_null() {
+                return Err(null_arg("out_proxy"));
+            }
+            let inner = BlockingProxy::start(options.inner.clone())
+                .map_err(|e| moat_error::from_error(&e))?;
+            let handle = moat_proxy {
+                url: cstring(inner.url()),
+                address: cstring(inner.address()),
+                ca_cert_path: cstring(&inner.ca_cert_path().to_string_lossy()),
+                inner,
+            };
+            *out_proxy = Box::into_raw(Box::new(handle));
+            Ok(())
+        })
+    }
+}
+
+/// The proxy URL with the client's token (`http://moat:TOKEN@addr`).
+///
+/// # Safety
+/// `proxy` is NULL or a live handle.
+#[no_mangle]
+pub unsafe extern "C" fn moat_proxy_url(proxy: *const moat_proxy) -> *const c_char {
+    // SAFETY: NULL or live, by the caller's promise.
+    unsafe { proxy.as_ref() }.map_or(ptr::null(), |p| p.url.as_ptr())
+}
+
+/// The listen address, `host:port`.
+///
+/// # Safety
+/// `proxy` is NULL or a live handle.
+#[no_mangle]
+pub unsafe extern "C" fn moat_proxy_address(proxy: *const moat_proxy) -> *const c_char {
+    // SAFETY: NULL or live, by the caller's promise.
+    unsafe { proxy.as_ref() }.map_or(ptr::null(), |p| p.address.as_ptr())
+}
+
+/// The moat CA certificate clients must trust.
+///
+/// # Safety
+/// `proxy` is NULL or a live handle.
+#[no_mangle]
+pub unsafe extern "C" fn moat_proxy_ca_cert_path(proxy: *const moat_proxy) -> *const c_char {
+    // SAFETY: NULL or live, by the caller's promise.
+    unsafe { proxy.as_ref() }.map_or(ptr::null(), |p| p.ca_cert_path.as_ptr())
+}
+
+/// Which document `moat_proxy_json` returns.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum moat_proxy_doc {
+    /// The environment a child process needs: a JSON object of strings.
+    MOAT_PROXY_ENV = 0,
+    /// The trace records so far: a JSON array of objects.
+    MOAT_PROXY_TRACE = 1,
+    /// The audit events so far: a JSON array of objects.
+    MOAT_PROXY_AUDIT = 2,
+}
+
+/// Writes a JSON document about the proxy to `*out_json` (free it with
+/// `moat_string_free`). Trace and audit stay readable after
+/// `moat_proxy_close`.
+///
+/// # Safety
+/// `proxy` is NULL or a live handle; `out_json` is valid for a write;
+/// `out_error` is NULL or valid for a write.
+#[no_mangle]
+pub unsafe extern "C" fn moat_proxy_json(
+    proxy: *const moat_proxy,
+    doc: moat_proxy_doc,
+    out_json: *mut *mut c_char,
+    out_error: *mut *mut moat_error,
+) -> moat_status {
+    // SAFETY: the caller's promises are forwarded.
+    unsafe {
+        guard(out_error, "moat_proxy_json", || {
+            let proxy = proxy.as_ref().ok_or_else(|| null_arg("proxy"))?;
+            if out_json.is_null() {
+                return Err(null_arg("out_json"));
+            }
+            let json = match doc {
+                moat_proxy_doc::MOAT_PROXY_ENV => {
+                    let map: std::collections::BTreeMap<_, _> =
+                        proxy.inner.env().iter().cloned().collect();
+                    serde_json::to_string(&map)
+                }
+                moat_proxy_doc::MOAT_PROXY_TRACE => serde_json::to_string(&proxy.inner.trace()),
+                moat_proxy_doc::MOAT_PROXY_AUDIT => {
+                    serde_json::to_string(&proxy.inner.audit_events())
+                }
+            }
+            .map_err(|e| {
+                moat_error::plain(
+                    moat_status::MOAT_ERR_INTERNAL,
+                    &format!("cannot encode json: {e}"),
+                )
+            })?;
+            *out_json = cstring(&json).into_raw();
+            Ok(())
+        })
+    }
+}
+
+/// Stops the proxy and waits for its connections to end. Closing twice is
+/// fine; the handle stays valid until `moat_proxy_free`.
+///
+/// # Safety
+/// `proxy` is NULL or a live handle; `out_error` is NULL or valid for a
+/// write.
+#[no_mangle]
+pub unsafe extern "C" fn moat_proxy_close(
+    proxy: *mut moat_proxy,
+    out_error: *mut *mut moat_error,
+) -> moat_status {
+    // SAFETY: the caller's promises are forwarded.
+    unsafe {
+        guard(out_error, "moat_proxy_close", || {
+            let proxy = proxy.as_mut().ok_or_else(|| null_arg("proxy"))?;
+            proxy.inner.close().map_err(|e| moat_error::from_error(&e))
+        })
+    }
+}
+
+/// Stops (if needed) and frees a proxy. NULL is ignored.
+///
+/// # Safety
+/// `proxy` is NULL or a handle from `moat_proxy_start`, not yet freed.
+#[no_mangle]
+pub unsafe extern "C" fn moat_proxy_free(proxy: *mut moat_proxy) {
+    if !proxy.is_null() {
+        // SAFETY: created by Box::into_raw, freed once. Dropping closes it.
+        drop(unsafe { Box::from_raw(proxy) });
     }
 }
 

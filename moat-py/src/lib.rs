@@ -5,7 +5,9 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
+use moat_core::blocking::{BlockingProxy, ProxyOptions};
 use moat_core::config::{self, Config as CoreConfig};
+use moat_core::proxy::Credential as CoreCredential;
 use moat_core::{Error, ErrorKind};
 use pyo3::create_exception;
 use pyo3::exceptions::PyException;
@@ -216,6 +218,166 @@ impl Config {
     }
 }
 
+/// A credential the proxy injects: `header: value` on requests to `host`
+/// (`api.github.com`, `*.example.com`, optionally `:port`; default 443).
+/// The value never appears in repr, traces or errors.
+#[pyclass(module = "moat", frozen)]
+struct Credential {
+    inner: CoreCredential,
+    host: String,
+}
+
+#[pymethods]
+impl Credential {
+    #[new]
+    #[pyo3(signature = (host, header, value, grant=None))]
+    fn new(
+        py: Python<'_>,
+        host: String,
+        header: String,
+        value: String,
+        grant: Option<String>,
+    ) -> PyResult<Self> {
+        let inner = CoreCredential::new(&host, &header, &value).map_err(|e| to_py_err(py, &e))?;
+        let inner = match grant {
+            Some(g) => inner.with_grant(g),
+            None => inner,
+        };
+        Ok(Credential { inner, host })
+    }
+    #[getter]
+    fn host(&self) -> String {
+        self.host.clone()
+    }
+    #[getter]
+    fn header(&self) -> String {
+        self.inner.header().as_str().to_string()
+    }
+    #[getter]
+    fn grant(&self) -> String {
+        self.inner.grant().to_string()
+    }
+    fn __repr__(&self) -> String {
+        format!(
+            "Credential(host={:?}, header={:?}, grant={:?}, value=****)",
+            self.host,
+            self.inner.header().as_str(),
+            self.inner.grant()
+        )
+    }
+}
+
+fn json_to_py<T: serde::Serialize>(py: Python<'_>, value: &T) -> PyResult<Py<PyAny>> {
+    let text = serde_json::to_string(value).map_err(|e| {
+        to_py_err(
+            py,
+            &Error::new(ErrorKind::Internal, format!("cannot encode json: {e}")),
+        )
+    })?;
+    Ok(py.import("json")?.call_method1("loads", (text,))?.unbind())
+}
+
+/// A credential-injecting proxy with one client, for running any subprocess
+/// through moat. Use as a context manager, or call close().
+#[pyclass(module = "moat")]
+struct Proxy {
+    inner: BlockingProxy,
+}
+
+#[pymethods]
+impl Proxy {
+    #[new]
+    #[pyo3(signature = (credentials=Vec::new(), policy=None, allow=Vec::new(), listen=None, upstream_ca=None, resolve=None, home=None, name=None))]
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        py: Python<'_>,
+        credentials: Vec<PyRef<'_, Credential>>,
+        policy: Option<String>,
+        allow: Vec<String>,
+        listen: Option<String>,
+        upstream_ca: Option<PathBuf>,
+        resolve: Option<BTreeMap<String, String>>,
+        home: Option<PathBuf>,
+        name: Option<String>,
+    ) -> PyResult<Self> {
+        let options = ProxyOptions {
+            listen,
+            home,
+            upstream_ca,
+            resolve: resolve.unwrap_or_default().into_iter().collect(),
+            credentials: credentials.iter().map(|c| c.inner.clone()).collect(),
+            policy,
+            allow,
+            name,
+        };
+        let inner = py
+            .detach(|| BlockingProxy::start(options))
+            .map_err(|e| to_py_err(py, &e))?;
+        Ok(Proxy { inner })
+    }
+    /// The proxy URL including this client's token.
+    #[getter]
+    fn url(&self) -> String {
+        self.inner.url().to_string()
+    }
+    /// The listen address, host:port.
+    #[getter]
+    fn address(&self) -> String {
+        self.inner.address().to_string()
+    }
+    /// The moat CA certificate to trust.
+    #[getter]
+    fn ca_cert_path(&self) -> String {
+        self.inner.ca_cert_path().to_string_lossy().into_owned()
+    }
+    /// Whether the proxy still serves.
+    #[getter]
+    fn closed(&self) -> bool {
+        !self.inner.is_open()
+    }
+    /// The environment variables a child process needs.
+    fn env(&self) -> BTreeMap<String, String> {
+        self.inner.env().iter().cloned().collect()
+    }
+    /// Trace records (a list of dicts), one per request.
+    fn trace(&self, py: Python<'_>) -> PyResult<Py<PyAny>> {
+        json_to_py(py, &self.inner.trace())
+    }
+    /// Audit events (a list of dicts): policy decisions and injections.
+    fn audit_events(&self, py: Python<'_>) -> PyResult<Py<PyAny>> {
+        json_to_py(py, &self.inner.audit_events())
+    }
+    /// Stops the proxy. Safe to call twice.
+    fn close(&mut self, py: Python<'_>) -> PyResult<()> {
+        let inner = &mut self.inner;
+        py.detach(|| inner.close()).map_err(|e| to_py_err(py, &e))
+    }
+    fn __enter__(slf: PyRef<'_, Self>) -> PyRef<'_, Self> {
+        slf
+    }
+    fn __exit__(
+        &mut self,
+        py: Python<'_>,
+        _exc_type: Option<Py<PyAny>>,
+        _exc: Option<Py<PyAny>>,
+        _tb: Option<Py<PyAny>>,
+    ) -> PyResult<bool> {
+        self.close(py)?;
+        Ok(false)
+    }
+    fn __repr__(&self) -> String {
+        format!(
+            "Proxy(address={:?}, closed={})",
+            self.inner.address(),
+            if self.inner.is_open() {
+                "False"
+            } else {
+                "True"
+            }
+        )
+    }
+}
+
 /// Loads and validates the configuration of a workspace (a directory, or the
 /// path of its agent.yaml / moat.yaml). Raises ConfigError for an invalid file.
 #[pyfunction]
@@ -242,6 +404,8 @@ fn _moat(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Config>()?;
     m.add_class::<Network>()?;
     m.add_class::<Mount>()?;
+    m.add_class::<Credential>()?;
+    m.add_class::<Proxy>()?;
     m.add_function(wrap_pyfunction!(load_config, m)?)?;
     Ok(())
 }

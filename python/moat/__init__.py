@@ -1,23 +1,32 @@
 """moat: run AI agents in isolated containers with credentials injected at the
 network layer, so the agent never holds a token.
 
-Built so far: loading and validating configuration.
+Built so far: loading and validating configuration, and the
+credential-injecting proxy on its own (no container):
 
-    >>> import moat
+    >>> import moat, subprocess
     >>> cfg = moat.load_config("./my-project")
     >>> cfg.image
     'node:20'
+    >>> cred = moat.Credential(host="api.github.com", header="Authorization",
+    ...                        value="Bearer " + token)
+    >>> with moat.Proxy(credentials=[cred], policy="strict") as proxy:
+    ...     subprocess.run(["curl", "https://api.github.com/user"],
+    ...                    env={**os.environ, **proxy.env()})
+    ...     print(proxy.trace())
 """
 
 from moat._moat import (
     Config,
     ConfigError,
+    Credential,
     InternalError,
     InvalidArgumentError,
     MoatError,
     MoatIOError,
     Mount,
     Network,
+    Proxy,
     __version__,
     load_config,
 )
@@ -25,12 +34,14 @@ from moat._moat import (
 __all__ = [
     "Config",
     "ConfigError",
+    "Credential",
     "InternalError",
     "InvalidArgumentError",
     "MoatError",
     "MoatIOError",
     "Mount",
     "Network",
+    "Proxy",
     "__version__",
     "load_config",
 ]

@@ -1,7 +1,8 @@
 """Type stubs for the native module moat._moat."""
 
 import os
-from typing import Dict, List, Optional, Union
+from types import TracebackType
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Type, Union
 
 __version__: str
 
@@ -72,3 +73,48 @@ class Config:
     def to_json(self) -> str: ...
 
 def load_config(path: Union[str, "os.PathLike[str]"]) -> Config: ...
+
+class Credential:
+    """A header the proxy injects on requests to host (default port 443)."""
+
+    def __init__(self, host: str, header: str, value: str, grant: Optional[str] = None) -> None: ...
+    @property
+    def host(self) -> str: ...
+    @property
+    def header(self) -> str: ...
+    @property
+    def grant(self) -> str: ...
+
+class Proxy:
+    """A credential-injecting proxy with one client; a context manager."""
+
+    def __init__(
+        self,
+        credentials: Sequence[Credential] = ...,
+        policy: Optional[str] = None,
+        allow: Sequence[str] = ...,
+        listen: Optional[str] = None,
+        upstream_ca: Union[str, "os.PathLike[str]", None] = None,
+        resolve: Optional[Mapping[str, str]] = None,
+        home: Union[str, "os.PathLike[str]", None] = None,
+        name: Optional[str] = None,
+    ) -> None: ...
+    @property
+    def url(self) -> str: ...
+    @property
+    def address(self) -> str: ...
+    @property
+    def ca_cert_path(self) -> str: ...
+    @property
+    def closed(self) -> bool: ...
+    def env(self) -> Dict[str, str]: ...
+    def trace(self) -> List[Dict[str, Any]]: ...
+    def audit_events(self) -> List[Dict[str, Any]]: ...
+    def close(self) -> None: ...
+    def __enter__(self) -> "Proxy": ...
+    def __exit__(
+        self,
+        exc_type: Optional[Type[BaseException]],
+        exc: Optional[BaseException],
+        tb: Optional[TracebackType],
+    ) -> bool: ...

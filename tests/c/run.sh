@@ -15,8 +15,21 @@ gcc "${cflags[@]}" tests/c/test_config.c -o "$out/test_config_shared" \
   -L "$profile_dir" -lmoat -Wl,-rpath,"$profile_dir"
 gcc "${cflags[@]}" tests/c/test_config.c -o "$out/test_config_static" \
   "$profile_dir/libmoat.a" -lpthread -ldl -lm
-echo "c: shared library"
-mkdir -p "$scratch/shared" "$scratch/static"
+gcc "${cflags[@]}" -D_POSIX_C_SOURCE=200809L tests/c/test_proxy.c -o "$out/test_proxy" \
+  -L "$profile_dir" -lmoat -Wl,-rpath,"$profile_dir"
+echo "c: config, shared library"
+mkdir -p "$scratch/shared" "$scratch/static" "$scratch/proxy"
 "$out/test_config_shared" "$scratch/shared"
-echo "c: static library"
+echo "c: config, static library"
 "$out/test_config_static" "$scratch/static"
+
+# The proxy test needs a local HTTPS upstream: tests/c/upstream_server.py
+# prints its port and CA, and serves until its stdin closes.
+echo "c: proxy"
+coproc UPSTREAM { python3 tests/c/upstream_server.py; }
+read -r port ca <&"${UPSTREAM[0]}"
+status=0
+"$out/test_proxy" "$scratch/proxy" "$port" "$ca" || status=$?
+exec {UPSTREAM[1]}>&-
+wait "$UPSTREAM_PID" 2>/dev/null || true
+exit $status

@@ -1,0 +1,135 @@
+/* The proxy through the C ABI, against a real local HTTPS upstream and curl.
+ * Usage: test_proxy SCRATCH_DIR UPSTREAM_PORT UPSTREAM_CA_PEM */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "moat.h"
+
+static int passed = 0, failed = 0;
+
+#define CHECK(cond)                                                        \
+  do {                                                                     \
+    if (cond) {                                                            \
+      passed++;                                                            \
+    } else {                                                               \
+      failed++;                                                            \
+      fprintf(stderr, "FAIL %s:%d: %s\n", __FILE__, __LINE__, #cond);      \
+    }                                                                      \
+  } while (0)
+
+#define TOKEN "Bearer c_SECRET_token_0123456789"
+
+static char *run_curl(const char *proxy_url, const char *ca, const char *url) {
+  char cmd[2048];
+  snprintf(cmd, sizeof cmd,
+           "curl -sS --max-time 20 --proxy '%s' --cacert '%s' '%s'",
+           proxy_url, ca, url);
+  FILE *p = popen(cmd, "r");
+  if (!p) return NULL;
+  static char out[8192];
+  size_t n = fread(out, 1, sizeof out - 1, p);
+  out[n] = 0;
+  pclose(p);
+  return out;
+}
+
+static moat_proxy_options *options(const char *home, const char *port, const char *ca) {
+  char addr[64];
+  snprintf(addr, sizeof addr, "127.0.0.1:%s", port);
+  moat_proxy_options *o = moat_proxy_options_new();
+  CHECK(moat_proxy_options_set(o, "home", home, NULL) == MOAT_OK);
+  CHECK(moat_proxy_options_set(o, "upstream_ca", ca, NULL) == MOAT_OK);
+  CHECK(moat_proxy_options_set(o, "name", "c-test", NULL) == MOAT_OK);
+  CHECK(moat_proxy_options_add_resolve(o, "api.github.com:443", addr, NULL) == MOAT_OK);
+  CHECK(moat_proxy_options_add_resolve(o, "other.test:443", addr, NULL) == MOAT_OK);
+  CHECK(moat_proxy_options_add_credential(o, "api.github.com", "Authorization", TOKEN,
+                                          "github", NULL) == MOAT_OK);
+  return o;
+}
+
+static void test_injection(const char *home, const char *port, const char *ca) {
+  moat_proxy_options *o = options(home, port, ca);
+  moat_proxy *proxy = NULL;
+  moat_error *err = NULL;
+  CHECK(moat_proxy_start(o, &proxy, &err) == MOAT_OK);
+  moat_proxy_options_free(o);
+  if (!proxy) {
+    fprintf(stderr, "start failed: %s\n", err ? moat_error_message(err) : "?");
+    moat_error_free(err);
+    return;
+  }
+  const char *url = moat_proxy_url(proxy);
+  CHECK(strncmp(url, "http://moat:", 12) == 0);
+  CHECK(strncmp(moat_proxy_address(proxy), "127.0.0.1:", 10) == 0);
+  CHECK(access(moat_proxy_ca_cert_path(proxy), R_OK) == 0);
+
+  char *out = run_curl(url, moat_proxy_ca_cert_path(proxy), "https://api.github.com/from-c");
+  CHECK(out && strstr(out, TOKEN) != NULL); /* the upstream echoes what it saw */
+  out = run_curl(url, moat_proxy_ca_cert_path(proxy), "https://other.test/from-c");
+  CHECK(out && strstr(out, "\"authorization\": []") != NULL);
+
+  char *json = NULL;
+  CHECK(moat_proxy_json(proxy, MOAT_PROXY_ENV, &json, NULL) == MOAT_OK);
+  CHECK(json && strstr(json, "\"HTTPS_PROXY\"") && strstr(json, "\"SSL_CERT_FILE\""));
+  moat_string_free(json);
+
+  CHECK(moat_proxy_close(proxy, NULL) == MOAT_OK);
+  CHECK(moat_proxy_close(proxy, NULL) == MOAT_OK); /* twice is fine */
+
+  json = NULL;
+  CHECK(moat_proxy_json(proxy, MOAT_PROXY_TRACE, &json, NULL) == MOAT_OK);
+  CHECK(json && strstr(json, "\"grant\":\"github\"") != NULL);
+  CHECK(json && strstr(json, "\"client\":\"c-test\"") != NULL);
+  CHECK(json && strstr(json, "c_SECRET_token") == NULL);
+  moat_string_free(json);
+  json = NULL;
+  CHECK(moat_proxy_json(proxy, MOAT_PROXY_AUDIT, &json, NULL) == MOAT_OK);
+  CHECK(json && strstr(json, "credential_injected") != NULL);
+  CHECK(json && strstr(json, "c_SECRET_token") == NULL);
+  moat_string_free(json);
+  moat_proxy_free(proxy);
+}
+
+static void test_misuse(const char *home) {
+  moat_proxy_options *o = moat_proxy_options_new();
+  moat_error *err = NULL;
+  CHECK(moat_proxy_options_set(o, "colour", "blue", &err) == MOAT_ERR_INVALID_ARGUMENT);
+  CHECK(err && strstr(moat_error_message(err), "unknown proxy option \"colour\""));
+  moat_error_free(err);
+
+  err = NULL;
+  CHECK(moat_proxy_options_add_credential(o, "api.github.com", "Authorization",
+                                          "Bearer sec\nret", NULL, &err) ==
+        MOAT_ERR_INVALID_ARGUMENT);
+  CHECK(err && strstr(moat_error_message(err), "sec") == NULL);
+  moat_error_free(err);
+
+  CHECK(moat_proxy_options_set(o, "home", home, NULL) == MOAT_OK);
+  CHECK(moat_proxy_options_set(o, "policy", "paranoid", NULL) == MOAT_OK);
+  moat_proxy *proxy = NULL;
+  err = NULL;
+  CHECK(moat_proxy_start(o, &proxy, &err) == MOAT_ERR_INVALID_ARGUMENT);
+  CHECK(proxy == NULL);
+  CHECK(err && strstr(moat_error_message(err), "policy: unknown network policy"));
+  moat_error_free(err);
+  moat_proxy_options_free(o);
+
+  CHECK(moat_proxy_start(NULL, &proxy, NULL) == MOAT_ERR_INVALID_ARGUMENT);
+  CHECK(moat_proxy_url(NULL) == NULL);
+  CHECK(moat_proxy_close(NULL, NULL) == MOAT_ERR_INVALID_ARGUMENT);
+  moat_proxy_free(NULL);
+  moat_proxy_options_free(NULL);
+}
+
+int main(int argc, char **argv) {
+  if (argc != 4) {
+    fprintf(stderr, "usage: %s SCRATCH_DIR UPSTREAM_PORT UPSTREAM_CA\n", argv[0]);
+    return 2;
+  }
+  test_injection(argv[1], argv[2], argv[3]);
+  test_misuse(argv[1]);
+  printf("%d passed, %d failed\n", passed, failed);
+  return failed == 0 ? 0 : 1;
+}
