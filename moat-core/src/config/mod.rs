@@ -678,6 +678,7 @@ pub fn load(workspace: &Path) -> Result<Config> {
 pub fn parse_str(text: &str, path: &Path, workspace: &Path) -> Result<Config> {
     let mut v = Validator {
         path,
+        text,
         problems: Vec::new(),
     };
     let root = match yaml::parse(text) {
@@ -702,11 +703,15 @@ pub fn parse_str(text: &str, path: &Path, workspace: &Path) -> Result<Config> {
 
 struct Validator<'p> {
     path: &'p Path,
+    text: &'p str,
     problems: Vec<Diagnostic>,
 }
 
 impl Validator<'_> {
+    /// Where `pos` is, never past the end of the text (an empty value at the
+    /// end of a file is reported at the end of its last line).
     fn location(&self, pos: Pos) -> Location {
+        let pos = yaml::clamp_to_text(self.text, pos);
         Location {
             path: self.path.to_path_buf(),
             line: pos.line,

@@ -714,3 +714,14 @@ fn load_missing_workspace_is_io_error() {
         "/nonexistent/moat-ws: cannot open workspace: no such file or directory"
     );
 }
+
+#[test]
+fn an_empty_value_at_the_end_is_located_inside_the_file() {
+    // Found by the fuzzer: a null document root at the end of the text.
+    let err = parse("&ame: \0r").unwrap_err();
+    for d in err.diagnostics() {
+        assert_eq!(d.location.as_ref().unwrap().line, 1, "{d}");
+    }
+    let err = parse("name:").unwrap_err();
+    assert_eq!(err.location().unwrap().line, 1, "{err}");
+}

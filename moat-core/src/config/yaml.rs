@@ -111,7 +111,7 @@ pub(crate) fn parse(text: &str) -> Result<Option<Node>, ParseError> {
 
 /// The parser may point one line past the end of a text that does not end
 /// in a line break; point at the end of the last line instead.
-fn clamp_to_text(text: &str, pos: Pos) -> Pos {
+pub(crate) fn clamp_to_text(text: &str, pos: Pos) -> Pos {
     let mut line = 1u32;
     let mut column = 1u32;
     let mut chars = text.chars().peekable();
