@@ -121,6 +121,9 @@ async fn route(
         version: format!("{:?}", req.version()),
     });
     let full = |s: String| Full::new(Bytes::from(s)).boxed();
+    if path == "/ws" {
+        return Ok(websocket_echo(req));
+    }
     match path.as_str() {
         "/redirect" => Ok(Response::builder()
             .status(302)
@@ -151,6 +154,37 @@ async fn route(
     }
 }
 
+/// Accepts a WebSocket upgrade and echoes every message.
+fn websocket_echo(
+    mut req: Request<Incoming>,
+) -> Response<http_body_util::combinators::BoxBody<Bytes, Infallible>> {
+    use futures_util::{SinkExt, StreamExt};
+    let key = req.headers().get("sec-websocket-key").cloned().unwrap();
+    let accept = tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes());
+    let upgrade = hyper::upgrade::on(&mut req);
+    tokio::spawn(async move {
+        let Ok(io) = upgrade.await else { return };
+        let mut ws = tokio_tungstenite::WebSocketStream::from_raw_socket(
+            TokioIo::new(io),
+            tokio_tungstenite::tungstenite::protocol::Role::Server,
+            None,
+        )
+        .await;
+        while let Some(Ok(msg)) = ws.next().await {
+            if msg.is_text() || msg.is_binary() {
+                let _ = ws.send(msg).await;
+            }
+        }
+    });
+    Response::builder()
+        .status(101)
+        .header("connection", "upgrade")
+        .header("upgrade", "websocket")
+        .header("sec-websocket-accept", accept)
+        .body(Full::new(Bytes::new()).boxed())
+        .unwrap()
+}
+
 /// Starts an HTTPS upstream (HTTP/1.1 and HTTP/2) on loopback.
 async fn https_upstream(tls: Arc<rustls::ServerConfig>) -> Upstream {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -170,7 +204,7 @@ async fn https_upstream(tls: Arc<rustls::ServerConfig>) -> Upstream {
                 };
                 let svc = hyper::service::service_fn(move |req| route(req, log.clone()));
                 let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                    .serve_connection(TokioIo::new(tls), svc)
+                    .serve_connection_with_upgrades(TokioIo::new(tls), svc)
                     .await;
             });
         }
@@ -667,6 +701,56 @@ async fn http2_end_to_end() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn websockets_pass_through_with_the_credential_on_the_upgrade() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    let s = setup().await;
+    let (tcp, head) = connect(s.proxy.local_addr(), &s.url(), "api.github.com:443").await;
+    assert!(head.starts_with("HTTP/1.1 200"));
+    let tls = tls_over(tcp, s.ca(), "api.github.com", &[b"http/1.1"])
+        .await
+        .unwrap();
+    let handshake = tokio_tungstenite::client_async("wss://api.github.com/ws", tls).await;
+    let (mut ws, resp) = match handshake {
+        Ok(pair) => pair,
+        Err(e) => panic!(
+            "handshake: {e}; trace: {:?}; seen: {:?}",
+            s.sink.records(),
+            s.seen()
+        ),
+    };
+    assert_eq!(resp.status(), 101);
+    for text in ["hello", "again"] {
+        ws.send(Message::text(text)).await.unwrap();
+        let echo = tokio::time::timeout(Duration::from_secs(5), ws.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        assert_eq!(echo.into_text().unwrap().as_str(), text);
+    }
+    ws.close(None).await.unwrap();
+    let seen = s.seen();
+    assert_eq!(seen[0].path, "/ws");
+    assert_eq!(seen[0].authorization, vec![format!("Bearer {TOKEN}")]);
+    // The trace record is written when the socket closes.
+    for _ in 0..50 {
+        if s.sink.records().iter().any(|r| r.status == Some(101)) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let records = s.sink.records();
+    let rec = records
+        .iter()
+        .find(|r| r.status == Some(101))
+        .expect("a 101 record");
+    assert_eq!(rec.grant.as_deref(), Some("github"));
+    assert!(rec.request_bytes > 0 && rec.response_bytes > 0, "{rec:?}");
+    no_secret_anywhere(&s.sink);
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn curl_http2() {
     let s = setup().await;
     let (code, _, err) = curl(
@@ -764,8 +848,22 @@ async fn strict_mode_blocks_with_the_seeds_message_and_allows_grants_and_the_lis
         body,
         "Moat: request blocked by network policy.\nHost \"blocked.example.com\" is not in the allow list.\nAdd it to network.allow in agent.yaml or use policy: permissive.\n"
     );
-    assert!(s.sink.events().iter().any(|e| matches!(e,
+    let events = s.sink.events();
+    assert!(events.iter().any(|e| matches!(e,
         AuditEvent::PolicyDecision { allowed: false, host, .. } if host == "blocked.example.com")));
+    // Allowed tunnels are audited with the rule that allowed them.
+    assert!(
+        events.iter().any(|e| matches!(e,
+        AuditEvent::PolicyDecision { allowed: true, host, rule, .. }
+            if host == "api.github.com" && rule == "grant:github")),
+        "{events:?}"
+    );
+    assert!(
+        events.iter().any(|e| matches!(e,
+        AuditEvent::PolicyDecision { allowed: true, host, rule, .. }
+            if host == "other.test" && rule == "allow:other.test")),
+        "{events:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]

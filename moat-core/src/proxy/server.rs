@@ -20,7 +20,7 @@ use tokio_rustls::LazyConfigAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::body::{empty, full, Counted, Prefixed, ProxyBody};
+use super::body::{empty, full, BoxError, Counted, Metered, Prefixed, ProxyBody};
 use super::upstream::{self, ConnectError, Connector, ResolveMap};
 use super::{CertificateAuthority, ClientCtx, ClientTable, Limits};
 use crate::policy::blocked_message;
@@ -33,6 +33,8 @@ pub(crate) struct Shared {
     pub tasks: TaskTracker,
     https: Client<Connector, ProxyBody>,
     http: Client<Connector, ProxyBody>,
+    /// Upstream TLS offering only HTTP/1.1, for WebSocket upgrades.
+    tls_h1: Arc<rustls::ClientConfig>,
     overrides: Arc<ResolveMap>,
     limits: Limits,
     connections: Arc<Semaphore>,
@@ -57,7 +59,10 @@ impl Shared {
                     timeout: limits.connect_timeout,
                 })
         };
+        let mut h1 = (*tls).clone();
+        h1.alpn_protocols = vec![b"http/1.1".to_vec()];
         Shared {
+            tls_h1: Arc::new(h1),
             ca,
             clients: ClientTable::default(),
             cancel: CancellationToken::new(),
@@ -277,8 +282,8 @@ fn handle_connect(
         time: now_rfc3339(),
     };
     let decision = ctx.policy.decide(&host, port);
-    let tunnel_ok = ctx.policy.decide_tunnel(&host, port).allowed;
-    if !decision.allowed && !tunnel_ok {
+    let tunnel = ctx.policy.decide_tunnel(&host, port);
+    if !decision.allowed && !tunnel.allowed {
         out.decision(false, &decision.rule);
         out.record(Some(403), Some("network policy".into()), None);
         return text_response(StatusCode::FORBIDDEN, blocked_message(&host));
@@ -299,6 +304,14 @@ fn handle_connect(
             }
         }
     }
+    // Audited once per tunnel, with the rule that let it through; a later
+    // refusal inside the tunnel (identity, destination) is audited too.
+    let rule = if decision.allowed {
+        &decision.rule
+    } else {
+        &tunnel.rule
+    };
+    out.decision(true, rule);
     let task_shared = shared.clone();
     let cancel = shared.cancel.clone();
     shared.tasks.spawn(async move {
@@ -353,8 +366,8 @@ async fn handle_tunnel(
     }
     // Not TLS: a raw tunnel (ssh over CONNECT, say). No credentials, ever.
     let decision = ctx.policy.decide_tunnel(&host, port);
-    out.decision(decision.allowed, &decision.rule);
     if !decision.allowed {
+        out.decision(false, &decision.rule);
         out.record(
             None,
             Some("raw tunnels in strict mode need an allow entry with this port".into()),
@@ -371,9 +384,10 @@ async fn handle_tunnel(
     .await
     {
         Ok(mut tcp) => {
-            let mut io = io;
-            let result = tokio::io::copy_bidirectional(&mut io, &mut tcp).await;
-            let (up, down) = result.unwrap_or((0, 0));
+            let mut io = Metered::new(io);
+            let _ = tokio::io::copy_bidirectional(&mut io, &mut tcp).await;
+            let up = io.read_count().load(Ordering::Relaxed);
+            let down = io.written_count().load(Ordering::Relaxed);
             if let Some(trace) = &ctx.trace {
                 trace.record(&TraceRecord {
                     time: out.time.clone(),
@@ -637,6 +651,9 @@ async fn handle_intercepted(
         }
     }
 
+    let upgrade = websocket_upgrade(&req);
+    let mut req = req;
+    let client_upgrade = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut req));
     let (mut parts, body) = req.into_parts();
     strip_hop_by_hop(&mut parts.headers);
     parts.headers.remove(header::HOST);
@@ -676,6 +693,22 @@ async fn handle_intercepted(
     parts.uri = uri;
     parts.version = http::Version::HTTP_11;
     let request_headers = redacted(&parts.headers, &injected_headers);
+    if let (Some(protocol), Some(client_upgrade)) = (upgrade, client_upgrade) {
+        parts
+            .headers
+            .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        parts.headers.insert(header::UPGRADE, protocol);
+        parts.headers.insert(
+            header::HOST,
+            HeaderValue::from_str(&authority).unwrap_or(HeaderValue::from_static("invalid")),
+        );
+        let path_only: Uri = path.parse().unwrap_or_else(|_| Uri::from_static("/"));
+        parts.uri = path_only;
+        let req = Request::from_parts(parts, body);
+        return Ok(
+            forward_upgrade(&shared, &out, req, client_upgrade, grant, request_headers).await,
+        );
+    }
     let sent = Arc::new(AtomicU64::new(0));
     let body = Counted::new(body.map_err(Into::into).boxed(), sent.clone(), None).boxed();
     let upstream_req = Request::from_parts(parts, body);
@@ -695,6 +728,146 @@ async fn handle_intercepted(
             Ok(text_response(status, format!("Moat: {msg}\n")))
         }
     }
+}
+
+/// The protocol of an HTTP/1.1 WebSocket upgrade request, if it is one.
+fn websocket_upgrade<B>(req: &Request<B>) -> Option<HeaderValue> {
+    if req.version() != http::Version::HTTP_11 {
+        return None;
+    }
+    let connection_upgrade = req
+        .headers()
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case("upgrade"));
+    let protocol = req.headers().get(header::UPGRADE)?;
+    let websocket = protocol
+        .to_str()
+        .is_ok_and(|p| p.trim().eq_ignore_ascii_case("websocket"));
+    (connection_upgrade && websocket).then(|| protocol.clone())
+}
+
+/// Forwards a WebSocket upgrade over its own HTTP/1.1 connection (verified
+/// TLS, credential already injected), then relays bytes both ways.
+async fn forward_upgrade(
+    shared: &Arc<Shared>,
+    out: &Outcome<'_>,
+    req: Request<Incoming>,
+    client_upgrade: hyper::upgrade::OnUpgrade,
+    grant: Option<String>,
+    request_headers: Vec<(String, String)>,
+) -> Response<ProxyBody> {
+    let fail = |status: StatusCode, msg: String, denied: bool| {
+        if denied {
+            out.decision(false, "destination");
+        }
+        out.record(
+            Some(status.as_u16()),
+            denied.then(|| msg.clone()),
+            (!denied).then(|| msg.clone()),
+        );
+        text_response(status, format!("Moat: {msg}\n"))
+    };
+    let timeout = shared.limits.connect_timeout;
+    let tcp = match upstream::dial(&out.host, out.port, &shared.overrides, timeout).await {
+        Ok(tcp) => tcp,
+        Err(e) => {
+            let denied = matches!(e, ConnectError::Refused { .. });
+            let status = if denied {
+                StatusCode::FORBIDDEN
+            } else {
+                StatusCode::BAD_GATEWAY
+            };
+            return fail(status, e.to_string(), denied);
+        }
+    };
+    let tls = match upstream::handshake(&out.host, tcp, shared.tls_h1.clone(), timeout).await {
+        Ok(tls) => tls,
+        Err(e) => return fail(StatusCode::BAD_GATEWAY, e.to_string(), false),
+    };
+    let (mut sender, conn) = match hyper::client::conn::http1::handshake(TokioIo::new(tls)).await {
+        Ok(pair) => pair,
+        Err(e) => {
+            return fail(
+                StatusCode::BAD_GATEWAY,
+                format!("upstream http: {e}"),
+                false,
+            )
+        }
+    };
+    let conn_task = shared.tasks.spawn(conn.with_upgrades());
+    let (parts, body) = req.into_parts();
+    let body = body.map_err(BoxError::from).boxed();
+    let mut resp = match sender.send_request(Request::from_parts(parts, body)).await {
+        Ok(resp) => resp,
+        Err(e) => {
+            conn_task.abort();
+            return fail(
+                StatusCode::BAD_GATEWAY,
+                format!("upstream request failed: {e}"),
+                false,
+            );
+        }
+    };
+    let status = resp.status();
+    let response_headers = redacted(resp.headers(), &[]);
+    let record = TraceRecord {
+        time: out.time.clone(),
+        client: out.ctx.name.clone(),
+        method: out.method.clone(),
+        url: out.url.clone(),
+        host: out.host.clone(),
+        port: out.port,
+        status: Some(status.as_u16()),
+        duration_ms: 0.0,
+        request_bytes: 0,
+        response_bytes: 0,
+        grant,
+        denied: None,
+        error: None,
+        request_headers,
+        response_headers,
+    };
+    if status != StatusCode::SWITCHING_PROTOCOLS {
+        // Refused by the upstream: pass its answer on as an ordinary response.
+        if let Some(trace) = &out.ctx.trace {
+            trace.record(&record);
+        }
+        let (parts, body) = resp.into_parts();
+        return Response::from_parts(parts, body.map_err(Into::into).boxed());
+    }
+    let upstream_upgrade = hyper::upgrade::on(&mut resp);
+    let trace = out.ctx.trace.clone();
+    let started = out.started;
+    let cancel = shared.cancel.clone();
+    shared.tasks.spawn(async move {
+        let relay = async {
+            let (Ok(client), Ok(server)) = tokio::join!(client_upgrade, upstream_upgrade) else {
+                return (0, 0);
+            };
+            let mut client = Metered::new(TokioIo::new(client));
+            let (up, down) = (client.read_count(), client.written_count());
+            let mut server = TokioIo::new(server);
+            // Ends when either side closes, cleanly or not.
+            let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+            (up.load(Ordering::Relaxed), down.load(Ordering::Relaxed))
+        };
+        let (up, down) = tokio::select! {
+            bytes = relay => bytes,
+            () = cancel.cancelled() => (0, 0),
+        };
+        if let Some(trace) = trace {
+            let mut record = record;
+            record.duration_ms = started.elapsed().as_secs_f64() * 1000.0;
+            record.request_bytes = up;
+            record.response_bytes = down;
+            trace.record(&record);
+        }
+    });
+    let (parts, _) = resp.into_parts();
+    Response::from_parts(parts, empty())
 }
 
 fn stream_back(

@@ -206,6 +206,22 @@ pub(crate) async fn dial(
     Ok(tcp)
 }
 
+/// TLS to an upstream over `tcp`, verified against `config`'s roots, with
+/// `host` as the server name.
+pub(crate) async fn handshake(
+    host: &str,
+    tcp: TcpStream,
+    config: Arc<rustls::ClientConfig>,
+    timeout: Duration,
+) -> std::result::Result<TlsStream<TcpStream>, ConnectError> {
+    let name = ServerName::try_from(host.to_string())
+        .map_err(|e| ConnectError::Tls(host.to_string(), std::io::Error::other(e.to_string())))?;
+    tokio::time::timeout(timeout, TlsConnector::from(config).connect(name, tcp))
+        .await
+        .map_err(|_| ConnectError::Timeout(host.to_string()))?
+        .map_err(|e| ConnectError::Tls(host.to_string(), e))
+}
+
 /// The connector of the proxy's pooled HTTP clients.
 #[derive(Clone)]
 pub(crate) struct Connector {
@@ -242,16 +258,7 @@ impl tower_service::Service<Uri> for Connector {
                     h2: false,
                 }),
                 Some(config) => {
-                    let name = ServerName::try_from(host.clone()).map_err(|e| {
-                        ConnectError::Tls(host.clone(), std::io::Error::other(e.to_string()))
-                    })?;
-                    let tls = tokio::time::timeout(
-                        this.timeout,
-                        TlsConnector::from(config.clone()).connect(name, tcp),
-                    )
-                    .await
-                    .map_err(|_| ConnectError::Timeout(host.clone()))?
-                    .map_err(|e| ConnectError::Tls(host.clone(), e))?;
+                    let tls = handshake(&host, tcp, config.clone(), this.timeout).await?;
                     let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
                     Ok(UpstreamIo {
                         inner: TokioIo::new(Stream::Tls(Box::new(tls))),
