@@ -163,8 +163,10 @@ void moat_proxy_options_free(moat_proxy_options *options);
 
 // Sets the listen address (`host:port`), the moat home directory, the extra
 // upstream CA file, the policy (`"permissive"` or `"strict"`) or the client
-// name: `key` is one of `"listen"`, `"home"`, `"upstream_ca"`, `"policy"`,
-// `"name"`. Values are checked by `moat_proxy_start`.
+// name, or how many bytes of text bodies traces keep (`"capture_bodies"`,
+// a decimal number; default 0): `key` is one of `"listen"`, `"home"`,
+// `"upstream_ca"`, `"policy"`, `"name"`, `"capture_bodies"`. Values other
+// than `capture_bodies` are checked by `moat_proxy_start`.
 //
 // # Safety
 // `options` is a live handle; `key` and `value` are NUL-terminated strings;

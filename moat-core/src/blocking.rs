@@ -101,6 +101,8 @@ mod proxy_facade {
         pub allow: Vec<String>,
         /// The client's name in traces; default `"client"`.
         pub name: Option<String>,
+        /// Bytes of text bodies kept in trace records; 0 (default) keeps none.
+        pub capture_bodies: usize,
     }
 
     /// A proxy with one registered client, run on the facade's runtime: what
@@ -172,6 +174,7 @@ mod proxy_facade {
                 allow,
                 trace: Some(sink.clone()),
                 audit: Some(sink.clone()),
+                capture_bodies: options.capture_bodies,
             })?;
             Ok(BlockingProxy {
                 url: client.proxy_url(proxy.local_addr()).expose().clone(),

@@ -41,6 +41,12 @@ pub struct TraceRecord {
     pub request_headers: Vec<(String, String)>,
     /// Response headers, credential values redacted.
     pub response_headers: Vec<(String, String)>,
+    /// The start of a text request body, when body capture is on.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub request_body: Option<String>,
+    /// The start of a text response body, when body capture is on.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub response_body: Option<String>,
 }
 
 /// Receives trace records.

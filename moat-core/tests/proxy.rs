@@ -35,6 +35,7 @@ struct Seen {
     path: String,
     authorization: Vec<String>,
     version: String,
+    body: Vec<u8>,
 }
 
 type Log = Arc<Mutex<Vec<Seen>>>;
@@ -114,16 +115,27 @@ async fn route(
         .map(|v| v.to_str().unwrap().to_string())
         .collect();
     let path = req.uri().path().to_string();
-    log.lock().unwrap().push(Seen {
+    let version = format!("{:?}", req.version());
+    let full = |s: String| Full::new(Bytes::from(s)).boxed();
+    let mut seen = Seen {
         host: host.clone(),
         path: path.clone(),
         authorization: authorization.clone(),
-        version: format!("{:?}", req.version()),
-    });
-    let full = |s: String| Full::new(Bytes::from(s)).boxed();
+        version,
+        body: Vec::new(),
+    };
     if path == "/ws" {
+        log.lock().unwrap().push(seen);
         return Ok(websocket_echo(req));
     }
+    // Like most servers, read the request body before answering.
+    seen.body = req
+        .into_body()
+        .collect()
+        .await
+        .map(|b| b.to_bytes().to_vec())
+        .unwrap_or_default();
+    log.lock().unwrap().push(seen);
     match path.as_str() {
         "/redirect" => Ok(Response::builder()
             .status(302)
@@ -326,6 +338,7 @@ async fn setup_with(
                 .collect(),
             trace: Some(sink.clone()),
             audit: Some(sink.clone()),
+            capture_bodies: 0,
         })
         .unwrap();
     Setup {
@@ -748,6 +761,120 @@ async fn websockets_pass_through_with_the_credential_on_the_upgrade() {
     assert_eq!(rec.grant.as_deref(), Some("github"));
     assert!(rec.request_bytes > 0 && rec.response_bytes > 0, "{rec:?}");
     no_secret_anywhere(&s.sink);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn text_bodies_are_captured_up_to_the_bound_only_when_asked() {
+    let s = setup().await;
+    let (code, _, _) = curl(
+        &s.url(),
+        s.ca(),
+        &[
+            "-H",
+            "content-type: application/json",
+            "-d",
+            "{\"q\":1}",
+            "https://other.test/off",
+        ],
+    )
+    .await;
+    assert_eq!(code, 200);
+    let rec = s
+        .sink
+        .records()
+        .into_iter()
+        .find(|r| r.url.ends_with("/off"))
+        .unwrap();
+    assert_eq!(
+        (rec.request_body, rec.response_body),
+        (None, None),
+        "off by default"
+    );
+
+    let sink = Arc::new(MemorySink::default());
+    let client = s
+        .proxy
+        .register(ClientSpec {
+            trace: Some(sink.clone()),
+            capture_bodies: 8,
+            ..ClientSpec::new("run_capture")
+        })
+        .unwrap();
+    let url = client.proxy_url(s.proxy.local_addr()).expose().clone();
+    let (code, body, err) = curl(
+        &url,
+        s.ca(),
+        &[
+            "-H",
+            "content-type: application/json",
+            "-d",
+            "{\"question\":42}",
+            "https://other.test/on",
+        ],
+    )
+    .await;
+    assert_eq!(code, 200, "{err} {body}");
+    let (code, _, _) = curl(
+        &url,
+        s.ca(),
+        &[
+            "-H",
+            "content-type: application/octet-stream",
+            "--data-binary",
+            "BINARYDATA",
+            "https://other.test/bin",
+        ],
+    )
+    .await;
+    assert_eq!(code, 200);
+    let records = sink.records();
+    let on = records.iter().find(|r| r.url.ends_with("/on")).unwrap();
+    assert_eq!(
+        on.request_body.as_deref(),
+        Some("{\"questi"),
+        "bounded to 8 bytes"
+    );
+    assert_eq!(on.request_bytes, 15, "the whole body was still forwarded");
+    assert!(
+        on.response_body.is_none(),
+        "the upstream's reply has no content type"
+    );
+    let bin = records.iter().find(|r| r.url.ends_with("/bin")).unwrap();
+    assert!(
+        bin.request_body.is_none(),
+        "binary bodies are never captured"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn request_bodies_reach_the_upstream_on_new_and_pooled_connections() {
+    let s = setup().await;
+    for i in 0..3 {
+        let data = format!("{{\"n\":{i}}}");
+        let (code, body, err) = curl(
+            &s.url(),
+            s.ca(),
+            &[
+                "-H",
+                "content-type: application/json",
+                "-d",
+                &data,
+                &format!("https://other.test/p{i}"),
+            ],
+        )
+        .await;
+        assert_eq!(code, 200, "#{i}: {err} {body}");
+    }
+    let seen = s.seen();
+    for i in 0..3 {
+        let r = seen.iter().find(|r| r.path == format!("/p{i}")).unwrap();
+        assert_eq!(r.body, format!("{{\"n\":{i}}}").into_bytes());
+    }
+    let records = s.sink.records();
+    assert!(records
+        .iter()
+        .filter(|r| r.method == "POST")
+        .all(|r| r.request_bytes == 7));
 }
 
 #[tokio::test(flavor = "multi_thread")]

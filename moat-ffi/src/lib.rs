@@ -426,8 +426,10 @@ pub unsafe extern "C" fn moat_proxy_options_free(options: *mut moat_proxy_option
 
 /// Sets the listen address (`host:port`), the moat home directory, the extra
 /// upstream CA file, the policy (`"permissive"` or `"strict"`) or the client
-/// name: `key` is one of `"listen"`, `"home"`, `"upstream_ca"`, `"policy"`,
-/// `"name"`. Values are checked by `moat_proxy_start`.
+/// name, or how many bytes of text bodies traces keep (`"capture_bodies"`,
+/// a decimal number; default 0): `key` is one of `"listen"`, `"home"`,
+/// `"upstream_ca"`, `"policy"`, `"name"`, `"capture_bodies"`. Values other
+/// than `capture_bodies` are checked by `moat_proxy_start`.
 ///
 /// # Safety
 /// `options` is a live handle; `key` and `value` are NUL-terminated strings;
@@ -451,11 +453,19 @@ pub unsafe extern "C" fn moat_proxy_options_set(
                 "upstream_ca" => options.upstream_ca = Some(PathBuf::from(value)),
                 "policy" => options.policy = Some(value),
                 "name" => options.name = Some(value),
+                "capture_bodies" => {
+                    options.capture_bodies = value.parse().map_err(|_| {
+                        moat_error::plain(
+                            moat_status::MOAT_ERR_INVALID_ARGUMENT,
+                            &format!("capture_bodies: \"{value}\" is not a number of bytes"),
+                        )
+                    })?
+                }
                 other => {
                     return Err(moat_error::plain(
                         moat_status::MOAT_ERR_INVALID_ARGUMENT,
                         &format!(
-                            "unknown proxy option \"{other}\" (expected listen, home, upstream_ca, policy or name)"
+                            "unknown proxy option \"{other}\" (expected listen, home, upstream_ca, policy, name or capture_bodies)"
                         ),
                     ))
                 }

@@ -287,7 +287,7 @@ struct Proxy {
 #[pymethods]
 impl Proxy {
     #[new]
-    #[pyo3(signature = (credentials=Vec::new(), policy=None, allow=Vec::new(), listen=None, upstream_ca=None, resolve=None, home=None, name=None))]
+    #[pyo3(signature = (credentials=Vec::new(), policy=None, allow=Vec::new(), listen=None, upstream_ca=None, resolve=None, home=None, name=None, capture_bodies=0))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -299,6 +299,7 @@ impl Proxy {
         resolve: Option<BTreeMap<String, String>>,
         home: Option<PathBuf>,
         name: Option<String>,
+        capture_bodies: usize,
     ) -> PyResult<Self> {
         let options = ProxyOptions {
             listen,
@@ -309,6 +310,7 @@ impl Proxy {
             policy,
             allow,
             name,
+            capture_bodies,
         };
         let inner = py
             .detach(|| BlockingProxy::start(options))

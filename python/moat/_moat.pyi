@@ -98,6 +98,7 @@ class Proxy:
         resolve: Optional[Mapping[str, str]] = None,
         home: Union[str, "os.PathLike[str]", None] = None,
         name: Optional[str] = None,
+        capture_bodies: int = 0,
     ) -> None: ...
     @property
     def url(self) -> str: ...

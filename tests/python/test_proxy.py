@@ -187,3 +187,34 @@ def test_bad_options_name_the_option(tmp_path, kwargs, needle):
 def test_missing_upstream_ca_file_is_an_io_error(tmp_path):
     with pytest.raises(moat.MoatIOError, match="no such file"):
         moat.Proxy(home=tmp_path / "h", upstream_ca=tmp_path / "missing.pem")
+
+
+def test_operator_settings_from_the_environment(upstream, tmp_path, monkeypatch):
+    """MOAT_UPSTREAM_CA_FILE and MOAT_RESOLVE work without any argument."""
+    monkeypatch.setenv("MOAT_UPSTREAM_CA_FILE", upstream.ca)
+    monkeypatch.setenv("MOAT_RESOLVE", ",".join(f"{k}={v}" for k, v in upstream.resolve().items()))
+    cred = moat.Credential(host="api.github.com", header="Authorization", value=f"Bearer {TOKEN}")
+    with moat.Proxy(credentials=[cred], home=tmp_path / "h") as proxy:
+        with opener(proxy).open("https://api.github.com/env", timeout=20) as resp:
+            assert json.load(resp)["authorization"] == [f"Bearer {TOKEN}"]
+    monkeypatch.setenv("MOAT_RESOLVE", "api.github.com=127.0.0.1:1")
+    with pytest.raises(moat.InvalidArgumentError, match="MOAT_RESOLVE entry"):
+        moat.Proxy(home=tmp_path / "h")
+
+
+def test_body_capture_is_off_by_default_and_bounded(upstream, tmp_path):
+    data = json.dumps({"prompt": "x" * 100}).encode()
+    for capture, expected in [(0, None), (16, data[:16].decode())]:
+        with start(upstream, tmp_path, capture_bodies=capture) as proxy:
+            req = urllib.request.Request("https://other.test/c", data=data,
+                                         headers={"Content-Type": "application/json"})
+            with opener(proxy).open(req, timeout=20) as resp:
+                assert resp.status == 200
+            [record] = proxy.trace()
+        assert record.get("request_body") == expected
+        assert record["request_bytes"] == len(data)
+        # The upstream answers JSON: captured too when capture is on.
+        if capture:
+            assert len(record["response_body"]) == 16
+        else:
+            assert "response_body" not in record

@@ -3,7 +3,7 @@
 
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
@@ -25,6 +25,37 @@ pub(crate) fn empty() -> ProxyBody {
     Empty::new().map_err(|never| match never {}).boxed()
 }
 
+/// The first bytes of a body, kept for the trace (at most `limit`).
+#[derive(Clone)]
+pub(crate) struct Capture {
+    buf: Arc<Mutex<Vec<u8>>>,
+    limit: usize,
+}
+
+impl Capture {
+    pub(crate) fn new(limit: usize) -> Capture {
+        Capture {
+            buf: Arc::default(),
+            limit,
+        }
+    }
+
+    fn push(&self, data: &[u8]) {
+        if let Ok(mut buf) = self.buf.lock() {
+            let room = self.limit.saturating_sub(buf.len());
+            buf.extend_from_slice(&data[..data.len().min(room)]);
+        }
+    }
+
+    /// The captured text (invalid UTF-8 replaced).
+    pub(crate) fn text(&self) -> Option<String> {
+        self.buf
+            .lock()
+            .ok()
+            .map(|b| String::from_utf8_lossy(&b).into_owned())
+    }
+}
+
 /// Streams `inner` frame by frame (nothing is buffered), adding the bytes of
 /// data frames to `counter`, and calls `on_end` once when the body ends or is
 /// dropped.
@@ -32,6 +63,7 @@ pub(crate) struct Counted {
     inner: ProxyBody,
     counter: Arc<AtomicU64>,
     on_end: Option<Box<dyn FnOnce() + Send + Sync>>,
+    capture: Option<Capture>,
 }
 
 impl Counted {
@@ -44,7 +76,14 @@ impl Counted {
             inner,
             counter,
             on_end,
+            capture: None,
         }
+    }
+
+    /// Also keeps the first bytes of the body in `capture`.
+    pub(crate) fn capturing(mut self, capture: Option<Capture>) -> Counted {
+        self.capture = capture;
+        self
     }
 
     fn finish(&mut self) {
@@ -67,6 +106,9 @@ impl Body for Counted {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(data) = frame.data_ref() {
                     self.counter.fetch_add(data.len() as u64, Ordering::Relaxed);
+                    if let Some(capture) = &self.capture {
+                        capture.push(data);
+                    }
                 }
             }
             Poll::Ready(None) | Poll::Ready(Some(Err(_))) => self.finish(),

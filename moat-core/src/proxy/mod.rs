@@ -127,6 +127,9 @@ pub struct ClientSpec {
     pub trace: Option<Arc<dyn TraceSink>>,
     /// Where audit events go.
     pub audit: Option<Arc<dyn AuditSink>>,
+    /// Keep up to this many bytes of text request and response bodies in
+    /// trace records; 0 (the default) keeps none.
+    pub capture_bodies: usize,
 }
 
 impl std::fmt::Debug for ClientSpec {
@@ -150,6 +153,7 @@ impl ClientSpec {
             allow: Vec::new(),
             trace: None,
             audit: None,
+            capture_bodies: 0,
         }
     }
 }
@@ -183,6 +187,7 @@ pub(crate) struct ClientCtx {
     policy: Policy,
     trace: Option<Arc<dyn TraceSink>>,
     audit: Option<Arc<dyn AuditSink>>,
+    capture_bodies: usize,
 }
 
 /// Limits on client connections, with their defaults.
@@ -404,6 +409,7 @@ impl Proxy {
             },
             trace: spec.trace,
             audit: spec.audit,
+            capture_bodies: spec.capture_bodies,
         });
         let key: [u8; 32] = Sha256::digest(token.as_bytes()).into();
         self.shared

@@ -20,7 +20,7 @@ use tokio_rustls::LazyConfigAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::body::{empty, full, BoxError, Counted, Metered, Prefixed, ProxyBody};
+use super::body::{empty, full, BoxError, Capture, Counted, Metered, Prefixed, ProxyBody};
 use super::upstream::{self, ConnectError, Connector, ResolveMap};
 use super::{CertificateAuthority, ClientCtx, ClientTable, Limits};
 use crate::policy::blocked_message;
@@ -198,6 +198,8 @@ impl Outcome<'_> {
                 error,
                 request_headers: Vec::new(),
                 response_headers: Vec::new(),
+                request_body: None,
+                response_body: None,
             });
         }
     }
@@ -405,6 +407,8 @@ async fn handle_tunnel(
                     error: None,
                     request_headers: Vec::new(),
                     response_headers: Vec::new(),
+                    request_body: None,
+                    response_body: None,
                 });
             }
         }
@@ -543,6 +547,30 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
     for name in HOP_BY_HOP {
         headers.remove(*name);
     }
+}
+
+/// A capture for a body with these headers, when the client asked for body
+/// capture and the body is text.
+fn capture_for(ctx: &ClientCtx, headers: &HeaderMap) -> Option<Capture> {
+    if ctx.capture_bodies == 0 {
+        return None;
+    }
+    let kind = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_ascii_lowercase();
+    let text = kind.starts_with("text/")
+        || [
+            "json",
+            "xml",
+            "x-www-form-urlencoded",
+            "javascript",
+            "graphql",
+        ]
+        .iter()
+        .any(|t| kind.contains(t));
+    text.then(|| Capture::new(ctx.capture_bodies))
 }
 
 /// Header names whose values are never recorded.
@@ -710,11 +738,21 @@ async fn handle_intercepted(
         );
     }
     let sent = Arc::new(AtomicU64::new(0));
-    let body = Counted::new(body.map_err(Into::into).boxed(), sent.clone(), None).boxed();
+    let req_capture = capture_for(&ctx, &parts.headers);
+    let body = Counted::new(body.map_err(Into::into).boxed(), sent.clone(), None)
+        .capturing(req_capture.clone())
+        .boxed();
     let upstream_req = Request::from_parts(parts, body);
 
     match shared.https.request(upstream_req).await {
-        Ok(resp) => Ok(stream_back(&out, resp, grant, request_headers, sent)),
+        Ok(resp) => Ok(stream_back(
+            &out,
+            resp,
+            grant,
+            request_headers,
+            sent,
+            req_capture,
+        )),
         Err(e) => {
             let (status, msg, denied) = upstream_error_response(&e);
             if denied {
@@ -829,6 +867,8 @@ async fn forward_upgrade(
         error: None,
         request_headers,
         response_headers,
+        request_body: None,
+        response_body: None,
     };
     if status != StatusCode::SWITCHING_PROTOCOLS {
         // Refused by the upstream: pass its answer on as an ordinary response.
@@ -876,10 +916,13 @@ fn stream_back(
     grant: Option<String>,
     request_headers: Vec<(String, String)>,
     sent: Arc<AtomicU64>,
+    req_capture: Option<Capture>,
 ) -> Response<ProxyBody> {
     let (mut parts, body) = resp.into_parts();
     strip_hop_by_hop(&mut parts.headers);
     let received = Arc::new(AtomicU64::new(0));
+    let resp_capture = capture_for(out.ctx, &parts.headers);
+    let capture_for_record = resp_capture.clone();
     let on_end: Option<Box<dyn FnOnce() + Send + Sync>> = out.ctx.trace.clone().map(|trace| {
         let record = TraceRecord {
             time: out.time.clone(),
@@ -897,6 +940,8 @@ fn stream_back(
             error: None,
             request_headers,
             response_headers: redacted(&parts.headers, &[]),
+            request_body: None,
+            response_body: None,
         };
         let started = out.started;
         let received = received.clone();
@@ -905,11 +950,15 @@ fn stream_back(
             record.duration_ms = started.elapsed().as_secs_f64() * 1000.0;
             record.request_bytes = sent.load(Ordering::Relaxed);
             record.response_bytes = received.load(Ordering::Relaxed);
+            record.request_body = req_capture.and_then(|c| c.text());
+            record.response_body = capture_for_record.and_then(|c| c.text());
             trace.record(&record);
         });
         f
     });
-    let body = Counted::new(body.map_err(Into::into).boxed(), received, on_end).boxed();
+    let body = Counted::new(body.map_err(Into::into).boxed(), received, on_end)
+        .capturing(resp_capture)
+        .boxed();
     Response::from_parts(parts, body)
 }
 
@@ -949,9 +998,12 @@ async fn forward_plain(
     parts.version = http::Version::HTTP_11;
     let request_headers = redacted(&parts.headers, &[]);
     let sent = Arc::new(AtomicU64::new(0));
-    let body = Counted::new(body.map_err(Into::into).boxed(), sent.clone(), None).boxed();
+    let req_capture = capture_for(&ctx, &parts.headers);
+    let body = Counted::new(body.map_err(Into::into).boxed(), sent.clone(), None)
+        .capturing(req_capture.clone())
+        .boxed();
     match shared.http.request(Request::from_parts(parts, body)).await {
-        Ok(resp) => stream_back(&out, resp, None, request_headers, sent),
+        Ok(resp) => stream_back(&out, resp, None, request_headers, sent, req_capture),
         Err(e) => {
             let (status, msg, denied) = upstream_error_response(&e);
             out.record(
