@@ -1243,3 +1243,40 @@ fn curl_is_installed() {
         "curl is required by the proxy tests: apt-get install curl"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_connection_cap_closes_extra_connections_at_once() {
+    let limits = Limits {
+        max_connections: 2,
+        ..Limits::default()
+    };
+    let s = setup_with(true, PolicyMode::Permissive, &[], limits).await;
+    let _a = TcpStream::connect(s.proxy.local_addr()).await.unwrap();
+    let _b = TcpStream::connect(s.proxy.local_addr()).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let mut c = TcpStream::connect(s.proxy.local_addr()).await.unwrap();
+    let mut buf = [0u8; 1];
+    let read = tokio::time::timeout(Duration::from_secs(2), c.read(&mut buf)).await;
+    assert!(
+        matches!(read, Ok(Ok(0)) | Ok(Err(_))),
+        "the third connection must be closed: {read:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn timeouts_never_cut_an_established_stream() {
+    let limits = Limits {
+        header_timeout: Duration::from_millis(300),
+        handshake_timeout: Duration::from_millis(300),
+        ..Limits::default()
+    };
+    let s = setup_with(true, PolicyMode::Permissive, &[], limits).await;
+    let mut send = h1_over_tunnel(&s, "api.github.com:443", "api.github.com").await;
+    // The SSE stream idles 1.5 s between events, five times the timeouts.
+    let resp = send
+        .send_request(get("/sse", "api.github.com"))
+        .await
+        .unwrap();
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(&body[..], b"data: one\n\ndata: two\n\n");
+}
