@@ -13,6 +13,7 @@
 
 pub mod blocking;
 pub mod config;
+pub mod credential;
 mod error;
 pub mod paths;
 pub mod policy;

@@ -1213,7 +1213,8 @@ fn check_image(image: &str) -> std::result::Result<(), String> {
 }
 
 /// ` (did you mean "x"?)` for the closest candidate, or an empty string.
-pub(crate) fn did_you_mean(input: &str, candidates: &[&str]) -> String {
+#[doc(hidden)]
+pub fn did_you_mean(input: &str, candidates: &[&str]) -> String {
     let best = candidates
         .iter()
         .map(|c| (strsim::damerau_levenshtein(input, c), *c))

@@ -253,12 +253,9 @@ impl ProxyBuilder {
     /// `MOAT_RESOLVE` (`host:port=addr:port,...`).
     pub fn from_env() -> Result<ProxyBuilder> {
         let mut b = ProxyBuilder::new();
-        if let Some(path) = std::env::var_os("MOAT_UPSTREAM_CA_FILE").filter(|v| !v.is_empty()) {
-            b = b.upstream_ca_file(Path::new(&path))?;
-        }
-        if let Ok(text) = std::env::var("MOAT_RESOLVE") {
-            b.resolve.extend(upstream::parse_resolve(&text)?);
-        }
+        let (roots, resolve) = upstream::env_settings()?;
+        b.extra_roots = roots;
+        b.resolve = resolve;
         Ok(b)
     }
 

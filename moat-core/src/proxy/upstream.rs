@@ -56,6 +56,38 @@ pub fn parse_resolve(text: &str) -> Result<ResolveMap> {
     Ok(map)
 }
 
+/// The operator settings from the environment: extra roots from
+/// `MOAT_UPSTREAM_CA_FILE` and overrides from `MOAT_RESOLVE`.
+pub fn env_settings() -> Result<(Vec<CertificateDer<'static>>, ResolveMap)> {
+    let roots = match std::env::var_os("MOAT_UPSTREAM_CA_FILE").filter(|v| !v.is_empty()) {
+        Some(path) => load_pem_roots(Path::new(&path))?,
+        None => Vec::new(),
+    };
+    let resolve = match std::env::var("MOAT_RESOLVE") {
+        Ok(text) => parse_resolve(&text)?,
+        Err(_) => ResolveMap::new(),
+    };
+    Ok((roots, resolve))
+}
+
+/// An HTTPS client for moat's own calls (token validation, STS), with the
+/// same trust, overrides and destination checks as the proxy.
+pub(crate) fn own_client(
+    timeout: Duration,
+) -> Result<hyper_util::client::legacy::Client<Connector, http_body_util::Full<bytes::Bytes>>> {
+    let (roots, resolve) = env_settings()?;
+    let tls = client_tls(&roots)?;
+    Ok(
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build(
+            Connector {
+                overrides: Arc::new(resolve),
+                tls: Some(tls),
+                timeout,
+            },
+        ),
+    )
+}
+
 /// Reads PEM certificates from `path` as extra trusted roots.
 pub fn load_pem_roots(path: &Path) -> Result<Vec<CertificateDer<'static>>> {
     let data = std::fs::read(path).map_err(|e| Error::io(path, "read", e))?;

@@ -1,0 +1,271 @@
+//! Credentials on the host: the encrypted store ([`store`]), the provider
+//! table ([`providers`]), and the operations behind `moat grant`, `moat
+//! revoke` and `moat grant list`. Nothing here prompts or prints: the CLI
+//! asks the user; this module finds, validates, stores and lists tokens.
+
+pub mod providers;
+pub mod store;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use http_body_util::BodyExt;
+use serde::Serialize;
+
+pub use providers::{lookup, Provider};
+pub use store::{CredentialStore, KeySource, StoredGrant};
+
+use crate::error::{Error, ErrorKind, Result};
+use crate::proxy::Credential;
+use crate::secret::Secret;
+
+/// A stored grant as `moat grant list` shows it: never the token.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct GrantInfo {
+    /// The provider.
+    pub provider: String,
+    /// Where the token came from.
+    pub source: String,
+    /// When it was stored.
+    pub created: String,
+    /// When it expires, if known.
+    pub expires: Option<String>,
+    /// The token kind, if the provider has several.
+    pub kind: Option<String>,
+    /// Hosts it is injected on.
+    pub hosts: Vec<String>,
+    /// Non-secret facts (the GitHub login, ...).
+    pub metadata: BTreeMap<String, String>,
+    /// Why it cannot be used, if it cannot (cannot be decrypted, expired).
+    pub problem: Option<String>,
+}
+
+/// The first token found in the provider's environment variables, with its
+/// source (`env:GITHUB_TOKEN`). Empty variables are skipped.
+pub fn token_from_env(provider: &Provider) -> Option<(Secret<String>, String)> {
+    provider.env.iter().find_map(|var| {
+        std::env::var(var)
+            .ok()
+            .map(|v| v.trim().to_string())
+            .filter(|v| !v.is_empty())
+            .map(|v| (Secret::new(v), format!("env:{var}")))
+    })
+}
+
+/// The token of the `gh` CLI (`gh auth token`), if `gh` is installed and
+/// logged in.
+pub fn gh_auth_token() -> Option<Secret<String>> {
+    let out = std::process::Command::new("gh")
+        .args(["auth", "token"])
+        .stdin(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .output()
+        .ok()?;
+    let token = String::from_utf8(out.stdout).ok()?.trim().to_string();
+    (out.status.success() && !token.is_empty()).then(|| Secret::new(token))
+}
+
+/// Checks a GitHub token against `GET https://api.github.com/user` and
+/// returns the login. Honours `MOAT_UPSTREAM_CA_FILE` and `MOAT_RESOLVE`.
+pub async fn github_login(token: &Secret<String>) -> Result<String> {
+    let client = crate::proxy::upstream::own_client(Duration::from_secs(15))?;
+    let mut auth =
+        http::HeaderValue::from_str(&format!("Bearer {}", token.expose())).map_err(|_| {
+            Error::new(
+                ErrorKind::InvalidArgument,
+                "the token has characters a header cannot carry",
+            )
+        })?;
+    auth.set_sensitive(true);
+    let req = http::Request::get("https://api.github.com/user")
+        .header("authorization", auth)
+        .header("user-agent", concat!("moat/", env!("CARGO_PKG_VERSION")))
+        .header("accept", "application/vnd.github+json")
+        .body(http_body_util::Full::new(bytes::Bytes::new()))
+        .map_err(|e| Error::new(ErrorKind::Internal, e.to_string()))?;
+    let failed = |why: String| {
+        Error::new(
+            ErrorKind::Io,
+            format!("cannot validate the token with api.github.com: {why}"),
+        )
+    };
+    let resp = tokio::time::timeout(Duration::from_secs(20), client.request(req))
+        .await
+        .map_err(|_| failed("timed out".into()))?
+        .map_err(|e| failed(e.to_string()))?;
+    let status = resp.status();
+    let body = resp
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| failed(e.to_string()))?
+        .to_bytes();
+    if status == http::StatusCode::UNAUTHORIZED {
+        return Err(Error::new(
+            ErrorKind::InvalidArgument,
+            "GitHub rejected the token (401 Bad credentials); check it, or pass --no-validate",
+        ));
+    }
+    if !status.is_success() {
+        return Err(failed(format!("GitHub answered {status}")));
+    }
+    let json: serde_json::Value =
+        serde_json::from_slice(&body).map_err(|_| failed("the answer is not json".into()))?;
+    json.get("login")
+        .and_then(|l| l.as_str())
+        .map(str::to_string)
+        .ok_or_else(|| failed("the answer has no login".into()))
+}
+
+/// What [`save`] needs besides the token.
+#[derive(Debug, Clone, Default)]
+pub struct GrantMeta {
+    /// Where the token came from.
+    pub source: String,
+    /// The token kind (`api_key`, `oauth`), for providers that have several.
+    pub kind: Option<String>,
+    /// When it expires (RFC 3339).
+    pub expires: Option<String>,
+    /// Non-secret facts to keep.
+    pub metadata: BTreeMap<String, String>,
+}
+
+/// Stores a token for `provider` under `home`. Returns the file and where
+/// the key came from.
+pub fn save(
+    home: &Path,
+    provider: &str,
+    token: Secret<String>,
+    meta: GrantMeta,
+) -> Result<(PathBuf, KeySource)> {
+    let spec = lookup(home, provider)?;
+    if !spec.stores_secret {
+        return Err(Error::new(
+            ErrorKind::InvalidArgument,
+            format!("{provider} grants store configuration, not a token; `moat grant {provider}` for them is not built yet"),
+        ));
+    }
+    if token.expose().trim().is_empty() {
+        return Err(Error::new(
+            ErrorKind::InvalidArgument,
+            format!("the {provider} token is empty"),
+        ));
+    }
+    if token.expose().chars().any(|c| c.is_control()) {
+        return Err(Error::new(
+            ErrorKind::InvalidArgument,
+            format!("the {provider} token contains control characters (a stray newline?)"),
+        ));
+    }
+    let store = CredentialStore::open(home)?;
+    let grant = StoredGrant {
+        provider: provider.to_string(),
+        token,
+        source: meta.source,
+        created: crate::trace::now_rfc3339(),
+        expires: meta.expires,
+        kind: meta.kind,
+        metadata: meta.metadata,
+    };
+    let path = store.save(&grant)?;
+    Ok((path, store.key_source().clone()))
+}
+
+/// Removes a stored grant (`github`, or a scoped name such as `github:repo`,
+/// which removes the provider's grant). `Ok(false)` when there was none.
+pub fn revoke(home: &Path, grant: &str) -> Result<bool> {
+    let provider = grant.split(':').next().unwrap_or(grant);
+    CredentialStore::open(home)?.remove(provider)
+}
+
+fn expired(expires: Option<&str>) -> bool {
+    let Some(expires) = expires else { return false };
+    let Ok(at) =
+        time::OffsetDateTime::parse(expires, &time::format_description::well_known::Rfc3339)
+    else {
+        return false;
+    };
+    at <= time::OffsetDateTime::now_utc()
+}
+
+/// Every stored grant, without tokens. A grant that cannot be decrypted or
+/// has expired is listed with its problem.
+pub fn list(home: &Path) -> Result<Vec<GrantInfo>> {
+    let store = CredentialStore::open(home)?;
+    let mut out = Vec::new();
+    for provider in store.providers()? {
+        let hosts = lookup(home, &provider)
+            .map(|p| p.hosts())
+            .unwrap_or_default();
+        match store.load(&provider) {
+            Ok(Some(g)) => out.push(GrantInfo {
+                problem: expired(g.expires.as_deref())
+                    .then(|| format!("expired; run `moat grant {provider}` again")),
+                provider: g.provider,
+                source: g.source,
+                created: g.created,
+                expires: g.expires,
+                kind: g.kind,
+                hosts,
+                metadata: g.metadata,
+            }),
+            Ok(None) => {}
+            Err(e) => out.push(GrantInfo {
+                provider: provider.clone(),
+                source: String::new(),
+                created: String::new(),
+                expires: None,
+                kind: None,
+                hosts,
+                metadata: BTreeMap::new(),
+                problem: Some(e.message().to_string()),
+            }),
+        }
+    }
+    Ok(out)
+}
+
+/// The proxy credentials for grant names (`github`, `github:repo`,
+/// `anthropic`, a custom provider). Fails, naming the grant, when one is not
+/// stored, cannot be decrypted, has expired, or is not an HTTP credential.
+pub fn credentials_for(home: &Path, grants: &[String]) -> Result<Vec<Credential>> {
+    let mut out = Vec::new();
+    let mut store = None;
+    for name in grants {
+        let provider = name.split(':').next().unwrap_or(name);
+        let spec = lookup(home, provider)?;
+        if !spec.stores_secret {
+            return Err(Error::new(
+                ErrorKind::InvalidArgument,
+                format!("grant \"{name}\": {provider} grants are not proxy credentials; their support is not built yet"),
+            ));
+        }
+        if store.is_none() {
+            store = Some(CredentialStore::open(home)?);
+        }
+        let Some(store) = store.as_ref() else {
+            continue;
+        };
+        let grant = store.load(provider)?.ok_or_else(|| {
+            Error::new(
+                ErrorKind::Config,
+                format!("grant \"{name}\": no {provider} credential is stored; run `moat grant {provider}`"),
+            )
+        })?;
+        if expired(grant.expires.as_deref()) {
+            return Err(Error::new(
+                ErrorKind::Config,
+                format!(
+                    "grant \"{name}\": the stored {provider} credential expired at {}; run `moat grant {provider}` again",
+                    grant.expires.as_deref().unwrap_or("?")
+                ),
+            ));
+        }
+        out.extend(spec.credentials(&grant)?);
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests;
