@@ -9,6 +9,9 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 use moat_core::config::{self, Overrides};
+use moat_core::credential::{self, TokenInput};
+use moat_core::paths;
+use moat_core::secret::Secret;
 use moat_core::Error;
 
 const ABOUT: &str = "Run AI agents locally with one command. Zero Docker knowledge. Zero secret copying. Full visibility.";
@@ -17,13 +20,15 @@ const AFTER_HELP: &str = "\
 Agents run in isolated containers; credentials are injected at the network
 layer by a TLS-intercepting proxy, so the agent never sees your tokens.
 
-Built so far: `moat config`. Runs, grants, the proxy, hostname routing and
-the audit log are being built; see the README's status table.
+Built so far: `moat config`, `moat grant`, `moat revoke`. Runs, hostname
+routing and the audit log are being built; see the README's status table.
 
 Examples:
   moat config                 Check ./agent.yaml and show what a run would use
   moat config ./my-project    Check another workspace
-  moat config --json          The same, as JSON for scripts";
+  moat config --json          The same, as JSON for scripts
+  moat grant github           Store a GitHub token (from GITHUB_TOKEN, gh, or a prompt)
+  moat grant list             Show stored credentials (never the tokens)";
 
 #[derive(Parser, Debug)]
 #[command(name = "moat", version, about = ABOUT, after_help = AFTER_HELP)]
@@ -44,6 +49,34 @@ the file's lists.
 Exit status: 0 when valid, 1 when not (each problem on stderr as
 FILE:LINE:COLUMN: message).")]
     Config(ConfigArgs),
+    /// Store credentials for a provider (github, anthropic, openai, or a custom one), or `list` them
+    #[command(after_help = "\
+The token is read from the provider's environment variable (GITHUB_TOKEN or
+GH_TOKEN, ANTHROPIC_API_KEY, OPENAI_API_KEY), else, on a terminal, from the gh
+CLI or Claude Code (after asking), else from a hidden prompt. Without a
+terminal moat never prompts. Tokens are stored encrypted in
+~/.moat/credentials/ and injected by the proxy; the agent never sees them.")]
+    Grant(GrantArgs),
+    /// Remove stored credentials
+    Revoke(RevokeArgs),
+}
+
+#[derive(Args, Debug)]
+struct GrantArgs {
+    /// Provider to grant, or `list` to show stored grants
+    provider: String,
+    /// Do not check a GitHub token against api.github.com
+    #[arg(long)]
+    no_validate: bool,
+    /// Print JSON (for `moat grant list` and for the stored grant)
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args, Debug)]
+struct RevokeArgs {
+    /// Provider to revoke (github, anthropic, ...)
+    provider: String,
 }
 
 #[derive(Args, Debug)]
@@ -75,6 +108,9 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Config(args) => cmd_config(&args),
+        Command::Grant(args) if args.provider == "list" => cmd_grant_list(&args),
+        Command::Grant(args) => cmd_grant(&args),
+        Command::Revoke(args) => cmd_revoke(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -121,6 +157,172 @@ fn write_stdout(text: &str) -> Result<(), Error> {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
         Err(e) => Err(Error::io(Path::new("<stdout>"), "write", e)),
+    }
+}
+
+fn cmd_grant_list(args: &GrantArgs) -> Result<(), Error> {
+    let grants = credential::list(&paths::moat_home()?)?;
+    if args.json {
+        let text = serde_json::to_string_pretty(&grants).map_err(internal)?;
+        return write_stdout(&(text + "\n"));
+    }
+    if grants.is_empty() {
+        eprintln!("no credentials stored; run `moat grant <provider>`");
+        return Ok(());
+    }
+    let mut out = format!(
+        "{:<12} {:<18} {:<22} {:<22} {}\n",
+        "PROVIDER", "SOURCE", "CREATED", "EXPIRES", "HOSTS"
+    );
+    for g in &grants {
+        let created = g.created.get(..19).unwrap_or(&g.created).replace('T', " ");
+        let expires = g.expires.as_deref().map_or("-".to_string(), |e| {
+            e.get(..19).unwrap_or(e).replace('T', " ")
+        });
+        out.push_str(&format!(
+            "{:<12} {:<18} {:<22} {:<22} {}\n",
+            g.provider,
+            g.source,
+            created,
+            expires,
+            g.hosts.join(", ")
+        ));
+        if let Some(problem) = &g.problem {
+            out.push_str(&format!("  ! {problem}\n"));
+        }
+    }
+    write_stdout(&out)
+}
+
+fn display_name(provider: &str) -> String {
+    match provider {
+        "github" => "GitHub".into(),
+        "anthropic" => "Anthropic".into(),
+        "openai" => "OpenAI".into(),
+        other => other.to_string(),
+    }
+}
+
+fn ask_yes(question: &str) -> bool {
+    eprint!("{question} [Y/n]: ");
+    let mut answer = String::new();
+    if std::io::stdin().read_line(&mut answer).is_err() {
+        return false;
+    }
+    let a = answer.trim().to_ascii_lowercase();
+    a.is_empty() || a == "y" || a == "yes"
+}
+
+fn prompt_secret(label: &str) -> Result<Secret<String>, Error> {
+    let token = rpassword::prompt_password(format!("{label}: ")).map_err(|e| {
+        Error::new(
+            moat_core::ErrorKind::Io,
+            format!("cannot read from the terminal: {e}"),
+        )
+    })?;
+    Ok(Secret::new(token.trim().to_string()))
+}
+
+/// Finds the token the way the seeds describe, asking only on a terminal.
+fn token_input(home: &Path, provider: &str) -> Result<TokenInput, Error> {
+    use std::io::IsTerminal;
+    let spec = credential::lookup(home, provider)?;
+    if let Some((_, source)) = credential::token_from_env(&spec) {
+        eprintln!("Using token from {}", source.trim_start_matches("env:"));
+        return Ok(TokenInput::Environment);
+    }
+    if !std::io::stdin().is_terminal() {
+        // Never prompt without a terminal: the core names the variables.
+        return Ok(TokenInput::Environment);
+    }
+    if provider == "github" {
+        if let Some(token) = credential::gh_auth_token() {
+            eprintln!("Found gh CLI authentication");
+            if ask_yes("Use token from gh CLI?") {
+                return Ok(TokenInput::Given(token, "gh".into()));
+            }
+        }
+        return Ok(TokenInput::Given(
+            prompt_secret("GitHub personal access token")?,
+            "prompt".into(),
+        ));
+    }
+    if provider == "anthropic" {
+        let user_home = std::env::var_os("HOME")
+            .map(PathBuf::from)
+            .unwrap_or_default();
+        if let Some(oauth) = credential::claude_code_credentials(&user_home)? {
+            eprintln!("Found Claude Code credentials.");
+            eprintln!(
+                "  Subscription: {}",
+                oauth.subscription.as_deref().unwrap_or("unknown")
+            );
+            eprintln!(
+                "  Expires: {}",
+                oauth.expires.as_deref().unwrap_or("unknown")
+            );
+            eprintln!();
+            if ask_yes("Use Claude Code credentials?") {
+                return Ok(TokenInput::ClaudeCode(oauth));
+            }
+        }
+        return Ok(TokenInput::Given(
+            prompt_secret("Anthropic API key")?,
+            "prompt".into(),
+        ));
+    }
+    Ok(TokenInput::Given(
+        prompt_secret(&format!("{} token", display_name(provider)))?,
+        "prompt".into(),
+    ))
+}
+
+fn cmd_grant(args: &GrantArgs) -> Result<(), Error> {
+    let home = paths::moat_home()?;
+    let input = token_input(&home, &args.provider)?;
+    let has_token = !matches!(input, TokenInput::Environment)
+        || credential::token_from_env(&credential::lookup(&home, &args.provider)?).is_some();
+    if has_token && args.provider == "github" && !args.no_validate {
+        eprintln!("Validating token...");
+    }
+    let outcome = credential::grant(&home, &args.provider, input, !args.no_validate)?;
+    if args.json {
+        let text = serde_json::to_string_pretty(&outcome).map_err(internal)?;
+        return write_stdout(&(text + "\n"));
+    }
+    if let Some(login) = outcome.grant.metadata.get("login") {
+        eprintln!("Authenticated as: {login}");
+    }
+    if let (Some(file), Some(reason)) = (&outcome.key_file, &outcome.key_reason) {
+        if reason.starts_with("no system keyring") {
+            eprintln!(
+                "note: {reason}; the encryption key is in {}",
+                file.display()
+            );
+        }
+    }
+    eprintln!(
+        "{} credential saved to {}",
+        display_name(&args.provider),
+        outcome.path.display()
+    );
+    Ok(())
+}
+
+fn cmd_revoke(args: &RevokeArgs) -> Result<(), Error> {
+    let home = paths::moat_home()?;
+    credential::lookup(
+        &home,
+        args.provider.split(':').next().unwrap_or(&args.provider),
+    )?;
+    if credential::revoke(&home, &args.provider)? {
+        eprintln!("Revoked {} credentials", display_name(&args.provider));
+        Ok(())
+    } else {
+        Err(Error::new(
+            moat_core::ErrorKind::InvalidArgument,
+            format!("no {} credential is stored", args.provider),
+        ))
     }
 }
 

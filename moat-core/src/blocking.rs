@@ -95,6 +95,9 @@ mod proxy_facade {
         pub resolve: Vec<(String, String)>,
         /// Credentials to inject.
         pub credentials: Vec<Credential>,
+        /// Stored grants to inject (`github`, `anthropic`, a custom
+        /// provider), read from the credential store of `home`.
+        pub grants: Vec<String>,
         /// `"permissive"` (default) or `"strict"`.
         pub policy: Option<String>,
         /// Allow-list host patterns for strict mode.
@@ -165,11 +168,19 @@ mod proxy_facade {
                 .enumerate()
                 .map(|(i, a)| HostPattern::parse(a).map_err(|e| bad(format!("allow[{i}]: {e}"))))
                 .collect::<Result<Vec<_>>>()?;
+            let mut credentials = options.credentials;
+            if !options.grants.is_empty() {
+                let home = match &options.home {
+                    Some(h) => h.clone(),
+                    None => crate::paths::moat_home()?,
+                };
+                credentials.extend(crate::credential::credentials_for(&home, &options.grants)?);
+            }
             let proxy = block_on(builder.start())??;
             let sink = Arc::new(MemorySink::default());
             let client = proxy.register(ClientSpec {
                 name: options.name.unwrap_or_else(|| "client".to_string()),
-                credentials: options.credentials,
+                credentials,
                 policy,
                 allow,
                 trace: Some(sink.clone()),

@@ -521,6 +521,29 @@ pub unsafe extern "C" fn moat_proxy_options_add_resolve(
     }
 }
 
+/// Adds a stored grant (`github`, `anthropic`, a custom provider) whose
+/// credentials the proxy injects; it is read from the credential store when
+/// the proxy starts.
+///
+/// # Safety
+/// `options` is a live handle; `grant` is a NUL-terminated string;
+/// `out_error` is NULL or valid for a write.
+#[no_mangle]
+pub unsafe extern "C" fn moat_proxy_options_add_grant(
+    options: *mut moat_proxy_options,
+    grant: *const c_char,
+    out_error: *mut *mut moat_error,
+) -> moat_status {
+    // SAFETY: the caller's promises are forwarded.
+    unsafe {
+        guard(out_error, "moat_proxy_options_add_grant", || {
+            let options = &mut options_mut(options)?.inner;
+            options.grants.push(arg_str(grant, "grant")?.to_string());
+            Ok(())
+        })
+    }
+}
+
 /// Adds a credential: `header: value` on requests to `host` (a host or
 /// `*.` pattern, optionally `:port`; default 443). `grant` may be NULL. The
 /// value is checked now and never appears in errors.

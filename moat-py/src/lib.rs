@@ -287,7 +287,7 @@ struct Proxy {
 #[pymethods]
 impl Proxy {
     #[new]
-    #[pyo3(signature = (credentials=Vec::new(), policy=None, allow=Vec::new(), listen=None, upstream_ca=None, resolve=None, home=None, name=None, capture_bodies=0))]
+    #[pyo3(signature = (credentials=Vec::new(), policy=None, allow=Vec::new(), listen=None, upstream_ca=None, resolve=None, home=None, name=None, capture_bodies=0, grants=Vec::new()))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -300,6 +300,7 @@ impl Proxy {
         home: Option<PathBuf>,
         name: Option<String>,
         capture_bodies: usize,
+        grants: Vec<String>,
     ) -> PyResult<Self> {
         let options = ProxyOptions {
             listen,
@@ -311,6 +312,7 @@ impl Proxy {
             allow,
             name,
             capture_bodies,
+            grants,
         };
         let inner = py
             .detach(|| BlockingProxy::start(options))

@@ -99,6 +99,7 @@ class Proxy:
         home: Union[str, "os.PathLike[str]", None] = None,
         name: Optional[str] = None,
         capture_bodies: int = 0,
+        grants: Sequence[str] = ...,
     ) -> None: ...
     @property
     def url(self) -> str: ...

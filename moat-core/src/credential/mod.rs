@@ -269,3 +269,174 @@ pub fn credentials_for(home: &Path, grants: &[String]) -> Result<Vec<Credential>
 
 #[cfg(test)]
 mod tests;
+
+/// Claude Code's OAuth credentials, as found in `~/.claude/.credentials.json`.
+#[derive(Debug, Clone)]
+pub struct ClaudeOauth {
+    /// The access token.
+    pub access_token: Secret<String>,
+    /// The subscription (`claude_pro`, `claude_max`), if known.
+    pub subscription: Option<String>,
+    /// When the access token expires (RFC 3339), if known.
+    pub expires: Option<String>,
+}
+
+/// Reads Claude Code's OAuth credentials from `<user_home>/.claude/.credentials.json`.
+/// `Ok(None)` when the file does not exist.
+pub fn claude_code_credentials(user_home: &Path) -> Result<Option<ClaudeOauth>> {
+    let path = user_home.join(".claude").join(".credentials.json");
+    let text = match std::fs::read_to_string(&path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(Error::io(&path, "read", e)),
+    };
+    let bad = || {
+        Error::new(
+            ErrorKind::Config,
+            format!(
+                "{}: not Claude Code credentials (no claudeAiOauth.accessToken)",
+                path.display()
+            ),
+        )
+    };
+    let json: serde_json::Value = serde_json::from_str(&text).map_err(|_| bad())?;
+    let oauth = json.get("claudeAiOauth").ok_or_else(bad)?;
+    let token = oauth
+        .get("accessToken")
+        .and_then(|t| t.as_str())
+        .filter(|t| !t.is_empty())
+        .ok_or_else(bad)?;
+    let expires = oauth
+        .get("expiresAt")
+        .and_then(|v| v.as_i64())
+        .and_then(|ms| time::OffsetDateTime::from_unix_timestamp(ms / 1000).ok())
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        });
+    Ok(Some(ClaudeOauth {
+        access_token: Secret::new(token.to_string()),
+        subscription: oauth
+            .get("subscriptionType")
+            .and_then(|s| s.as_str())
+            .map(str::to_string),
+        expires,
+    }))
+}
+
+/// What [`grant`] did.
+#[derive(Debug, Clone, Serialize)]
+pub struct GrantOutcome {
+    /// The stored grant, without the token.
+    pub grant: GrantInfo,
+    /// The file it is in.
+    pub path: PathBuf,
+    /// The key file, when the key is not in the system keyring.
+    pub key_file: Option<PathBuf>,
+    /// Why the key file is used (the keyring's error, or the setting).
+    pub key_reason: Option<String>,
+}
+
+/// Where a token for [`grant`] comes from.
+#[derive(Debug, Clone)]
+pub enum TokenInput {
+    /// A token given by the caller, with its source (`argument`, `prompt`, `gh`).
+    Given(Secret<String>, String),
+    /// The provider's environment variables.
+    Environment,
+    /// Claude Code's OAuth credentials (anthropic only).
+    ClaudeCode(ClaudeOauth),
+}
+
+/// Stores a grant without prompting: the token comes from `input`; GitHub
+/// tokens are checked against the API unless `validate` is false. A missing
+/// token is an error naming the variables to set.
+pub fn grant(
+    home: &Path,
+    provider: &str,
+    input: TokenInput,
+    validate: bool,
+) -> Result<GrantOutcome> {
+    let spec = lookup(home, provider)?;
+    if !spec.stores_secret {
+        return Err(Error::new(
+            ErrorKind::InvalidArgument,
+            format!("`moat grant {provider}` is not built yet"),
+        ));
+    }
+    let (token, mut meta) = match input {
+        TokenInput::Given(token, source) => (
+            token,
+            GrantMeta {
+                source,
+                ..GrantMeta::default()
+            },
+        ),
+        TokenInput::Environment => {
+            let (token, source) = token_from_env(&spec).ok_or_else(|| {
+                Error::new(
+                    ErrorKind::InvalidArgument,
+                    format!(
+                        "no {provider} token: set {} (or run `moat grant {provider}` in a terminal)",
+                        spec.env.join(" or ")
+                    ),
+                )
+            })?;
+            (
+                token,
+                GrantMeta {
+                    source,
+                    ..GrantMeta::default()
+                },
+            )
+        }
+        TokenInput::ClaudeCode(oauth) => {
+            if expired(oauth.expires.as_deref()) {
+                return Err(Error::new(
+                    ErrorKind::Config,
+                    format!(
+                        "the Claude Code credentials expired at {}; log in to Claude Code again (moat cannot refresh them yet)",
+                        oauth.expires.as_deref().unwrap_or("?")
+                    ),
+                ));
+            }
+            let mut metadata = BTreeMap::new();
+            if let Some(s) = &oauth.subscription {
+                metadata.insert("subscription".into(), s.clone());
+            }
+            (
+                oauth.access_token,
+                GrantMeta {
+                    source: "claude-code".into(),
+                    kind: Some("oauth".into()),
+                    expires: oauth.expires,
+                    metadata,
+                },
+            )
+        }
+    };
+    if provider == "anthropic" && meta.kind.is_none() {
+        meta.kind = Some("api_key".into());
+    }
+    if provider == "github" && validate {
+        let login = crate::blocking::block_on(github_login(&token))??;
+        meta.metadata.insert("login".into(), login);
+    }
+    let (path, key) = save(home, provider, token, meta)?;
+    let info = list(home)?
+        .into_iter()
+        .find(|g| g.provider == provider)
+        .ok_or_else(|| Error::new(ErrorKind::Internal, "the stored grant is not listed"))?;
+    Ok(GrantOutcome {
+        grant: info,
+        path,
+        key_file: match &key {
+            KeySource::Keyring => None,
+            KeySource::File { path, .. } => Some(path.clone()),
+        },
+        key_reason: match key {
+            KeySource::Keyring => None,
+            KeySource::File { reason, .. } => Some(reason),
+        },
+    })
+}

@@ -125,12 +125,14 @@ struct Lock(#[allow(dead_code)] File);
 fn lock(dir: &Path) -> Result<Lock> {
     paths::private_dir(dir)?;
     let path = dir.join(".lock");
-    let file = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&path)
-        .map_err(|e| Error::io(&path, "open", e))?;
+    let mut opts = std::fs::OpenOptions::new();
+    opts.create(true).truncate(false).write(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        opts.mode(0o600);
+    }
+    let file = opts.open(&path).map_err(|e| Error::io(&path, "open", e))?;
     file.lock().map_err(|e| Error::io(&path, "lock", e))?;
     Ok(Lock(file))
 }
@@ -161,6 +163,9 @@ fn keyring_call<T: Send + 'static>(
 fn key_from_keyring() -> std::result::Result<[u8; 32], String> {
     let created: [u8; 32] = random().map_err(|e| e.to_string())?;
     keyring_call(move || {
+        if let Err(e) = keyring::Entry::store_status() {
+            return Err(format!("no system keyring: {e}"));
+        }
         let entry =
             keyring::Entry::new(KEYRING_SERVICE, KEYRING_USER).map_err(|e| e.to_string())?;
         match entry.get_secret() {
