@@ -196,6 +196,17 @@ moat_status moat_proxy_options_add_resolve(moat_proxy_options *options,
                                            const char *address,
                                            moat_error **out_error);
 
+// Adds a stored grant (`github`, `anthropic`, a custom provider) whose
+// credentials the proxy injects; it is read from the credential store when
+// the proxy starts.
+//
+// # Safety
+// `options` is a live handle; `grant` is a NUL-terminated string;
+// `out_error` is NULL or valid for a write.
+moat_status moat_proxy_options_add_grant(moat_proxy_options *options,
+                                         const char *grant,
+                                         moat_error **out_error);
+
 // Adds a credential: `header: value` on requests to `host` (a host or
 // `*.` pattern, optionally `:port`; default 443). `grant` may be NULL. The
 // value is checked now and never appears in errors.
@@ -264,6 +275,42 @@ moat_status moat_proxy_close(moat_proxy *proxy, moat_error **out_error);
 // # Safety
 // `proxy` is NULL or a handle from `moat_proxy_start`, not yet freed.
 void moat_proxy_free(moat_proxy *proxy);
+
+// Stores a credential for `provider` without prompting: `token`, or when it
+// is NULL the provider's environment variable (GITHUB_TOKEN, ...). GitHub
+// tokens are checked against api.github.com when `validate` is true. `home`
+// may be NULL (`$MOAT_HOME` or `~/.moat`). On success, when `out_json` is not
+// NULL, writes the stored grant (never the token) as JSON; free it with
+// `moat_string_free`.
+//
+// # Safety
+// `provider` is a NUL-terminated string; `token` and `home` are NULL or
+// such strings; `out_json` and `out_error` are NULL or valid for a write.
+moat_status moat_grant(const char *provider,
+                       const char *token,
+                       bool validate,
+                       const char *home,
+                       char **out_json,
+                       moat_error **out_error);
+
+// Removes the stored credential of `provider`. `*out_removed` (when not
+// NULL) tells whether there was one.
+//
+// # Safety
+// `provider` is a NUL-terminated string; `home` is NULL or one;
+// `out_removed` and `out_error` are NULL or valid for a write.
+moat_status moat_revoke(const char *provider,
+                        const char *home,
+                        bool *out_removed,
+                        moat_error **out_error);
+
+// The stored grants as a JSON array (provider, source, created, expires,
+// hosts, ...; never the tokens). Free it with `moat_string_free`.
+//
+// # Safety
+// `home` is NULL or a NUL-terminated string; `out_json` is valid for a
+// write; `out_error` is NULL or valid for a write.
+moat_status moat_grants_json(const char *home, char **out_json, moat_error **out_error);
 
 #ifdef __cplusplus
 }  // extern "C"

@@ -731,6 +731,120 @@ pub unsafe extern "C" fn moat_proxy_free(proxy: *mut moat_proxy) {
     }
 }
 
+fn home_or_default(home: Option<&str>) -> Result<PathBuf, moat_error> {
+    match home {
+        Some(h) => Ok(PathBuf::from(h)),
+        None => moat_core::paths::moat_home().map_err(|e| moat_error::from_error(&e)),
+    }
+}
+
+fn to_json<T: serde::Serialize>(value: &T) -> Result<CString, moat_error> {
+    serde_json::to_string(value)
+        .map(|s| cstring(&s))
+        .map_err(|e| {
+            moat_error::plain(
+                moat_status::MOAT_ERR_INTERNAL,
+                &format!("cannot encode json: {e}"),
+            )
+        })
+}
+
+/// Stores a credential for `provider` without prompting: `token`, or when it
+/// is NULL the provider's environment variable (GITHUB_TOKEN, ...). GitHub
+/// tokens are checked against api.github.com when `validate` is true. `home`
+/// may be NULL (`$MOAT_HOME` or `~/.moat`). On success, when `out_json` is not
+/// NULL, writes the stored grant (never the token) as JSON; free it with
+/// `moat_string_free`.
+///
+/// # Safety
+/// `provider` is a NUL-terminated string; `token` and `home` are NULL or
+/// such strings; `out_json` and `out_error` are NULL or valid for a write.
+#[no_mangle]
+pub unsafe extern "C" fn moat_grant(
+    provider: *const c_char,
+    token: *const c_char,
+    validate: bool,
+    home: *const c_char,
+    out_json: *mut *mut c_char,
+    out_error: *mut *mut moat_error,
+) -> moat_status {
+    // SAFETY: the caller's promises are forwarded.
+    unsafe {
+        guard(out_error, "moat_grant", || {
+            let provider = arg_str(provider, "provider")?;
+            let home = home_or_default(opt_str(home, "home")?)?;
+            let input = match opt_str(token, "token")? {
+                Some(t) => moat_core::credential::TokenInput::Given(
+                    moat_core::secret::Secret::new(t.to_string()),
+                    "api".into(),
+                ),
+                None => moat_core::credential::TokenInput::Environment,
+            };
+            let outcome = moat_core::credential::grant(&home, provider, input, validate)
+                .map_err(|e| moat_error::from_error(&e))?;
+            if !out_json.is_null() {
+                *out_json = to_json(&outcome)?.into_raw();
+            }
+            Ok(())
+        })
+    }
+}
+
+/// Removes the stored credential of `provider`. `*out_removed` (when not
+/// NULL) tells whether there was one.
+///
+/// # Safety
+/// `provider` is a NUL-terminated string; `home` is NULL or one;
+/// `out_removed` and `out_error` are NULL or valid for a write.
+#[no_mangle]
+pub unsafe extern "C" fn moat_revoke(
+    provider: *const c_char,
+    home: *const c_char,
+    out_removed: *mut bool,
+    out_error: *mut *mut moat_error,
+) -> moat_status {
+    // SAFETY: the caller's promises are forwarded.
+    unsafe {
+        guard(out_error, "moat_revoke", || {
+            let provider = arg_str(provider, "provider")?;
+            let home = home_or_default(opt_str(home, "home")?)?;
+            let removed = moat_core::credential::revoke(&home, provider)
+                .map_err(|e| moat_error::from_error(&e))?;
+            if !out_removed.is_null() {
+                *out_removed = removed;
+            }
+            Ok(())
+        })
+    }
+}
+
+/// The stored grants as a JSON array (provider, source, created, expires,
+/// hosts, ...; never the tokens). Free it with `moat_string_free`.
+///
+/// # Safety
+/// `home` is NULL or a NUL-terminated string; `out_json` is valid for a
+/// write; `out_error` is NULL or valid for a write.
+#[no_mangle]
+pub unsafe extern "C" fn moat_grants_json(
+    home: *const c_char,
+    out_json: *mut *mut c_char,
+    out_error: *mut *mut moat_error,
+) -> moat_status {
+    // SAFETY: the caller's promises are forwarded.
+    unsafe {
+        guard(out_error, "moat_grants_json", || {
+            if out_json.is_null() {
+                return Err(null_arg("out_json"));
+            }
+            let home = home_or_default(opt_str(home, "home")?)?;
+            let list =
+                moat_core::credential::list(&home).map_err(|e| moat_error::from_error(&e))?;
+            *out_json = to_json(&list)?.into_raw();
+            Ok(())
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -7,7 +7,9 @@ use std::path::PathBuf;
 
 use moat_core::blocking::{BlockingProxy, ProxyOptions};
 use moat_core::config::{self, Config as CoreConfig};
+use moat_core::credential;
 use moat_core::proxy::Credential as CoreCredential;
+use moat_core::secret::Secret;
 use moat_core::{Error, ErrorKind};
 use pyo3::create_exception;
 use pyo3::exceptions::PyException;
@@ -382,6 +384,58 @@ impl Proxy {
     }
 }
 
+fn home_or_default(py: Python<'_>, home: Option<PathBuf>) -> PyResult<PathBuf> {
+    match home {
+        Some(h) => Ok(h),
+        None => moat_core::paths::moat_home().map_err(|e| to_py_err(py, &e)),
+    }
+}
+
+/// Stores a credential for `provider` (never prompts): `token`, else the
+/// provider's environment variable (GITHUB_TOKEN, ANTHROPIC_API_KEY, ...).
+/// GitHub tokens are checked against api.github.com unless `validate=False`.
+/// Returns the stored grant without its token.
+#[pyfunction]
+#[pyo3(signature = (provider, token=None, validate=true, home=None))]
+fn grant(
+    py: Python<'_>,
+    provider: String,
+    token: Option<String>,
+    validate: bool,
+    home: Option<PathBuf>,
+) -> PyResult<Py<PyAny>> {
+    let home = home_or_default(py, home)?;
+    let input = match token {
+        Some(t) => credential::TokenInput::Given(Secret::new(t), "api".into()),
+        None => credential::TokenInput::Environment,
+    };
+    let outcome = py
+        .detach(|| credential::grant(&home, &provider, input, validate))
+        .map_err(|e| to_py_err(py, &e))?;
+    json_to_py(py, &outcome)
+}
+
+/// Removes the stored credential of `provider`; returns whether there was one.
+#[pyfunction]
+#[pyo3(signature = (provider, home=None))]
+fn revoke(py: Python<'_>, provider: String, home: Option<PathBuf>) -> PyResult<bool> {
+    let home = home_or_default(py, home)?;
+    py.detach(|| credential::revoke(&home, &provider))
+        .map_err(|e| to_py_err(py, &e))
+}
+
+/// The stored grants (provider, source, created, expires, hosts, ...),
+/// never the tokens.
+#[pyfunction]
+#[pyo3(signature = (home=None))]
+fn grants(py: Python<'_>, home: Option<PathBuf>) -> PyResult<Py<PyAny>> {
+    let home = home_or_default(py, home)?;
+    let list = py
+        .detach(|| credential::list(&home))
+        .map_err(|e| to_py_err(py, &e))?;
+    json_to_py(py, &list)
+}
+
 /// Loads and validates the configuration of a workspace (a directory, or the
 /// path of its agent.yaml / moat.yaml). Raises ConfigError for an invalid file.
 #[pyfunction]
@@ -411,5 +465,8 @@ fn _moat(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Credential>()?;
     m.add_class::<Proxy>()?;
     m.add_function(wrap_pyfunction!(load_config, m)?)?;
+    m.add_function(wrap_pyfunction!(grant, m)?)?;
+    m.add_function(wrap_pyfunction!(revoke, m)?)?;
+    m.add_function(wrap_pyfunction!(grants, m)?)?;
     Ok(())
 }

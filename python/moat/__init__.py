@@ -28,7 +28,10 @@ from moat._moat import (
     Network,
     Proxy,
     __version__,
+    grant,
+    grants,
     load_config,
+    revoke,
 )
 
 __all__ = [
@@ -43,5 +46,8 @@ __all__ = [
     "Network",
     "Proxy",
     "__version__",
+    "grant",
+    "grants",
     "load_config",
+    "revoke",
 ]

@@ -29,7 +29,8 @@ echo "c: proxy"
 coproc UPSTREAM { python3 tests/c/upstream_server.py; }
 read -r port ca <&"${UPSTREAM[0]}"
 status=0
-"$out/test_proxy" "$scratch/proxy" "$port" "$ca" || status=$?
+# Grants use the key file, never a developer's own keyring.
+MOAT_KEYRING_BACKEND=file OPENAI_API_KEY= "$out/test_proxy" "$scratch/proxy" "$port" "$ca" || status=$?
 exec {UPSTREAM[1]}>&-
 wait "$UPSTREAM_PID" 2>/dev/null || true
 exit $status

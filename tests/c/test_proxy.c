@@ -123,6 +123,55 @@ static void test_misuse(const char *home) {
   moat_proxy_options_free(NULL);
 }
 
+static void test_grants(const char *scratch, const char *port, const char *ca) {
+  char home[600];
+  snprintf(home, sizeof home, "%s/grants-home", scratch);
+  char *json = NULL;
+  moat_error *err = NULL;
+  CHECK(moat_grant("github", "ghp_C_GRANT_secret_0123456789", false, home, &json, &err) == MOAT_OK);
+  CHECK(json && strstr(json, "\"provider\":\"github\"") != NULL);
+  CHECK(json && strstr(json, "ghp_C_GRANT") == NULL);
+  moat_string_free(json);
+
+  json = NULL;
+  CHECK(moat_grants_json(home, &json, NULL) == MOAT_OK);
+  CHECK(json && strstr(json, "\"source\":\"api\"") && strstr(json, "ghp_C_GRANT") == NULL);
+  moat_string_free(json);
+
+  /* A proxy that injects the stored grant. */
+  char addr[64];
+  snprintf(addr, sizeof addr, "127.0.0.1:%s", port);
+  moat_proxy_options *o = moat_proxy_options_new();
+  CHECK(moat_proxy_options_set(o, "home", home, NULL) == MOAT_OK);
+  CHECK(moat_proxy_options_set(o, "upstream_ca", ca, NULL) == MOAT_OK);
+  CHECK(moat_proxy_options_add_resolve(o, "api.github.com:443", addr, NULL) == MOAT_OK);
+  CHECK(moat_proxy_options_add_grant(o, "github", NULL) == MOAT_OK);
+  moat_proxy *proxy = NULL;
+  CHECK(moat_proxy_start(o, &proxy, NULL) == MOAT_OK);
+  moat_proxy_options_free(o);
+  if (proxy) {
+    char *out = run_curl(moat_proxy_url(proxy), moat_proxy_ca_cert_path(proxy),
+                         "https://api.github.com/granted");
+    CHECK(out && strstr(out, "Bearer ghp_C_GRANT_secret_0123456789") != NULL);
+    moat_proxy_free(proxy);
+  }
+
+  bool removed = false;
+  CHECK(moat_revoke("github", home, &removed, NULL) == MOAT_OK);
+  CHECK(removed);
+  CHECK(moat_revoke("github", home, &removed, NULL) == MOAT_OK);
+  CHECK(!removed);
+
+  err = NULL;
+  CHECK(moat_grant("githb", "x", false, home, NULL, &err) == MOAT_ERR_INVALID_ARGUMENT);
+  CHECK(err && strstr(moat_error_message(err), "did you mean \"github\""));
+  moat_error_free(err);
+  err = NULL;
+  CHECK(moat_grant("openai", NULL, false, home, NULL, &err) == MOAT_ERR_INVALID_ARGUMENT);
+  CHECK(err && strstr(moat_error_message(err), "OPENAI_API_KEY"));
+  moat_error_free(err);
+}
+
 int main(int argc, char **argv) {
   if (argc != 4) {
     fprintf(stderr, "usage: %s SCRATCH_DIR UPSTREAM_PORT UPSTREAM_CA\n", argv[0]);
@@ -130,6 +179,7 @@ int main(int argc, char **argv) {
   }
   test_injection(argv[1], argv[2], argv[3]);
   test_misuse(argv[1]);
+  test_grants(argv[1], argv[2], argv[3]);
   printf("%d passed, %d failed\n", passed, failed);
   return failed == 0 ? 0 : 1;
 }

@@ -49,6 +49,17 @@ class Recorder(BaseHTTPRequestHandler):
             "body": body.decode("utf-8", "replace"),
         }
         self.server.seen.append(record)
+        if self.path == "/user" and self.server.users is not None:
+            # A stand-in for GitHub's GET /user: known tokens get a login.
+            auth = (record["authorization"] or [""])[0]
+            login = self.server.users.get(auth.removeprefix("Bearer "))
+            out = json.dumps({"login": login} if login else {"message": "Bad credentials"}).encode()
+            self.send_response(200 if login else 401)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(out)))
+            self.end_headers()
+            self.wfile.write(out)
+            return
         if self.path.startswith("/redirect"):
             self.send_response(302)
             self.send_header("Location", "https://other.test/after-redirect")
@@ -71,6 +82,7 @@ class Upstream:
     def __init__(self, cert, key):
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Recorder)
         self.server.seen = []
+        self.server.users = None  # token -> login, to act as GitHub's /user
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         ctx.load_cert_chain(cert, key)
         self.server.socket = ctx.wrap_socket(self.server.socket, server_side=True)
@@ -81,6 +93,14 @@ class Upstream:
     @property
     def seen(self):
         return self.server.seen
+
+    @property
+    def users(self):
+        return self.server.users
+
+    @users.setter
+    def users(self, users):
+        self.server.users = users
 
     def resolve(self):
         """The proxy's resolve map: every test name to this server."""
