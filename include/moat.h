@@ -102,6 +102,18 @@ const char *moat_config_image(const moat_config *config);
 // `out_error` is NULL or valid for a write.
 moat_status moat_config_to_json(const moat_config *config, char **out_json, moat_error **out_error);
 
+// Resolves the configuration's `secrets:` on this host (`op read`, `aws ssm
+// get-parameter`) and writes `{"NAME": "value", ...}` to `*out_json`; free
+// it with `moat_string_free` (it holds secret values: clear it after use).
+// A failed lookup is `MOAT_ERR_CONFIG`, naming the variable and backend.
+//
+// # Safety
+// `config` is NULL or a live handle; `out_json` is valid for a write;
+// `out_error` is NULL or valid for a write.
+moat_status moat_config_resolve_secrets_json(const moat_config *config,
+                                             char **out_json,
+                                             moat_error **out_error);
+
 // Frees a configuration handle. NULL is ignored.
 //
 // # Safety

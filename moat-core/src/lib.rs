@@ -19,6 +19,7 @@ pub mod paths;
 pub mod policy;
 pub mod proxy;
 pub mod secret;
+pub mod secrets;
 pub mod trace;
 
 pub use error::{Diagnostic, Error, ErrorKind, Location, Result};

@@ -270,6 +270,39 @@ pub unsafe extern "C" fn moat_config_to_json(
     }
 }
 
+/// Resolves the configuration's `secrets:` on this host (`op read`, `aws ssm
+/// get-parameter`) and writes `{"NAME": "value", ...}` to `*out_json`; free
+/// it with `moat_string_free` (it holds secret values: clear it after use).
+/// A failed lookup is `MOAT_ERR_CONFIG`, naming the variable and backend.
+///
+/// # Safety
+/// `config` is NULL or a live handle; `out_json` is valid for a write;
+/// `out_error` is NULL or valid for a write.
+#[no_mangle]
+pub unsafe extern "C" fn moat_config_resolve_secrets_json(
+    config: *const moat_config,
+    out_json: *mut *mut c_char,
+    out_error: *mut *mut moat_error,
+) -> moat_status {
+    // SAFETY: the caller's promises are forwarded.
+    unsafe {
+        guard(out_error, "moat_config_resolve_secrets_json", || {
+            let config = config.as_ref().ok_or_else(|| null_arg("config"))?;
+            if out_json.is_null() {
+                return Err(null_arg("out_json"));
+            }
+            let resolved = moat_core::secrets::resolve(&config.inner.secrets)
+                .map_err(|e| moat_error::from_error(&e))?;
+            let map: std::collections::BTreeMap<&str, &str> = resolved
+                .iter()
+                .map(|(k, v)| (k.as_str(), v.expose().as_str()))
+                .collect();
+            *out_json = to_json(&map)?.into_raw();
+            Ok(())
+        })
+    }
+}
+
 /// Frees a configuration handle. NULL is ignored.
 ///
 /// # Safety

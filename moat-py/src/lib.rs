@@ -201,6 +201,19 @@ impl Config {
     fn interactive(&self) -> bool {
         self.inner.interactive
     }
+    /// Resolves `secrets:` on this host (op read, aws ssm get-parameter) and
+    /// returns {name: value}. Raises ConfigError naming the variable and
+    /// backend (never a value) when a lookup fails or its CLI is missing.
+    fn resolve_secrets(&self, py: Python<'_>) -> PyResult<BTreeMap<String, String>> {
+        let secrets = self.inner.secrets.clone();
+        let resolved = py
+            .detach(|| moat_core::secrets::resolve(&secrets))
+            .map_err(|e| to_py_err(py, &e))?;
+        Ok(resolved
+            .into_iter()
+            .map(|(k, v)| (k, v.expose().clone()))
+            .collect())
+    }
     /// The resolved configuration as JSON, as `moat config --json` prints it.
     fn to_json(&self, py: Python<'_>) -> PyResult<String> {
         serde_json::to_string(&self.inner.resolved()).map_err(|e| {

@@ -18,10 +18,17 @@ gcc "${cflags[@]}" tests/c/test_config.c -o "$out/test_config_static" \
 gcc "${cflags[@]}" -D_POSIX_C_SOURCE=200809L tests/c/test_proxy.c -o "$out/test_proxy" \
   -L "$profile_dir" -lmoat -Wl,-rpath,"$profile_dir"
 echo "c: config, shared library"
-mkdir -p "$scratch/shared" "$scratch/static" "$scratch/proxy"
-"$out/test_config_shared" "$scratch/shared"
+mkdir -p "$scratch/shared" "$scratch/static" "$scratch/proxy" "$scratch/bin"
+# A fake 1Password CLI for the secrets test.
+cat > "$scratch/bin/op" <<'OP'
+#!/bin/sh
+[ "$3" = "op://Dev/C/field" ] && { printf 'c-op-secret'; exit 0; }
+echo "[ERROR] item not found" >&2; exit 1
+OP
+chmod +x "$scratch/bin/op"
+PATH="$scratch/bin:$PATH" "$out/test_config_shared" "$scratch/shared"
 echo "c: config, static library"
-"$out/test_config_static" "$scratch/static"
+PATH="$scratch/bin:$PATH" "$out/test_config_static" "$scratch/static"
 
 # The proxy test needs a local HTTPS upstream: tests/c/upstream_server.py
 # prints its port and CA, and serves until its stdin closes.

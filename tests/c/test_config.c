@@ -113,6 +113,32 @@ static void test_misuse(void) {
   moat_string_free(NULL);
 }
 
+/* run.sh puts a fake `op` on PATH that answers op://Dev/C/field. */
+static void test_secrets(const char *dir) {
+  char ws[512], file[600];
+  snprintf(ws, sizeof ws, "%s/secrets", dir);
+  mkdir(ws, 0700);
+  snprintf(file, sizeof file, "%s/agent.yaml", ws);
+  write_file(file, "secrets:\n  TOKEN: op://Dev/C/field\n  OTHER: op://Dev/Missing/field\n");
+  moat_config *cfg = NULL;
+  CHECK(moat_config_load(ws, &cfg, NULL) == MOAT_OK);
+  char *json = NULL;
+  moat_error *err = NULL;
+  CHECK(moat_config_resolve_secrets_json(cfg, &json, &err) == MOAT_ERR_CONFIG);
+  CHECK(json == NULL);
+  CHECK(err && strstr(moat_error_message(err), "secret OTHER (1password)") != NULL);
+  moat_error_free(err);
+  moat_config_free(cfg);
+
+  write_file(file, "secrets:\n  TOKEN: op://Dev/C/field\n");
+  cfg = NULL;
+  CHECK(moat_config_load(ws, &cfg, NULL) == MOAT_OK);
+  CHECK(moat_config_resolve_secrets_json(cfg, &json, NULL) == MOAT_OK);
+  CHECK(json && strcmp(json, "{\"TOKEN\":\"c-op-secret\"}") == 0);
+  moat_string_free(json);
+  moat_config_free(cfg);
+}
+
 int main(int argc, char **argv) {
   if (argc != 2) {
     fprintf(stderr, "usage: %s SCRATCH_DIR\n", argv[0]);
@@ -123,6 +149,7 @@ int main(int argc, char **argv) {
   test_defaults(argv[1]);
   test_invalid(argv[1]);
   test_misuse();
+  test_secrets(argv[1]);
   printf("%d passed, %d failed\n", passed, failed);
   return failed == 0 ? 0 : 1;
 }
