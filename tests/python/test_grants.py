@@ -195,3 +195,26 @@ def test_cli_imports_claude_code_credentials(github, tmp_path):
         "accessToken": "sk-ant-oat01-OLD", "expiresAt": 1000}}))
     code, out = pty_run(["grant", "anthropic"], env, [("Use Claude Code credentials? [Y/n]:", "y\n")])
     assert code == 1 and "expired" in out, out
+
+
+def test_concurrent_grant_processes_never_corrupt_the_store(github, tmp_path):
+    """Eight `moat grant` processes at once on a fresh home: one key is made,
+    every write is whole, and the store decrypts afterwards."""
+    home = tmp_path / "race"
+    env = {**os.environ, "MOAT_HOME": str(home)}
+    procs = []
+    for i in range(8):
+        provider = "github" if i % 2 else "openai"
+        var = "GITHUB_TOKEN" if provider == "github" else "OPENAI_API_KEY"
+        procs.append(subprocess.Popen(
+            [str(MOAT), "grant", provider, "--no-validate"],
+            env={**env, var: f"token-{i}"}, stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE))
+    for p in procs:
+        _, err = p.communicate(timeout=60)
+        assert p.returncode == 0, err.decode()
+    listed = moat.grants(home=home)
+    assert sorted(g["provider"] for g in listed) == ["github", "openai"]
+    assert all(g["problem"] is None for g in listed), listed
+    leftovers = [p.name for p in (home / "credentials").iterdir() if p.name.endswith(".tmp")]
+    assert leftovers == []
