@@ -305,7 +305,21 @@ moat_status moat_grant(const char *provider,
                        char **out_json,
                        moat_error **out_error);
 
-// Removes the stored credential of `provider`. `*out_removed` (when not
+// Grants `host` a key of the SSH agent at `SSH_AUTH_SOCK`: the one whose
+// fingerprint is `key` (`SHA256:...`), or when NULL the agent's first. No
+// secret is stored. On success, when `out_json` is not NULL, writes the
+// grant as JSON.
+//
+// # Safety
+// `host` is a NUL-terminated string; `key` and `home` are NULL or such
+// strings; `out_json` and `out_error` are NULL or valid for a write.
+moat_status moat_grant_ssh(const char *host,
+                           const char *key,
+                           const char *home,
+                           char **out_json,
+                           moat_error **out_error);
+
+// Removes the stored credential of `provider` (or `ssh:<host>`). `*out_removed` (when not
 // NULL) tells whether there was one.
 //
 // # Safety

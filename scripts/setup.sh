@@ -40,8 +40,8 @@ apt_install() {
 command -v cargo >/dev/null || die "cargo is missing: install Rust (https://rustup.rs) first"
 command -v python3 >/dev/null || die "python3 is missing: install Python 3.9 or newer first"
 
-# curl, openssl and git are real clients and tools of the proxy tests.
-apt_install gcc pkg-config debootstrap curl openssl git ca-certificates
+# curl, openssl, git and openssh-client are real clients and tools of the tests.
+apt_install gcc pkg-config debootstrap curl openssl git ca-certificates openssh-client
 
 # A Docker engine: use the one that answers, else install and start one.
 if ! docker info >/dev/null 2>&1; then

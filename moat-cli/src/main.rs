@@ -71,6 +71,12 @@ struct GrantArgs {
     /// Print JSON (for `moat grant list` and for the stored grant)
     #[arg(long)]
     json: bool,
+    /// For `moat grant ssh`: the host the key may sign for
+    #[arg(long, value_name = "HOST")]
+    host: Option<String>,
+    /// For `moat grant ssh`: the agent key's fingerprint (default: its first key)
+    #[arg(long, value_name = "FINGERPRINT")]
+    key: Option<String>,
 }
 
 #[derive(Args, Debug)]
@@ -109,6 +115,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Config(args) => cmd_config(&args),
         Command::Grant(args) if args.provider == "list" => cmd_grant_list(&args),
+        Command::Grant(args) if args.provider == "ssh" => cmd_grant_ssh(&args),
         Command::Grant(args) => cmd_grant(&args),
         Command::Revoke(args) => cmd_revoke(&args),
     };
@@ -309,14 +316,43 @@ fn cmd_grant(args: &GrantArgs) -> Result<(), Error> {
     Ok(())
 }
 
+fn cmd_grant_ssh(args: &GrantArgs) -> Result<(), Error> {
+    let home = paths::moat_home()?;
+    let host = args.host.as_deref().ok_or_else(|| {
+        Error::new(
+            moat_core::ErrorKind::InvalidArgument,
+            "moat grant ssh needs --host <host> (the host the key may sign for)",
+        )
+    })?;
+    let socket = std::env::var_os("SSH_AUTH_SOCK")
+        .filter(|s| !s.is_empty())
+        .map(PathBuf::from);
+    let grant = credential::ssh::grant(&home, socket.as_deref(), host, args.key.as_deref())?;
+    if args.json {
+        let text = serde_json::to_string_pretty(&grant).map_err(internal)?;
+        return write_stdout(&(text + "\n"));
+    }
+    eprintln!(
+        "Using key: {} ({})",
+        grant.key.comment, grant.key.fingerprint
+    );
+    eprintln!("Granted SSH access to {}", grant.host);
+    Ok(())
+}
+
 fn cmd_revoke(args: &RevokeArgs) -> Result<(), Error> {
     let home = paths::moat_home()?;
-    credential::lookup(
-        &home,
-        args.provider.split(':').next().unwrap_or(&args.provider),
-    )?;
+    if !args.provider.starts_with("ssh") {
+        credential::lookup(
+            &home,
+            args.provider.split(':').next().unwrap_or(&args.provider),
+        )?;
+    }
     if credential::revoke(&home, &args.provider)? {
-        eprintln!("Revoked {} credentials", display_name(&args.provider));
+        match args.provider.strip_prefix("ssh:") {
+            Some(host) => eprintln!("Revoked SSH access to {host}"),
+            None => eprintln!("Revoked {} credentials", display_name(&args.provider)),
+        }
         Ok(())
     } else {
         Err(Error::new(

@@ -823,7 +823,42 @@ pub unsafe extern "C" fn moat_grant(
     }
 }
 
-/// Removes the stored credential of `provider`. `*out_removed` (when not
+/// Grants `host` a key of the SSH agent at `SSH_AUTH_SOCK`: the one whose
+/// fingerprint is `key` (`SHA256:...`), or when NULL the agent's first. No
+/// secret is stored. On success, when `out_json` is not NULL, writes the
+/// grant as JSON.
+///
+/// # Safety
+/// `host` is a NUL-terminated string; `key` and `home` are NULL or such
+/// strings; `out_json` and `out_error` are NULL or valid for a write.
+#[no_mangle]
+pub unsafe extern "C" fn moat_grant_ssh(
+    host: *const c_char,
+    key: *const c_char,
+    home: *const c_char,
+    out_json: *mut *mut c_char,
+    out_error: *mut *mut moat_error,
+) -> moat_status {
+    // SAFETY: the caller's promises are forwarded.
+    unsafe {
+        guard(out_error, "moat_grant_ssh", || {
+            let host = arg_str(host, "host")?;
+            let key = opt_str(key, "key")?;
+            let home = home_or_default(opt_str(home, "home")?)?;
+            let socket = std::env::var_os("SSH_AUTH_SOCK")
+                .filter(|s| !s.is_empty())
+                .map(PathBuf::from);
+            let grant = moat_core::credential::ssh::grant(&home, socket.as_deref(), host, key)
+                .map_err(|e| moat_error::from_error(&e))?;
+            if !out_json.is_null() {
+                *out_json = to_json(&grant)?.into_raw();
+            }
+            Ok(())
+        })
+    }
+}
+
+/// Removes the stored credential of `provider` (or `ssh:<host>`). `*out_removed` (when not
 /// NULL) tells whether there was one.
 ///
 /// # Safety

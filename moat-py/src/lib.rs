@@ -408,16 +408,38 @@ fn home_or_default(py: Python<'_>, home: Option<PathBuf>) -> PyResult<PathBuf> {
 /// provider's environment variable (GITHUB_TOKEN, ANTHROPIC_API_KEY, ...).
 /// GitHub tokens are checked against api.github.com unless `validate=False`.
 /// Returns the stored grant without its token.
+/// For `ssh`, pass `host` (and optionally the agent key's `key`
+/// fingerprint): the key of the agent at SSH_AUTH_SOCK is recorded for it.
 #[pyfunction]
-#[pyo3(signature = (provider, token=None, validate=true, home=None))]
+#[pyo3(signature = (provider, token=None, validate=true, home=None, host=None, key=None))]
 fn grant(
     py: Python<'_>,
     provider: String,
     token: Option<String>,
     validate: bool,
     home: Option<PathBuf>,
+    host: Option<String>,
+    key: Option<String>,
 ) -> PyResult<Py<PyAny>> {
     let home = home_or_default(py, home)?;
+    if provider == "ssh" {
+        let Some(host) = host else {
+            return Err(to_py_err(
+                py,
+                &Error::new(
+                    ErrorKind::InvalidArgument,
+                    "ssh grants need host=\"<host>\"",
+                ),
+            ));
+        };
+        let socket = std::env::var_os("SSH_AUTH_SOCK")
+            .filter(|s| !s.is_empty())
+            .map(PathBuf::from);
+        let grant = py
+            .detach(|| credential::ssh::grant(&home, socket.as_deref(), &host, key.as_deref()))
+            .map_err(|e| to_py_err(py, &e))?;
+        return json_to_py(py, &grant);
+    }
     let input = match token {
         Some(t) => credential::TokenInput::Given(Secret::new(t), "api".into()),
         None => credential::TokenInput::Environment,

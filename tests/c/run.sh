@@ -35,9 +35,17 @@ PATH="$scratch/bin:$PATH" "$out/test_config_static" "$scratch/static"
 echo "c: proxy"
 coproc UPSTREAM { python3 tests/c/upstream_server.py; }
 read -r port ca <&"${UPSTREAM[0]}"
+# A real ssh-agent holding one generated key, for the SSH grant test.
+ssh-agent -D -a "$scratch/agent.sock" >/dev/null 2>&1 &
+agent_pid=$!
+for _ in $(seq 50); do [ -S "$scratch/agent.sock" ] && break; sleep 0.1; done
+ssh-keygen -q -t ed25519 -N "" -C c-test@moat -f "$scratch/id_test"
+SSH_AUTH_SOCK="$scratch/agent.sock" ssh-add -q "$scratch/id_test" 2>/dev/null
 status=0
 # Grants use the key file, never a developer's own keyring.
-MOAT_KEYRING_BACKEND=file OPENAI_API_KEY= "$out/test_proxy" "$scratch/proxy" "$port" "$ca" || status=$?
+MOAT_KEYRING_BACKEND=file OPENAI_API_KEY= SSH_AUTH_SOCK="$scratch/agent.sock" \
+  "$out/test_proxy" "$scratch/proxy" "$port" "$ca" || status=$?
+kill "$agent_pid" 2>/dev/null || true
 exec {UPSTREAM[1]}>&-
 wait "$UPSTREAM_PID" 2>/dev/null || true
 exit $status

@@ -172,6 +172,26 @@ static void test_grants(const char *scratch, const char *port, const char *ca) {
   moat_error_free(err);
 }
 
+/* run.sh starts an ssh-agent holding one key (comment c-test@moat). */
+static void test_ssh_grant(const char *scratch) {
+  char home[600];
+  snprintf(home, sizeof home, "%s/ssh-home", scratch);
+  char *json = NULL;
+  moat_error *err = NULL;
+  CHECK(moat_grant_ssh("github.com", NULL, home, &json, &err) == MOAT_OK);
+  CHECK(json && strstr(json, "\"fingerprint\":\"SHA256:") != NULL);
+  CHECK(json && strstr(json, "c-test@moat") != NULL);
+  moat_string_free(json);
+  if (err) moat_error_free(err);
+  err = NULL;
+  CHECK(moat_grant_ssh("github.com", "SHA256:nope", home, NULL, &err) == MOAT_ERR_INVALID_ARGUMENT);
+  CHECK(err && strstr(moat_error_message(err), "holds no such key"));
+  moat_error_free(err);
+  bool removed = false;
+  CHECK(moat_revoke("ssh:github.com", home, &removed, NULL) == MOAT_OK && removed);
+  CHECK(moat_grant_ssh(NULL, NULL, home, NULL, NULL) == MOAT_ERR_INVALID_ARGUMENT);
+}
+
 int main(int argc, char **argv) {
   if (argc != 4) {
     fprintf(stderr, "usage: %s SCRATCH_DIR UPSTREAM_PORT UPSTREAM_CA\n", argv[0]);
@@ -180,6 +200,7 @@ int main(int argc, char **argv) {
   test_injection(argv[1], argv[2], argv[3]);
   test_misuse(argv[1]);
   test_grants(argv[1], argv[2], argv[3]);
+  test_ssh_grant(argv[1]);
   printf("%d passed, %d failed\n", passed, failed);
   return failed == 0 ? 0 : 1;
 }

@@ -4,6 +4,7 @@
 //! asks the user; this module finds, validates, stores and lists tokens.
 
 pub mod providers;
+pub mod ssh;
 pub mod store;
 
 use std::collections::BTreeMap;
@@ -175,6 +176,15 @@ pub fn save(
 /// Removes a stored grant (`github`, or a scoped name such as `github:repo`,
 /// which removes the provider's grant). `Ok(false)` when there was none.
 pub fn revoke(home: &Path, grant: &str) -> Result<bool> {
+    if let Some(host) = grant.strip_prefix("ssh:") {
+        return ssh::revoke(home, host);
+    }
+    if grant == "ssh" {
+        return Err(Error::new(
+            ErrorKind::InvalidArgument,
+            "name the host: moat revoke ssh:<host>",
+        ));
+    }
     let provider = grant.split(':').next().unwrap_or(grant);
     CredentialStore::open(home)?.remove(provider)
 }
@@ -222,6 +232,18 @@ pub fn list(home: &Path) -> Result<Vec<GrantInfo>> {
                 problem: Some(e.message().to_string()),
             }),
         }
+    }
+    for g in ssh::list(home)? {
+        out.push(GrantInfo {
+            provider: format!("ssh:{}", g.host),
+            source: format!("agent key {} ({})", g.key.fingerprint, g.key.comment),
+            created: g.created,
+            expires: None,
+            kind: Some(g.key.key_type),
+            hosts: vec![g.host],
+            metadata: BTreeMap::from([("fingerprint".to_string(), g.key.fingerprint)]),
+            problem: None,
+        });
     }
     Ok(out)
 }

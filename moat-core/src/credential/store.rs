@@ -120,9 +120,9 @@ impl std::fmt::Debug for CredentialStore {
 }
 
 /// Holds `credentials/.lock` for as long as it lives.
-struct Lock(#[allow(dead_code)] File);
+pub(crate) struct Lock(#[allow(dead_code)] File);
 
-fn lock(dir: &Path) -> Result<Lock> {
+pub(crate) fn lock(dir: &Path) -> Result<Lock> {
     paths::private_dir(dir)?;
     let path = dir.join(".lock");
     let mut opts = std::fs::OpenOptions::new();

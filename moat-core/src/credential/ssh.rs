@@ -1,0 +1,258 @@
+//! SSH grants: which key of the user's SSH agent may sign for which host.
+//!
+//! `moat grant ssh --host H [--key FINGERPRINT]` asks the agent at
+//! `SSH_AUTH_SOCK` for its keys (the agent protocol's
+//! `SSH2_AGENTC_REQUEST_IDENTITIES`), picks the first or the named one, and
+//! records `{host, fingerprint, comment}` in `$MOAT_HOME/ssh-grants.json`
+//! (0600). No private key and no secret is stored: signing stays with the
+//! agent. The filtering agent that uses these grants during a run is built
+//! with runs.
+
+use std::io::{Read, Write};
+use std::path::Path;
+
+use base64::Engine;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::error::{Error, ErrorKind, Result};
+use crate::paths;
+
+/// A key the agent holds.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentKey {
+    /// `SHA256:...` as `ssh-add -l` prints it.
+    pub fingerprint: String,
+    /// The key's comment (often user@host).
+    pub comment: String,
+    /// The key type (`ssh-ed25519`, ...).
+    pub key_type: String,
+}
+
+/// One SSH grant.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SshGrant {
+    /// The host the key may sign for.
+    pub host: String,
+    /// The key.
+    pub key: AgentKey,
+    /// When it was granted (RFC 3339).
+    pub created: String,
+}
+
+const REQUEST_IDENTITIES: u8 = 11;
+const IDENTITIES_ANSWER: u8 = 12;
+
+fn read_string(buf: &[u8], at: &mut usize) -> Option<Vec<u8>> {
+    let len = u32::from_be_bytes(buf.get(*at..*at + 4)?.try_into().ok()?) as usize;
+    *at += 4;
+    let s = buf.get(*at..*at + len)?.to_vec();
+    *at += len;
+    Some(s)
+}
+
+/// Parses an `SSH2_AGENT_IDENTITIES_ANSWER` body (after the length).
+fn parse_identities(msg: &[u8]) -> Option<Vec<AgentKey>> {
+    if *msg.first()? != IDENTITIES_ANSWER {
+        return None;
+    }
+    let mut at = 1;
+    let n = u32::from_be_bytes(msg.get(1..5)?.try_into().ok()?);
+    at += 4;
+    let mut keys = Vec::new();
+    for _ in 0..n.min(1024) {
+        let blob = read_string(msg, &mut at)?;
+        let comment = read_string(msg, &mut at)?;
+        let mut b = 0;
+        let key_type = String::from_utf8_lossy(&read_string(&blob, &mut b)?).into_owned();
+        let digest = Sha256::digest(&blob);
+        keys.push(AgentKey {
+            fingerprint: format!(
+                "SHA256:{}",
+                base64::engine::general_purpose::STANDARD_NO_PAD.encode(digest)
+            ),
+            comment: String::from_utf8_lossy(&comment).into_owned(),
+            key_type,
+        });
+    }
+    Some(keys)
+}
+
+/// The keys of the agent at `socket`.
+pub fn agent_keys(socket: &Path) -> Result<Vec<AgentKey>> {
+    let fail = |why: String| {
+        Error::new(
+            ErrorKind::Io,
+            format!("ssh agent at {}: {why}", socket.display()),
+        )
+    };
+    let mut stream = std::os::unix::net::UnixStream::connect(socket)
+        .map_err(|e| fail(format!("cannot connect ({e}); is ssh-agent running?")))?;
+    let timeout = Some(std::time::Duration::from_secs(5));
+    let _ = stream.set_read_timeout(timeout);
+    let _ = stream.set_write_timeout(timeout);
+    stream
+        .write_all(&[0, 0, 0, 1, REQUEST_IDENTITIES])
+        .map_err(|e| fail(format!("cannot write: {e}")))?;
+    let mut len = [0u8; 4];
+    stream
+        .read_exact(&mut len)
+        .map_err(|e| fail(format!("cannot read: {e}")))?;
+    let len = u32::from_be_bytes(len) as usize;
+    if len > 256 * 1024 {
+        return Err(fail(format!("answer of {len} bytes is too large")));
+    }
+    let mut msg = vec![0u8; len];
+    stream
+        .read_exact(&mut msg)
+        .map_err(|e| fail(format!("cannot read: {e}")))?;
+    parse_identities(&msg).ok_or_else(|| fail("the answer is not a list of keys".into()))
+}
+
+fn grants_path(home: &Path) -> std::path::PathBuf {
+    home.join("ssh-grants.json")
+}
+
+/// The SSH grants stored under `home`.
+pub fn list(home: &Path) -> Result<Vec<SshGrant>> {
+    let path = grants_path(home);
+    match std::fs::read(&path) {
+        Ok(data) => serde_json::from_slice(&data).map_err(|e| {
+            Error::new(
+                ErrorKind::Config,
+                format!(
+                    "{}: not a list of ssh grants ({e}); remove it and grant again",
+                    path.display()
+                ),
+            )
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
+        Err(e) => Err(Error::io(&path, "read", e)),
+    }
+}
+
+fn write(home: &Path, grants: &[SshGrant]) -> Result<()> {
+    paths::private_dir(home)?;
+    let data = serde_json::to_vec_pretty(grants)
+        .map_err(|e| Error::new(ErrorKind::Internal, e.to_string()))?;
+    paths::write_private(&grants_path(home), &data, 0o600)
+}
+
+/// Grants `host` the agent key named by `fingerprint` (with or without the
+/// `SHA256:` prefix), or the agent's first key. Replaces an earlier grant for
+/// the host.
+pub fn grant(
+    home: &Path,
+    socket: Option<&Path>,
+    host: &str,
+    fingerprint: Option<&str>,
+) -> Result<SshGrant> {
+    let pattern = crate::policy::HostPattern::parse(host)
+        .map_err(|e| Error::new(ErrorKind::InvalidArgument, format!("--host: {e}")))?;
+    if host.contains('*') || pattern.port().is_some() {
+        return Err(Error::new(
+            ErrorKind::InvalidArgument,
+            "--host: name one host, without wildcards or a port",
+        ));
+    }
+    let socket = socket.ok_or_else(|| {
+        Error::new(
+            ErrorKind::InvalidArgument,
+            "no ssh agent: SSH_AUTH_SOCK is not set; start one with `eval $(ssh-agent)` and add a key with `ssh-add`",
+        )
+    })?;
+    let keys = agent_keys(socket)?;
+    if keys.is_empty() {
+        return Err(Error::new(
+            ErrorKind::InvalidArgument,
+            "the ssh agent holds no keys; add one with `ssh-add ~/.ssh/id_ed25519`",
+        ));
+    }
+    let key = match fingerprint {
+        None => keys[0].clone(),
+        Some(fp) => {
+            let want = if fp.starts_with("SHA256:") {
+                fp.to_string()
+            } else {
+                format!("SHA256:{fp}")
+            };
+            keys.iter()
+                .find(|k| k.fingerprint == want)
+                .cloned()
+                .ok_or_else(|| {
+                    let have: Vec<String> = keys
+                        .iter()
+                        .map(|k| format!("{} ({})", k.fingerprint, k.comment))
+                        .collect();
+                    Error::new(
+                        ErrorKind::InvalidArgument,
+                        format!(
+                            "--key {fp}: the ssh agent holds no such key; it holds {}",
+                            have.join(", ")
+                        ),
+                    )
+                })?
+        }
+    };
+    let host = host.trim_end_matches('.').to_ascii_lowercase();
+    let entry = SshGrant {
+        host: host.clone(),
+        key,
+        created: crate::trace::now_rfc3339(),
+    };
+    let dir = home.join("credentials");
+    paths::private_dir(&dir)?;
+    let _lock = super::store::lock(&dir)?;
+    let mut grants = list(home)?;
+    grants.retain(|g| g.host != host);
+    grants.push(entry.clone());
+    write(home, &grants)?;
+    Ok(entry)
+}
+
+/// Removes the grant for `host`; `Ok(false)` when there was none.
+pub fn revoke(home: &Path, host: &str) -> Result<bool> {
+    let host = host.trim_end_matches('.').to_ascii_lowercase();
+    let dir = home.join("credentials");
+    paths::private_dir(&dir)?;
+    let _lock = super::store::lock(&dir)?;
+    let mut grants = list(home)?;
+    let before = grants.len();
+    grants.retain(|g| g.host != host);
+    if grants.len() == before {
+        return Ok(false);
+    }
+    write(home, &grants)?;
+    Ok(true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn identities_answer_parses_and_fingerprints() {
+        // An ed25519 public key blob: string "ssh-ed25519", string 32 bytes.
+        let mut blob = Vec::new();
+        blob.extend_from_slice(&11u32.to_be_bytes());
+        blob.extend_from_slice(b"ssh-ed25519");
+        blob.extend_from_slice(&32u32.to_be_bytes());
+        blob.extend_from_slice(&[7u8; 32]);
+        let mut msg = vec![IDENTITIES_ANSWER];
+        msg.extend_from_slice(&1u32.to_be_bytes());
+        msg.extend_from_slice(&(blob.len() as u32).to_be_bytes());
+        msg.extend_from_slice(&blob);
+        msg.extend_from_slice(&9u32.to_be_bytes());
+        msg.extend_from_slice(b"me@laptop");
+        let keys = parse_identities(&msg).unwrap();
+        assert_eq!(keys.len(), 1);
+        assert_eq!(keys[0].key_type, "ssh-ed25519");
+        assert_eq!(keys[0].comment, "me@laptop");
+        assert!(keys[0].fingerprint.starts_with("SHA256:"));
+        // Truncated answers are refused, not a panic.
+        for cut in 0..msg.len() {
+            let _ = parse_identities(&msg[..cut]);
+        }
+        assert!(parse_identities(&msg[..msg.len() - 3]).is_none());
+    }
+}
