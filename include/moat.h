@@ -319,6 +319,22 @@ moat_status moat_grant_ssh(const char *host,
                            char **out_json,
                            moat_error **out_error);
 
+// Stores an AWS role for runs to assume: `role_arn`, `region` (NULL:
+// us-east-1), `session_seconds` (0: 900), `external_id` (may be NULL). No
+// secret is stored; the host's AWS credentials are used at run time.
+//
+// # Safety
+// `role_arn` is a NUL-terminated string; `region`, `external_id` and `home`
+// are NULL or such strings; `out_json` and `out_error` are NULL or valid
+// for a write.
+moat_status moat_grant_aws(const char *role_arn,
+                           const char *region,
+                           uint32_t session_seconds,
+                           const char *external_id,
+                           const char *home,
+                           char **out_json,
+                           moat_error **out_error);
+
 // Removes the stored credential of `provider` (or `ssh:<host>`). `*out_removed` (when not
 // NULL) tells whether there was one.
 //

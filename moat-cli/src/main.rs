@@ -77,6 +77,18 @@ struct GrantArgs {
     /// For `moat grant ssh`: the agent key's fingerprint (default: its first key)
     #[arg(long, value_name = "FINGERPRINT")]
     key: Option<String>,
+    /// For `moat grant aws`: the IAM role to assume
+    #[arg(long, value_name = "ARN")]
+    role: Option<String>,
+    /// For `moat grant aws`: the STS region (default us-east-1)
+    #[arg(long)]
+    region: Option<String>,
+    /// For `moat grant aws`: session length, 15m to 12h (default 15m)
+    #[arg(long, value_name = "DURATION")]
+    session_duration: Option<String>,
+    /// For `moat grant aws`: the external id the role's trust policy requires
+    #[arg(long)]
+    external_id: Option<String>,
 }
 
 #[derive(Args, Debug)]
@@ -116,6 +128,7 @@ fn main() -> ExitCode {
         Command::Config(args) => cmd_config(&args),
         Command::Grant(args) if args.provider == "list" => cmd_grant_list(&args),
         Command::Grant(args) if args.provider == "ssh" => cmd_grant_ssh(&args),
+        Command::Grant(args) if args.provider == "aws" => cmd_grant_aws(&args),
         Command::Grant(args) => cmd_grant(&args),
         Command::Revoke(args) => cmd_revoke(&args),
     };
@@ -340,9 +353,43 @@ fn cmd_grant_ssh(args: &GrantArgs) -> Result<(), Error> {
     Ok(())
 }
 
+fn cmd_grant_aws(args: &GrantArgs) -> Result<(), Error> {
+    let home = paths::moat_home()?;
+    let role = args.role.as_deref().ok_or_else(|| {
+        Error::new(
+            moat_core::ErrorKind::InvalidArgument,
+            "moat grant aws needs --role=ARN (the IAM role runs assume)",
+        )
+    })?;
+    let duration = args
+        .session_duration
+        .as_deref()
+        .map(credential::aws::parse_duration)
+        .transpose()?;
+    let grant = credential::aws::grant(
+        &home,
+        role,
+        args.region.as_deref(),
+        duration,
+        args.external_id.as_deref(),
+    )?;
+    if args.json {
+        let text = serde_json::to_string_pretty(&grant).map_err(internal)?;
+        return write_stdout(&(text + "\n"));
+    }
+    eprintln!(
+        "Granted AWS role {} (region {}, sessions of {} min)",
+        grant.role_arn,
+        grant.region,
+        grant.session_duration / 60
+    );
+    eprintln!("Runs with --grant aws assume it with this host's AWS credentials; the long-lived keys stay here.");
+    Ok(())
+}
+
 fn cmd_revoke(args: &RevokeArgs) -> Result<(), Error> {
     let home = paths::moat_home()?;
-    if !args.provider.starts_with("ssh") {
+    if !args.provider.starts_with("ssh") && args.provider != "aws" {
         credential::lookup(
             &home,
             args.provider.split(':').next().unwrap_or(&args.provider),
@@ -351,6 +398,7 @@ fn cmd_revoke(args: &RevokeArgs) -> Result<(), Error> {
     if credential::revoke(&home, &args.provider)? {
         match args.provider.strip_prefix("ssh:") {
             Some(host) => eprintln!("Revoked SSH access to {host}"),
+            None if args.provider == "aws" => eprintln!("Revoked the AWS role"),
             None => eprintln!("Revoked {} credentials", display_name(&args.provider)),
         }
         Ok(())

@@ -169,12 +169,28 @@ mod proxy_facade {
                 .map(|(i, a)| HostPattern::parse(a).map_err(|e| bad(format!("allow[{i}]: {e}"))))
                 .collect::<Result<Vec<_>>>()?;
             let mut credentials = options.credentials;
+            let mut aws = None;
             if !options.grants.is_empty() {
                 let home = match &options.home {
                     Some(h) => h.clone(),
                     None => crate::paths::moat_home()?,
                 };
-                credentials.extend(crate::credential::credentials_for(&home, &options.grants)?);
+                let (aws_grants, others): (Vec<String>, Vec<String>) =
+                    options.grants.iter().cloned().partition(|g| g == "aws");
+                credentials.extend(crate::credential::credentials_for(&home, &others)?);
+                if !aws_grants.is_empty() {
+                    let role = crate::credential::aws::load(&home)?.ok_or_else(|| {
+                        Error::new(
+                            ErrorKind::Config,
+                            "grant \"aws\": no role is stored; run `moat grant aws --role=ARN`",
+                        )
+                    })?;
+                    let host = crate::credential::aws::host_credentials()?;
+                    let name = options.name.clone().unwrap_or_else(|| "moat".to_string());
+                    aws = Some(Arc::new(crate::credential::aws::RoleSession::new(
+                        role, host, &name,
+                    )));
+                }
             }
             let proxy = block_on(builder.start())??;
             let sink = Arc::new(MemorySink::default());
@@ -186,6 +202,7 @@ mod proxy_facade {
                 trace: Some(sink.clone()),
                 audit: Some(sink.clone()),
                 capture_bodies: options.capture_bodies,
+                aws,
             })?;
             Ok(BlockingProxy {
                 url: client.proxy_url(proxy.local_addr()).expose().clone(),

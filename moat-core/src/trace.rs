@@ -90,6 +90,17 @@ pub enum AuditEvent {
         /// Request path.
         path: String,
     },
+    /// Short-lived AWS credentials were handed to a client.
+    AwsCredentialsIssued {
+        /// The client (run).
+        client: String,
+        /// The role assumed.
+        role_arn: String,
+        /// The session's access key id (not secret).
+        access_key_id: String,
+        /// When the credentials expire.
+        expiration: Option<String>,
+    },
 }
 
 /// Receives audit events.

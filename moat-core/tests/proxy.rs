@@ -339,6 +339,7 @@ async fn setup_with(
             trace: Some(sink.clone()),
             audit: Some(sink.clone()),
             capture_bodies: 0,
+            aws: None,
         })
         .unwrap();
     Setup {

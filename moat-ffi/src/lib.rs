@@ -858,6 +858,43 @@ pub unsafe extern "C" fn moat_grant_ssh(
     }
 }
 
+/// Stores an AWS role for runs to assume: `role_arn`, `region` (NULL:
+/// us-east-1), `session_seconds` (0: 900), `external_id` (may be NULL). No
+/// secret is stored; the host's AWS credentials are used at run time.
+///
+/// # Safety
+/// `role_arn` is a NUL-terminated string; `region`, `external_id` and `home`
+/// are NULL or such strings; `out_json` and `out_error` are NULL or valid
+/// for a write.
+#[no_mangle]
+pub unsafe extern "C" fn moat_grant_aws(
+    role_arn: *const c_char,
+    region: *const c_char,
+    session_seconds: u32,
+    external_id: *const c_char,
+    home: *const c_char,
+    out_json: *mut *mut c_char,
+    out_error: *mut *mut moat_error,
+) -> moat_status {
+    // SAFETY: the caller's promises are forwarded.
+    unsafe {
+        guard(out_error, "moat_grant_aws", || {
+            let role = arg_str(role_arn, "role_arn")?;
+            let region = opt_str(region, "region")?;
+            let external_id = opt_str(external_id, "external_id")?;
+            let home = home_or_default(opt_str(home, "home")?)?;
+            let seconds = (session_seconds != 0).then_some(session_seconds);
+            let grant =
+                moat_core::credential::aws::grant(&home, role, region, seconds, external_id)
+                    .map_err(|e| moat_error::from_error(&e))?;
+            if !out_json.is_null() {
+                *out_json = to_json(&grant)?.into_raw();
+            }
+            Ok(())
+        })
+    }
+}
+
 /// Removes the stored credential of `provider` (or `ssh:<host>`). `*out_removed` (when not
 /// NULL) tells whether there was one.
 ///

@@ -410,8 +410,11 @@ fn home_or_default(py: Python<'_>, home: Option<PathBuf>) -> PyResult<PathBuf> {
 /// Returns the stored grant without its token.
 /// For `ssh`, pass `host` (and optionally the agent key's `key`
 /// fingerprint): the key of the agent at SSH_AUTH_SOCK is recorded for it.
+/// For `aws`, pass `role` (and optionally `region`, `session_duration` in
+/// seconds, `external_id`): the role configuration is stored.
 #[pyfunction]
-#[pyo3(signature = (provider, token=None, validate=true, home=None, host=None, key=None))]
+#[pyo3(signature = (provider, token=None, validate=true, home=None, host=None, key=None, role=None, region=None, session_duration=None, external_id=None))]
+#[allow(clippy::too_many_arguments)]
 fn grant(
     py: Python<'_>,
     provider: String,
@@ -420,8 +423,32 @@ fn grant(
     home: Option<PathBuf>,
     host: Option<String>,
     key: Option<String>,
+    role: Option<String>,
+    region: Option<String>,
+    session_duration: Option<u32>,
+    external_id: Option<String>,
 ) -> PyResult<Py<PyAny>> {
     let home = home_or_default(py, home)?;
+    if provider == "aws" {
+        let Some(role) = role else {
+            return Err(to_py_err(
+                py,
+                &Error::new(
+                    ErrorKind::InvalidArgument,
+                    "aws grants need role=\"arn:aws:iam::...:role/...\"",
+                ),
+            ));
+        };
+        let grant = credential::aws::grant(
+            &home,
+            &role,
+            region.as_deref(),
+            session_duration,
+            external_id.as_deref(),
+        )
+        .map_err(|e| to_py_err(py, &e))?;
+        return json_to_py(py, &grant);
+    }
     if provider == "ssh" {
         let Some(host) = host else {
             return Err(to_py_err(

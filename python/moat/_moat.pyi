@@ -129,6 +129,10 @@ def grant(
     home: Union[str, "os.PathLike[str]", None] = None,
     host: Optional[str] = None,
     key: Optional[str] = None,
+    role: Optional[str] = None,
+    region: Optional[str] = None,
+    session_duration: Optional[int] = None,
+    external_id: Optional[str] = None,
 ) -> Dict[str, Any]: ...
 def revoke(provider: str, home: Union[str, "os.PathLike[str]", None] = None) -> bool: ...
 def grants(home: Union[str, "os.PathLike[str]", None] = None) -> List[Dict[str, Any]]: ...

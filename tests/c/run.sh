@@ -44,6 +44,7 @@ SSH_AUTH_SOCK="$scratch/agent.sock" ssh-add -q "$scratch/id_test" 2>/dev/null
 status=0
 # Grants use the key file, never a developer's own keyring.
 MOAT_KEYRING_BACKEND=file OPENAI_API_KEY= SSH_AUTH_SOCK="$scratch/agent.sock" \
+  AWS_ACCESS_KEY_ID= AWS_SECRET_ACCESS_KEY= AWS_SHARED_CREDENTIALS_FILE=/nonexistent \
   "$out/test_proxy" "$scratch/proxy" "$port" "$ca" || status=$?
 kill "$agent_pid" 2>/dev/null || true
 exec {UPSTREAM[1]}>&-

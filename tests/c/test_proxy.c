@@ -192,6 +192,38 @@ static void test_ssh_grant(const char *scratch) {
   CHECK(moat_grant_ssh(NULL, NULL, home, NULL, NULL) == MOAT_ERR_INVALID_ARGUMENT);
 }
 
+static void test_aws_grant(const char *scratch) {
+  char home[600];
+  snprintf(home, sizeof home, "%s/aws-home", scratch);
+  char *json = NULL;
+  CHECK(moat_grant_aws("arn:aws:iam::123456789012:role/AgentRole", "eu-west-1", 3600, NULL, home,
+                       &json, NULL) == MOAT_OK);
+  CHECK(json && strstr(json, "\"region\":\"eu-west-1\"") && strstr(json, "\"session_duration\":3600"));
+  moat_string_free(json);
+  json = NULL;
+  CHECK(moat_grants_json(home, &json, NULL) == MOAT_OK);
+  CHECK(json && strstr(json, "\"provider\":\"aws\"") != NULL);
+  moat_string_free(json);
+
+  /* run.sh clears the AWS variables: a proxy cannot assume the role. */
+  moat_proxy_options *o = moat_proxy_options_new();
+  CHECK(moat_proxy_options_set(o, "home", home, NULL) == MOAT_OK);
+  CHECK(moat_proxy_options_add_grant(o, "aws", NULL) == MOAT_OK);
+  moat_proxy *proxy = NULL;
+  moat_error *err = NULL;
+  CHECK(moat_proxy_start(o, &proxy, &err) == MOAT_ERR_CONFIG);
+  CHECK(err && strstr(moat_error_message(err), "no AWS credentials on this host"));
+  moat_error_free(err);
+  moat_proxy_options_free(o);
+
+  err = NULL;
+  CHECK(moat_grant_aws("arn:aws:s3:::bucket", NULL, 0, NULL, home, NULL, &err) == MOAT_ERR_INVALID_ARGUMENT);
+  CHECK(err && strstr(moat_error_message(err), "not an IAM role ARN"));
+  moat_error_free(err);
+  bool removed = false;
+  CHECK(moat_revoke("aws", home, &removed, NULL) == MOAT_OK && removed);
+}
+
 int main(int argc, char **argv) {
   if (argc != 4) {
     fprintf(stderr, "usage: %s SCRATCH_DIR UPSTREAM_PORT UPSTREAM_CA\n", argv[0]);
@@ -201,6 +233,7 @@ int main(int argc, char **argv) {
   test_misuse(argv[1]);
   test_grants(argv[1], argv[2], argv[3]);
   test_ssh_grant(argv[1]);
+  test_aws_grant(argv[1]);
   printf("%d passed, %d failed\n", passed, failed);
   return failed == 0 ? 0 : 1;
 }

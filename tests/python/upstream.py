@@ -12,8 +12,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 NAMES = ["api.github.com", "github.com", "other.test"]
 
 
-def make_ca(directory):
-    """Creates a test CA and a leaf for NAMES; returns (ca_pem, cert, key)."""
+def make_ca(directory, names=None):
+    """Creates a test CA and a leaf for `names` (default NAMES); returns
+    (ca_pem, cert, key)."""
+    names = names or NAMES
     d = str(directory)
     ca_key, ca_pem = os.path.join(d, "ca.key"), os.path.join(d, "ca.pem")
     key, csr, cert = (os.path.join(d, n) for n in ("leaf.key", "leaf.csr", "leaf.pem"))
@@ -24,7 +26,7 @@ def make_ca(directory):
     run("openssl", "req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
         "-keyout", key, "-out", csr, "-subj", "/CN=api.github.com")
     with open(ext, "w") as f:
-        f.write("subjectAltName=" + ",".join("DNS:" + n for n in NAMES) + "\n")
+        f.write("subjectAltName=" + ",".join("DNS:" + n for n in names) + "\n")
     run("openssl", "x509", "-req", "-in", csr, "-CA", ca_pem, "-CAkey", ca_key,
         "-CAcreateserial", "-out", cert, "-days", "2", "-extfile", ext)
     return ca_pem, cert, key

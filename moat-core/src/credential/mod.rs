@@ -3,6 +3,7 @@
 //! revoke` and `moat grant list`. Nothing here prompts or prints: the CLI
 //! asks the user; this module finds, validates, stores and lists tokens.
 
+pub mod aws;
 pub mod providers;
 pub mod ssh;
 pub mod store;
@@ -179,6 +180,9 @@ pub fn revoke(home: &Path, grant: &str) -> Result<bool> {
     if let Some(host) = grant.strip_prefix("ssh:") {
         return ssh::revoke(home, host);
     }
+    if grant == "aws" {
+        return aws::revoke(home);
+    }
     if grant == "ssh" {
         return Err(Error::new(
             ErrorKind::InvalidArgument,
@@ -232,6 +236,25 @@ pub fn list(home: &Path) -> Result<Vec<GrantInfo>> {
                 problem: Some(e.message().to_string()),
             }),
         }
+    }
+    if let Some(role) = aws::load(home)? {
+        out.push(GrantInfo {
+            provider: "aws".into(),
+            source: format!("role {}", role.role_arn),
+            created: role.created,
+            expires: None,
+            kind: Some("role".into()),
+            hosts: vec![format!("sts.{}.amazonaws.com", role.region)],
+            metadata: BTreeMap::from([
+                ("role_arn".to_string(), role.role_arn),
+                ("region".to_string(), role.region),
+                (
+                    "session_duration".to_string(),
+                    role.session_duration.to_string(),
+                ),
+            ]),
+            problem: None,
+        });
     }
     for g in ssh::list(home)? {
         out.push(GrantInfo {
@@ -383,7 +406,10 @@ pub fn grant(
     if !spec.stores_secret {
         return Err(Error::new(
             ErrorKind::InvalidArgument,
-            format!("`moat grant {provider}` is not built yet"),
+            match provider {
+                "aws" => "aws grants name a role: moat grant aws --role=ARN".to_string(),
+                _ => format!("{provider} grants name a host: moat grant {provider} --host <host>"),
+            },
         ));
     }
     let (token, mut meta) = match input {

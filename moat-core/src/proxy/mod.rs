@@ -130,6 +130,9 @@ pub struct ClientSpec {
     /// Keep up to this many bytes of text request and response bodies in
     /// trace records; 0 (the default) keeps none.
     pub capture_bodies: usize,
+    /// An AWS role this client may get session credentials for, at
+    /// `http://moat.internal/aws/credentials`.
+    pub aws: Option<Arc<crate::credential::aws::RoleSession>>,
 }
 
 impl std::fmt::Debug for ClientSpec {
@@ -154,6 +157,7 @@ impl ClientSpec {
             trace: None,
             audit: None,
             capture_bodies: 0,
+            aws: None,
         }
     }
 }
@@ -188,6 +192,7 @@ pub(crate) struct ClientCtx {
     trace: Option<Arc<dyn TraceSink>>,
     audit: Option<Arc<dyn AuditSink>>,
     capture_bodies: usize,
+    aws: Option<Arc<crate::credential::aws::RoleSession>>,
 }
 
 /// Limits on client connections, with their defaults.
@@ -407,6 +412,7 @@ impl Proxy {
             trace: spec.trace,
             audit: spec.audit,
             capture_bodies: spec.capture_bodies,
+            aws: spec.aws,
         });
         let key: [u8; 32] = Sha256::digest(token.as_bytes()).into();
         self.shared

@@ -255,6 +255,11 @@ async fn handle_proxy_request(
     if req.method() == Method::CONNECT {
         return Ok(handle_connect(shared, ctx, req));
     }
+    if req.uri().scheme_str() == Some("http")
+        && req.uri().host() == Some(crate::credential::aws::CREDENTIALS_HOST)
+    {
+        return Ok(aws_credentials(&ctx, &req).await);
+    }
     if req.uri().scheme_str() == Some("http") && req.uri().authority().is_some() {
         return Ok(forward_plain(shared, ctx, req).await);
     }
@@ -262,6 +267,62 @@ async fn handle_proxy_request(
         StatusCode::BAD_REQUEST,
         "Moat: this is a forward proxy; send absolute http:// URLs or CONNECT\n",
     ))
+}
+
+/// Serves `http://moat.internal/aws/credentials` to a client with an AWS
+/// grant: its role's session credentials in `credential_process` format.
+async fn aws_credentials(ctx: &ClientCtx, req: &Request<Incoming>) -> Response<ProxyBody> {
+    use crate::credential::aws::{RoleSession, CREDENTIALS_PATH};
+    let out = Outcome {
+        ctx,
+        method: req.method().to_string(),
+        url: req.uri().to_string(),
+        host: crate::credential::aws::CREDENTIALS_HOST.to_string(),
+        port: 80,
+        started: Instant::now(),
+        time: now_rfc3339(),
+    };
+    if req.uri().path() != CREDENTIALS_PATH || req.method() != Method::GET {
+        out.record(Some(404), Some("unknown moat endpoint".into()), None);
+        return text_response(StatusCode::NOT_FOUND, "Moat: no such moat endpoint\n");
+    }
+    let Some(session) = &ctx.aws else {
+        out.record(Some(404), Some("this client has no aws grant".into()), None);
+        return text_response(
+            StatusCode::NOT_FOUND,
+            "Moat: this run has no aws grant; run with --grant aws after `moat grant aws --role=ARN`\n",
+        );
+    };
+    match session.credentials().await {
+        Ok(creds) => {
+            if let Some(audit) = &ctx.audit {
+                audit.event(&AuditEvent::AwsCredentialsIssued {
+                    client: ctx.name.clone(),
+                    role_arn: session_role(session),
+                    access_key_id: creds.access_key_id.clone(),
+                    expiration: creds.expiration.clone(),
+                });
+            }
+            out.record(Some(200), None, None);
+            let mut resp = Response::new(full(RoleSession::process_json(&creds)));
+            resp.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            );
+            resp.headers_mut()
+                .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+            resp
+        }
+        Err(e) => {
+            let msg = e.to_string();
+            out.record(Some(502), None, Some(msg.clone()));
+            text_response(StatusCode::BAD_GATEWAY, format!("Moat: {msg}\n"))
+        }
+    }
+}
+
+fn session_role(session: &crate::credential::aws::RoleSession) -> String {
+    session.role_arn().to_string()
 }
 
 fn handle_connect(
