@@ -1227,6 +1227,39 @@ async fn concurrent_first_connections_to_a_host_mint_one_certificate() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn clients_resume_tls_sessions_with_the_proxy() {
+    let s = setup().await;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_file_iter(s.ca()).unwrap() {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    // One client config (and so one session cache) for both connections.
+    let config = Arc::new(
+        rustls::ClientConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth(),
+    );
+    let mut kinds = Vec::new();
+    for _ in 0..2 {
+        let (tcp, _) = connect(s.proxy.local_addr(), &s.url(), "api.github.com:443").await;
+        let mut tls = tokio_rustls::TlsConnector::from(config.clone())
+            .connect(ServerName::try_from("api.github.com").unwrap(), tcp)
+            .await
+            .unwrap();
+        // Read the session ticket that follows the handshake in TLS 1.3.
+        tls.write_all(b"GET /r HTTP/1.1\r\nHost: api.github.com\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut out = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(5), tls.read_to_end(&mut out)).await;
+        kinds.push(tls.get_ref().1.handshake_kind());
+    }
+    assert_eq!(kinds[1], Some(rustls::HandshakeKind::Resumed), "{kinds:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn shutdown_stops_serving() {
     let s = setup().await;
     let addr = s.proxy.local_addr();

@@ -35,6 +35,10 @@ pub(crate) struct Shared {
     http: Client<Connector, ProxyBody>,
     /// Upstream TLS offering only HTTP/1.1, for WebSocket upgrades.
     tls_h1: Arc<rustls::ClientConfig>,
+    /// Client TLS sessions, shared by every intercepted connection so that
+    /// clients can resume (TLS 1.2 ids and TLS 1.3 tickets).
+    session_cache: Arc<dyn rustls::server::StoresServerSessions>,
+    ticketer: Option<Arc<dyn rustls::server::ProducesTickets>>,
     overrides: Arc<ResolveMap>,
     limits: Limits,
     connections: Arc<Semaphore>,
@@ -63,6 +67,8 @@ impl Shared {
         h1.alpn_protocols = vec![b"http/1.1".to_vec()];
         Shared {
             tls_h1: Arc::new(h1),
+            session_cache: rustls::server::ServerSessionMemoryCache::new(4096),
+            ticketer: rustls::crypto::ring::Ticketer::new().ok(),
             ca,
             clients: ClientTable::default(),
             cancel: CancellationToken::new(),
@@ -556,6 +562,12 @@ where
         .with_no_client_auth()
         .with_cert_resolver(Arc::new(FixedCert(leaf)));
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    // Resumption is checked against the server name by rustls, and the name
+    // was checked against the CONNECT host above.
+    config.session_storage = shared.session_cache.clone();
+    if let Some(ticketer) = &shared.ticketer {
+        config.ticketer = ticketer.clone();
+    }
     let Ok(Ok(tls)) = tokio::time::timeout(limit, start.into_stream(Arc::new(config))).await else {
         return;
     };
