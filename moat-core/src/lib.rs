@@ -11,6 +11,7 @@
 
 #![deny(missing_docs)]
 
+pub mod audit;
 pub mod blocking;
 pub mod config;
 pub mod credential;

@@ -1,0 +1,878 @@
+//! Writing, verifying and exporting audit logs.
+
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use ed25519_dalek::{Signer, SigningKey, Verifier, VerifyingKey};
+use serde::Serialize;
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+
+use super::jcs::canonical;
+use super::merkle::{self, Hash};
+use crate::error::{Error, ErrorKind, Result};
+use crate::paths;
+
+const B64: base64::engine::GeneralPurpose = base64::engine::general_purpose::STANDARD;
+const KEY_NAME: &str = "moat";
+/// Group commit: entries that arrive within this window share one fsync.
+const COMMIT_WINDOW: Duration = Duration::from_millis(10);
+/// A checkpoint is signed at least this often while entries arrive.
+const CHECKPOINT_EVERY: u64 = 1000;
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+fn bad(kind: ErrorKind, m: String) -> Error {
+    Error::new(kind, m)
+}
+
+/// The audit signing key of a moat home, created on first use (0600).
+pub fn signing_key(home: &Path) -> Result<SigningKey> {
+    let dir = home.join("audit");
+    paths::private_dir(&dir)?;
+    let path = dir.join("signing.key");
+    match std::fs::read(&path) {
+        Ok(bytes) => {
+            let seed: [u8; 32] = bytes.as_slice().try_into().map_err(|_| {
+                bad(
+                    ErrorKind::Config,
+                    format!(
+                        "{}: not an audit signing key (expected 32 bytes)",
+                        path.display()
+                    ),
+                )
+            })?;
+            Ok(SigningKey::from_bytes(&seed))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let mut seed = [0u8; 32];
+            getrandom::fill(&mut seed)
+                .map_err(|e| bad(ErrorKind::Internal, format!("no randomness: {e}")))?;
+            paths::write_private(&path, &seed, 0o600)?;
+            Ok(SigningKey::from_bytes(&seed))
+        }
+        Err(e) => Err(Error::io(&path, "read", e)),
+    }
+}
+
+fn key_hash(name: &str, key: &VerifyingKey) -> [u8; 4] {
+    let mut h = Sha256::new();
+    h.update(name.as_bytes());
+    h.update(b"\n");
+    h.update([1u8]);
+    h.update(key.as_bytes());
+    let d = h.finalize();
+    [d[0], d[1], d[2], d[3]]
+}
+
+/// The C2SP verifier key string: `moat+<key hash>+<base64(0x01 || key)>`.
+pub fn vkey_of(key: &VerifyingKey) -> String {
+    let mut raw = vec![1u8];
+    raw.extend_from_slice(key.as_bytes());
+    format!(
+        "{KEY_NAME}+{}+{}",
+        hex(&key_hash(KEY_NAME, key)),
+        B64.encode(raw)
+    )
+}
+
+fn parse_vkey(vkey: &str) -> Result<VerifyingKey> {
+    let fail = || {
+        bad(
+            ErrorKind::InvalidArgument,
+            format!("\"{vkey}\" is not a moat verifier key (moat+<hash>+<base64>)"),
+        )
+    };
+    let mut parts = vkey.trim().splitn(3, '+');
+    let (Some(_name), Some(_hash), Some(b64)) = (parts.next(), parts.next(), parts.next()) else {
+        return Err(fail());
+    };
+    let raw = B64.decode(b64).map_err(|_| fail())?;
+    if raw.len() != 33 || raw[0] != 1 {
+        return Err(fail());
+    }
+    let bytes: [u8; 32] = raw[1..].try_into().map_err(|_| fail())?;
+    VerifyingKey::from_bytes(&bytes).map_err(|_| fail())
+}
+
+/// A signed checkpoint, parsed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Checkpoint {
+    /// The log's origin line (`moat/<run>`).
+    pub origin: String,
+    /// Tree size.
+    pub size: u64,
+    /// Tree head (hex).
+    pub root: String,
+    /// When it was signed.
+    pub time: String,
+    /// The whole signed note.
+    pub note: String,
+}
+
+fn sign_checkpoint(key: &SigningKey, origin: &str, size: u64, root: &Hash, time: &str) -> String {
+    let body = format!("{origin}\n{size}\n{}\ntime {time}\n", B64.encode(root));
+    let sig = key.sign(body.as_bytes());
+    let mut blob = key_hash(KEY_NAME, &key.verifying_key()).to_vec();
+    blob.extend_from_slice(&sig.to_bytes());
+    format!("{body}\n\u{2014} {KEY_NAME} {}\n", B64.encode(blob))
+}
+
+/// Parses a signed note and checks its signature with `key`.
+fn open_checkpoint(note: &str, key: &VerifyingKey) -> std::result::Result<Checkpoint, String> {
+    let (body, sigs) = note
+        .split_once("\n\n")
+        .ok_or("not a signed note (no blank line)")?;
+    let body = format!("{body}\n");
+    let want = key_hash(KEY_NAME, key);
+    let mut verified = false;
+    for line in sigs.lines() {
+        let Some(rest) = line.strip_prefix("\u{2014} ") else {
+            continue;
+        };
+        let Some((name, b64)) = rest.split_once(' ') else {
+            continue;
+        };
+        let Ok(blob) = B64.decode(b64) else { continue };
+        if name != KEY_NAME || blob.len() != 68 || blob[..4] != want {
+            continue;
+        }
+        let Ok(sig) = ed25519_dalek::Signature::from_slice(&blob[4..]) else {
+            continue;
+        };
+        if key.verify(body.as_bytes(), &sig).is_ok() {
+            verified = true;
+        }
+    }
+    if !verified {
+        return Err("no valid signature by the expected key".into());
+    }
+    let mut lines = body.lines();
+    let origin = lines.next().ok_or("no origin")?.to_string();
+    let size = lines
+        .next()
+        .and_then(|l| l.parse().ok())
+        .ok_or("bad size line")?;
+    let root = lines
+        .next()
+        .and_then(|l| B64.decode(l).ok())
+        .filter(|r| r.len() == 32)
+        .ok_or("bad root line")?;
+    let time = lines
+        .find_map(|l| l.strip_prefix("time "))
+        .unwrap_or("")
+        .to_string();
+    Ok(Checkpoint {
+        origin,
+        size,
+        root: hex(&root),
+        time,
+        note: note.to_string(),
+    })
+}
+
+fn witness_path(home: &Path, origin: &str) -> PathBuf {
+    home.join("audit").join("witness").join(format!(
+        "{}.note",
+        hex(&Sha256::digest(origin.as_bytes())[..8])
+    ))
+}
+
+enum Msg {
+    Entry(
+        Value,
+        Option<mpsc::Sender<std::result::Result<u64, String>>>,
+    ),
+    Close(mpsc::Sender<std::result::Result<(), String>>),
+}
+
+/// The one writer of a log. Appends are committed in groups (one fsync per
+/// 10 ms window); a checkpoint is signed every 1000 entries and on close.
+/// If the log cannot be written, [`AuditWriter::healthy`] turns false and
+/// stays false: the proxy then stops injecting credentials.
+pub struct AuditWriter {
+    tx: Mutex<mpsc::Sender<Msg>>,
+    failed: Arc<Mutex<Option<String>>>,
+    thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+impl std::fmt::Debug for AuditWriter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AuditWriter").finish_non_exhaustive()
+    }
+}
+
+struct State {
+    dir: PathBuf,
+    home: PathBuf,
+    origin: String,
+    key: SigningKey,
+    file: File,
+    checkpoints: File,
+    leaves: Vec<Hash>,
+    prev: Hash,
+    last_checkpoint: u64,
+    _lock: File,
+}
+
+impl State {
+    fn checkpoint(&mut self) -> std::result::Result<(), String> {
+        let size = self.leaves.len() as u64;
+        if size == self.last_checkpoint && size > 0 {
+            return Ok(());
+        }
+        let root = merkle::root(&self.leaves);
+        let note = sign_checkpoint(
+            &self.key,
+            &self.origin,
+            size,
+            &root,
+            &crate::trace::now_rfc3339(),
+        );
+        let line = format!("{}\n", serde_json::json!({ "note": note }));
+        self.checkpoints
+            .write_all(line.as_bytes())
+            .and_then(|()| self.checkpoints.sync_data())
+            .map_err(|e| {
+                format!(
+                    "cannot write {}: {e}",
+                    self.dir.join("checkpoints.jsonl").display()
+                )
+            })?;
+        let witness = witness_path(&self.home, &self.origin);
+        if let Some(parent) = witness.parent() {
+            let _ = std::fs::create_dir_all(parent);
+        }
+        paths::write_private(&witness, note.as_bytes(), 0o600).map_err(|e| e.to_string())?;
+        self.last_checkpoint = size;
+        Ok(())
+    }
+}
+
+impl AuditWriter {
+    /// Opens (or continues) the log in `dir` with origin `moat/<name>`. Fails
+    /// when another writer holds the log.
+    pub fn open(dir: &Path, home: &Path, name: &str) -> Result<AuditWriter> {
+        paths::private_dir(dir)?;
+        let lock_path = dir.join("audit.lock");
+        let lock = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(|e| Error::io(&lock_path, "open", e))?;
+        lock.try_lock().map_err(|_| {
+            bad(
+                ErrorKind::InvalidArgument,
+                format!(
+                    "{}: the audit log already has a writer (one writer per log)",
+                    dir.display()
+                ),
+            )
+        })?;
+        let key = signing_key(home)?;
+        // Continue an existing log from its last complete entry.
+        let report = verify(dir, home, None)?;
+        if !report.ok {
+            return Err(bad(
+                ErrorKind::Config,
+                format!(
+                    "{}: cannot continue a log that does not verify: {}",
+                    dir.display(),
+                    report.problems.join("; ")
+                ),
+            ));
+        }
+        let log_path = dir.join("audit.jsonl");
+        if let Some(valid) = report.valid_bytes {
+            // Drop a torn tail before appending.
+            let f = OpenOptions::new()
+                .write(true)
+                .open(&log_path)
+                .map_err(|e| Error::io(&log_path, "open", e))?;
+            f.set_len(valid)
+                .map_err(|e| Error::io(&log_path, "truncate", e))?;
+        }
+        let open = |p: &Path| {
+            OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(p)
+                .map_err(|e| Error::io(p, "open", e))
+        };
+        let state = State {
+            file: open(&log_path)?,
+            checkpoints: open(&dir.join("checkpoints.jsonl"))?,
+            dir: dir.to_path_buf(),
+            home: home.to_path_buf(),
+            origin: format!("moat/{name}"),
+            key,
+            leaves: report.leaves,
+            prev: report.last_hash,
+            last_checkpoint: report.checkpoints.last().map_or(0, |c| c.size),
+            _lock: lock,
+        };
+        let (tx, rx) = mpsc::channel();
+        let failed: Arc<Mutex<Option<String>>> = Arc::default();
+        let thread_failed = failed.clone();
+        let thread = std::thread::Builder::new()
+            .name("moat-audit".into())
+            .spawn(move || writer_loop(state, rx, thread_failed))
+            .map_err(|e| {
+                bad(
+                    ErrorKind::Internal,
+                    format!("cannot start the audit writer: {e}"),
+                )
+            })?;
+        Ok(AuditWriter {
+            tx: Mutex::new(tx),
+            failed,
+            thread: Mutex::new(Some(thread)),
+        })
+    }
+
+    fn send(&self, msg: Msg) -> Result<()> {
+        self.tx
+            .lock()
+            .map_err(|_| bad(ErrorKind::Internal, "audit writer lock poisoned".into()))?
+            .send(msg)
+            .map_err(|_| bad(ErrorKind::Io, "the audit writer has stopped".into()))
+    }
+
+    /// Appends an entry and waits until it is on disk; returns its sequence
+    /// number.
+    pub fn append(&self, kind: &str, data: Value) -> Result<u64> {
+        let (ack, done) = mpsc::channel();
+        self.send(Msg::Entry(
+            serde_json::json!({"type": kind, "data": data}),
+            Some(ack),
+        ))?;
+        done.recv()
+            .map_err(|_| bad(ErrorKind::Io, "the audit writer has stopped".into()))?
+            .map_err(|e| bad(ErrorKind::Io, e))
+    }
+
+    /// Appends an entry without waiting (it is committed within 10 ms).
+    pub fn append_nowait(&self, kind: &str, data: Value) {
+        let _ = self.send(Msg::Entry(
+            serde_json::json!({"type": kind, "data": data}),
+            None,
+        ));
+    }
+
+    /// False once the log could not be written; then why.
+    pub fn healthy(&self) -> std::result::Result<(), String> {
+        match self.failed.lock().map(|f| f.clone()) {
+            Ok(None) => Ok(()),
+            Ok(Some(why)) => Err(why),
+            Err(_) => Err("audit writer lock poisoned".into()),
+        }
+    }
+
+    /// Commits what is pending, signs a final checkpoint and stops.
+    pub fn close(&self) -> Result<()> {
+        let (ack, done) = mpsc::channel();
+        if self.send(Msg::Close(ack)).is_ok() {
+            let result = done.recv().unwrap_or(Ok(()));
+            if let Ok(mut t) = self.thread.lock() {
+                if let Some(t) = t.take() {
+                    let _ = t.join();
+                }
+            }
+            return result.map_err(|e| bad(ErrorKind::Io, e));
+        }
+        Ok(())
+    }
+}
+
+impl Drop for AuditWriter {
+    fn drop(&mut self) {
+        let _ = self.close();
+    }
+}
+
+fn writer_loop(mut st: State, rx: mpsc::Receiver<Msg>, failed: Arc<Mutex<Option<String>>>) {
+    let fail = |why: String| {
+        if let Ok(mut f) = failed.lock() {
+            f.get_or_insert(why.clone());
+        }
+        why
+    };
+    while let Ok(first) = rx.recv() {
+        let mut batch = vec![first];
+        let deadline = Instant::now() + COMMIT_WINDOW;
+        let mut closing = None;
+        while closing.is_none() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(Msg::Close(ack)) => closing = Some(ack),
+                Ok(m) => batch.push(m),
+                Err(_) => break,
+            }
+        }
+        if let Some(Msg::Close(ack)) = batch.first() {
+            closing = Some(ack.clone());
+            batch.clear();
+        }
+        let mut buf = String::new();
+        let mut acks = Vec::new();
+        let broken = failed.lock().map(|f| f.clone()).unwrap_or(None);
+        for msg in batch {
+            let Msg::Entry(v, ack) = msg else { continue };
+            let seq = st.leaves.len() as u64;
+            let entry = serde_json::json!({
+                "seq": seq,
+                "time": crate::trace::now_rfc3339(),
+                "type": v["type"],
+                "prev": hex(&st.prev),
+                "data": v["data"],
+            });
+            let Some(line) = canonical(&entry) else {
+                if let Some(a) = ack {
+                    let _ = a.send(Err("audit data must not hold fractional numbers".into()));
+                }
+                continue;
+            };
+            st.prev = Sha256::digest(line.as_bytes()).into();
+            st.leaves.push(merkle::leaf_hash(line.as_bytes()));
+            buf.push_str(&line);
+            buf.push('\n');
+            acks.push((ack, seq));
+        }
+        let result = match &broken {
+            Some(why) => Err(why.clone()),
+            None => st
+                .file
+                .write_all(buf.as_bytes())
+                .and_then(|()| st.file.sync_data())
+                .map_err(|e| {
+                    fail(format!(
+                        "cannot write the audit log {}: {e}",
+                        st.dir.join("audit.jsonl").display()
+                    ))
+                }),
+        };
+        if result.is_ok() && st.leaves.len() as u64 >= st.last_checkpoint + CHECKPOINT_EVERY {
+            if let Err(e) = st.checkpoint() {
+                fail(e);
+            }
+        }
+        for (ack, seq) in acks {
+            if let Some(a) = ack {
+                let _ = a.send(result.clone().map(|()| seq));
+            }
+        }
+        if let Some(ack) = closing {
+            let r = if failed.lock().map(|f| f.is_some()).unwrap_or(true) {
+                Err(failed
+                    .lock()
+                    .ok()
+                    .and_then(|f| f.clone())
+                    .unwrap_or_default())
+            } else {
+                st.checkpoint().map_err(&fail)
+            };
+            let _ = ack.send(r);
+            return;
+        }
+    }
+}
+
+/// What [`verify`] found.
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    /// Everything checked out (a torn tail alone does not fail it).
+    pub ok: bool,
+    /// Complete entries.
+    pub entries: u64,
+    /// Entry types and counts, in first-seen order.
+    pub types: Vec<(String, u64)>,
+    /// Time of the first and last entry.
+    pub first_time: Option<String>,
+    /// Time of the last entry.
+    pub last_time: Option<String>,
+    /// Verified checkpoints.
+    pub checkpoints: Vec<Checkpoint>,
+    /// The verifier key used.
+    pub vkey: String,
+    /// The tree head over all entries (hex).
+    pub root: String,
+    /// A torn last line (a crash while writing), reported, not hidden.
+    pub torn_tail: Option<String>,
+    /// Every problem, the first bad entry first.
+    pub problems: Vec<String>,
+    #[serde(skip)]
+    leaves: Vec<Hash>,
+    #[serde(skip)]
+    last_hash: Hash,
+    #[serde(skip)]
+    valid_bytes: Option<u64>,
+    #[serde(skip)]
+    lines: Vec<String>,
+}
+
+/// Verifies the log in `dir`: every entry canonical and chained, the tree,
+/// every checkpoint's signature and root, the witness copy of the latest
+/// checkpoint. `vkey` overrides the key of `home`.
+pub fn verify(dir: &Path, home: &Path, vkey: Option<&str>) -> Result<Report> {
+    let key = match vkey {
+        Some(v) => parse_vkey(v)?,
+        None => signing_key(home)?.verifying_key(),
+    };
+    let log_path = dir.join("audit.jsonl");
+    let data = match std::fs::read(&log_path) {
+        Ok(d) => d,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+        Err(e) => return Err(Error::io(&log_path, "read", e)),
+    };
+    let mut r = Report {
+        ok: true,
+        entries: 0,
+        types: Vec::new(),
+        first_time: None,
+        last_time: None,
+        checkpoints: Vec::new(),
+        vkey: vkey_of(&key),
+        root: String::new(),
+        torn_tail: None,
+        problems: Vec::new(),
+        leaves: Vec::new(),
+        last_hash: [0u8; 32],
+        valid_bytes: None,
+        lines: Vec::new(),
+    };
+    let mut offset = 0usize;
+    let mut rest = &data[..];
+    while !rest.is_empty() {
+        let Some(nl) = rest.iter().position(|b| *b == b'\n') else {
+            r.torn_tail = Some(format!(
+                "the last {} bytes (after entry {}) are an incomplete entry, left by a crash while writing; they are ignored",
+                rest.len(),
+                r.entries
+            ));
+            r.valid_bytes = Some(offset as u64);
+            break;
+        };
+        let line_bytes = &rest[..nl];
+        let seq = r.entries;
+        let problem = check_line(line_bytes, seq, &r.last_hash);
+        match problem {
+            Ok((line, kind, time)) => {
+                if r.first_time.is_none() {
+                    r.first_time = Some(time.clone());
+                }
+                r.last_time = Some(time);
+                match r.types.iter_mut().find(|(t, _)| *t == kind) {
+                    Some((_, n)) => *n += 1,
+                    None => r.types.push((kind, 1)),
+                }
+                r.last_hash = Sha256::digest(line.as_bytes()).into();
+                r.leaves.push(merkle::leaf_hash(line.as_bytes()));
+                r.lines.push(line);
+                r.entries += 1;
+            }
+            Err(why) => {
+                r.ok = false;
+                r.problems
+                    .push(format!("entry {seq} (line {}): {why}", seq + 1));
+                break;
+            }
+        }
+        offset += nl + 1;
+        rest = &rest[nl + 1..];
+    }
+    r.root = hex(&merkle::root(&r.leaves));
+    // Checkpoints.
+    let cp_path = dir.join("checkpoints.jsonl");
+    let cps = std::fs::read_to_string(&cp_path).unwrap_or_default();
+    for (i, line) in cps.lines().enumerate() {
+        let note = serde_json::from_str::<Value>(line)
+            .ok()
+            .and_then(|v| v["note"].as_str().map(str::to_string));
+        let Some(note) = note else {
+            if i + 1 == cps.lines().count() && !cps.ends_with('\n') {
+                continue; // a torn checkpoint line
+            }
+            r.ok = false;
+            r.problems
+                .push(format!("checkpoint {} is not a note", i + 1));
+            continue;
+        };
+        match open_checkpoint(&note, &key) {
+            Ok(cp) => {
+                if cp.size > r.entries {
+                    r.ok = false;
+                    r.problems.push(format!(
+                        "the log is cut: checkpoint {} signs {} entries but the log has {}",
+                        i + 1,
+                        cp.size,
+                        r.entries
+                    ));
+                } else if hex(&merkle::root(&r.leaves[..cp.size as usize])) != cp.root {
+                    r.ok = false;
+                    r.problems.push(format!(
+                        "checkpoint {} (size {}) does not match the entries: an entry before {} was changed, inserted, deleted or reordered",
+                        i + 1,
+                        cp.size,
+                        cp.size
+                    ));
+                }
+                r.checkpoints.push(cp);
+            }
+            Err(why) => {
+                r.ok = false;
+                r.problems.push(format!("checkpoint {}: {why}", i + 1));
+            }
+        }
+    }
+    // The witness: the latest checkpoint moat signed for this origin.
+    if let Some(origin) = r.checkpoints.first().map(|c| c.origin.clone()) {
+        if let Ok(note) = std::fs::read_to_string(witness_path(home, &origin)) {
+            if let Ok(w) = open_checkpoint(&note, &key) {
+                let ok = w.size <= r.entries
+                    && hex(&merkle::root(&r.leaves[..w.size as usize])) == w.root;
+                if !ok {
+                    r.ok = false;
+                    r.problems.push(format!(
+                        "this log is older than, or differs from, the one moat signed last (size {} at {}): a log was swapped in",
+                        w.size, w.time
+                    ));
+                }
+            }
+        }
+    }
+    Ok(r)
+}
+
+fn check_line(
+    bytes: &[u8],
+    seq: u64,
+    prev: &Hash,
+) -> std::result::Result<(String, String, String), String> {
+    let line = std::str::from_utf8(bytes).map_err(|_| "not utf-8".to_string())?;
+    let v: Value = serde_json::from_str(line).map_err(|e| format!("not json ({e})"))?;
+    if canonical(&v).as_deref() != Some(line) {
+        return Err("not in canonical form (a changed byte?)".into());
+    }
+    if v["seq"].as_u64() != Some(seq) {
+        return Err(format!(
+            "sequence number {} where {seq} belongs (inserted, deleted or reordered)",
+            v["seq"]
+        ));
+    }
+    if v["prev"].as_str() != Some(hex(prev).as_str()) {
+        return Err(match seq {
+            0 => "its prev hash is not the first entry's (zeros): entries before it were deleted".into(),
+            _ => format!(
+                "its prev hash does not match entry {}: entry {} was changed, or entries were inserted, deleted or reordered here",
+                seq - 1,
+                seq - 1
+            ),
+        });
+    }
+    let kind = v["type"].as_str().ok_or("no type")?.to_string();
+    let time = v["time"].as_str().ok_or("no time")?.to_string();
+    Ok((line.to_string(), kind, time))
+}
+
+fn unhex(s: &str) -> Option<Hash> {
+    if s.len() != 64 {
+        return None;
+    }
+    let v: Option<Vec<u8>> = (0..32)
+        .map(|i| u8::from_str_radix(&s[2 * i..2 * i + 2], 16).ok())
+        .collect();
+    v?.try_into().ok()
+}
+
+/// Writes a self-contained proof bundle of the log in `dir`: entries,
+/// checkpoints, the verifier key, an inclusion proof of every entry in the
+/// last checkpoint and consistency proofs between consecutive checkpoints.
+pub fn export_bundle(dir: &Path, home: &Path, out: &Path) -> Result<Report> {
+    let r = verify(dir, home, None)?;
+    if !r.ok {
+        return Err(bad(
+            ErrorKind::Config,
+            format!(
+                "{}: the log does not verify: {}",
+                dir.display(),
+                r.problems.join("; ")
+            ),
+        ));
+    }
+    let last = r.checkpoints.last().ok_or_else(|| {
+        bad(
+            ErrorKind::Config,
+            format!("{}: the log has no signed checkpoint yet", dir.display()),
+        )
+    })?;
+    let n = last.size as usize;
+    let inclusion: Vec<Value> = (0..n)
+        .map(|i| serde_json::json!({"index": i, "proof": merkle::inclusion_proof(i, &r.leaves[..n]).iter().map(|h| hex(h)).collect::<Vec<_>>()}))
+        .collect();
+    let consistency: Vec<Value> = r
+        .checkpoints
+        .windows(2)
+        .map(|w| {
+            serde_json::json!({"from": w[0].size, "to": w[1].size,
+                "proof": merkle::consistency_proof(w[0].size as usize, &r.leaves[..w[1].size as usize]).iter().map(|h| hex(h)).collect::<Vec<_>>()})
+        })
+        .collect();
+    let bundle = serde_json::json!({
+        "format": "moat-audit-bundle/1",
+        "vkey": r.vkey,
+        "entries": r.lines[..n],
+        "checkpoints": r.checkpoints.iter().map(|c| c.note.clone()).collect::<Vec<_>>(),
+        "inclusion": inclusion,
+        "consistency": consistency,
+    });
+    let text = serde_json::to_string_pretty(&bundle)
+        .map_err(|e| bad(ErrorKind::Internal, e.to_string()))?;
+    std::fs::write(out, text + "\n").map_err(|e| Error::io(out, "write", e))?;
+    Ok(r)
+}
+
+/// Verifies a bundle offline. With `vkey`, its key must be that one.
+pub fn verify_bundle(path: &Path, vkey: Option<&str>) -> Result<Report> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, "read", e))?;
+    let b: Value = serde_json::from_str(&text).map_err(|e| {
+        bad(
+            ErrorKind::InvalidArgument,
+            format!("{}: not a bundle ({e})", path.display()),
+        )
+    })?;
+    let fail = |m: String| bad(ErrorKind::Config, format!("{}: {m}", path.display()));
+    if b["format"] != "moat-audit-bundle/1" {
+        return Err(fail("not a moat-audit-bundle/1".into()));
+    }
+    let own = b["vkey"].as_str().ok_or_else(|| fail("no vkey".into()))?;
+    if let Some(want) = vkey {
+        if want.trim() != own {
+            return Err(fail(format!(
+                "the bundle's key {own} is not the expected key {}",
+                want.trim()
+            )));
+        }
+    }
+    let key = parse_vkey(own)?;
+    let lines: Vec<String> = b["entries"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|v| v.as_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default();
+    let mut r = Report {
+        ok: true,
+        entries: 0,
+        types: Vec::new(),
+        first_time: None,
+        last_time: None,
+        checkpoints: Vec::new(),
+        vkey: own.to_string(),
+        root: String::new(),
+        torn_tail: None,
+        problems: Vec::new(),
+        leaves: Vec::new(),
+        last_hash: [0u8; 32],
+        valid_bytes: None,
+        lines: Vec::new(),
+    };
+    for (seq, line) in lines.iter().enumerate() {
+        match check_line(line.as_bytes(), seq as u64, &r.last_hash) {
+            Ok((line, kind, time)) => {
+                r.first_time.get_or_insert(time.clone());
+                r.last_time = Some(time);
+                match r.types.iter_mut().find(|(t, _)| *t == kind) {
+                    Some((_, n)) => *n += 1,
+                    None => r.types.push((kind, 1)),
+                }
+                r.last_hash = Sha256::digest(line.as_bytes()).into();
+                r.leaves.push(merkle::leaf_hash(line.as_bytes()));
+                r.entries += 1;
+            }
+            Err(why) => return Err(fail(format!("entry {seq}: {why}"))),
+        }
+    }
+    for (i, note) in b["checkpoints"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .enumerate()
+    {
+        let cp = open_checkpoint(note.as_str().unwrap_or(""), &key)
+            .map_err(|e| fail(format!("checkpoint {}: {e}", i + 1)))?;
+        r.checkpoints.push(cp);
+    }
+    let last = r
+        .checkpoints
+        .last()
+        .ok_or_else(|| fail("no checkpoint".into()))?
+        .clone();
+    if last.size != r.entries {
+        return Err(fail(format!(
+            "the last checkpoint signs {} entries but the bundle has {}",
+            last.size, r.entries
+        )));
+    }
+    let root = unhex(&last.root).ok_or_else(|| fail("bad root".into()))?;
+    if merkle::root(&r.leaves) != root {
+        return Err(fail("the entries do not hash to the signed root".into()));
+    }
+    for p in b["inclusion"].as_array().into_iter().flatten() {
+        let i = p["index"].as_u64().unwrap_or(u64::MAX);
+        let proof: Vec<Hash> = p["proof"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|h| h.as_str().and_then(unhex))
+            .collect();
+        let leaf = r
+            .leaves
+            .get(i as usize)
+            .ok_or_else(|| fail(format!("inclusion proof for missing entry {i}")))?;
+        if !merkle::verify_inclusion(i, last.size, leaf, &proof, &root) {
+            return Err(fail(format!(
+                "the inclusion proof of entry {i} does not verify"
+            )));
+        }
+    }
+    for p in b["consistency"].as_array().into_iter().flatten() {
+        let (from, to) = (
+            p["from"].as_u64().unwrap_or(0),
+            p["to"].as_u64().unwrap_or(0),
+        );
+        let find = |s: u64| {
+            r.checkpoints
+                .iter()
+                .find(|c| c.size == s)
+                .and_then(|c| unhex(&c.root))
+        };
+        let (Some(r1), Some(r2)) = (find(from), find(to)) else {
+            return Err(fail(format!(
+                "consistency proof {from}->{to} names no checkpoint"
+            )));
+        };
+        let proof: Vec<Hash> = p["proof"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|h| h.as_str().and_then(unhex))
+            .collect();
+        if !merkle::verify_consistency(from, to, &proof, &r1, &r2) {
+            return Err(fail(format!(
+                "the log did not only grow between sizes {from} and {to}"
+            )));
+        }
+    }
+    r.root = last.root;
+    Ok(r)
+}

@@ -1,0 +1,376 @@
+//! RFC 6962 Merkle trees: tree heads, inclusion and consistency proofs, and
+//! their verification (the algorithms of RFC 9162 section 2.1). Pure.
+
+use sha2::{Digest, Sha256};
+
+/// A SHA-256 hash.
+pub type Hash = [u8; 32];
+
+/// `SHA-256(0x00 || data)`.
+pub fn leaf_hash(data: &[u8]) -> Hash {
+    let mut h = Sha256::new();
+    h.update([0u8]);
+    h.update(data);
+    h.finalize().into()
+}
+
+/// `SHA-256(0x01 || left || right)`.
+pub fn node_hash(left: &Hash, right: &Hash) -> Hash {
+    let mut h = Sha256::new();
+    h.update([1u8]);
+    h.update(left);
+    h.update(right);
+    h.finalize().into()
+}
+
+/// The largest power of two smaller than `n` (n > 1).
+fn split(n: usize) -> usize {
+    let mut k = 1;
+    while k << 1 < n {
+        k <<= 1;
+    }
+    k
+}
+
+/// MTH over leaf hashes; the empty tree's head is `SHA-256("")`.
+pub fn root(leaves: &[Hash]) -> Hash {
+    match leaves.len() {
+        0 => Sha256::digest([]).into(),
+        1 => leaves[0],
+        n => {
+            let k = split(n);
+            node_hash(&root(&leaves[..k]), &root(&leaves[k..]))
+        }
+    }
+}
+
+/// The audit path of leaf `index` in the tree of `leaves` (RFC 6962 PATH).
+pub fn inclusion_proof(index: usize, leaves: &[Hash]) -> Vec<Hash> {
+    let n = leaves.len();
+    if n <= 1 || index >= n {
+        return Vec::new();
+    }
+    let k = split(n);
+    if index < k {
+        let mut p = inclusion_proof(index, &leaves[..k]);
+        p.push(root(&leaves[k..]));
+        p
+    } else {
+        let mut p = inclusion_proof(index - k, &leaves[k..]);
+        p.push(root(&leaves[..k]));
+        p
+    }
+}
+
+/// The consistency proof from the first `m` leaves to all of `leaves`
+/// (RFC 6962 PROOF).
+pub fn consistency_proof(m: usize, leaves: &[Hash]) -> Vec<Hash> {
+    if m == 0 || m >= leaves.len() {
+        return Vec::new();
+    }
+    subproof(m, leaves, true)
+}
+
+fn subproof(m: usize, leaves: &[Hash], complete: bool) -> Vec<Hash> {
+    let n = leaves.len();
+    if m == n {
+        return if complete {
+            Vec::new()
+        } else {
+            vec![root(leaves)]
+        };
+    }
+    let k = split(n);
+    if m <= k {
+        let mut p = subproof(m, &leaves[..k], complete);
+        p.push(root(&leaves[k..]));
+        p
+    } else {
+        let mut p = subproof(m - k, &leaves[k..], false);
+        p.push(root(&leaves[..k]));
+        p
+    }
+}
+
+/// Does `proof` show that `leaf` is leaf `index` of the tree of `size` with
+/// head `root`? (RFC 9162 2.1.3.2)
+pub fn verify_inclusion(index: u64, size: u64, leaf: &Hash, proof: &[Hash], root: &Hash) -> bool {
+    if index >= size {
+        return false;
+    }
+    let (mut fnode, mut snode) = (index, size - 1);
+    let mut r = *leaf;
+    for p in proof {
+        if snode == 0 {
+            return false;
+        }
+        if fnode & 1 == 1 || fnode == snode {
+            r = node_hash(p, &r);
+            if fnode & 1 == 0 {
+                while fnode & 1 == 0 && fnode != 0 {
+                    fnode >>= 1;
+                    snode >>= 1;
+                }
+            }
+        } else {
+            r = node_hash(&r, p);
+        }
+        fnode >>= 1;
+        snode >>= 1;
+    }
+    snode == 0 && r == *root
+}
+
+/// Does `proof` show that the tree of `size1` with head `root1` is a prefix
+/// of the tree of `size2` with head `root2`? (RFC 9162 2.1.4.2)
+pub fn verify_consistency(
+    size1: u64,
+    size2: u64,
+    proof: &[Hash],
+    root1: &Hash,
+    root2: &Hash,
+) -> bool {
+    if size1 > size2 {
+        return false;
+    }
+    if size1 == size2 {
+        return proof.is_empty() && root1 == root2;
+    }
+    if size1 == 0 {
+        return proof.is_empty();
+    }
+    if proof.is_empty() {
+        return false;
+    }
+    let mut path: Vec<Hash> = proof.to_vec();
+    if size1.is_power_of_two() {
+        path.insert(0, *root1);
+    }
+    let (mut fnode, mut snode) = (size1 - 1, size2 - 1);
+    while fnode & 1 == 1 {
+        fnode >>= 1;
+        snode >>= 1;
+    }
+    let (mut fr, mut sr) = (path[0], path[0]);
+    for c in &path[1..] {
+        if snode == 0 {
+            return false;
+        }
+        if fnode & 1 == 1 || fnode == snode {
+            fr = node_hash(c, &fr);
+            sr = node_hash(c, &sr);
+            if fnode & 1 == 0 {
+                while fnode & 1 == 0 && fnode != 0 {
+                    fnode >>= 1;
+                    snode >>= 1;
+                }
+            }
+        } else {
+            sr = node_hash(&sr, c);
+        }
+        fnode >>= 1;
+        snode >>= 1;
+    }
+    snode == 0 && fr == *root1 && sr == *root2
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn h(s: &str) -> Hash {
+        let v: Vec<u8> = (0..s.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
+            .collect();
+        v.try_into().unwrap()
+    }
+
+    /// The Certificate Transparency reference leaves and tree heads.
+    fn ct_leaves() -> Vec<Hash> {
+        let data: [&[u8]; 8] = [
+            b"",
+            &[0x00],
+            &[0x10],
+            &[0x20, 0x21],
+            &[0x30, 0x31],
+            &[0x40, 0x41, 0x42, 0x43],
+            &[0x50, 0x51, 0x52, 0x53, 0x54, 0x55, 0x56, 0x57],
+            &[
+                0x60, 0x61, 0x62, 0x63, 0x64, 0x65, 0x66, 0x67, 0x68, 0x69, 0x6a, 0x6b, 0x6c, 0x6d,
+                0x6e, 0x6f,
+            ],
+        ];
+        data.iter().map(|d| leaf_hash(d)).collect()
+    }
+
+    const ROOTS: [&str; 9] = [
+        "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855",
+        "6e340b9cffb37a989ca544e6bb780a2c78901d3fb33738768511a30617afa01d",
+        "fac54203e7cc696cf0dfcb42c92a1d9dbaf70ad9e621f4bd8d98662f00e3c125",
+        "aeb6bcfe274b70a14fb067a5e5578264db0fa9b51af5e0ba159158f329e06e77",
+        "d37ee418976dd95753c1c73862b9398fa2a2cf9b4ff0fdfe8b30cd95209614b7",
+        "4e3bbb1f7b478dcfe71fb631631519a3bca12c9aefca1612bfce4c13a86264d4",
+        "76e67dadbcdf1e10e1b74ddc608abd2f98dfb16fbce75277b5232a127f2087ef",
+        "ddb89be403809e325750d3d263cd78929c2942b7942a34b77e122c9594a74c8c",
+        "5dc9da79a70659a9ad559cb701ded9a2ab9d823aad2f4960cfe370eff4604328",
+    ];
+
+    #[test]
+    fn tree_heads_match_the_reference() {
+        let leaves = ct_leaves();
+        for (n, want) in ROOTS.iter().enumerate() {
+            assert_eq!(root(&leaves[..n]), h(want), "size {n}");
+        }
+    }
+
+    #[test]
+    fn inclusion_proofs_match_the_reference_and_mutations_fail() {
+        let leaves = ct_leaves();
+        let cases: [(usize, usize, [&str; 3]); 2] = [
+            (
+                0,
+                8,
+                [
+                    "96a296d224f285c67bee93c30f8a309157f0daa35dc5b87e410b78630a09cfc7",
+                    "5f083f0a1a33ca076a95279832580db3e0ef4584bdff1f54c8a360f50de3031e",
+                    "6b47aaf29ee3c2af9af889bc1fb9254dabd31177f16232dd6aab035ca39bf6e4",
+                ],
+            ),
+            (
+                5,
+                8,
+                [
+                    "bc1a0643b12e4d2d7c77918f44e0f4f79a838b6cf9ec5b5c283e1f4d88599e6b",
+                    "ca854ea128ed050b41b35ffc1b87b8eb2bde461e9e3b5596ece6b9d5975a0ae0",
+                    "d37ee418976dd95753c1c73862b9398fa2a2cf9b4ff0fdfe8b30cd95209614b7",
+                ],
+            ),
+        ];
+        let r = h(ROOTS[8]);
+        for (i, n, want) in cases {
+            let proof = inclusion_proof(i, &leaves[..n]);
+            assert_eq!(proof, want.map(h).to_vec(), "leaf {i} of {n}");
+            assert!(verify_inclusion(i as u64, n as u64, &leaves[i], &proof, &r));
+            // Mutations: each proof element, the index, the size, the leaf, a
+            // missing or extra element.
+            for j in 0..proof.len() {
+                let mut bad = proof.clone();
+                bad[j][0] ^= 1;
+                assert!(!verify_inclusion(i as u64, n as u64, &leaves[i], &bad, &r));
+            }
+            assert!(!verify_inclusion(
+                i as u64 + 1,
+                n as u64,
+                &leaves[i],
+                &proof,
+                &r
+            ));
+            // No size mutation: the paths of sizes 7 and 8 have the same shape
+            // for these leaves, so a size is only ever trusted together with
+            // its root, in a signed checkpoint.
+            assert!(!verify_inclusion(
+                i as u64,
+                n as u64,
+                &leaves[(i + 1) % n],
+                &proof,
+                &r
+            ));
+            assert!(!verify_inclusion(
+                i as u64,
+                n as u64,
+                &leaves[i],
+                &proof[..2],
+                &r
+            ));
+            let mut long = proof.clone();
+            long.push(r);
+            assert!(!verify_inclusion(i as u64, n as u64, &leaves[i], &long, &r));
+        }
+    }
+
+    #[test]
+    fn consistency_proofs_match_the_reference_and_mutations_fail() {
+        let leaves = ct_leaves();
+        let cases: [(usize, usize, &[&str]); 4] = [
+            (1, 1, &[]),
+            (
+                1,
+                8,
+                &[
+                    "96a296d224f285c67bee93c30f8a309157f0daa35dc5b87e410b78630a09cfc7",
+                    "5f083f0a1a33ca076a95279832580db3e0ef4584bdff1f54c8a360f50de3031e",
+                    "6b47aaf29ee3c2af9af889bc1fb9254dabd31177f16232dd6aab035ca39bf6e4",
+                ],
+            ),
+            (
+                6,
+                8,
+                &[
+                    "0ebc5d3437fbe2db158b9f126a1d118e308181031d0a949f8dededebc558ef6a",
+                    "ca854ea128ed050b41b35ffc1b87b8eb2bde461e9e3b5596ece6b9d5975a0ae0",
+                    "d37ee418976dd95753c1c73862b9398fa2a2cf9b4ff0fdfe8b30cd95209614b7",
+                ],
+            ),
+            (
+                2,
+                5,
+                &[
+                    "5f083f0a1a33ca076a95279832580db3e0ef4584bdff1f54c8a360f50de3031e",
+                    "bc1a0643b12e4d2d7c77918f44e0f4f79a838b6cf9ec5b5c283e1f4d88599e6b",
+                ],
+            ),
+        ];
+        for (m, n, want) in cases {
+            let proof = consistency_proof(m, &leaves[..n]);
+            let want: Vec<Hash> = want.iter().map(|s| h(s)).collect();
+            assert_eq!(proof, want, "{m} -> {n}");
+            let (r1, r2) = (h(ROOTS[m]), h(ROOTS[n]));
+            assert!(
+                verify_consistency(m as u64, n as u64, &proof, &r1, &r2),
+                "{m} -> {n}"
+            );
+            for j in 0..proof.len() {
+                let mut bad = proof.clone();
+                bad[j][5] ^= 0x80;
+                assert!(!verify_consistency(m as u64, n as u64, &bad, &r1, &r2));
+            }
+            if m != n {
+                let mut bad_root = r1;
+                bad_root[0] ^= 1;
+                assert!(!verify_consistency(
+                    m as u64, n as u64, &proof, &bad_root, &r2
+                ));
+                assert!(!verify_consistency(
+                    m as u64,
+                    n as u64,
+                    &proof,
+                    &r1,
+                    &h(ROOTS[n - 1])
+                ));
+            }
+        }
+    }
+
+    #[test]
+    fn every_proof_of_many_trees_verifies() {
+        let leaves: Vec<Hash> = (0u32..70).map(|i| leaf_hash(&i.to_be_bytes())).collect();
+        for n in 1..=leaves.len() {
+            let r = root(&leaves[..n]);
+            for i in 0..n {
+                let p = inclusion_proof(i, &leaves[..n]);
+                assert!(
+                    verify_inclusion(i as u64, n as u64, &leaves[i], &p, &r),
+                    "{i}/{n}"
+                );
+            }
+            for m in 1..=n {
+                let p = consistency_proof(m, &leaves[..n]);
+                assert!(
+                    verify_consistency(m as u64, n as u64, &p, &root(&leaves[..m]), &r),
+                    "{m}->{n}"
+                );
+            }
+        }
+    }
+}
