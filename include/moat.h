@@ -175,9 +175,11 @@ void moat_proxy_options_free(moat_proxy_options *options);
 
 // Sets the listen address (`host:port`), the moat home directory, the extra
 // upstream CA file, the policy (`"permissive"` or `"strict"`) or the client
-// name, or how many bytes of text bodies traces keep (`"capture_bodies"`,
-// a decimal number; default 0): `key` is one of `"listen"`, `"home"`,
-// `"upstream_ca"`, `"policy"`, `"name"`, `"capture_bodies"`. Values other
+// name, how many bytes of text bodies traces keep (`"capture_bodies"`, a
+// decimal number; default 0), or a directory for the client's
+// tamper-evident audit log (`"audit_dir"`): `key` is one of `"listen"`,
+// `"home"`, `"upstream_ca"`, `"policy"`, `"name"`, `"capture_bodies"`,
+// `"audit_dir"`. Values other
 // than `capture_bodies` are checked by `moat_proxy_start`.
 //
 // # Safety
@@ -353,6 +355,42 @@ moat_status moat_revoke(const char *provider,
 // `home` is NULL or a NUL-terminated string; `out_json` is valid for a
 // write; `out_error` is NULL or valid for a write.
 moat_status moat_grants_json(const char *home, char **out_json, moat_error **out_error);
+
+// Verifies the audit log in `dir` (chain, tree, checkpoint signatures,
+// witness). `home` and `vkey` may be NULL (this host's key). On success
+// writes the report as JSON to `*out_json` (when not NULL); a log that does
+// not verify is `MOAT_ERR_CONFIG` naming the first bad entry.
+//
+// # Safety
+// `dir` is a NUL-terminated string; `home` and `vkey` are NULL or such
+// strings; `out_json` and `out_error` are NULL or valid for a write.
+moat_status moat_audit_verify(const char *dir,
+                              const char *home,
+                              const char *vkey,
+                              char **out_json,
+                              moat_error **out_error);
+
+// Writes a proof bundle of the audit log in `dir` to `out_path`.
+//
+// # Safety
+// `dir` and `out_path` are NUL-terminated strings; `home` is NULL or one;
+// `out_error` is NULL or valid for a write.
+moat_status moat_audit_export(const char *dir,
+                              const char *home,
+                              const char *out_path,
+                              moat_error **out_error);
+
+// Verifies a proof bundle offline; with `vkey` (may be NULL) it must be
+// signed by that key. On success writes the report to `*out_json` (when
+// not NULL).
+//
+// # Safety
+// `path` is a NUL-terminated string; `vkey` is NULL or one; `out_json` and
+// `out_error` are NULL or valid for a write.
+moat_status moat_verify_bundle(const char *path,
+                               const char *vkey,
+                               char **out_json,
+                               moat_error **out_error);
 
 #ifdef __cplusplus
 }  // extern "C"

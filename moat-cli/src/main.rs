@@ -20,8 +20,9 @@ const AFTER_HELP: &str = "\
 Agents run in isolated containers; credentials are injected at the network
 layer by a TLS-intercepting proxy, so the agent never sees your tokens.
 
-Built so far: `moat config`, `moat grant`, `moat revoke`. Runs, hostname
-routing and the audit log are being built; see the README's status table.
+Built so far: `moat config`, `moat grant`, `moat revoke`, `moat audit`,
+`moat verify-bundle`. Runs and hostname routing are being built; see the
+README's status table.
 
 Examples:
   moat config                 Check ./agent.yaml and show what a run would use
@@ -59,6 +60,37 @@ terminal moat never prompts. Tokens are stored encrypted in
     Grant(GrantArgs),
     /// Remove stored credentials
     Revoke(RevokeArgs),
+    /// Verify an audit log (hash chain, Merkle tree, signed checkpoints)
+    Audit(AuditArgs),
+    /// Verify an exported proof bundle offline
+    VerifyBundle(VerifyBundleArgs),
+}
+
+#[derive(Args, Debug)]
+struct AuditArgs {
+    /// The audit log's directory (it holds audit.jsonl and checkpoints.jsonl)
+    dir: PathBuf,
+    /// Write a self-contained proof bundle to this file
+    #[arg(long, value_name = "FILE")]
+    export: Option<PathBuf>,
+    /// Verify with this verifier key (moat+...) instead of this host's
+    #[arg(long, value_name = "VKEY")]
+    key: Option<String>,
+    /// Print the report as JSON
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args, Debug)]
+struct VerifyBundleArgs {
+    /// The bundle (from `moat audit --export`)
+    file: PathBuf,
+    /// Require this verifier key (moat+...)
+    #[arg(long, value_name = "VKEY")]
+    key: Option<String>,
+    /// Print the report as JSON
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args, Debug)]
@@ -131,6 +163,8 @@ fn main() -> ExitCode {
         Command::Grant(args) if args.provider == "aws" => cmd_grant_aws(&args),
         Command::Grant(args) => cmd_grant(&args),
         Command::Revoke(args) => cmd_revoke(&args),
+        Command::Audit(args) => cmd_audit(&args),
+        Command::VerifyBundle(args) => cmd_verify_bundle(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -408,6 +442,88 @@ fn cmd_revoke(args: &RevokeArgs) -> Result<(), Error> {
             format!("no {} credential is stored", args.provider),
         ))
     }
+}
+
+fn print_report(what: &str, r: &moat_core::audit::Report) -> Result<(), Error> {
+    let types: Vec<String> = r.types.iter().map(|(t, n)| format!("{t} {n}")).collect();
+    let mut out = format!("{what}\n");
+    out.push_str(&format!(
+        "  entries:     {} ({})\n",
+        r.entries,
+        types.join(", ")
+    ));
+    if let (Some(a), Some(b)) = (&r.first_time, &r.last_time) {
+        out.push_str(&format!("  time span:   {a} .. {b}\n"));
+    }
+    match r.checkpoints.last() {
+        Some(c) => out.push_str(&format!(
+            "  checkpoints: {} (last: {} entries, signed {})\n",
+            r.checkpoints.len(),
+            c.size,
+            c.time
+        )),
+        None => out.push_str("  checkpoints: none yet\n"),
+    }
+    out.push_str(&format!("  key:         {}\n", r.vkey));
+    out.push_str(&format!("  root:        {}\n", r.root));
+    if let Some(torn) = &r.torn_tail {
+        out.push_str(&format!("  torn tail:   {torn}\n"));
+    }
+    write_stdout(&out)
+}
+
+fn cmd_audit(args: &AuditArgs) -> Result<(), Error> {
+    let home = paths::moat_home()?;
+    let report = moat_core::audit::verify(&args.dir, &home, args.key.as_deref())?;
+    if args.json {
+        let text = serde_json::to_string_pretty(&report).map_err(internal)?;
+        write_stdout(&(text + "\n"))?;
+    } else {
+        print_report(&format!("Audit log {}", args.dir.display()), &report)?;
+    }
+    if !report.ok {
+        return Err(Error::from_diagnostics(
+            moat_core::ErrorKind::Config,
+            report
+                .problems
+                .iter()
+                .map(|p| moat_core::Diagnostic {
+                    location: None,
+                    message: format!("audit log {}: {p}", args.dir.display()),
+                })
+                .collect(),
+        ));
+    }
+    if !args.json {
+        eprintln!(
+            "Verified: hash chain, Merkle tree and {} checkpoint signature(s)",
+            report.checkpoints.len()
+        );
+    }
+    if let Some(out) = &args.export {
+        moat_core::audit::export_bundle(&args.dir, &home, out)?;
+        eprintln!("Proof bundle written to {}", out.display());
+    }
+    Ok(())
+}
+
+fn cmd_verify_bundle(args: &VerifyBundleArgs) -> Result<(), Error> {
+    let report = moat_core::audit::verify_bundle(&args.file, args.key.as_deref())?;
+    if args.json {
+        let text = serde_json::to_string_pretty(&report).map_err(internal)?;
+        return write_stdout(&(text + "\n"));
+    }
+    print_report(&format!("Bundle {}", args.file.display()), &report)?;
+    eprintln!(
+        "Verified: every entry is in the signed tree, and the log only grew across {} checkpoint(s)",
+        report.checkpoints.len()
+    );
+    if args.key.is_none() {
+        eprintln!(
+            "note: checked against the bundle's own key; pass --key to require the key you trust"
+        );
+    }
+    Ok(())
 }
 
 fn internal(e: impl std::fmt::Display) -> Error {

@@ -106,12 +106,16 @@ mod proxy_facade {
         pub name: Option<String>,
         /// Bytes of text bodies kept in trace records; 0 (default) keeps none.
         pub capture_bodies: usize,
+        /// Write the client's audit events to a tamper-evident log in this
+        /// directory (its one writer); closed with a signed checkpoint.
+        pub audit_dir: Option<PathBuf>,
     }
 
     /// A proxy with one registered client, run on the facade's runtime: what
     /// a harness needs to run any subprocess through moat.
     pub struct BlockingProxy {
         proxy: Option<Proxy>,
+        audit_log: Option<Arc<crate::audit::AuditWriter>>,
         client: ClientHandle,
         sink: Arc<MemorySink>,
         url: String,
@@ -192,15 +196,30 @@ mod proxy_facade {
                     )));
                 }
             }
+            let home_dir = match &options.home {
+                Some(h) => h.clone(),
+                None => crate::paths::moat_home()?,
+            };
+            let name = options.name.clone().unwrap_or_else(|| "client".to_string());
+            let audit_log = match &options.audit_dir {
+                Some(dir) => Some(Arc::new(crate::audit::AuditWriter::open(
+                    dir, &home_dir, &name,
+                )?)),
+                None => None,
+            };
             let proxy = block_on(builder.start())??;
             let sink = Arc::new(MemorySink::default());
+            let audit: Arc<dyn crate::trace::AuditSink> = match &audit_log {
+                Some(log) => Arc::new(crate::trace::Tee(vec![sink.clone(), log.clone()])),
+                None => sink.clone(),
+            };
             let client = proxy.register(ClientSpec {
                 name: options.name.unwrap_or_else(|| "client".to_string()),
                 credentials,
                 policy,
                 allow,
                 trace: Some(sink.clone()),
-                audit: Some(sink.clone()),
+                audit: Some(audit),
                 capture_bodies: options.capture_bodies,
                 aws,
             })?;
@@ -210,6 +229,7 @@ mod proxy_facade {
                 ca_cert_path: proxy.ca_cert_path().to_path_buf(),
                 env: proxy.client_env(&client),
                 proxy: Some(proxy),
+                audit_log,
                 client,
                 sink,
             })
@@ -260,6 +280,9 @@ mod proxy_facade {
         pub fn close(&mut self) -> Result<()> {
             if let Some(proxy) = self.proxy.take() {
                 block_on(proxy.shutdown())?;
+            }
+            if let Some(log) = self.audit_log.take() {
+                log.close()?;
             }
             Ok(())
         }

@@ -107,6 +107,53 @@ pub enum AuditEvent {
 pub trait AuditSink: Send + Sync {
     /// Records one event.
     fn event(&self, event: &AuditEvent);
+
+    /// Whether events can still be recorded. When this is an error, the
+    /// proxy stops injecting credentials for the client (it fails closed)
+    /// and says why.
+    fn healthy(&self) -> Result<(), String> {
+        Ok(())
+    }
+}
+
+/// Sends every event to several sinks; healthy only when all are.
+pub struct Tee(pub Vec<std::sync::Arc<dyn AuditSink>>);
+
+impl std::fmt::Debug for Tee {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Tee({} sinks)", self.0.len())
+    }
+}
+
+impl AuditSink for Tee {
+    fn event(&self, event: &AuditEvent) {
+        for s in &self.0 {
+            s.event(event);
+        }
+    }
+
+    fn healthy(&self) -> Result<(), String> {
+        self.0.iter().try_for_each(|s| s.healthy())
+    }
+}
+
+impl AuditSink for crate::audit::AuditWriter {
+    fn event(&self, event: &AuditEvent) {
+        let mut value = serde_json::to_value(event).unwrap_or_default();
+        let kind = value
+            .get("type")
+            .and_then(|t| t.as_str())
+            .unwrap_or("event")
+            .to_string();
+        if let Some(map) = value.as_object_mut() {
+            map.remove("type");
+        }
+        self.append_nowait(&kind, value);
+    }
+
+    fn healthy(&self) -> Result<(), String> {
+        crate::audit::AuditWriter::healthy(self)
+    }
 }
 
 /// The most records a [`MemorySink`] keeps; older ones are dropped first.

@@ -459,9 +459,11 @@ pub unsafe extern "C" fn moat_proxy_options_free(options: *mut moat_proxy_option
 
 /// Sets the listen address (`host:port`), the moat home directory, the extra
 /// upstream CA file, the policy (`"permissive"` or `"strict"`) or the client
-/// name, or how many bytes of text bodies traces keep (`"capture_bodies"`,
-/// a decimal number; default 0): `key` is one of `"listen"`, `"home"`,
-/// `"upstream_ca"`, `"policy"`, `"name"`, `"capture_bodies"`. Values other
+/// name, how many bytes of text bodies traces keep (`"capture_bodies"`, a
+/// decimal number; default 0), or a directory for the client's
+/// tamper-evident audit log (`"audit_dir"`): `key` is one of `"listen"`,
+/// `"home"`, `"upstream_ca"`, `"policy"`, `"name"`, `"capture_bodies"`,
+/// `"audit_dir"`. Values other
 /// than `capture_bodies` are checked by `moat_proxy_start`.
 ///
 /// # Safety
@@ -486,6 +488,7 @@ pub unsafe extern "C" fn moat_proxy_options_set(
                 "upstream_ca" => options.upstream_ca = Some(PathBuf::from(value)),
                 "policy" => options.policy = Some(value),
                 "name" => options.name = Some(value),
+                "audit_dir" => options.audit_dir = Some(PathBuf::from(value)),
                 "capture_bodies" => {
                     options.capture_bodies = value.parse().map_err(|_| {
                         moat_error::plain(
@@ -498,7 +501,7 @@ pub unsafe extern "C" fn moat_proxy_options_set(
                     return Err(moat_error::plain(
                         moat_status::MOAT_ERR_INVALID_ARGUMENT,
                         &format!(
-                            "unknown proxy option \"{other}\" (expected listen, home, upstream_ca, policy, name or capture_bodies)"
+                            "unknown proxy option \"{other}\" (expected listen, home, upstream_ca, policy, name, capture_bodies or audit_dir)"
                         ),
                     ))
                 }
@@ -945,6 +948,103 @@ pub unsafe extern "C" fn moat_grants_json(
             let list =
                 moat_core::credential::list(&home).map_err(|e| moat_error::from_error(&e))?;
             *out_json = to_json(&list)?.into_raw();
+            Ok(())
+        })
+    }
+}
+
+fn report_json(what: &str, r: moat_core::audit::Report) -> Result<CString, moat_error> {
+    if !r.ok {
+        let first = r.problems.first().cloned().unwrap_or_default();
+        return Err(moat_error::plain(
+            moat_status::MOAT_ERR_CONFIG,
+            &format!("{what}: {first}"),
+        ));
+    }
+    to_json(&r)
+}
+
+/// Verifies the audit log in `dir` (chain, tree, checkpoint signatures,
+/// witness). `home` and `vkey` may be NULL (this host's key). On success
+/// writes the report as JSON to `*out_json` (when not NULL); a log that does
+/// not verify is `MOAT_ERR_CONFIG` naming the first bad entry.
+///
+/// # Safety
+/// `dir` is a NUL-terminated string; `home` and `vkey` are NULL or such
+/// strings; `out_json` and `out_error` are NULL or valid for a write.
+#[no_mangle]
+pub unsafe extern "C" fn moat_audit_verify(
+    dir: *const c_char,
+    home: *const c_char,
+    vkey: *const c_char,
+    out_json: *mut *mut c_char,
+    out_error: *mut *mut moat_error,
+) -> moat_status {
+    // SAFETY: the caller's promises are forwarded.
+    unsafe {
+        guard(out_error, "moat_audit_verify", || {
+            let dir = PathBuf::from(arg_str(dir, "dir")?);
+            let home = home_or_default(opt_str(home, "home")?)?;
+            let r = moat_core::audit::verify(&dir, &home, opt_str(vkey, "vkey")?)
+                .map_err(|e| moat_error::from_error(&e))?;
+            let json = report_json(&format!("audit log {}", dir.display()), r)?;
+            if !out_json.is_null() {
+                *out_json = json.into_raw();
+            }
+            Ok(())
+        })
+    }
+}
+
+/// Writes a proof bundle of the audit log in `dir` to `out_path`.
+///
+/// # Safety
+/// `dir` and `out_path` are NUL-terminated strings; `home` is NULL or one;
+/// `out_error` is NULL or valid for a write.
+#[no_mangle]
+pub unsafe extern "C" fn moat_audit_export(
+    dir: *const c_char,
+    home: *const c_char,
+    out_path: *const c_char,
+    out_error: *mut *mut moat_error,
+) -> moat_status {
+    // SAFETY: the caller's promises are forwarded.
+    unsafe {
+        guard(out_error, "moat_audit_export", || {
+            let dir = PathBuf::from(arg_str(dir, "dir")?);
+            let out = PathBuf::from(arg_str(out_path, "out_path")?);
+            let home = home_or_default(opt_str(home, "home")?)?;
+            moat_core::audit::export_bundle(&dir, &home, &out)
+                .map(|_| ())
+                .map_err(|e| moat_error::from_error(&e))
+        })
+    }
+}
+
+/// Verifies a proof bundle offline; with `vkey` (may be NULL) it must be
+/// signed by that key. On success writes the report to `*out_json` (when
+/// not NULL).
+///
+/// # Safety
+/// `path` is a NUL-terminated string; `vkey` is NULL or one; `out_json` and
+/// `out_error` are NULL or valid for a write.
+#[no_mangle]
+pub unsafe extern "C" fn moat_verify_bundle(
+    path: *const c_char,
+    vkey: *const c_char,
+    out_json: *mut *mut c_char,
+    out_error: *mut *mut moat_error,
+) -> moat_status {
+    // SAFETY: the caller's promises are forwarded.
+    unsafe {
+        guard(out_error, "moat_verify_bundle", || {
+            let path = PathBuf::from(arg_str(path, "path")?);
+            let r = moat_core::audit::verify_bundle(&path, opt_str(vkey, "vkey")?)
+                .map_err(|e| moat_error::from_error(&e))?;
+            let json = to_json(&r)?;
+            if !out_json.is_null() {
+                *out_json = json.into_raw();
+            }
             Ok(())
         })
     }

@@ -302,7 +302,7 @@ struct Proxy {
 #[pymethods]
 impl Proxy {
     #[new]
-    #[pyo3(signature = (credentials=Vec::new(), policy=None, allow=Vec::new(), listen=None, upstream_ca=None, resolve=None, home=None, name=None, capture_bodies=0, grants=Vec::new()))]
+    #[pyo3(signature = (credentials=Vec::new(), policy=None, allow=Vec::new(), listen=None, upstream_ca=None, resolve=None, home=None, name=None, capture_bodies=0, grants=Vec::new(), audit_dir=None))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -316,6 +316,7 @@ impl Proxy {
         name: Option<String>,
         capture_bodies: usize,
         grants: Vec<String>,
+        audit_dir: Option<PathBuf>,
     ) -> PyResult<Self> {
         let options = ProxyOptions {
             listen,
@@ -328,6 +329,7 @@ impl Proxy {
             name,
             capture_bodies,
             grants,
+            audit_dir,
         };
         let inner = py
             .detach(|| BlockingProxy::start(options))
@@ -498,6 +500,75 @@ fn grants(py: Python<'_>, home: Option<PathBuf>) -> PyResult<Py<PyAny>> {
     json_to_py(py, &list)
 }
 
+fn report_or_error(py: Python<'_>, what: &str, r: moat_core::audit::Report) -> PyResult<Py<PyAny>> {
+    if !r.ok {
+        let diags = r
+            .problems
+            .iter()
+            .map(|p| moat_core::Diagnostic {
+                location: None,
+                message: format!("{what}: {p}"),
+            })
+            .collect();
+        return Err(to_py_err(
+            py,
+            &Error::from_diagnostics(ErrorKind::Config, diags),
+        ));
+    }
+    json_to_py(py, &r)
+}
+
+/// A tamper-evident audit log (a directory with audit.jsonl and
+/// checkpoints.jsonl).
+#[pyclass(module = "moat", frozen)]
+struct AuditLog {
+    dir: PathBuf,
+    home: Option<PathBuf>,
+}
+
+#[pymethods]
+impl AuditLog {
+    #[new]
+    #[pyo3(signature = (path, home=None))]
+    fn new(path: PathBuf, home: Option<PathBuf>) -> Self {
+        AuditLog { dir: path, home }
+    }
+    /// Verifies the chain, the tree and the checkpoint signatures; returns
+    /// the report, or raises ConfigError naming the first bad entry.
+    #[pyo3(signature = (key=None))]
+    fn verify(&self, py: Python<'_>, key: Option<String>) -> PyResult<Py<PyAny>> {
+        let home = home_or_default(py, self.home.clone())?;
+        let dir = self.dir.clone();
+        let r = py
+            .detach(|| moat_core::audit::verify(&dir, &home, key.as_deref()))
+            .map_err(|e| to_py_err(py, &e))?;
+        report_or_error(py, &format!("audit log {}", self.dir.display()), r)
+    }
+    /// Writes a self-contained proof bundle to `path`.
+    fn export(&self, py: Python<'_>, path: PathBuf) -> PyResult<Py<PyAny>> {
+        let home = home_or_default(py, self.home.clone())?;
+        let dir = self.dir.clone();
+        let r = py
+            .detach(|| moat_core::audit::export_bundle(&dir, &home, &path))
+            .map_err(|e| to_py_err(py, &e))?;
+        json_to_py(py, &r)
+    }
+    fn __repr__(&self) -> String {
+        format!("AuditLog({:?})", self.dir)
+    }
+}
+
+/// Verifies an exported proof bundle offline; with `key`, it must be signed
+/// by that verifier key. Returns the report or raises ConfigError.
+#[pyfunction]
+#[pyo3(signature = (path, key=None))]
+fn verify_bundle(py: Python<'_>, path: PathBuf, key: Option<String>) -> PyResult<Py<PyAny>> {
+    let r = py
+        .detach(|| moat_core::audit::verify_bundle(&path, key.as_deref()))
+        .map_err(|e| to_py_err(py, &e))?;
+    json_to_py(py, &r)
+}
+
 /// Loads and validates the configuration of a workspace (a directory, or the
 /// path of its agent.yaml / moat.yaml). Raises ConfigError for an invalid file.
 #[pyfunction]
@@ -528,6 +599,8 @@ fn _moat(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Proxy>()?;
     m.add_function(wrap_pyfunction!(load_config, m)?)?;
     m.add_function(wrap_pyfunction!(grant, m)?)?;
+    m.add_class::<AuditLog>()?;
+    m.add_function(wrap_pyfunction!(verify_bundle, m)?)?;
     m.add_function(wrap_pyfunction!(revoke, m)?)?;
     m.add_function(wrap_pyfunction!(grants, m)?)?;
     Ok(())

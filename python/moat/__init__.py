@@ -17,6 +17,7 @@ credential-injecting proxy on its own (no container):
 """
 
 from moat._moat import (
+    AuditLog,
     Config,
     ConfigError,
     Credential,
@@ -32,9 +33,11 @@ from moat._moat import (
     grants,
     load_config,
     revoke,
+    verify_bundle,
 )
 
 __all__ = [
+    "AuditLog",
     "Config",
     "ConfigError",
     "Credential",
@@ -50,4 +53,5 @@ __all__ = [
     "grants",
     "load_config",
     "revoke",
+    "verify_bundle",
 ]

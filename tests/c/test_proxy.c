@@ -51,6 +51,9 @@ static moat_proxy_options *options(const char *home, const char *port, const cha
 
 static void test_injection(const char *home, const char *port, const char *ca) {
   moat_proxy_options *o = options(home, port, ca);
+  char log[700];
+  snprintf(log, sizeof log, "%s/audit-log", home);
+  CHECK(moat_proxy_options_set(o, "audit_dir", log, NULL) == MOAT_OK);
   moat_proxy *proxy = NULL;
   moat_error *err = NULL;
   CHECK(moat_proxy_start(o, &proxy, &err) == MOAT_OK);
@@ -90,6 +93,29 @@ static void test_injection(const char *home, const char *port, const char *ca) {
   CHECK(json && strstr(json, "c_SECRET_token") == NULL);
   moat_string_free(json);
   moat_proxy_free(proxy);
+
+  /* The tamper-evident log the proxy wrote, verified and exported. */
+  json = NULL;
+  CHECK(moat_audit_verify(log, home, NULL, &json, NULL) == MOAT_OK);
+  CHECK(json && strstr(json, "\"ok\":true") && strstr(json, "credential_injected"));
+  moat_string_free(json);
+  char bundle[800];
+  snprintf(bundle, sizeof bundle, "%s/proof.json", home);
+  CHECK(moat_audit_export(log, home, bundle, NULL) == MOAT_OK);
+  json = NULL;
+  CHECK(moat_verify_bundle(bundle, NULL, &json, NULL) == MOAT_OK);
+  CHECK(json && strstr(json, "\"vkey\":\"moat+") != NULL);
+  moat_string_free(json);
+  moat_error *err2 = NULL;
+  CHECK(moat_verify_bundle(bundle, "moat+00000000+AAAA", NULL, &err2) != MOAT_OK);
+  moat_error_free(err2);
+  /* Another key does not verify the checkpoints. */
+  char other[800];
+  snprintf(other, sizeof other, "%s/other-home", home);
+  err2 = NULL;
+  CHECK(moat_audit_verify(log, other, NULL, NULL, &err2) == MOAT_ERR_CONFIG);
+  CHECK(err2 && strstr(moat_error_message(err2), "no valid signature"));
+  moat_error_free(err2);
 }
 
 static void test_misuse(const char *home) {

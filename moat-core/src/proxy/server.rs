@@ -760,6 +760,23 @@ async fn handle_intercepted(
     parts.headers.remove(header::HOST);
     let mut grant = None;
     let mut injected_headers = Vec::new();
+    let wants_credential = ctx.credentials.iter().any(|c| c.matches(&host, port));
+    if wants_credential {
+        // Fail closed: no credential is used that the audit log cannot record.
+        if let Some(Err(why)) = ctx.audit.as_ref().map(|a| a.healthy()) {
+            out.record(
+                Some(503),
+                Some(format!("audit log unavailable: {why}")),
+                None,
+            );
+            return Ok(text_response(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!(
+                    "Moat: the audit log cannot be written ({why}); credentials are not injected\n"
+                ),
+            ));
+        }
+    }
     for cred in ctx.credentials.iter().filter(|c| c.matches(&host, port)) {
         // The one injection site: the value replaces any client-sent header
         // of that name (placeholders) and is never duplicated.
