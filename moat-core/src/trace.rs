@@ -90,6 +90,30 @@ pub enum AuditEvent {
         /// Request path.
         path: String,
     },
+    /// A request through the proxy, when its response ended (or it was
+    /// refused or failed).
+    Request {
+        /// The client (run).
+        client: String,
+        /// Method (`CONNECT` for tunnels).
+        method: String,
+        /// Destination host.
+        host: String,
+        /// Destination port.
+        port: u16,
+        /// Path and query (empty for tunnels).
+        path: String,
+        /// Status sent to the client, if any.
+        status: Option<u16>,
+        /// Microseconds from request to the end of the response.
+        duration_us: u64,
+        /// The grant whose credential was injected, if any.
+        grant: Option<String>,
+        /// Why it was refused, if it was.
+        denied: Option<String>,
+        /// What failed, if something did.
+        error: Option<String>,
+    },
     /// Short-lived AWS credentials were handed to a client.
     AwsCredentialsIssued {
         /// The client (run).
@@ -196,6 +220,29 @@ impl TraceSink for MemorySink {
 impl AuditSink for MemorySink {
     fn event(&self, event: &AuditEvent) {
         push_bounded(&self.events, event.clone());
+    }
+}
+
+impl AuditEvent {
+    /// The audit view of a finished request (never headers or bodies).
+    pub fn request(record: &TraceRecord) -> AuditEvent {
+        let path = record
+            .url
+            .split_once("://")
+            .and_then(|(_, rest)| rest.find('/').map(|i| rest[i..].to_string()))
+            .unwrap_or_default();
+        AuditEvent::Request {
+            client: record.client.clone(),
+            method: record.method.clone(),
+            host: record.host.clone(),
+            port: record.port,
+            path,
+            status: record.status,
+            duration_us: (record.duration_ms * 1000.0) as u64,
+            grant: record.grant.clone(),
+            denied: record.denied.clone(),
+            error: record.error.clone(),
+        }
     }
 }
 

@@ -61,6 +61,12 @@ def test_the_proxy_writes_a_log_that_verifies(upstream, tmp_path):
     types = dict(report["types"])
     assert types["credential_injected"] == 5
     assert types["policy_decision"] >= 2
+    assert types["request"] == 6
+    requests = [json.loads(line)["data"] for line in (log / "audit.jsonl").read_text().splitlines()
+                if json.loads(line)["type"] == "request"]
+    assert {r["path"] for r in requests} >= {"/r0", "/r4", "/x"}
+    assert all(r["status"] == 200 and isinstance(r["duration_us"], int) for r in requests)
+    assert [r["grant"] for r in requests].count("github") == 5
     assert report["checkpoints"][-1]["size"] == report["entries"]
     text = (log / "audit.jsonl").read_text()
     assert TOKEN not in text and "api.github.com" in text

@@ -135,6 +135,21 @@ async fn serve_client(tcp: tokio::net::TcpStream, shared: Arc<Shared>) {
     }
 }
 
+/// Hands a finished request to the client's trace sink and, as a `request`
+/// event, to its audit sink.
+fn emit(
+    trace: Option<&Arc<dyn crate::trace::TraceSink>>,
+    audit: Option<&Arc<dyn crate::trace::AuditSink>>,
+    record: &TraceRecord,
+) {
+    if let Some(trace) = trace {
+        trace.record(record);
+    }
+    if let Some(audit) = audit {
+        audit.event(&AuditEvent::request(record));
+    }
+}
+
 fn text_response(status: StatusCode, body: impl Into<Bytes>) -> Response<ProxyBody> {
     let mut resp = Response::new(full(body));
     *resp.status_mut() = status;
@@ -187,8 +202,10 @@ struct Outcome<'a> {
 
 impl Outcome<'_> {
     fn record(&self, status: Option<u16>, denied: Option<String>, error: Option<String>) {
-        if let Some(trace) = &self.ctx.trace {
-            trace.record(&TraceRecord {
+        emit(
+            self.ctx.trace.as_ref(),
+            self.ctx.audit.as_ref(),
+            &TraceRecord {
                 time: self.time.clone(),
                 client: self.ctx.name.clone(),
                 method: self.method.clone(),
@@ -206,8 +223,8 @@ impl Outcome<'_> {
                 response_headers: Vec::new(),
                 request_body: None,
                 response_body: None,
-            });
-        }
+            },
+        );
     }
 
     fn decision(&self, allowed: bool, rule: &str) {
@@ -457,8 +474,10 @@ async fn handle_tunnel(
             let _ = tokio::io::copy_bidirectional(&mut io, &mut tcp).await;
             let up = io.read_count().load(Ordering::Relaxed);
             let down = io.written_count().load(Ordering::Relaxed);
-            if let Some(trace) = &ctx.trace {
-                trace.record(&TraceRecord {
+            emit(
+                ctx.trace.as_ref(),
+                ctx.audit.as_ref(),
+                &TraceRecord {
                     time: out.time.clone(),
                     client: ctx.name.clone(),
                     method: "CONNECT".into(),
@@ -476,8 +495,8 @@ async fn handle_tunnel(
                     response_headers: Vec::new(),
                     request_body: None,
                     response_body: None,
-                });
-            }
+                },
+            );
         }
         Err(e) => {
             let denied = matches!(e, ConnectError::Refused { .. });
@@ -962,14 +981,13 @@ async fn forward_upgrade(
     };
     if status != StatusCode::SWITCHING_PROTOCOLS {
         // Refused by the upstream: pass its answer on as an ordinary response.
-        if let Some(trace) = &out.ctx.trace {
-            trace.record(&record);
-        }
+        emit(out.ctx.trace.as_ref(), out.ctx.audit.as_ref(), &record);
         let (parts, body) = resp.into_parts();
         return Response::from_parts(parts, body.map_err(Into::into).boxed());
     }
     let upstream_upgrade = hyper::upgrade::on(&mut resp);
     let trace = out.ctx.trace.clone();
+    let audit = out.ctx.audit.clone();
     let started = out.started;
     let cancel = shared.cancel.clone();
     shared.tasks.spawn(async move {
@@ -988,13 +1006,11 @@ async fn forward_upgrade(
             bytes = relay => bytes,
             () = cancel.cancelled() => (0, 0),
         };
-        if let Some(trace) = trace {
-            let mut record = record;
-            record.duration_ms = started.elapsed().as_secs_f64() * 1000.0;
-            record.request_bytes = up;
-            record.response_bytes = down;
-            trace.record(&record);
-        }
+        let mut record = record;
+        record.duration_ms = started.elapsed().as_secs_f64() * 1000.0;
+        record.request_bytes = up;
+        record.response_bytes = down;
+        emit(trace.as_ref(), audit.as_ref(), &record);
     });
     let (parts, _) = resp.into_parts();
     Response::from_parts(parts, empty())
@@ -1013,7 +1029,9 @@ fn stream_back(
     let received = Arc::new(AtomicU64::new(0));
     let resp_capture = capture_for(out.ctx, &parts.headers);
     let capture_for_record = resp_capture.clone();
-    let on_end: Option<Box<dyn FnOnce() + Send + Sync>> = out.ctx.trace.clone().map(|trace| {
+    let (trace, audit) = (out.ctx.trace.clone(), out.ctx.audit.clone());
+    let wanted = trace.is_some() || audit.is_some();
+    let on_end: Option<Box<dyn FnOnce() + Send + Sync>> = wanted.then(|| {
         let record = TraceRecord {
             time: out.time.clone(),
             client: out.ctx.name.clone(),
@@ -1042,7 +1060,7 @@ fn stream_back(
             record.response_bytes = received.load(Ordering::Relaxed);
             record.request_body = req_capture.and_then(|c| c.text());
             record.response_body = capture_for_record.and_then(|c| c.text());
-            trace.record(&record);
+            emit(trace.as_ref(), audit.as_ref(), &record);
         });
         f
     });
