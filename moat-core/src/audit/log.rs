@@ -5,7 +5,6 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
 
 use base64::Engine;
 use ed25519_dalek::{Signer, SigningKey, Verifier, VerifyingKey};
@@ -20,8 +19,8 @@ use crate::paths;
 
 const B64: base64::engine::GeneralPurpose = base64::engine::general_purpose::STANDARD;
 const KEY_NAME: &str = "moat";
-/// Group commit: entries that arrive within this window share one fsync.
-const COMMIT_WINDOW: Duration = Duration::from_millis(10);
+/// The most entries one commit (one fsync) takes.
+const MAX_BATCH: usize = 4096;
 /// A checkpoint is signed at least this often while entries arrive.
 const CHECKPOINT_EVERY: u64 = 1000;
 
@@ -178,10 +177,14 @@ fn open_checkpoint(note: &str, key: &VerifyingKey) -> std::result::Result<Checkp
     })
 }
 
-fn witness_path(home: &Path, origin: &str) -> PathBuf {
+/// Where moat keeps the latest checkpoint of the log in `dir`: keyed by the
+/// log's directory, so neither another log nor an older copy of this one can
+/// stand in for it.
+fn witness_path(home: &Path, dir: &Path) -> PathBuf {
+    let dir = std::fs::canonicalize(dir).unwrap_or_else(|_| dir.to_path_buf());
     home.join("audit").join("witness").join(format!(
         "{}.note",
-        hex(&Sha256::digest(origin.as_bytes())[..8])
+        hex(&Sha256::digest(dir.to_string_lossy().as_bytes())[..16])
     ))
 }
 
@@ -216,7 +219,7 @@ struct State {
     key: SigningKey,
     file: File,
     checkpoints: File,
-    leaves: Vec<Hash>,
+    tree: merkle::Tree,
     prev: Hash,
     last_checkpoint: u64,
     _lock: File,
@@ -224,11 +227,11 @@ struct State {
 
 impl State {
     fn checkpoint(&mut self) -> std::result::Result<(), String> {
-        let size = self.leaves.len() as u64;
+        let size = self.tree.len() as u64;
         if size == self.last_checkpoint && size > 0 {
             return Ok(());
         }
-        let root = merkle::root(&self.leaves);
+        let root = self.tree.root(self.tree.len());
         let note = sign_checkpoint(
             &self.key,
             &self.origin,
@@ -246,7 +249,7 @@ impl State {
                     self.dir.join("checkpoints.jsonl").display()
                 )
             })?;
-        let witness = witness_path(&self.home, &self.origin);
+        let witness = witness_path(&self.home, &self.dir);
         if let Some(parent) = witness.parent() {
             let _ = std::fs::create_dir_all(parent);
         }
@@ -314,7 +317,7 @@ impl AuditWriter {
             home: home.to_path_buf(),
             origin: format!("moat/{name}"),
             key,
-            leaves: report.leaves,
+            tree: report.tree,
             prev: report.last_hash,
             last_checkpoint: report.checkpoints.last().map_or(0, |c| c.size),
             _lock: lock,
@@ -406,12 +409,13 @@ fn writer_loop(mut st: State, rx: mpsc::Receiver<Msg>, failed: Arc<Mutex<Option<
         why
     };
     while let Ok(first) = rx.recv() {
+        // Group commit: take what is queued now (entries pile up while the
+        // previous fsync runs), never waiting for more, up to a batch limit,
+        // so every entry is on disk within one fsync of arriving.
         let mut batch = vec![first];
-        let deadline = Instant::now() + COMMIT_WINDOW;
         let mut closing = None;
-        while closing.is_none() {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match rx.recv_timeout(left) {
+        while closing.is_none() && batch.len() < MAX_BATCH {
+            match rx.try_recv() {
                 Ok(Msg::Close(ack)) => closing = Some(ack),
                 Ok(m) => batch.push(m),
                 Err(_) => break,
@@ -426,7 +430,7 @@ fn writer_loop(mut st: State, rx: mpsc::Receiver<Msg>, failed: Arc<Mutex<Option<
         let broken = failed.lock().map(|f| f.clone()).unwrap_or(None);
         for msg in batch {
             let Msg::Entry(v, ack) = msg else { continue };
-            let seq = st.leaves.len() as u64;
+            let seq = st.tree.len() as u64;
             let entry = serde_json::json!({
                 "seq": seq,
                 "time": crate::trace::now_rfc3339(),
@@ -441,7 +445,7 @@ fn writer_loop(mut st: State, rx: mpsc::Receiver<Msg>, failed: Arc<Mutex<Option<
                 continue;
             };
             st.prev = Sha256::digest(line.as_bytes()).into();
-            st.leaves.push(merkle::leaf_hash(line.as_bytes()));
+            st.tree.push(merkle::leaf_hash(line.as_bytes()));
             buf.push_str(&line);
             buf.push('\n');
             acks.push((ack, seq));
@@ -459,7 +463,7 @@ fn writer_loop(mut st: State, rx: mpsc::Receiver<Msg>, failed: Arc<Mutex<Option<
                     ))
                 }),
         };
-        if result.is_ok() && st.leaves.len() as u64 >= st.last_checkpoint + CHECKPOINT_EVERY {
+        if result.is_ok() && st.tree.len() as u64 >= st.last_checkpoint + CHECKPOINT_EVERY {
             if let Err(e) = st.checkpoint() {
                 fail(e);
             }
@@ -509,7 +513,7 @@ pub struct Report {
     /// Every problem, the first bad entry first.
     pub problems: Vec<String>,
     #[serde(skip)]
-    leaves: Vec<Hash>,
+    tree: merkle::Tree,
     #[serde(skip)]
     last_hash: Hash,
     #[serde(skip)]
@@ -543,39 +547,49 @@ pub fn verify(dir: &Path, home: &Path, vkey: Option<&str>) -> Result<Report> {
         root: String::new(),
         torn_tail: None,
         problems: Vec::new(),
-        leaves: Vec::new(),
+        tree: merkle::Tree::new(),
         last_hash: [0u8; 32],
         valid_bytes: None,
         lines: Vec::new(),
     };
+    // Split into complete lines; a last line without its newline is torn.
+    let mut lines_at: Vec<&[u8]> = Vec::new();
     let mut offset = 0usize;
-    let mut rest = &data[..];
-    while !rest.is_empty() {
-        let Some(nl) = rest.iter().position(|b| *b == b'\n') else {
-            r.torn_tail = Some(format!(
-                "the last {} bytes (after entry {}) are an incomplete entry, left by a crash while writing; they are ignored",
-                rest.len(),
-                r.entries
-            ));
-            r.valid_bytes = Some(offset as u64);
-            break;
-        };
-        let line_bytes = &rest[..nl];
-        let seq = r.entries;
-        let problem = check_line(line_bytes, seq, &r.last_hash);
-        match problem {
-            Ok((line, kind, time)) => {
+    while offset < data.len() {
+        match data[offset..].iter().position(|b| *b == b'\n') {
+            Some(nl) => {
+                lines_at.push(&data[offset..offset + nl]);
+                offset += nl + 1;
+            }
+            None => {
+                r.torn_tail = Some(format!(
+                    "the last {} bytes (after entry {}) are an incomplete entry, left by a crash while writing; they are ignored",
+                    data.len() - offset,
+                    lines_at.len()
+                ));
+                r.valid_bytes = Some(offset as u64);
+                break;
+            }
+        }
+    }
+    // Parse, check the form and hash every line on every core; then walk the
+    // chain in order.
+    let line_count = lines_at.len() as u64;
+    for (seq, item) in parse_all(&lines_at).into_iter().enumerate() {
+        let seq = seq as u64;
+        match item.and_then(|p| chain_check(p, seq, &r.last_hash)) {
+            Ok(p) => {
                 if r.first_time.is_none() {
-                    r.first_time = Some(time.clone());
+                    r.first_time = Some(p.time.clone());
                 }
-                r.last_time = Some(time);
-                match r.types.iter_mut().find(|(t, _)| *t == kind) {
+                r.last_time = Some(p.time);
+                match r.types.iter_mut().find(|(t, _)| *t == p.kind) {
                     Some((_, n)) => *n += 1,
-                    None => r.types.push((kind, 1)),
+                    None => r.types.push((p.kind, 1)),
                 }
-                r.last_hash = Sha256::digest(line.as_bytes()).into();
-                r.leaves.push(merkle::leaf_hash(line.as_bytes()));
-                r.lines.push(line);
+                r.last_hash = p.hash;
+                r.tree.push(p.leaf);
+                r.lines.push(p.line);
                 r.entries += 1;
             }
             Err(why) => {
@@ -585,10 +599,9 @@ pub fn verify(dir: &Path, home: &Path, vkey: Option<&str>) -> Result<Report> {
                 break;
             }
         }
-        offset += nl + 1;
-        rest = &rest[nl + 1..];
     }
-    r.root = hex(&merkle::root(&r.leaves));
+    let bad_entry = !r.problems.is_empty();
+    r.root = hex(&r.tree.root(r.tree.len()));
     // Checkpoints.
     let cp_path = dir.join("checkpoints.jsonl");
     let cps = std::fs::read_to_string(&cp_path).unwrap_or_default();
@@ -598,7 +611,12 @@ pub fn verify(dir: &Path, home: &Path, vkey: Option<&str>) -> Result<Report> {
             .and_then(|v| v["note"].as_str().map(str::to_string));
         let Some(note) = note else {
             if i + 1 == cps.lines().count() && !cps.ends_with('\n') {
-                continue; // a torn checkpoint line
+                let note = "checkpoints.jsonl ends in an incomplete line, left by a crash while writing; it is ignored";
+                r.torn_tail = Some(match r.torn_tail.take() {
+                    Some(t) => format!("{t}; {note}"),
+                    None => note.to_string(),
+                });
+                continue;
             }
             r.ok = false;
             r.problems
@@ -607,15 +625,18 @@ pub fn verify(dir: &Path, home: &Path, vkey: Option<&str>) -> Result<Report> {
         };
         match open_checkpoint(&note, &key) {
             Ok(cp) => {
-                if cp.size > r.entries {
+                if bad_entry {
+                    // The entries are already known to be bad; checkpoints
+                    // past the first bad entry cannot be checked.
+                } else if cp.size > line_count {
                     r.ok = false;
                     r.problems.push(format!(
                         "the log is cut: checkpoint {} signs {} entries but the log has {}",
                         i + 1,
                         cp.size,
-                        r.entries
+                        line_count
                     ));
-                } else if hex(&merkle::root(&r.leaves[..cp.size as usize])) != cp.root {
+                } else if hex(&r.tree.root(cp.size as usize)) != cp.root {
                     r.ok = false;
                     r.problems.push(format!(
                         "checkpoint {} (size {}) does not match the entries: an entry before {} was changed, inserted, deleted or reordered",
@@ -632,42 +653,80 @@ pub fn verify(dir: &Path, home: &Path, vkey: Option<&str>) -> Result<Report> {
             }
         }
     }
-    // The witness: the latest checkpoint moat signed for this origin.
-    if let Some(origin) = r.checkpoints.first().map(|c| c.origin.clone()) {
-        if let Ok(note) = std::fs::read_to_string(witness_path(home, &origin)) {
-            if let Ok(w) = open_checkpoint(&note, &key) {
-                let ok = w.size <= r.entries
-                    && hex(&merkle::root(&r.leaves[..w.size as usize])) == w.root;
-                if !ok {
-                    r.ok = false;
-                    r.problems.push(format!(
-                        "this log is older than, or differs from, the one moat signed last (size {} at {}): a log was swapped in",
-                        w.size, w.time
-                    ));
-                }
+    // The witness: the latest checkpoint moat signed for the log in this
+    // directory, kept outside it.
+    if let Ok(note) = std::fs::read_to_string(witness_path(home, dir)) {
+        if let Ok(w) = open_checkpoint(&note, &key) {
+            let ok = w.size <= r.entries && hex(&r.tree.root(w.size as usize)) == w.root;
+            if !ok && !bad_entry {
+                r.ok = false;
+                r.problems.push(format!(
+                    "this log is older than, or differs from, the one moat signed last here (size {} at {}): a log was swapped in or cut",
+                    w.size, w.time
+                ));
             }
         }
     }
     Ok(r)
 }
 
-fn check_line(
-    bytes: &[u8],
-    seq: u64,
-    prev: &Hash,
-) -> std::result::Result<(String, String, String), String> {
+/// A line, parsed and hashed (independently of the others).
+struct Parsed {
+    line: String,
+    seq: Option<u64>,
+    prev: String,
+    kind: String,
+    time: String,
+    hash: Hash,
+    leaf: Hash,
+}
+
+fn parse_line(bytes: &[u8]) -> std::result::Result<Parsed, String> {
     let line = std::str::from_utf8(bytes).map_err(|_| "not utf-8".to_string())?;
     let v: Value = serde_json::from_str(line).map_err(|e| format!("not json ({e})"))?;
     if canonical(&v).as_deref() != Some(line) {
         return Err("not in canonical form (a changed byte?)".into());
     }
-    if v["seq"].as_u64() != Some(seq) {
+    Ok(Parsed {
+        line: line.to_string(),
+        seq: v["seq"].as_u64(),
+        prev: v["prev"].as_str().unwrap_or("").to_string(),
+        kind: v["type"].as_str().ok_or("no type")?.to_string(),
+        time: v["time"].as_str().ok_or("no time")?.to_string(),
+        hash: Sha256::digest(bytes).into(),
+        leaf: merkle::leaf_hash(bytes),
+    })
+}
+
+/// Parses every line, using every core.
+fn parse_all(lines: &[&[u8]]) -> Vec<std::result::Result<Parsed, String>> {
+    let workers = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(8);
+    if workers < 2 || lines.len() < 4096 {
+        return lines.iter().map(|l| parse_line(l)).collect();
+    }
+    let chunk = lines.len().div_ceil(workers);
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = lines
+            .chunks(chunk)
+            .map(|part| scope.spawn(move || part.iter().map(|l| parse_line(l)).collect::<Vec<_>>()))
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().unwrap_or_default())
+            .collect()
+    })
+}
+
+fn chain_check(p: Parsed, seq: u64, prev: &Hash) -> std::result::Result<Parsed, String> {
+    if p.seq != Some(seq) {
         return Err(format!(
             "sequence number {} where {seq} belongs (inserted, deleted or reordered)",
-            v["seq"]
+            p.seq.map_or("missing".to_string(), |s| s.to_string())
         ));
     }
-    if v["prev"].as_str() != Some(hex(prev).as_str()) {
+    if p.prev != hex(prev) {
         return Err(match seq {
             0 => "its prev hash is not the first entry's (zeros): entries before it were deleted".into(),
             _ => format!(
@@ -677,9 +736,16 @@ fn check_line(
             ),
         });
     }
-    let kind = v["type"].as_str().ok_or("no type")?.to_string();
-    let time = v["time"].as_str().ok_or("no time")?.to_string();
-    Ok((line.to_string(), kind, time))
+    Ok(p)
+}
+
+fn check_line(
+    bytes: &[u8],
+    seq: u64,
+    prev: &Hash,
+) -> std::result::Result<(String, String, String), String> {
+    let p = chain_check(parse_line(bytes)?, seq, prev)?;
+    Ok((p.line, p.kind, p.time))
 }
 
 fn unhex(s: &str) -> Option<Hash> {
@@ -715,14 +781,14 @@ pub fn export_bundle(dir: &Path, home: &Path, out: &Path) -> Result<Report> {
     })?;
     let n = last.size as usize;
     let inclusion: Vec<Value> = (0..n)
-        .map(|i| serde_json::json!({"index": i, "proof": merkle::inclusion_proof(i, &r.leaves[..n]).iter().map(|h| hex(h)).collect::<Vec<_>>()}))
+        .map(|i| serde_json::json!({"index": i, "proof": r.tree.inclusion_proof(i, n).iter().map(|h| hex(h)).collect::<Vec<_>>()}))
         .collect();
     let consistency: Vec<Value> = r
         .checkpoints
         .windows(2)
         .map(|w| {
             serde_json::json!({"from": w[0].size, "to": w[1].size,
-                "proof": merkle::consistency_proof(w[0].size as usize, &r.leaves[..w[1].size as usize]).iter().map(|h| hex(h)).collect::<Vec<_>>()})
+                "proof": r.tree.consistency_proof(w[0].size as usize, w[1].size as usize).iter().map(|h| hex(h)).collect::<Vec<_>>()})
         })
         .collect();
     let bundle = serde_json::json!({
@@ -781,7 +847,7 @@ pub fn verify_bundle(path: &Path, vkey: Option<&str>) -> Result<Report> {
         root: String::new(),
         torn_tail: None,
         problems: Vec::new(),
-        leaves: Vec::new(),
+        tree: merkle::Tree::new(),
         last_hash: [0u8; 32],
         valid_bytes: None,
         lines: Vec::new(),
@@ -796,7 +862,7 @@ pub fn verify_bundle(path: &Path, vkey: Option<&str>) -> Result<Report> {
                     None => r.types.push((kind, 1)),
                 }
                 r.last_hash = Sha256::digest(line.as_bytes()).into();
-                r.leaves.push(merkle::leaf_hash(line.as_bytes()));
+                r.tree.push(merkle::leaf_hash(line.as_bytes()));
                 r.entries += 1;
             }
             Err(why) => return Err(fail(format!("entry {seq}: {why}"))),
@@ -824,7 +890,7 @@ pub fn verify_bundle(path: &Path, vkey: Option<&str>) -> Result<Report> {
         )));
     }
     let root = unhex(&last.root).ok_or_else(|| fail("bad root".into()))?;
-    if merkle::root(&r.leaves) != root {
+    if r.tree.root(r.tree.len()) != root {
         return Err(fail("the entries do not hash to the signed root".into()));
     }
     for p in b["inclusion"].as_array().into_iter().flatten() {
@@ -836,8 +902,8 @@ pub fn verify_bundle(path: &Path, vkey: Option<&str>) -> Result<Report> {
             .filter_map(|h| h.as_str().and_then(unhex))
             .collect();
         let leaf = r
-            .leaves
-            .get(i as usize)
+            .tree
+            .leaf(i as usize)
             .ok_or_else(|| fail(format!("inclusion proof for missing entry {i}")))?;
         if !merkle::verify_inclusion(i, last.size, leaf, &proof, &root) {
             return Err(fail(format!(

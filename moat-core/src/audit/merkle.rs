@@ -92,6 +92,126 @@ fn subproof(m: usize, leaves: &[Hash], complete: bool) -> Vec<Hash> {
     }
 }
 
+/// An append-only tree that keeps every perfect subtree: appending is
+/// amortized O(1) and the head or a proof for any size is O(log² n) hashes.
+#[derive(Debug, Clone, Default)]
+pub struct Tree {
+    levels: Vec<Vec<Hash>>,
+}
+
+impl Tree {
+    /// An empty tree.
+    pub fn new() -> Tree {
+        Tree::default()
+    }
+
+    /// Appends a leaf hash.
+    pub fn push(&mut self, leaf: Hash) {
+        let mut node = leaf;
+        let mut level = 0;
+        loop {
+            if self.levels.len() == level {
+                self.levels.push(Vec::new());
+            }
+            self.levels[level].push(node);
+            let row = &self.levels[level];
+            if row.len() % 2 == 1 {
+                break;
+            }
+            node = node_hash(&row[row.len() - 2], &row[row.len() - 1]);
+            level += 1;
+        }
+    }
+
+    /// The number of leaves.
+    pub fn len(&self) -> usize {
+        self.levels.first().map_or(0, Vec::len)
+    }
+
+    /// Whether the tree has no leaves.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Leaf `i`'s hash.
+    pub fn leaf(&self, i: usize) -> Option<&Hash> {
+        self.levels.first().and_then(|l| l.get(i))
+    }
+
+    /// MTH of leaves `lo..hi`.
+    fn range(&self, lo: usize, hi: usize) -> Hash {
+        let n = hi - lo;
+        if n == 0 {
+            return Sha256::digest([]).into();
+        }
+        if n.is_power_of_two() && lo % n == 0 {
+            let k = n.trailing_zeros() as usize;
+            return self.levels[k][lo >> k];
+        }
+        let k = split(n);
+        node_hash(&self.range(lo, lo + k), &self.range(lo + k, hi))
+    }
+
+    /// The head of the tree of the first `size` leaves.
+    pub fn root(&self, size: usize) -> Hash {
+        self.range(0, size.min(self.len()))
+    }
+
+    /// Leaf `index`'s audit path in the tree of the first `size` leaves.
+    pub fn inclusion_proof(&self, index: usize, size: usize) -> Vec<Hash> {
+        if index >= size || size > self.len() {
+            return Vec::new();
+        }
+        self.path(index, 0, size)
+    }
+
+    fn path(&self, m: usize, lo: usize, hi: usize) -> Vec<Hash> {
+        let n = hi - lo;
+        if n <= 1 {
+            return Vec::new();
+        }
+        let k = split(n);
+        if m < lo + k {
+            let mut p = self.path(m, lo, lo + k);
+            p.push(self.range(lo + k, hi));
+            p
+        } else {
+            let mut p = self.path(m, lo + k, hi);
+            p.push(self.range(lo, lo + k));
+            p
+        }
+    }
+
+    /// The consistency proof from `m` leaves to `size` leaves.
+    pub fn consistency_proof(&self, m: usize, size: usize) -> Vec<Hash> {
+        if m == 0 || m >= size || size > self.len() {
+            return Vec::new();
+        }
+        self.sub(m, 0, size, true)
+    }
+
+    fn sub(&self, m: usize, lo: usize, hi: usize, complete: bool) -> Vec<Hash> {
+        let n = hi - lo;
+        if m == n {
+            return if complete {
+                Vec::new()
+            } else {
+                vec![self.range(lo, hi)]
+            };
+        }
+        let k = split(n);
+        if m <= k {
+            let mut p = self.sub(m, lo, lo + k, complete);
+            p.push(self.range(lo + k, hi));
+            p
+        } else {
+            let mut p = self.sub(m - k, lo + k, hi, false);
+            p.push(self.range(lo, lo + k));
+            p
+        }
+    }
+}
+
 /// Does `proof` show that `leaf` is leaf `index` of the tree of `size` with
 /// head `root`? (RFC 9162 2.1.3.2)
 pub fn verify_inclusion(index: u64, size: u64, leaf: &Hash, proof: &[Hash], root: &Hash) -> bool {
@@ -350,6 +470,34 @@ mod tests {
                 ));
             }
         }
+    }
+
+    #[test]
+    fn the_cached_tree_agrees_with_the_definition() {
+        let leaves: Vec<Hash> = (0u32..70).map(|i| leaf_hash(&i.to_le_bytes())).collect();
+        let mut tree = Tree::new();
+        for (i, l) in leaves.iter().enumerate() {
+            tree.push(*l);
+            assert_eq!(tree.root(i + 1), root(&leaves[..=i]), "size {}", i + 1);
+        }
+        for n in [1usize, 2, 3, 7, 8, 9, 31, 64, 70] {
+            assert_eq!(tree.root(n), root(&leaves[..n]));
+            for i in 0..n {
+                assert_eq!(
+                    tree.inclusion_proof(i, n),
+                    inclusion_proof(i, &leaves[..n]),
+                    "{i}/{n}"
+                );
+            }
+            for m in 1..=n {
+                assert_eq!(
+                    tree.consistency_proof(m, n),
+                    consistency_proof(m, &leaves[..n]),
+                    "{m}->{n}"
+                );
+            }
+        }
+        assert_eq!(Tree::new().root(0), root(&[]));
     }
 
     #[test]
