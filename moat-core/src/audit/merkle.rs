@@ -115,7 +115,7 @@ impl Tree {
             }
             self.levels[level].push(node);
             let row = &self.levels[level];
-            if row.len() % 2 == 1 {
+            if !row.len().is_multiple_of(2) {
                 break;
             }
             node = node_hash(&row[row.len() - 2], &row[row.len() - 1]);
@@ -144,7 +144,7 @@ impl Tree {
         if n == 0 {
             return Sha256::digest([]).into();
         }
-        if n.is_power_of_two() && lo % n == 0 {
+        if n.is_power_of_two() && lo.is_multiple_of(n) {
             let k = n.trailing_zeros() as usize;
             return self.levels[k][lo >> k];
         }
