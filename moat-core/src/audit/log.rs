@@ -489,6 +489,27 @@ fn writer_loop(mut st: State, rx: mpsc::Receiver<Msg>, failed: Arc<Mutex<Option<
     }
 }
 
+impl Report {
+    fn empty(vkey: String) -> Report {
+        Report {
+            ok: true,
+            entries: 0,
+            types: Vec::new(),
+            first_time: None,
+            last_time: None,
+            checkpoints: Vec::new(),
+            vkey,
+            root: String::new(),
+            torn_tail: None,
+            problems: Vec::new(),
+            tree: merkle::Tree::new(),
+            last_hash: [0u8; 32],
+            valid_bytes: None,
+            lines: Vec::new(),
+        }
+    }
+}
+
 /// What [`verify`] found.
 #[derive(Debug, Clone, Serialize)]
 pub struct Report {
@@ -536,22 +557,7 @@ pub fn verify(dir: &Path, home: &Path, vkey: Option<&str>) -> Result<Report> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
         Err(e) => return Err(Error::io(&log_path, "read", e)),
     };
-    let mut r = Report {
-        ok: true,
-        entries: 0,
-        types: Vec::new(),
-        first_time: None,
-        last_time: None,
-        checkpoints: Vec::new(),
-        vkey: vkey_of(&key),
-        root: String::new(),
-        torn_tail: None,
-        problems: Vec::new(),
-        tree: merkle::Tree::new(),
-        last_hash: [0u8; 32],
-        valid_bytes: None,
-        lines: Vec::new(),
-    };
+    let mut r = Report::empty(vkey_of(&key));
     // Split into complete lines; a last line without its newline is torn.
     let mut lines_at: Vec<&[u8]> = Vec::new();
     let mut offset = 0usize;
@@ -836,22 +842,7 @@ pub fn verify_bundle(path: &Path, vkey: Option<&str>) -> Result<Report> {
                 .collect()
         })
         .unwrap_or_default();
-    let mut r = Report {
-        ok: true,
-        entries: 0,
-        types: Vec::new(),
-        first_time: None,
-        last_time: None,
-        checkpoints: Vec::new(),
-        vkey: own.to_string(),
-        root: String::new(),
-        torn_tail: None,
-        problems: Vec::new(),
-        tree: merkle::Tree::new(),
-        last_hash: [0u8; 32],
-        valid_bytes: None,
-        lines: Vec::new(),
-    };
+    let mut r = Report::empty(own.to_string());
     for (seq, line) in lines.iter().enumerate() {
         match check_line(line.as_bytes(), seq as u64, &r.last_hash) {
             Ok((line, kind, time)) => {

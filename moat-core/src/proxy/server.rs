@@ -200,7 +200,20 @@ struct Outcome<'a> {
     time: String,
 }
 
-impl Outcome<'_> {
+impl<'a> Outcome<'a> {
+    /// The outcome of a request starting now.
+    fn new(ctx: &'a ClientCtx, method: String, url: String, host: &str, port: u16) -> Outcome<'a> {
+        Outcome {
+            ctx,
+            method,
+            url,
+            host: host.to_string(),
+            port,
+            started: Instant::now(),
+            time: now_rfc3339(),
+        }
+    }
+
     fn record(&self, status: Option<u16>, denied: Option<String>, error: Option<String>) {
         emit(
             self.ctx.trace.as_ref(),
@@ -296,15 +309,13 @@ async fn handle_proxy_request(
 /// grant: its role's session credentials in `credential_process` format.
 async fn aws_credentials(ctx: &ClientCtx, req: &Request<Incoming>) -> Response<ProxyBody> {
     use crate::credential::aws::{RoleSession, CREDENTIALS_PATH};
-    let out = Outcome {
+    let out = Outcome::new(
         ctx,
-        method: req.method().to_string(),
-        url: req.uri().to_string(),
-        host: crate::credential::aws::CREDENTIALS_HOST.to_string(),
-        port: 80,
-        started: Instant::now(),
-        time: now_rfc3339(),
-    };
+        req.method().to_string(),
+        req.uri().to_string(),
+        crate::credential::aws::CREDENTIALS_HOST,
+        80,
+    );
     if req.uri().path() != CREDENTIALS_PATH || req.method() != Method::GET {
         out.record(Some(404), Some("unknown moat endpoint".into()), None);
         return text_response(StatusCode::NOT_FOUND, "Moat: no such moat endpoint\n");
@@ -358,15 +369,13 @@ fn handle_connect(
         return text_response(StatusCode::BAD_REQUEST, "Moat: CONNECT needs host:port\n");
     };
     let port = port.unwrap_or(443);
-    let out = Outcome {
-        ctx: &ctx,
-        method: "CONNECT".into(),
-        url: format!("{host}:{port}"),
-        host: host.clone(),
+    let out = Outcome::new(
+        &ctx,
+        "CONNECT".into(),
+        format!("{host}:{port}"),
+        &host,
         port,
-        started: Instant::now(),
-        time: now_rfc3339(),
-    };
+    );
     let decision = ctx.policy.decide(&host, port);
     let tunnel = ctx.policy.decide_tunnel(&host, port);
     if !decision.allowed && !tunnel.allowed {
@@ -432,15 +441,13 @@ async fn handle_tunnel(
         return;
     }
     let io = Prefixed::new(Bytes::copy_from_slice(&first[..n]), io);
-    let out = Outcome {
-        ctx: &ctx,
-        method: "CONNECT".into(),
-        url: format!("{host}:{port}"),
-        host: host.clone(),
+    let out = Outcome::new(
+        &ctx,
+        "CONNECT".into(),
+        format!("{host}:{port}"),
+        &host,
         port,
-        started: Instant::now(),
-        time: now_rfc3339(),
-    };
+    );
     if first[0] == 0x16 {
         if !ctx.policy.decide(&host, port).allowed {
             out.decision(false, "strict");
@@ -544,15 +551,13 @@ where
     let sni = start.client_hello().server_name().map(str::to_string);
     if let Some(sni) = &sni {
         if !same_host(sni, &host) {
-            let out = Outcome {
-                ctx: &ctx,
-                method: "CONNECT".into(),
-                url: format!("{host}:{port}"),
-                host: host.clone(),
+            let out = Outcome::new(
+                &ctx,
+                "CONNECT".into(),
+                format!("{host}:{port}"),
+                &host,
                 port,
-                started: Instant::now(),
-                time: now_rfc3339(),
-            };
+            );
             out.decision(false, "identity");
             out.record(
                 None,
@@ -730,15 +735,13 @@ async fn handle_intercepted(
     } else {
         format!("{host}:{port}")
     };
-    let out = Outcome {
-        ctx: &ctx,
-        method: req.method().to_string(),
-        url: format!("https://{authority}{path}"),
-        host: host.clone(),
+    let out = Outcome::new(
+        &ctx,
+        req.method().to_string(),
+        format!("https://{authority}{path}"),
+        &host,
         port,
-        started: Instant::now(),
-        time: now_rfc3339(),
-    };
+    );
 
     // Identity: the URI authority (HTTP/2, absolute-form) and the Host header
     // must both name the CONNECT host and port.
@@ -1086,15 +1089,13 @@ async fn forward_plain(
         return text_response(StatusCode::BAD_REQUEST, "Moat: bad request target\n");
     };
     let port = port.unwrap_or(80);
-    let out = Outcome {
-        ctx: &ctx,
-        method: req.method().to_string(),
-        url: req.uri().to_string(),
-        host: host.clone(),
+    let out = Outcome::new(
+        &ctx,
+        req.method().to_string(),
+        req.uri().to_string(),
+        &host,
         port,
-        started: Instant::now(),
-        time: now_rfc3339(),
-    };
+    );
     let decision = ctx.policy.decide(&host, port);
     out.decision(decision.allowed, &decision.rule);
     if !decision.allowed {
