@@ -55,6 +55,9 @@ impl Shared {
         let client = |tls: Option<Arc<rustls::ClientConfig>>| {
             Client::builder(TokioExecutor::new())
                 .pool_idle_timeout(std::time::Duration::from_secs(60))
+                // After a burst, keep a few warm connections per upstream,
+                // not one per request of the burst.
+                .pool_max_idle_per_host(32)
                 .pool_timer(TokioTimer::new())
                 .timer(TokioTimer::new())
                 .build(Connector {
