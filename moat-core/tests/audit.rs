@@ -137,9 +137,24 @@ fn another_key_does_not_verify_the_checkpoints() {
     let t = tempfile::tempdir().unwrap();
     let (dir, home) = (t.path().join("run"), t.path().join("home"));
     write(&dir, &home, 3);
+    // A home that signed nothing: refused, and verifying creates no key.
+    let empty = t.path().join("empty-home");
+    let err = audit::verify(&dir, &empty, None).unwrap_err();
+    assert!(err.to_string().contains("no audit signing key"), "{err}");
+    assert!(!empty.exists());
+    // Another host's key: the checkpoints' signatures do not verify.
     let other = t.path().join("other-home");
-    let p = first_problem(&dir, &other);
-    assert!(p.contains("no valid signature by the expected key"), "{p}");
+    let other_vkey = audit::vkey_of(&audit::signing_key(&other).unwrap().verifying_key());
+    let r = audit::verify(&dir, &home, Some(&other_vkey)).unwrap();
+    assert!(!r.ok);
+    assert!(
+        r.problems[0].contains("no valid signature by the expected key"),
+        "{:?}",
+        r.problems
+    );
+    // A missing log is an error, not an empty log.
+    let err = audit::verify(&t.path().join("nowhere"), &home, None).unwrap_err();
+    assert!(err.to_string().contains("no audit log here"), "{err}");
 }
 
 #[test]

@@ -109,12 +109,20 @@ static void test_injection(const char *home, const char *port, const char *ca) {
   moat_error *err2 = NULL;
   CHECK(moat_verify_bundle(bundle, "moat+00000000+AAAA", NULL, &err2) != MOAT_OK);
   moat_error_free(err2);
-  /* Another key does not verify the checkpoints. */
+  /* A home that signed nothing has no key to verify with. */
   char other[800];
   snprintf(other, sizeof other, "%s/other-home", home);
   err2 = NULL;
   CHECK(moat_audit_verify(log, other, NULL, NULL, &err2) == MOAT_ERR_CONFIG);
-  CHECK(err2 && strstr(moat_error_message(err2), "no valid signature"));
+  CHECK(err2 && strstr(moat_error_message(err2), "no audit signing key"));
+  moat_error_free(err2);
+  /* A made-up key does not parse; a missing log is an error. */
+  err2 = NULL;
+  CHECK(moat_audit_verify(log, home, "moat+00000000+AAAA", NULL, &err2) == MOAT_ERR_INVALID_ARGUMENT);
+  moat_error_free(err2);
+  err2 = NULL;
+  CHECK(moat_audit_verify("/nonexistent/log", home, NULL, NULL, &err2) == MOAT_ERR_IO);
+  CHECK(err2 && strstr(moat_error_message(err2), "no audit log here"));
   moat_error_free(err2);
 }
 

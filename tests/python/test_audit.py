@@ -105,10 +105,16 @@ def test_bundles_export_and_verify_offline(upstream, tmp_path):
     assert cli(["verify-bundle", str(bundle), "--key", vkey], tmp_path).returncode == 0
     report = moat.verify_bundle(bundle, key=vkey)
     assert report["entries"] > 0
-    # Another trusted key: refused.
-    other = moat.AuditLog(log, home=tmp_path / "other-home")
+    # A home that signed nothing: refused, and no key is created there.
+    with pytest.raises(moat.ConfigError, match="no audit signing key"):
+        moat.AuditLog(log, home=tmp_path / "other-home").verify()
+    assert not (tmp_path / "other-home").exists()
+    # Another host's key: its signatures do not verify.
+    with moat.Proxy(home=tmp_path / "h2", audit_dir=tmp_path / "log2"):
+        pass
+    other_vkey = moat.AuditLog(tmp_path / "log2", home=tmp_path / "h2").verify()["vkey"]
     with pytest.raises(moat.ConfigError, match="no valid signature"):
-        other.verify()
+        moat.AuditLog(log, home=tmp_path / "home").verify(key=other_vkey)
     out = cli(["verify-bundle", str(bundle), "--key", "moat+00000000+" + "A" * 44], tmp_path)
     assert out.returncode == 1 and "is not the expected key" in out.stderr
     # The Python export gives the same kind of bundle.

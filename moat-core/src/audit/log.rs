@@ -282,7 +282,7 @@ impl AuditWriter {
         })?;
         let key = signing_key(home)?;
         // Continue an existing log from its last complete entry.
-        let report = verify(dir, home, None)?;
+        let report = verify_with(dir, home, &key.verifying_key())?;
         if !report.ok {
             return Err(bad(
                 ErrorKind::Config,
@@ -547,10 +547,39 @@ pub struct Report {
 /// every checkpoint's signature and root, the witness copy of the latest
 /// checkpoint. `vkey` overrides the key of `home`.
 pub fn verify(dir: &Path, home: &Path, vkey: Option<&str>) -> Result<Report> {
+    let log_path = dir.join("audit.jsonl");
+    if !log_path.exists() {
+        return Err(bad(
+            ErrorKind::Io,
+            format!(
+                "{}: no audit log here (audit.jsonl is missing)",
+                dir.display()
+            ),
+        ));
+    }
     let key = match vkey {
         Some(v) => parse_vkey(v)?,
-        None => signing_key(home)?.verifying_key(),
+        None => {
+            // Verifying never creates a key: without one, nothing here signed.
+            if !home.join("audit").join("signing.key").exists() {
+                return Err(bad(
+                    ErrorKind::Config,
+                    format!(
+                        "no audit signing key in {}: this host signed no logs; pass --key with the verifier key you trust",
+                        home.join("audit").display()
+                    ),
+                ));
+            }
+            signing_key(home)?.verifying_key()
+        }
     };
+    verify_with(dir, home, &key)
+}
+
+/// [`verify`] with a known key, for a log that may not exist yet (a writer
+/// continuing or starting it).
+fn verify_with(dir: &Path, home: &Path, key: &VerifyingKey) -> Result<Report> {
+    let key = *key;
     let log_path = dir.join("audit.jsonl");
     let data = match std::fs::read(&log_path) {
         Ok(d) => d,
