@@ -243,6 +243,20 @@ impl<'a> Outcome<'a> {
         );
     }
 
+    /// Records a request that was refused (`denied`: by the destination
+    /// check) or failed, and builds the answer the client gets.
+    fn fail(&self, status: StatusCode, msg: String, denied: bool) -> Response<ProxyBody> {
+        if denied {
+            self.decision(false, "destination");
+        }
+        self.record(
+            Some(status.as_u16()),
+            denied.then(|| msg.clone()),
+            (!denied).then(|| msg.clone()),
+        );
+        text_response(status, format!("Moat: {msg}\n"))
+    }
+
     fn decision(&self, allowed: bool, rule: &str) {
         if let Some(audit) = &self.ctx.audit {
             audit.event(&AuditEvent::PolicyDecision {
@@ -870,15 +884,7 @@ async fn handle_intercepted(
         )),
         Err(e) => {
             let (status, msg, denied) = upstream_error_response(&e);
-            if denied {
-                out.decision(false, "destination");
-            }
-            out.record(
-                Some(status.as_u16()),
-                denied.then(|| msg.clone()),
-                (!denied).then(|| msg.clone()),
-            );
-            Ok(text_response(status, format!("Moat: {msg}\n")))
+            Ok(out.fail(status, msg, denied))
         }
     }
 }
@@ -912,17 +918,7 @@ async fn forward_upgrade(
     grant: Option<String>,
     request_headers: Vec<(String, String)>,
 ) -> Response<ProxyBody> {
-    let fail = |status: StatusCode, msg: String, denied: bool| {
-        if denied {
-            out.decision(false, "destination");
-        }
-        out.record(
-            Some(status.as_u16()),
-            denied.then(|| msg.clone()),
-            (!denied).then(|| msg.clone()),
-        );
-        text_response(status, format!("Moat: {msg}\n"))
-    };
+    let fail = |status: StatusCode, msg: String, denied: bool| out.fail(status, msg, denied);
     let timeout = shared.limits.connect_timeout;
     let tcp = match upstream::dial(&out.host, out.port, &shared.overrides, timeout).await {
         Ok(tcp) => tcp,
@@ -1118,12 +1114,7 @@ async fn forward_plain(
         Ok(resp) => stream_back(&out, resp, None, request_headers, sent, req_capture),
         Err(e) => {
             let (status, msg, denied) = upstream_error_response(&e);
-            out.record(
-                Some(status.as_u16()),
-                denied.then(|| msg.clone()),
-                (!denied).then(|| msg.clone()),
-            );
-            text_response(status, format!("Moat: {msg}\n"))
+            out.fail(status, msg, denied)
         }
     }
 }
