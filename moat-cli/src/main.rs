@@ -371,9 +371,7 @@ fn cmd_grant_ssh(args: &GrantArgs) -> Result<(), Error> {
             "moat grant ssh needs --host <host> (the host the key may sign for)",
         )
     })?;
-    let socket = std::env::var_os("SSH_AUTH_SOCK")
-        .filter(|s| !s.is_empty())
-        .map(PathBuf::from);
+    let socket = credential::ssh::agent_socket();
     let grant = credential::ssh::grant(&home, socket.as_deref(), host, args.key.as_deref())?;
     if args.json {
         let text = serde_json::to_string_pretty(&grant).map_err(internal)?;

@@ -1269,6 +1269,19 @@ async fn shutdown_stops_serving() {
     drop(s.env);
 }
 
+/// Invariant 3: the proxy never listens on all interfaces by default.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_default_listen_address_is_loopback() {
+    let home = tempfile::tempdir().unwrap();
+    let proxy = ProxyBuilder::new().home(home.path()).start().await.unwrap();
+    assert!(
+        proxy.local_addr().ip().is_loopback(),
+        "{}",
+        proxy.local_addr()
+    );
+    assert_ne!(proxy.local_addr().port(), 0);
+}
+
 #[test]
 fn curl_is_installed() {
     let out = Command::new("curl").arg("--version").output();

@@ -848,9 +848,7 @@ pub unsafe extern "C" fn moat_grant_ssh(
             let host = arg_str(host, "host")?;
             let key = opt_str(key, "key")?;
             let home = home_or_default(opt_str(home, "home")?)?;
-            let socket = std::env::var_os("SSH_AUTH_SOCK")
-                .filter(|s| !s.is_empty())
-                .map(PathBuf::from);
+            let socket = moat_core::credential::ssh::agent_socket();
             let grant = moat_core::credential::ssh::grant(&home, socket.as_deref(), host, key)
                 .map_err(|e| moat_error::from_error(&e))?;
             if !out_json.is_null() {

@@ -461,9 +461,7 @@ fn grant(
                 ),
             ));
         };
-        let socket = std::env::var_os("SSH_AUTH_SOCK")
-            .filter(|s| !s.is_empty())
-            .map(PathBuf::from);
+        let socket = credential::ssh::agent_socket();
         let grant = py
             .detach(|| credential::ssh::grant(&home, socket.as_deref(), &host, key.as_deref()))
             .map_err(|e| to_py_err(py, &e))?;

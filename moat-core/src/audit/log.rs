@@ -282,17 +282,11 @@ impl AuditWriter {
         })?;
         let key = signing_key(home)?;
         // Continue an existing log from its last complete entry.
-        let report = verify_with(dir, home, &key.verifying_key())?;
-        if !report.ok {
-            return Err(bad(
-                ErrorKind::Config,
-                format!(
-                    "{}: cannot continue a log that does not verify: {}",
-                    dir.display(),
-                    report.problems.join("; ")
-                ),
-            ));
-        }
+        let report = require_ok(
+            verify_with(dir, home, &key.verifying_key())?,
+            dir,
+            "cannot continue a log that does not verify",
+        )?;
         let log_path = dir.join("audit.jsonl");
         if let Some(valid) = report.valid_bytes {
             // Drop a torn tail before appending.
@@ -541,6 +535,17 @@ pub struct Report {
     valid_bytes: Option<u64>,
     #[serde(skip)]
     lines: Vec<String>,
+}
+
+/// The report, or a `Config` error listing its problems.
+fn require_ok(report: Report, dir: &Path, what: &str) -> Result<Report> {
+    if report.ok {
+        return Ok(report);
+    }
+    Err(bad(
+        ErrorKind::Config,
+        format!("{}: {what}: {}", dir.display(), report.problems.join("; ")),
+    ))
 }
 
 /// Verifies the log in `dir`: every entry canonical and chained, the tree,
@@ -797,17 +802,7 @@ fn unhex(s: &str) -> Option<Hash> {
 /// checkpoints, the verifier key, an inclusion proof of every entry in the
 /// last checkpoint and consistency proofs between consecutive checkpoints.
 pub fn export_bundle(dir: &Path, home: &Path, out: &Path) -> Result<Report> {
-    let r = verify(dir, home, None)?;
-    if !r.ok {
-        return Err(bad(
-            ErrorKind::Config,
-            format!(
-                "{}: the log does not verify: {}",
-                dir.display(),
-                r.problems.join("; ")
-            ),
-        ));
-    }
+    let r = require_ok(verify(dir, home, None)?, dir, "the log does not verify")?;
     let last = r.checkpoints.last().ok_or_else(|| {
         bad(
             ErrorKind::Config,

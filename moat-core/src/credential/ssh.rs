@@ -138,6 +138,13 @@ fn write(home: &Path, grants: &[SshGrant]) -> Result<()> {
     paths::write_private(&grants_path(home), &data, 0o600)
 }
 
+/// The user's agent socket: `SSH_AUTH_SOCK`, when set and not empty.
+pub fn agent_socket() -> Option<std::path::PathBuf> {
+    std::env::var_os("SSH_AUTH_SOCK")
+        .filter(|s| !s.is_empty())
+        .map(std::path::PathBuf::from)
+}
+
 /// Grants `host` the agent key named by `fingerprint` (with or without the
 /// `SHA256:` prefix), or the agent's first key. Replaces an earlier grant for
 /// the host.

@@ -222,25 +222,34 @@ impl<'a> Outcome<'a> {
             self.ctx.trace.as_ref(),
             self.ctx.audit.as_ref(),
             &TraceRecord {
-                time: self.time.clone(),
-                client: self.ctx.name.clone(),
-                method: self.method.clone(),
-                url: self.url.clone(),
-                host: self.host.clone(),
-                port: self.port,
-                status,
-                duration_ms: self.started.elapsed().as_secs_f64() * 1000.0,
-                request_bytes: 0,
-                response_bytes: 0,
-                grant: None,
                 denied,
                 error,
-                request_headers: Vec::new(),
-                response_headers: Vec::new(),
-                request_body: None,
-                response_body: None,
+                ..self.trace_record(status)
             },
         );
+    }
+
+    /// A trace record of this request with nothing measured yet.
+    fn trace_record(&self, status: Option<u16>) -> TraceRecord {
+        TraceRecord {
+            time: self.time.clone(),
+            client: self.ctx.name.clone(),
+            method: self.method.clone(),
+            url: self.url.clone(),
+            host: self.host.clone(),
+            port: self.port,
+            status,
+            duration_ms: self.started.elapsed().as_secs_f64() * 1000.0,
+            request_bytes: 0,
+            response_bytes: 0,
+            grant: None,
+            denied: None,
+            error: None,
+            request_headers: Vec::new(),
+            response_headers: Vec::new(),
+            request_body: None,
+            response_body: None,
+        }
     }
 
     /// Records a request that was refused (`denied`: by the destination
@@ -502,23 +511,9 @@ async fn handle_tunnel(
                 ctx.trace.as_ref(),
                 ctx.audit.as_ref(),
                 &TraceRecord {
-                    time: out.time.clone(),
-                    client: ctx.name.clone(),
-                    method: "CONNECT".into(),
-                    url: out.url.clone(),
-                    host: host.clone(),
-                    port,
-                    status: None,
-                    duration_ms: out.started.elapsed().as_secs_f64() * 1000.0,
                     request_bytes: up,
                     response_bytes: down,
-                    grant: None,
-                    denied: None,
-                    error: None,
-                    request_headers: Vec::new(),
-                    response_headers: Vec::new(),
-                    request_body: None,
-                    response_body: None,
+                    ..out.trace_record(None)
                 },
             );
         }
@@ -963,23 +958,10 @@ async fn forward_upgrade(
     let status = resp.status();
     let response_headers = redacted(resp.headers(), &[]);
     let record = TraceRecord {
-        time: out.time.clone(),
-        client: out.ctx.name.clone(),
-        method: out.method.clone(),
-        url: out.url.clone(),
-        host: out.host.clone(),
-        port: out.port,
-        status: Some(status.as_u16()),
-        duration_ms: 0.0,
-        request_bytes: 0,
-        response_bytes: 0,
         grant,
-        denied: None,
-        error: None,
         request_headers,
         response_headers,
-        request_body: None,
-        response_body: None,
+        ..out.trace_record(Some(status.as_u16()))
     };
     if status != StatusCode::SWITCHING_PROTOCOLS {
         // Refused by the upstream: pass its answer on as an ordinary response.
@@ -1035,23 +1017,10 @@ fn stream_back(
     let wanted = trace.is_some() || audit.is_some();
     let on_end: Option<Box<dyn FnOnce() + Send + Sync>> = wanted.then(|| {
         let record = TraceRecord {
-            time: out.time.clone(),
-            client: out.ctx.name.clone(),
-            method: out.method.clone(),
-            url: out.url.clone(),
-            host: out.host.clone(),
-            port: out.port,
-            status: Some(parts.status.as_u16()),
-            duration_ms: 0.0,
-            request_bytes: 0,
-            response_bytes: 0,
             grant,
-            denied: None,
-            error: None,
             request_headers,
             response_headers: redacted(&parts.headers, &[]),
-            request_body: None,
-            response_body: None,
+            ..out.trace_record(Some(parts.status.as_u16()))
         };
         let started = out.started;
         let received = received.clone();
