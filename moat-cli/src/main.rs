@@ -8,6 +8,8 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
+
+mod runs;
 use moat_core::config::{self, Overrides};
 use moat_core::credential::{self, TokenInput};
 use moat_core::paths;
@@ -20,11 +22,14 @@ const AFTER_HELP: &str = "\
 Agents run in isolated containers; credentials are injected at the network
 layer by a TLS-intercepting proxy, so the agent never sees your tokens.
 
-Built so far: `moat config`, `moat grant`, `moat revoke`, `moat audit`,
-`moat verify-bundle`. Runs and hostname routing are being built; see the
-README's status table.
+Not built yet: interactive runs (-i), hostname routing (`moat proxy`), SSH
+grants inside runs; see the README's status table.
 
 Examples:
+  moat run -- echo hi         Run a command in a container in ./
+  moat run --grant github -- curl -s https://api.github.com/user
+  moat run -d ./my-project    Run in the background; `moat logs -f` follows it
+  moat list                   Runs, with their state
   moat config                 Check ./agent.yaml and show what a run would use
   moat config ./my-project    Check another workspace
   moat config --json          The same, as JSON for scripts
@@ -60,16 +65,43 @@ terminal moat never prompts. Tokens are stored encrypted in
     Grant(GrantArgs),
     /// Remove stored credentials
     Revoke(RevokeArgs),
+    /// Run an agent in a container: moat run [PATH] [-- COMMAND...]
+    #[command(after_help = "\
+The workspace is mounted at /workspace; the agent runs as your uid, without
+capabilities, behind the run's own proxy. Output is streamed: Ctrl+C
+detaches (the run goes on), Ctrl+C twice within 500 ms stops it. The exit
+status is the command's.")]
+    Run(runs::RunArgs),
+    /// Follow the output of a running run
+    Attach(runs::AttachArgs),
+    /// List runs
+    List(runs::ListArgs),
+    /// Show runs, images, disk use and health
+    Status(runs::ListArgs),
+    /// Stop a run (SIGTERM, then SIGKILL)
+    Stop(runs::StopArgs),
+    /// Remove a run and its artifacts (stopping it first)
+    Destroy(runs::RunRef),
+    /// Remove stopped runs and anything moat left behind
+    Clean(runs::CleanArgs),
+    /// Print a run's output
+    Logs(runs::LogsArgs),
+    /// Show a run's network trace
+    Trace(runs::TraceArgs),
     /// Verify an audit log (hash chain, Merkle tree, signed checkpoints)
     Audit(AuditArgs),
     /// Verify an exported proof bundle offline
     VerifyBundle(VerifyBundleArgs),
+    /// (internal) Supervise a run; started by `moat run`
+    #[command(name = "_supervise", hide = true)]
+    Supervise,
 }
 
 #[derive(Args, Debug)]
 struct AuditArgs {
-    /// The audit log's directory (it holds audit.jsonl and checkpoints.jsonl)
-    dir: PathBuf,
+    /// A run (id, id prefix or name; default: the most recent), or an audit
+    /// log's directory (it holds audit.jsonl and checkpoints.jsonl)
+    target: Option<String>,
     /// Write a self-contained proof bundle to this file
     #[arg(long, value_name = "FILE")]
     export: Option<PathBuf>,
@@ -157,6 +189,18 @@ struct ConfigArgs {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
+        Command::Supervise => {
+            return ExitCode::from(moat_core::run::supervise().clamp(0, 255) as u8)
+        }
+        Command::Run(args) => return exit(runs::cmd_run(&args)),
+        Command::Attach(args) => return exit(runs::cmd_attach(&args)),
+        Command::Logs(args) => return exit(runs::cmd_logs(&args)),
+        Command::List(args) => runs::cmd_list(&args),
+        Command::Status(args) => runs::cmd_status(&args),
+        Command::Stop(args) => runs::cmd_stop(&args),
+        Command::Destroy(args) => runs::cmd_destroy(&args),
+        Command::Clean(args) => runs::cmd_clean(&args),
+        Command::Trace(args) => runs::cmd_trace(&args),
         Command::Config(args) => cmd_config(&args),
         Command::Grant(args) if args.provider == "list" => cmd_grant_list(&args),
         Command::Grant(args) if args.provider == "ssh" => cmd_grant_ssh(&args),
@@ -168,6 +212,16 @@ fn main() -> ExitCode {
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            report(&err);
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn exit(result: Result<ExitCode, Error>) -> ExitCode {
+    match result {
+        Ok(code) => code,
         Err(err) => {
             report(&err);
             ExitCode::FAILURE
@@ -204,7 +258,7 @@ fn cmd_config(args: &ConfigArgs) -> Result<(), Error> {
 
 /// Writes data to stdout. A reader that went away (`moat config | head -1`)
 /// is not an error; anything else is reported, never a panic.
-fn write_stdout(text: &str) -> Result<(), Error> {
+pub(crate) fn write_stdout(text: &str) -> Result<(), Error> {
     use std::io::Write;
     let mut out = std::io::stdout().lock();
     match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
@@ -472,6 +526,19 @@ fn print_report(what: &str, r: &moat_core::audit::Report) -> Result<(), Error> {
 
 fn cmd_audit(args: &AuditArgs) -> Result<(), Error> {
     let home = paths::moat_home()?;
+    let dir = match args.target.as_deref() {
+        Some(t) if Path::new(t).join("audit.jsonl").is_file() => PathBuf::from(t),
+        other => {
+            let meta = moat_core::run::find(&home, other)?;
+            moat_core::run::run_dir(&home, &meta.id)
+        }
+    };
+    let args = &ResolvedAudit {
+        dir,
+        export: args.export.clone(),
+        key: args.key.clone(),
+        json: args.json,
+    };
     let report = moat_core::audit::verify(&args.dir, &home, args.key.as_deref())?;
     if args.json {
         let text = serde_json::to_string_pretty(&report).map_err(internal)?;
@@ -503,6 +570,13 @@ fn cmd_audit(args: &AuditArgs) -> Result<(), Error> {
         eprintln!("Proof bundle written to {}", out.display());
     }
     Ok(())
+}
+
+struct ResolvedAudit {
+    dir: PathBuf,
+    export: Option<PathBuf>,
+    key: Option<String>,
+    json: bool,
 }
 
 fn cmd_verify_bundle(args: &VerifyBundleArgs) -> Result<(), Error> {

@@ -40,6 +40,21 @@ pub fn block_on<F: Future>(fut: F) -> Result<F::Output> {
     Ok(runtime()?.block_on(fut))
 }
 
+/// Runs `fut` on a new single-threaded runtime on this thread; for helper
+/// threads of callers that are themselves inside a runtime.
+pub(crate) fn block_on_fresh<F: Future>(fut: F) -> F::Output {
+    match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt.block_on(fut),
+        Err(_) => match runtime() {
+            Ok(rt) => rt.block_on(fut),
+            Err(_) => std::process::abort(),
+        },
+    }
+}
+
 /// Loads a workspace's configuration ([`config::load`]).
 pub fn load_config(workspace: &Path) -> Result<Config> {
     config::load(workspace)
@@ -179,22 +194,10 @@ mod proxy_facade {
                     Some(h) => h.clone(),
                     None => crate::paths::moat_home()?,
                 };
-                let (aws_grants, others): (Vec<String>, Vec<String>) =
-                    options.grants.iter().cloned().partition(|g| g == "aws");
-                credentials.extend(crate::credential::credentials_for(&home, &others)?);
-                if !aws_grants.is_empty() {
-                    let role = crate::credential::aws::load(&home)?.ok_or_else(|| {
-                        Error::new(
-                            ErrorKind::Config,
-                            "grant \"aws\": no role is stored; run `moat grant aws --role=ARN`",
-                        )
-                    })?;
-                    let host = crate::credential::aws::host_credentials()?;
-                    let name = options.name.clone().unwrap_or_else(|| "moat".to_string());
-                    aws = Some(Arc::new(crate::credential::aws::RoleSession::new(
-                        role, host, &name,
-                    )));
-                }
+                let session = options.name.clone().unwrap_or_else(|| "moat".to_string());
+                let binding = crate::credential::bind(&home, &options.grants, &session)?;
+                credentials.extend(binding.credentials);
+                aws = binding.aws;
             }
             let home_dir = match &options.home {
                 Some(h) => h.clone(),

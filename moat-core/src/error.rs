@@ -25,6 +25,9 @@ pub enum ErrorKind {
     InvalidArgument,
     /// A bug in moat: a panic was caught or an internal invariant failed.
     Internal,
+    /// The container engine is unreachable or refused what moat asked, or a
+    /// run could not be set up or managed on this host.
+    Runtime,
 }
 
 impl ErrorKind {
@@ -35,6 +38,7 @@ impl ErrorKind {
             ErrorKind::Io => "io",
             ErrorKind::InvalidArgument => "invalid_argument",
             ErrorKind::Internal => "internal",
+            ErrorKind::Runtime => "runtime",
         }
     }
 }
@@ -178,6 +182,11 @@ impl Error {
     /// Is this an internal error (a bug in moat)?
     pub fn is_internal(&self) -> bool {
         self.kind == ErrorKind::Internal
+    }
+
+    /// Is this a container runtime error (engine unreachable, run setup)?
+    pub fn is_runtime(&self) -> bool {
+        self.kind == ErrorKind::Runtime
     }
 
     fn first(&self) -> Option<&Diagnostic> {

@@ -19,6 +19,8 @@ mod error;
 pub mod paths;
 pub mod policy;
 pub mod proxy;
+pub mod run;
+pub mod runtime;
 pub mod secret;
 pub mod secrets;
 pub mod trace;

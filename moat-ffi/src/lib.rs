@@ -50,6 +50,9 @@ pub enum moat_status {
     MOAT_ERR_INTERNAL = 4,
     /// A panic inside moat was caught at the C boundary (a bug in moat).
     MOAT_ERR_PANIC = 5,
+    /// The container engine is unreachable or refused, or a run could not be
+    /// set up or managed.
+    MOAT_ERR_RUNTIME = 6,
 }
 
 fn status_of(kind: ErrorKind) -> moat_status {
@@ -58,6 +61,7 @@ fn status_of(kind: ErrorKind) -> moat_status {
         ErrorKind::Io => moat_status::MOAT_ERR_IO,
         ErrorKind::InvalidArgument => moat_status::MOAT_ERR_INVALID_ARGUMENT,
         ErrorKind::Internal => moat_status::MOAT_ERR_INTERNAL,
+        ErrorKind::Runtime => moat_status::MOAT_ERR_RUNTIME,
     }
 }
 

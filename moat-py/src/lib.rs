@@ -40,6 +40,12 @@ create_exception!(
     "An argument passed to moat is invalid."
 );
 create_exception!(_moat, InternalError, MoatError, "A bug in moat.");
+create_exception!(
+    _moat,
+    ContainerRuntimeError,
+    MoatError,
+    "The container engine is unreachable or refused, or a run could not be set up."
+);
 
 /// Converts a moat-core error into its Python exception, with location
 /// attributes (`path`, `line`, `column`, `errors`) on every kind.
@@ -50,6 +56,7 @@ fn to_py_err(py: Python<'_>, err: &Error) -> PyErr {
         ErrorKind::Io => MoatIOError::new_err(message),
         ErrorKind::InvalidArgument => InvalidArgumentError::new_err(message),
         ErrorKind::Internal => InternalError::new_err(message),
+        ErrorKind::Runtime => ContainerRuntimeError::new_err(message),
     };
     let value = exc.value(py);
     let loc = err.location();
@@ -590,6 +597,10 @@ fn _moat(m: &Bound<'_, PyModule>) -> PyResult<()> {
         py.get_type::<InvalidArgumentError>(),
     )?;
     m.add("InternalError", py.get_type::<InternalError>())?;
+    m.add(
+        "ContainerRuntimeError",
+        py.get_type::<ContainerRuntimeError>(),
+    )?;
     m.add_class::<Config>()?;
     m.add_class::<Network>()?;
     m.add_class::<Mount>()?;

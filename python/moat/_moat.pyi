@@ -27,6 +27,9 @@ class InvalidArgumentError(MoatError):
 class InternalError(MoatError):
     """A bug in moat."""
 
+class ContainerRuntimeError(MoatError):
+    """The container engine is unreachable or refused, or a run could not be set up."""
+
 class Network:
     @property
     def policy(self) -> str: ...

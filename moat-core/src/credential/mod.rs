@@ -278,6 +278,68 @@ pub fn credentials_for(home: &Path, grants: &[String]) -> Result<Vec<Credential>
     let mut out = Vec::new();
     let mut store = None;
     for name in grants {
+        out.extend(load_http_grant(home, name, &mut store)?.0);
+    }
+    Ok(out)
+}
+
+/// Grants bound to one client (a run, or a harness's proxy): what the proxy
+/// injects, what the container sees instead, and where each grant reaches.
+#[derive(Debug, Default)]
+pub struct Binding {
+    /// Credentials for the proxy to inject.
+    pub credentials: Vec<Credential>,
+    /// Placeholder variables for the container (never a real value).
+    pub env: Vec<(String, String)>,
+    /// For each grant, the hosts it reaches (for the audit log).
+    pub hosts: Vec<(String, Vec<String>)>,
+    /// The AWS role session, when `aws` is granted.
+    pub aws: Option<std::sync::Arc<aws::RoleSession>>,
+}
+
+/// Binds grant names (`github`, `anthropic`, `aws`, custom providers) for a
+/// client called `session`: loads and decrypts every credential, failing
+/// with the grant's name when one is missing, expired or unusable.
+pub fn bind(home: &Path, grants: &[String], session: &str) -> Result<Binding> {
+    let mut binding = Binding::default();
+    let mut store = None;
+    for name in grants {
+        if name == "aws" {
+            let role = aws::load(home)?.ok_or_else(|| {
+                Error::new(
+                    ErrorKind::Config,
+                    "grant \"aws\": no role is stored; run `moat grant aws --role=ARN`",
+                )
+            })?;
+            let host = aws::host_credentials()?;
+            binding
+                .hosts
+                .push((name.clone(), vec!["*.amazonaws.com".into()]));
+            binding.aws = Some(std::sync::Arc::new(aws::RoleSession::new(
+                role, host, session,
+            )));
+            continue;
+        }
+        let (creds, placeholders, hosts) = load_http_grant(home, name, &mut store)?;
+        binding.credentials.extend(creds);
+        for (k, v) in placeholders {
+            if !binding.env.iter().any(|(e, _)| *e == k) {
+                binding.env.push((k, v));
+            }
+        }
+        binding.hosts.push((name.clone(), hosts));
+    }
+    Ok(binding)
+}
+
+type HttpGrant = (Vec<Credential>, Vec<(String, String)>, Vec<String>);
+
+fn load_http_grant(
+    home: &Path,
+    name: &str,
+    store: &mut Option<CredentialStore>,
+) -> Result<HttpGrant> {
+    {
         let provider = name.split(':').next().unwrap_or(name);
         let spec = lookup(home, provider)?;
         if !spec.stores_secret {
@@ -287,10 +349,10 @@ pub fn credentials_for(home: &Path, grants: &[String]) -> Result<Vec<Credential>
             ));
         }
         if store.is_none() {
-            store = Some(CredentialStore::open(home)?);
+            *store = Some(CredentialStore::open(home)?);
         }
         let Some(store) = store.as_ref() else {
-            continue;
+            return Err(Error::new(ErrorKind::Internal, "credential store not open"));
         };
         let grant = store.load(provider)?.ok_or_else(|| {
             Error::new(
@@ -307,9 +369,10 @@ pub fn credentials_for(home: &Path, grants: &[String]) -> Result<Vec<Credential>
                 ),
             ));
         }
-        out.extend(spec.credentials(&grant)?);
+        let creds = spec.credentials(&grant)?;
+        let placeholders = spec.placeholders(grant.kind.as_deref());
+        Ok((creds, placeholders, spec.hosts()))
     }
-    Ok(out)
 }
 
 #[cfg(test)]

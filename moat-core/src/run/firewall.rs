@@ -1,0 +1,170 @@
+//! Strict mode's enforcement, on the host where the agent cannot reach it:
+//! a netfilter chain per run (`MOAT-<12 hex>`, in iptables and ip6tables)
+//! that lets the run's bridge reach the proxy's port on the gateway address
+//! and drops everything else it sends, to the host or through it.
+//!
+//! The run's network is also `internal` (no route out) and the container
+//! runs without capabilities; these rules are what holds even if something
+//! inside gained them, since they live in the host's network namespace.
+
+use std::net::IpAddr;
+use std::process::Command;
+
+use crate::error::{Error, ErrorKind, Result};
+
+fn chain(run_id: &str) -> String {
+    format!("MOAT-{}", run_id.trim_start_matches("run_"))
+}
+
+fn ipv6_present() -> bool {
+    std::path::Path::new("/proc/sys/net/ipv6").exists()
+}
+
+fn tool(ip6: bool) -> &'static str {
+    if ip6 {
+        "ip6tables"
+    } else {
+        "iptables"
+    }
+}
+
+fn run(ip6: bool, args: &[&str]) -> std::result::Result<String, String> {
+    let out = Command::new(tool(ip6))
+        .arg("-w")
+        .args(args)
+        .output()
+        .map_err(|e| format!("cannot run {}: {e}", tool(ip6)))?;
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        Err(format!(
+            "`{} {}` failed: {}",
+            tool(ip6),
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
+    }
+}
+
+fn refuse(detail: String) -> Error {
+    Error::new(
+        ErrorKind::Runtime,
+        format!(
+            "strict network policy cannot be enforced on this host, so the run was not started: {detail}. \
+             Strict mode needs iptables (and ip6tables when IPv6 is on) and the right to change the host's \
+             firewall: run moat as root or with CAP_NET_ADMIN"
+        ),
+    )
+}
+
+/// Checks that the rules can be installed here.
+pub(crate) fn check() -> Result<()> {
+    run(false, &["-S", "INPUT"]).map_err(refuse)?;
+    if ipv6_present() {
+        run(true, &["-S", "INPUT"]).map_err(refuse)?;
+    }
+    Ok(())
+}
+
+/// Installs the run's rules: from `bridge`, only TCP to `gateway:port`.
+pub(crate) fn install(run_id: &str, bridge: &str, gateway: IpAddr, port: u16) -> Result<()> {
+    let name = chain(run_id);
+    let gw = gateway.to_string();
+    let port = port.to_string();
+    let v4: Vec<Vec<&str>> = vec![
+        vec!["-N", &name],
+        vec![
+            "-A", &name, "-p", "tcp", "-d", &gw, "--dport", &port, "-j", "ACCEPT",
+        ],
+        vec!["-A", &name, "-j", "DROP"],
+        vec!["-I", "INPUT", "1", "-i", bridge, "-j", &name],
+        vec!["-I", "FORWARD", "1", "-i", bridge, "-j", &name],
+        vec!["-I", "FORWARD", "1", "-o", bridge, "-j", &name],
+    ];
+    let v6: Vec<Vec<&str>> = vec![
+        vec!["-N", &name],
+        vec!["-A", &name, "-j", "DROP"],
+        vec!["-I", "INPUT", "1", "-i", bridge, "-j", &name],
+        vec!["-I", "FORWARD", "1", "-i", bridge, "-j", &name],
+        vec!["-I", "FORWARD", "1", "-o", bridge, "-j", &name],
+    ];
+    let result = (|| {
+        for args in &v4 {
+            run(false, args)?;
+        }
+        if ipv6_present() {
+            for args in &v6 {
+                run(true, args)?;
+            }
+        }
+        Ok::<(), String>(())
+    })();
+    if let Err(e) = result {
+        let _ = remove(run_id);
+        return Err(refuse(e));
+    }
+    Ok(())
+}
+
+fn remove_chain(ip6: bool, name: &str) -> std::result::Result<(), String> {
+    let jump = format!("-j {name}");
+    for builtin in ["INPUT", "FORWARD"] {
+        let rules = run(ip6, &["-S", builtin])?;
+        for rule in rules.lines().filter(|r| r.ends_with(&jump)) {
+            let mut args: Vec<&str> = rule.split_whitespace().collect();
+            if args.first() == Some(&"-A") {
+                args[0] = "-D";
+                run(ip6, &args)?;
+            }
+        }
+    }
+    if run(ip6, &["-S", name]).is_ok() {
+        run(ip6, &["-F", name])?;
+        run(ip6, &["-X", name])?;
+    }
+    Ok(())
+}
+
+/// Removes a run's rules; nothing to remove is fine. Hosts where iptables
+/// is missing or not ours to change have no rules of moat's to remove.
+pub(crate) fn remove(run_id: &str) -> Result<()> {
+    if run(false, &["-S", "INPUT"]).is_err() {
+        return Ok(());
+    }
+    let name = chain(run_id);
+    remove_chain(false, &name)
+        .map_err(|e| Error::new(ErrorKind::Runtime, format!("removing firewall rules: {e}")))?;
+    if ipv6_present() && run(true, &["-S", "INPUT"]).is_ok() {
+        remove_chain(true, &name)
+            .map_err(|e| Error::new(ErrorKind::Runtime, format!("removing firewall rules: {e}")))?;
+    }
+    Ok(())
+}
+
+/// Removes the chains of runs not in `live`.
+pub(crate) fn remove_stale(live: &[String]) -> Result<()> {
+    let keep: Vec<String> = live.iter().map(|id| chain(id)).collect();
+    for ip6 in [false, true] {
+        if ip6 && !ipv6_present() {
+            continue;
+        }
+        let Ok(all) = run(ip6, &["-S"]) else { continue };
+        for line in all.lines() {
+            if let Some(name) = line.strip_prefix("-N MOAT-") {
+                let name = format!("MOAT-{name}");
+                if !keep.contains(&name) {
+                    remove_chain(ip6, &name).map_err(|e| {
+                        Error::new(ErrorKind::Runtime, format!("removing firewall rules: {e}"))
+                    })?;
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Is a run's chain installed (for tests and `moat status`)?
+#[allow(dead_code)]
+pub(crate) fn installed(run_id: &str) -> bool {
+    run(false, &["-S", &chain(run_id)]).is_ok()
+}

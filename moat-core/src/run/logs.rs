@@ -1,0 +1,310 @@
+//! A run's output in `logs.jsonl`: one JSON object per chunk of output,
+//! written as it arrives.
+//!
+//! ```json
+//! {"t":"2026-11-22T10:00:00.123Z","s":"stdout","d":"hello\n"}
+//! {"t":"2026-11-22T10:00:00.124Z","s":"stderr","b":"/wA="}
+//! ```
+//!
+//! `s` is `stdout`, `stderr` or `moat` (a note from moat, such as the log
+//! reaching its size limit); `d` holds text, `b` base64 for output that is not
+//! UTF-8. Concatenating the chunks of a stream gives its exact bytes.
+//! Chunks are split after each newline, so a line never spans two entries
+//! unless it arrived in pieces.
+
+use std::io::{BufRead, Seek, Write};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use base64::Engine as _;
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+
+/// Default bound on a run's log file.
+pub const DEFAULT_LIMIT: u64 = 64 * 1024 * 1024;
+
+/// Which stream a chunk came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Stream {
+    /// Standard output (or the TTY).
+    Stdout,
+    /// Standard error.
+    Stderr,
+    /// A note from moat.
+    Moat,
+}
+
+/// One chunk of output.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Chunk {
+    /// When it arrived (RFC 3339).
+    pub time: String,
+    /// Its stream.
+    pub stream: Stream,
+    /// Its bytes.
+    pub data: Vec<u8>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct Line {
+    t: String,
+    s: Stream,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    d: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    b: Option<String>,
+}
+
+impl Chunk {
+    fn from_line(text: &str) -> Option<Chunk> {
+        let line: Line = serde_json::from_str(text).ok()?;
+        let data = match (line.d, line.b) {
+            (Some(d), _) => d.into_bytes(),
+            (None, Some(b)) => base64::engine::general_purpose::STANDARD.decode(b).ok()?,
+            (None, None) => Vec::new(),
+        };
+        Some(Chunk {
+            time: line.t,
+            stream: line.s,
+            data,
+        })
+    }
+}
+
+/// Appends chunks to a run's `logs.jsonl`, up to a size limit.
+#[derive(Debug)]
+pub struct LogWriter {
+    file: std::fs::File,
+    path: PathBuf,
+    written: u64,
+    limit: u64,
+    full: bool,
+}
+
+impl LogWriter {
+    /// Creates (or appends to) `path`.
+    pub fn open(path: &Path, limit: u64) -> Result<LogWriter> {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .map_err(|e| Error::io(path, "open", e))?;
+        let written = file.metadata().map(|m| m.len()).unwrap_or(0);
+        Ok(LogWriter {
+            file,
+            path: path.to_path_buf(),
+            written,
+            limit,
+            full: false,
+        })
+    }
+
+    /// Records output of `stream`, one entry per line.
+    pub fn write(&mut self, stream: Stream, data: &[u8]) -> Result<()> {
+        let time = crate::trace::now_rfc3339();
+        for piece in data.split_inclusive(|b| *b == b'\n') {
+            self.entry(&time, stream, piece)?;
+        }
+        Ok(())
+    }
+
+    fn entry(&mut self, time: &str, stream: Stream, piece: &[u8]) -> Result<()> {
+        if self.full {
+            return Ok(());
+        }
+        let line = match std::str::from_utf8(piece) {
+            Ok(text) => Line {
+                t: time.to_string(),
+                s: stream,
+                d: Some(text.to_string()),
+                b: None,
+            },
+            Err(_) => Line {
+                t: time.to_string(),
+                s: stream,
+                d: None,
+                b: Some(base64::engine::general_purpose::STANDARD.encode(piece)),
+            },
+        };
+        let mut bytes = serde_json::to_vec(&line).map_err(|e| {
+            Error::new(
+                crate::ErrorKind::Internal,
+                format!("encoding a log line: {e}"),
+            )
+        })?;
+        bytes.push(b'\n');
+        if self.written + bytes.len() as u64 > self.limit {
+            self.full = true;
+            let note = Line {
+                t: time.to_string(),
+                s: Stream::Moat,
+                d: Some(format!(
+                    "moat: the log reached its limit of {} bytes; later output is not kept\n",
+                    self.limit
+                )),
+                b: None,
+            };
+            bytes = serde_json::to_vec(&note).unwrap_or_default();
+            bytes.push(b'\n');
+        }
+        self.file
+            .write_all(&bytes)
+            .map_err(|e| Error::io(&self.path, "write", e))?;
+        self.written += bytes.len() as u64;
+        Ok(())
+    }
+}
+
+/// Reads every chunk of a log file.
+pub fn read_all(path: &Path) -> Result<Vec<Chunk>> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(Error::io(path, "read", e)),
+    };
+    Ok(text.lines().filter_map(Chunk::from_line).collect())
+}
+
+/// The chunks holding the last `n` lines of output.
+pub fn tail(chunks: &[Chunk], n: usize) -> &[Chunk] {
+    let mut lines = 0;
+    let mut start = chunks.len();
+    while start > 0 {
+        let c = &chunks[start - 1];
+        if c.data.ends_with(b"\n") {
+            if lines == n {
+                break;
+            }
+            lines += 1;
+        }
+        start -= 1;
+    }
+    &chunks[start..]
+}
+
+/// Follows a log file from `offset`: gives each new chunk to `each` until
+/// `done()` is true and the file holds nothing more. Returns the offset
+/// reached. `each` returning `false` stops early.
+pub fn follow(
+    path: &Path,
+    mut offset: u64,
+    done: &mut dyn FnMut() -> bool,
+    each: &mut dyn FnMut(Chunk) -> bool,
+) -> Result<u64> {
+    let mut delay = Duration::from_millis(2);
+    loop {
+        let finished = done();
+        let mut progressed = false;
+        if let Ok(file) = std::fs::File::open(path) {
+            let mut reader = std::io::BufReader::new(file);
+            reader
+                .seek(std::io::SeekFrom::Start(offset))
+                .map_err(|e| Error::io(path, "read", e))?;
+            let mut line = String::new();
+            loop {
+                line.clear();
+                let n = reader
+                    .read_line(&mut line)
+                    .map_err(|e| Error::io(path, "read", e))?;
+                if n == 0 || !line.ends_with('\n') {
+                    break;
+                }
+                offset += n as u64;
+                progressed = true;
+                if let Some(chunk) = Chunk::from_line(line.trim_end()) {
+                    if !each(chunk) {
+                        return Ok(offset);
+                    }
+                }
+            }
+        }
+        if finished && !progressed {
+            return Ok(offset);
+        }
+        if progressed {
+            delay = Duration::from_millis(2);
+        } else {
+            std::thread::sleep(delay);
+            delay = (delay * 2).min(Duration::from_millis(50));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chunks_round_trip_bytes_and_split_lines() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("logs.jsonl");
+        let mut w = LogWriter::open(&path, DEFAULT_LIMIT).unwrap();
+        w.write(Stream::Stdout, b"one\ntwo\nthr").unwrap();
+        w.write(Stream::Stderr, &[0xff, 0x00, b'\n']).unwrap();
+        w.write(Stream::Stdout, b"ee\n").unwrap();
+        let chunks = read_all(&path).unwrap();
+        let out: Vec<u8> = chunks
+            .iter()
+            .filter(|c| c.stream == Stream::Stdout)
+            .flat_map(|c| c.data.clone())
+            .collect();
+        assert_eq!(out, b"one\ntwo\nthree\n");
+        let err: Vec<u8> = chunks
+            .iter()
+            .filter(|c| c.stream == Stream::Stderr)
+            .flat_map(|c| c.data.clone())
+            .collect();
+        assert_eq!(err, vec![0xff, 0x00, b'\n']);
+        assert_eq!(chunks.len(), 5);
+        let last_two: Vec<u8> = tail(&chunks, 2)
+            .iter()
+            .flat_map(|c| c.data.clone())
+            .collect();
+        // Stream pieces interleave: the tail starts at the partial "thr".
+        assert_eq!(last_two, b"thr\xff\x00\nee\n");
+    }
+
+    #[test]
+    fn the_log_stops_at_its_limit_and_says_so() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("logs.jsonl");
+        let mut w = LogWriter::open(&path, 400).unwrap();
+        for _ in 0..100 {
+            w.write(Stream::Stdout, b"0123456789\n").unwrap();
+        }
+        let size = std::fs::metadata(&path).unwrap().len();
+        assert!(size < 600, "{size}");
+        let chunks = read_all(&path).unwrap();
+        let last = chunks.last().unwrap();
+        assert_eq!(last.stream, Stream::Moat);
+        assert!(String::from_utf8_lossy(&last.data).contains("limit of 400 bytes"));
+    }
+
+    #[test]
+    fn follow_reads_until_done() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("logs.jsonl");
+        let mut w = LogWriter::open(&path, DEFAULT_LIMIT).unwrap();
+        w.write(Stream::Stdout, b"a\n").unwrap();
+        let writer = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(50));
+            w.write(Stream::Stdout, b"b\n").unwrap();
+        });
+        let mut seen = Vec::new();
+        let start = std::time::Instant::now();
+        follow(
+            &path,
+            0,
+            &mut || start.elapsed() > Duration::from_millis(200),
+            &mut |c| {
+                seen.extend(c.data);
+                true
+            },
+        )
+        .unwrap();
+        writer.join().unwrap();
+        assert_eq!(seen, b"a\nb\n");
+    }
+}

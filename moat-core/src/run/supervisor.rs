@@ -1,0 +1,626 @@
+//! The supervisor: the process that owns one run from setup to cleanup.
+//! See the module docs of [`crate::run`] for why it is a process of its own.
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, Write};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use serde_json::json;
+
+use super::logs::{LogWriter, Stream, DEFAULT_LIMIT};
+use super::{firewall, now, run_dir, update_meta, Event, Handoff, RunMeta, RunSpec, RunState};
+use crate::audit::AuditWriter;
+use crate::error::{Error, ErrorKind, Result};
+use crate::policy::{HostPattern, PolicyMode};
+use crate::proxy::{ClientSpec, Proxy, ProxyBuilder};
+use crate::runtime::{
+    Bind, ContainerSpec, Docker, FileEntry, Output, PullProgress, Runtime, RUN_LABEL,
+};
+use crate::trace::{TraceRecord, TraceSink};
+
+/// Where the moat CA bundle is put inside a container.
+pub const CA_BUNDLE_PATH: &str = "/etc/moat/ca-bundle.pem";
+
+/// Runs the supervisor: reads the run's handoff from standard input, reports
+/// progress and readiness on standard output, and runs the run to its end.
+/// Returns the process exit status (0 when the run was set up and
+/// supervised, 1 when setup failed).
+pub fn supervise() -> i32 {
+    let mut line = String::new();
+    if std::io::stdin().lock().read_line(&mut line).is_err() {
+        eprintln_safe("moat supervisor: no handoff on standard input");
+        return 2;
+    }
+    let handoff: Handoff = match serde_json::from_str(&line) {
+        Ok(h) => h,
+        Err(e) => {
+            eprintln_safe(&format!("moat supervisor: bad handoff: {e}"));
+            return 2;
+        }
+    };
+    match crate::blocking::block_on(supervise_async(handoff)) {
+        Ok(Ok(code)) => code,
+        Ok(Err(e)) | Err(e) => {
+            eprintln_safe(&format!("moat supervisor: {e}"));
+            2
+        }
+    }
+}
+
+fn eprintln_safe(message: &str) {
+    let _ = writeln!(std::io::stderr(), "{message}");
+}
+
+fn emit(event: &Event) {
+    if let Ok(mut line) = serde_json::to_vec(event) {
+        line.push(b'\n');
+        let mut out = std::io::stdout().lock();
+        let _ = out.write_all(&line).and_then(|()| out.flush());
+    }
+}
+
+/// `network.jsonl`: one trace record per line.
+struct JsonlTrace {
+    file: Mutex<std::fs::File>,
+}
+
+impl TraceSink for JsonlTrace {
+    fn record(&self, record: &TraceRecord) {
+        if let (Ok(mut line), Ok(mut file)) = (serde_json::to_vec(record), self.file.lock()) {
+            line.push(b'\n');
+            let _ = file.write_all(&line);
+        }
+    }
+}
+
+/// What setup created, for cleanup on failure and at the end.
+#[derive(Default)]
+struct Held {
+    network: Option<String>,
+    container: Option<String>,
+    firewall: bool,
+    proxy: Option<Proxy>,
+}
+
+struct Ctx {
+    home: PathBuf,
+    id: String,
+    dir: PathBuf,
+    spec: RunSpec,
+    audit: Arc<AuditWriter>,
+    phases: BTreeMap<String, f64>,
+}
+
+impl Ctx {
+    fn audit(&self, kind: &str, data: serde_json::Value) {
+        if let Err(e) = self.audit.append(kind, data) {
+            eprintln_safe(&format!("moat supervisor: audit log: {e}"));
+        }
+    }
+
+    fn phase(&mut self, name: &str, since: Instant) {
+        self.phases
+            .insert(name.to_string(), since.elapsed().as_secs_f64() * 1000.0);
+    }
+}
+
+async fn supervise_async(handoff: Handoff) -> Result<i32> {
+    let dir = run_dir(&handoff.home, &handoff.id);
+    let pid = std::process::id();
+    let start = super::process_start_time(pid).unwrap_or(0);
+    let meta = update_meta(&dir, |m| m.supervisor = Some((pid, start)))?;
+    let audit = match AuditWriter::open(&dir, &handoff.home, &handoff.id) {
+        Ok(a) => Arc::new(a),
+        Err(e) => {
+            fail(&dir, &e);
+            emit(&error_event(&e));
+            return Ok(1);
+        }
+    };
+    let mut ctx = Ctx {
+        home: handoff.home,
+        id: handoff.id,
+        dir,
+        spec: handoff.spec,
+        audit,
+        phases: BTreeMap::new(),
+    };
+    ctx.audit(
+        "run_created",
+        json!({
+            "run": ctx.id, "name": meta.name, "image": ctx.spec.image,
+            "workspace": ctx.spec.workspace, "command": ctx.spec.command,
+            "policy": ctx.spec.policy, "allow": ctx.spec.allow,
+        }),
+    );
+    let mut held = Held::default();
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(|e| Error::new(ErrorKind::Internal, format!("signal handler: {e}")))?;
+    let setup = tokio::select! {
+        r = setup(&mut ctx, &meta, &mut held) => r,
+        _ = term.recv() => Err(Error::new(ErrorKind::Runtime, "the run was stopped while it was being set up")),
+    };
+    let (docker, log_task) = match setup {
+        Ok(v) => v,
+        Err(e) => {
+            ctx.audit(
+                "run_failed",
+                json!({ "run": ctx.id, "error": e.to_string() }),
+            );
+            release(&ctx, &mut held).await;
+            let _ = ctx.audit.close();
+            fail(&ctx.dir, &e);
+            emit(&error_event(&e));
+            return Ok(1);
+        }
+    };
+    emit(&Event::Ready);
+    // From here on the starter may be gone: nothing more goes to stdout.
+
+    let wait_container = docker.clone();
+    let id_for_wait = held.container.clone().unwrap_or_default();
+    let mut waiting = tokio::spawn(async move { wait_container.wait(&id_for_wait).await });
+    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+    let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt()).ok();
+    let exit = loop {
+        tokio::select! {
+            r = &mut waiting => break r.map_err(|e| Error::new(ErrorKind::Internal, format!("wait task: {e}"))).and_then(|r| r),
+            _ = term.recv() => {
+                if let Some(c) = &held.container {
+                    let _ = docker.stop(c, 10).await;
+                }
+            }
+            _ = async { match hup.as_mut() { Some(h) => { h.recv().await; } None => std::future::pending().await } } => {}
+            _ = async { match int.as_mut() { Some(h) => { h.recv().await; } None => std::future::pending().await } } => {}
+        }
+    };
+    // Output still in flight ends with the container's streams.
+    let _ = tokio::time::timeout(Duration::from_secs(5), log_task).await;
+    let (state, exit_code, error) = match exit {
+        Ok(code) => (RunState::Stopped, Some(code), None),
+        Err(e) => (RunState::Failed, None, Some(e.to_string())),
+    };
+    ctx.audit(
+        "run_stopped",
+        json!({ "run": ctx.id, "exit_code": exit_code, "error": error }),
+    );
+    let cleanup_error = release(&ctx, &mut held).await;
+    if let Err(e) = ctx.audit.close() {
+        eprintln_safe(&format!("moat supervisor: closing the audit log: {e}"));
+    }
+    update_meta(&ctx.dir, |m| {
+        m.state = state;
+        m.exit_code = exit_code;
+        m.stopped_at = Some(now());
+        m.error = error.clone().or(cleanup_error.clone());
+    })?;
+    Ok(0)
+}
+
+fn error_event(e: &Error) -> Event {
+    Event::Error {
+        kind: e.kind().as_str().to_string(),
+        message: e.to_string(),
+    }
+}
+
+fn fail(dir: &Path, e: &Error) {
+    let message = e.to_string();
+    let _ = update_meta(dir, |m| {
+        m.state = RunState::Failed;
+        m.error = Some(message.clone());
+        m.stopped_at = Some(now());
+    });
+}
+
+/// Removes what setup created. Returns the first error, as text.
+async fn release(ctx: &Ctx, held: &mut Held) -> Option<String> {
+    let mut first: Option<String> = None;
+    if let Some(proxy) = held.proxy.take() {
+        proxy.shutdown().await;
+    }
+    if held.container.is_some() || held.network.is_some() {
+        match Docker::connect().await {
+            Ok(docker) => {
+                if let Some(c) = held.container.take() {
+                    if let Err(e) = docker.remove(&c).await {
+                        first.get_or_insert(e.to_string());
+                    }
+                }
+                if held.firewall {
+                    if let Err(e) = firewall::remove(&ctx.id) {
+                        first.get_or_insert(e.to_string());
+                    }
+                    held.firewall = false;
+                }
+                if let Some(n) = held.network.take() {
+                    if let Err(e) = docker.remove_network(&n).await {
+                        first.get_or_insert(e.to_string());
+                    }
+                }
+            }
+            Err(e) => {
+                first.get_or_insert(e.to_string());
+            }
+        }
+    }
+    if held.firewall {
+        if let Err(e) = firewall::remove(&ctx.id) {
+            first.get_or_insert(e.to_string());
+        }
+    }
+    first
+}
+
+type Started = (Docker, tokio::task::JoinHandle<()>);
+
+async fn setup(ctx: &mut Ctx, meta: &RunMeta, held: &mut Held) -> Result<Started> {
+    let spec = ctx.spec.clone();
+    let policy: PolicyMode = spec.policy_mode()?;
+    let strict = policy == PolicyMode::Strict;
+    if strict {
+        firewall::check()?;
+    }
+    let allow = spec
+        .allow
+        .iter()
+        .map(|a| {
+            HostPattern::parse(a)
+                .map_err(|e| Error::new(ErrorKind::Config, format!("network.allow: {e}")))
+        })
+        .collect::<Result<Vec<_>>>()?;
+
+    // Grants and secrets, on the host.
+    let binding = crate::credential::bind(&ctx.home, &spec.grants, &ctx.id)?;
+    ctx.audit(
+        "grants_bound",
+        json!({ "run": ctx.id, "grants": binding.hosts.iter().map(|(g, h)| json!({"grant": g, "hosts": h})).collect::<Vec<_>>() }),
+    );
+    let mut secret_env = Vec::new();
+    let mut secret_audit = Vec::new();
+    for (name, reference) in &spec.secrets {
+        let r = crate::config::SecretRef::parse(reference)
+            .map_err(|e| Error::new(ErrorKind::Config, format!("secret {name}: {e}")))?;
+        let value = crate::secrets::resolve_one(name, &r)?;
+        secret_audit.push(json!({ "name": name, "backend": r.backend.name() }));
+        secret_env.push(format!("{name}={}", value.expose()));
+    }
+    if !secret_audit.is_empty() {
+        ctx.audit(
+            "secrets_resolved",
+            json!({ "run": ctx.id, "secrets": secret_audit }),
+        );
+    }
+
+    // The engine and the image.
+    let t = Instant::now();
+    let docker = Docker::connect().await?;
+    docker.ping().await?;
+    if !docker.has_image(&spec.image).await? {
+        emit(&Event::Progress {
+            message: format!("Pulling image {}", spec.image),
+        });
+        let last = Mutex::new(Instant::now() - Duration::from_secs(1));
+        let image = spec.image.clone();
+        let report = move |p: &PullProgress| {
+            let Ok(mut last) = last.lock() else { return };
+            if last.elapsed() < Duration::from_millis(200) {
+                return;
+            }
+            *last = Instant::now();
+            emit(&Event::Progress {
+                message: format!(
+                    "Pulling image {image}: {}/{} layers, {:.1}/{:.1} MB",
+                    p.layers_done,
+                    p.layers,
+                    p.bytes as f64 / 1e6,
+                    p.total as f64 / 1e6
+                ),
+            });
+        };
+        docker.pull_image(&spec.image, &report).await?;
+    }
+    ctx.phase("image", t);
+
+    // The network: the run's own; internal (no route out) when strict.
+    let t = Instant::now();
+    let hex = ctx.id.trim_start_matches("run_").to_string();
+    let labels = BTreeMap::from([(RUN_LABEL.to_string(), ctx.id.clone())]);
+    let network_name = format!("moat-{}", ctx.id);
+    let network = docker
+        .create_network(&network_name, &format!("mt-{hex}"), strict, &labels)
+        .await?;
+    held.network = Some(network.name.clone());
+    update_meta(&ctx.dir, |m| m.network = Some(network.name.clone()))?;
+    ctx.phase("network", t);
+
+    // The proxy, on the host's address on that network only.
+    let t = Instant::now();
+    let proxy = ProxyBuilder::from_env()?
+        .home(&ctx.home)
+        .listen(SocketAddr::new(network.gateway, 0))
+        .start()
+        .await?;
+    let trace_path = ctx.dir.join("network.jsonl");
+    let trace_file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&trace_path)
+        .map_err(|e| Error::io(&trace_path, "open", e))?;
+    let client = proxy.register(ClientSpec {
+        name: ctx.id.clone(),
+        credentials: binding.credentials,
+        policy,
+        allow,
+        trace: Some(Arc::new(JsonlTrace {
+            file: Mutex::new(trace_file),
+        })),
+        audit: Some(ctx.audit.clone()),
+        capture_bodies: 0,
+        aws: binding.aws,
+    })?;
+    let proxy_addr = proxy.local_addr();
+    let proxy_url = client.proxy_url(proxy_addr);
+    let ca_pem = proxy.ca().cert_pem().to_string();
+    held.proxy = Some(proxy);
+    ctx.phase("proxy", t);
+    if strict {
+        let t = Instant::now();
+        firewall::install(&ctx.id, &network.bridge, network.gateway, proxy_addr.port())?;
+        held.firewall = true;
+        ctx.phase("firewall", t);
+    }
+
+    // The container.
+    let t = Instant::now();
+    let (uid, gid, warning) = agent_user(&spec.workspace);
+    if let Some(w) = warning {
+        emit(&Event::Progress { message: w });
+    }
+    let mut env: Vec<String> = spec.env.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    env.extend(secret_env);
+    env.extend(binding.env.iter().map(|(k, v)| format!("{k}={v}")));
+    for key in ["HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy"] {
+        env.push(format!("{key}={}", proxy_url.expose()));
+    }
+    for key in ["NO_PROXY", "no_proxy"] {
+        env.push(format!("{key}=localhost,127.0.0.1,::1"));
+    }
+    for key in [
+        "SSL_CERT_FILE",
+        "REQUESTS_CA_BUNDLE",
+        "NODE_EXTRA_CA_CERTS",
+        "GIT_SSL_CAINFO",
+        "CURL_CA_BUNDLE",
+    ] {
+        env.push(format!("{key}={CA_BUNDLE_PATH}"));
+    }
+    env.push(format!("MOAT_RUN_ID={}", ctx.id));
+    env.push(format!("MOAT_RUN_NAME={}", meta.name));
+    // git must fail rather than prompt for a password nobody can type.
+    env.push("GIT_TERMINAL_PROMPT=0".into());
+    let mut binds = vec![Bind {
+        source: spec.workspace.to_string_lossy().into_owned(),
+        target: "/workspace".into(),
+        read_only: false,
+    }];
+    for (source, target, read_only) in &spec.mounts {
+        binds.push(Bind {
+            source: source.to_string_lossy().into_owned(),
+            target: target.clone(),
+            read_only: *read_only,
+        });
+    }
+    let container_spec = ContainerSpec {
+        name: format!("moat-{}", ctx.id),
+        image: spec.image.clone(),
+        command: spec.command.clone(),
+        env,
+        user: format!("{uid}:{gid}"),
+        workdir: "/workspace".into(),
+        binds,
+        network: network.name.clone(),
+        labels: BTreeMap::from([
+            (RUN_LABEL.to_string(), ctx.id.clone()),
+            ("dev.moat.name".to_string(), meta.name.clone()),
+        ]),
+        tty: spec.interactive,
+        hostname: meta.name.clone(),
+        // Strict: the engine's resolver forwards to the proxy's address,
+        // where the firewall drops it; names are resolved by the proxy.
+        dns: if strict {
+            vec![network.gateway.to_string()]
+        } else {
+            Vec::new()
+        },
+    };
+    let container = docker.create_container(&container_spec).await?;
+    held.container = Some(container.clone());
+    update_meta(&ctx.dir, |m| {
+        m.container = Some(container.clone());
+        m.proxy = Some(proxy_addr.to_string());
+        m.user = Some(format!("{uid}:{gid}"));
+    })?;
+    let files = container_files(&docker, &container, uid, gid, &ca_pem).await?;
+    docker.write_files(&container, &files).await?;
+    ctx.phase("container", t);
+
+    // Output, from before the start so nothing is missed.
+    let mut output = docker.attach_output(&container).await?;
+    let logs_path = ctx.dir.join("logs.jsonl");
+    let mut writer = LogWriter::open(&logs_path, DEFAULT_LIMIT)?;
+    let log_task = tokio::spawn(async move {
+        while let Some(item) = output.next().await {
+            let result = match item {
+                Ok(Output::Stdout(b)) => writer.write(Stream::Stdout, &b),
+                Ok(Output::Stderr(b)) => writer.write(Stream::Stderr, &b),
+                Err(e) => writer.write(Stream::Moat, format!("moat: {e}\n").as_bytes()),
+            };
+            if let Err(e) = result {
+                eprintln_safe(&format!("moat supervisor: logs: {e}"));
+            }
+        }
+    });
+    ctx.audit(
+        "container_created",
+        json!({
+            "run": ctx.id, "container": container, "image": spec.image,
+            "user": format!("{uid}:{gid}"), "no_new_privileges": true,
+            "cap_drop": ["ALL"], "network": network.name, "internal_network": strict,
+            "firewall": strict, "proxy": proxy_addr.to_string(),
+            "mounts": container_spec.binds.iter().map(|b| json!({"source": b.source, "target": b.target, "read_only": b.read_only})).collect::<Vec<_>>(),
+        }),
+    );
+    let t = Instant::now();
+    docker.start(&container).await?;
+    ctx.phase("start", t);
+    let phases = ctx.phases.clone();
+    update_meta(&ctx.dir, |m| {
+        m.state = RunState::Running;
+        m.started_at = Some(now());
+        m.phases = phases;
+    })?;
+    ctx.audit(
+        "run_started",
+        json!({ "run": ctx.id, "container": container }),
+    );
+    Ok((docker, log_task))
+}
+
+/// The user the agent runs as: the host user, so files it writes in the
+/// workspace are theirs. When moat itself runs as root, the workspace's
+/// owner; when that is root too, uid 1000 (never root), with a warning.
+fn agent_user(workspace: &Path) -> (u32, u32, Option<String>) {
+    use std::os::unix::fs::MetadataExt;
+    // SAFETY: geteuid/getegid cannot fail.
+    let (uid, gid) = unsafe { (libc::geteuid(), libc::getegid()) };
+    if uid != 0 {
+        return (uid, gid, None);
+    }
+    match std::fs::metadata(workspace) {
+        Ok(m) if m.uid() != 0 => (m.uid(), m.gid(), None),
+        _ => (
+            1000,
+            1000,
+            Some(format!(
+                "warning: moat runs as root and {} is owned by root; the agent runs as uid 1000 (never root) and cannot write there unless you chown it",
+                workspace.display()
+            )),
+        ),
+    }
+}
+
+/// The files put into the container before it starts: a passwd and group
+/// entry for the agent's uid (when the image has none) with a home
+/// directory, and the CA bundle (the moat CA and the host's roots).
+async fn container_files(
+    docker: &Docker,
+    container: &str,
+    uid: u32,
+    gid: u32,
+    ca_pem: &str,
+) -> Result<Vec<FileEntry>> {
+    let mut files = Vec::new();
+    let passwd = docker
+        .read_file(container, "/etc/passwd")
+        .await?
+        .unwrap_or_default();
+    let group = docker
+        .read_file(container, "/etc/group")
+        .await?
+        .unwrap_or_default();
+    let passwd = String::from_utf8_lossy(&passwd).into_owned();
+    let group = String::from_utf8_lossy(&group).into_owned();
+    let has_uid = passwd
+        .lines()
+        .any(|l| l.split(':').nth(2) == Some(uid.to_string().as_str()));
+    if !has_uid {
+        let mut text = passwd.clone();
+        if !text.is_empty() && !text.ends_with('\n') {
+            text.push('\n');
+        }
+        text.push_str(&format!(
+            "moat:x:{uid}:{gid}:moat agent:/home/moat:/bin/sh\n"
+        ));
+        files.push(FileEntry {
+            path: "/home".into(),
+            content: None,
+            mode: 0o755,
+            uid: 0,
+            gid: 0,
+        });
+        files.push(FileEntry {
+            path: "/home/moat".into(),
+            content: None,
+            mode: 0o755,
+            uid,
+            gid,
+        });
+        files.push(FileEntry {
+            path: "/etc/passwd".into(),
+            content: Some(text.into_bytes()),
+            mode: 0o644,
+            uid: 0,
+            gid: 0,
+        });
+    }
+    let has_gid = group
+        .lines()
+        .any(|l| l.split(':').nth(2) == Some(gid.to_string().as_str()));
+    if !has_gid {
+        let mut text = group;
+        if !text.is_empty() && !text.ends_with('\n') {
+            text.push('\n');
+        }
+        text.push_str(&format!("moat:x:{gid}:\n"));
+        files.push(FileEntry {
+            path: "/etc/group".into(),
+            content: Some(text.into_bytes()),
+            mode: 0o644,
+            uid: 0,
+            gid: 0,
+        });
+    }
+    let mut bundle = ca_pem.to_string();
+    if !bundle.ends_with('\n') {
+        bundle.push('\n');
+    }
+    bundle.push_str(&host_roots_pem());
+    files.push(FileEntry {
+        path: "/etc/moat".into(),
+        content: None,
+        mode: 0o755,
+        uid: 0,
+        gid: 0,
+    });
+    files.push(FileEntry {
+        path: CA_BUNDLE_PATH.into(),
+        content: Some(bundle.into_bytes()),
+        mode: 0o644,
+        uid: 0,
+        gid: 0,
+    });
+    Ok(files)
+}
+
+/// The host's trusted roots as PEM, so direct TLS (permissive mode) keeps
+/// working with the bundle in place of the image's own.
+fn host_roots_pem() -> String {
+    use base64::Engine as _;
+    let certs = rustls_native_certs::load_native_certs();
+    let mut out = String::new();
+    for cert in certs.certs {
+        let b64 = base64::engine::general_purpose::STANDARD.encode(cert.as_ref());
+        out.push_str("-----BEGIN CERTIFICATE-----\n");
+        for chunk in b64.as_bytes().chunks(64) {
+            out.push_str(&String::from_utf8_lossy(chunk));
+            out.push('\n');
+        }
+        out.push_str("-----END CERTIFICATE-----\n");
+    }
+    out
+}
