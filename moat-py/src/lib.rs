@@ -15,6 +15,8 @@ use pyo3::create_exception;
 use pyo3::exceptions::PyException;
 use pyo3::prelude::*;
 
+mod run;
+
 create_exception!(
     _moat,
     MoatError,
@@ -49,7 +51,7 @@ create_exception!(
 
 /// Converts a moat-core error into its Python exception, with location
 /// attributes (`path`, `line`, `column`, `errors`) on every kind.
-fn to_py_err(py: Python<'_>, err: &Error) -> PyErr {
+pub(crate) fn to_py_err(py: Python<'_>, err: &Error) -> PyErr {
     let message = err.to_string();
     let exc = match err.kind() {
         ErrorKind::Config => ConfigError::new_err(message),
@@ -289,7 +291,7 @@ impl Credential {
     }
 }
 
-fn json_to_py<T: serde::Serialize>(py: Python<'_>, value: &T) -> PyResult<Py<PyAny>> {
+pub(crate) fn json_to_py<T: serde::Serialize>(py: Python<'_>, value: &T) -> PyResult<Py<PyAny>> {
     let text = serde_json::to_string(value).map_err(|e| {
         to_py_err(
             py,
@@ -406,7 +408,7 @@ impl Proxy {
     }
 }
 
-fn home_or_default(py: Python<'_>, home: Option<PathBuf>) -> PyResult<PathBuf> {
+pub(crate) fn home_or_default(py: Python<'_>, home: Option<PathBuf>) -> PyResult<PathBuf> {
     match home {
         Some(h) => Ok(h),
         None => moat_core::paths::moat_home().map_err(|e| to_py_err(py, &e)),
@@ -526,7 +528,7 @@ fn report_or_error(py: Python<'_>, what: &str, r: moat_core::audit::Report) -> P
 /// A tamper-evident audit log (a directory with audit.jsonl and
 /// checkpoints.jsonl).
 #[pyclass(module = "moat", frozen)]
-struct AuditLog {
+pub(crate) struct AuditLog {
     dir: PathBuf,
     home: Option<PathBuf>,
 }
@@ -535,7 +537,7 @@ struct AuditLog {
 impl AuditLog {
     #[new]
     #[pyo3(signature = (path, home=None))]
-    fn new(path: PathBuf, home: Option<PathBuf>) -> Self {
+    pub(crate) fn new(path: PathBuf, home: Option<PathBuf>) -> Self {
         AuditLog { dir: path, home }
     }
     /// Verifies the chain, the tree and the checkpoint signatures; returns
@@ -612,5 +614,11 @@ fn _moat(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(verify_bundle, m)?)?;
     m.add_function(wrap_pyfunction!(revoke, m)?)?;
     m.add_function(wrap_pyfunction!(grants, m)?)?;
+    m.add_class::<run::Run>()?;
+    m.add_class::<run::LogStream>()?;
+    m.add_function(wrap_pyfunction!(run::run_fn, m)?)?;
+    m.add_function(wrap_pyfunction!(run::runs, m)?)?;
+    m.add_function(wrap_pyfunction!(run::clean, m)?)?;
+    m.add_function(wrap_pyfunction!(run::_supervise, m)?)?;
     Ok(())
 }

@@ -1,8 +1,18 @@
 """moat: run AI agents in isolated containers with credentials injected at the
 network layer, so the agent never holds a token.
 
-Built so far: loading and validating configuration, and the
-credential-injecting proxy on its own (no container):
+Run a command in a container, with credentials injected by the run's
+proxy:
+
+    >>> import moat
+    >>> r = moat.run("./my-project", command=["curl", "-s", "https://api.github.com/user"],
+    ...              grants=["github"], image="node:20")
+    >>> r.exit_code, r.output
+    (0, '{"login": ...}')
+    >>> r.trace()[0]["url"]
+    'https://api.github.com/user'
+
+Or use the credential-injecting proxy on its own (no container):
 
     >>> import moat, subprocess
     >>> cfg = moat.load_config("./my-project")
@@ -29,7 +39,12 @@ from moat._moat import (
     Mount,
     Network,
     Proxy,
+    Run,
+    LogStream,
     __version__,
+    clean,
+    run,
+    runs,
     grant,
     grants,
     load_config,
@@ -50,7 +65,12 @@ __all__ = [
     "Mount",
     "Network",
     "Proxy",
+    "Run",
+    "LogStream",
     "__version__",
+    "clean",
+    "run",
+    "runs",
     "grant",
     "grants",
     "load_config",

@@ -184,44 +184,85 @@ pub fn tail(chunks: &[Chunk], n: usize) -> &[Chunk] {
     &chunks[start..]
 }
 
+/// Reads a log file as it grows: each [`Follower::poll`] returns the chunks
+/// completed since the last.
+#[derive(Debug, Clone)]
+pub struct Follower {
+    path: PathBuf,
+    offset: u64,
+}
+
+impl Follower {
+    /// Follows `path` from byte `offset` (0: the beginning).
+    pub fn new(path: &Path, offset: u64) -> Follower {
+        Follower {
+            path: path.to_path_buf(),
+            offset,
+        }
+    }
+
+    /// Follows `path` from its current end.
+    pub fn at_end(path: &Path) -> Follower {
+        let offset = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
+        Follower::new(path, offset)
+    }
+
+    /// The byte offset reached.
+    pub fn offset(&self) -> u64 {
+        self.offset
+    }
+
+    /// The chunks written since the last poll (none when the file does not
+    /// exist yet). Never blocks.
+    pub fn poll(&mut self) -> Result<Vec<Chunk>> {
+        let mut out = Vec::new();
+        let Ok(file) = std::fs::File::open(&self.path) else {
+            return Ok(out);
+        };
+        let mut reader = std::io::BufReader::new(file);
+        reader
+            .seek(std::io::SeekFrom::Start(self.offset))
+            .map_err(|e| Error::io(&self.path, "read", e))?;
+        let mut line = String::new();
+        loop {
+            line.clear();
+            let n = reader
+                .read_line(&mut line)
+                .map_err(|e| Error::io(&self.path, "read", e))?;
+            if n == 0 || !line.ends_with('\n') {
+                break;
+            }
+            self.offset += n as u64;
+            if let Some(chunk) = Chunk::from_line(line.trim_end()) {
+                out.push(chunk);
+            }
+        }
+        Ok(out)
+    }
+}
+
 /// Follows a log file from `offset`: gives each new chunk to `each` until
 /// `done()` is true and the file holds nothing more. Returns the offset
 /// reached. `each` returning `false` stops early.
 pub fn follow(
     path: &Path,
-    mut offset: u64,
+    offset: u64,
     done: &mut dyn FnMut() -> bool,
     each: &mut dyn FnMut(Chunk) -> bool,
 ) -> Result<u64> {
+    let mut follower = Follower::new(path, offset);
     let mut delay = Duration::from_millis(2);
     loop {
         let finished = done();
-        let mut progressed = false;
-        if let Ok(file) = std::fs::File::open(path) {
-            let mut reader = std::io::BufReader::new(file);
-            reader
-                .seek(std::io::SeekFrom::Start(offset))
-                .map_err(|e| Error::io(path, "read", e))?;
-            let mut line = String::new();
-            loop {
-                line.clear();
-                let n = reader
-                    .read_line(&mut line)
-                    .map_err(|e| Error::io(path, "read", e))?;
-                if n == 0 || !line.ends_with('\n') {
-                    break;
-                }
-                offset += n as u64;
-                progressed = true;
-                if let Some(chunk) = Chunk::from_line(line.trim_end()) {
-                    if !each(chunk) {
-                        return Ok(offset);
-                    }
-                }
+        let chunks = follower.poll()?;
+        let progressed = !chunks.is_empty();
+        for chunk in chunks {
+            if !each(chunk) {
+                return Ok(follower.offset());
             }
         }
         if finished && !progressed {
-            return Ok(offset);
+            return Ok(follower.offset());
         }
         if progressed {
             delay = Duration::from_millis(2);

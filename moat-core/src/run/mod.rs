@@ -102,6 +102,56 @@ impl RunSpec {
     }
 }
 
+/// What a library caller asks for: a workspace (whose `agent.yaml`, if any,
+/// is read) and overrides of it, as plain strings validated here.
+#[derive(Debug, Clone, Default)]
+pub struct RunRequest {
+    /// The workspace.
+    pub workspace: PathBuf,
+    /// The command (overrides `command:`).
+    pub command: Option<Vec<String>>,
+    /// Grants to add.
+    pub grants: Vec<String>,
+    /// The image (overrides `image:` and `dependencies:`).
+    pub image: Option<String>,
+    /// Environment variables to add or override.
+    pub env: Vec<(String, String)>,
+    /// The run's name.
+    pub name: Option<String>,
+    /// `permissive` or `strict` (overrides `network.policy`).
+    pub policy: Option<String>,
+    /// Hosts to add to the allow list.
+    pub allow: Vec<String>,
+}
+
+impl RunRequest {
+    /// Loads the workspace's configuration, applies the overrides and
+    /// validates the result.
+    pub fn spec(&self) -> Result<RunSpec> {
+        let config = crate::config::load(&self.workspace)?.merge(&crate::config::Overrides {
+            name: self.name.clone(),
+            image: self.image.clone(),
+            grants: self.grants.clone(),
+            env: self.env.iter().map(|(k, v)| format!("{k}={v}")).collect(),
+            command: self.command.clone(),
+            interactive: None,
+        })?;
+        let mut spec = RunSpec::from_config(&config);
+        if let Some(policy) = &self.policy {
+            let mode: PolicyMode = policy.parse().map_err(|e| {
+                Error::new(ErrorKind::InvalidArgument, format!("network policy: {e}"))
+            })?;
+            spec.policy = mode.to_string();
+        }
+        for (i, a) in self.allow.iter().enumerate() {
+            crate::policy::HostPattern::parse(a)
+                .map_err(|e| Error::new(ErrorKind::InvalidArgument, format!("allow[{i}]: {e}")))?;
+            spec.allow.push(a.clone());
+        }
+        Ok(spec)
+    }
+}
+
 /// Where a run is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -800,6 +850,18 @@ pub fn clean(home: &Path) -> Result<Cleaned> {
     firewall::remove_stale(&live)?;
     out.containers = containers;
     out.networks = networks;
+    Ok(out)
+}
+
+/// A run's whole output so far: (stdout, stderr) bytes.
+pub fn output(home: &Path, id: &str) -> Result<(Vec<u8>, Vec<u8>)> {
+    let mut out = (Vec::new(), Vec::new());
+    for chunk in logs::read_all(&run_dir(home, id).join("logs.jsonl"))? {
+        match chunk.stream {
+            logs::Stream::Stdout => out.0.extend(chunk.data),
+            logs::Stream::Stderr | logs::Stream::Moat => out.1.extend(chunk.data),
+        }
+    }
     Ok(out)
 }
 
