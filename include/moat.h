@@ -34,6 +34,9 @@ typedef enum {
   MOAT_ERR_INTERNAL = 4,
   // A panic inside moat was caught at the C boundary (a bug in moat).
   MOAT_ERR_PANIC = 5,
+  // The container engine is unreachable or refused, or a run could not be
+  // set up or managed.
+  MOAT_ERR_RUNTIME = 6,
 } moat_status;
 
 // Which document `moat_proxy_json` returns.
@@ -45,6 +48,14 @@ typedef enum {
   // The audit events so far: a JSON array of objects.
   MOAT_PROXY_AUDIT = 2,
 } moat_proxy_doc;
+
+// Documents `moat_run_json` can return.
+typedef enum {
+  // What is known about the run (`run.json`): state, exit code, ...
+  MOAT_RUN_INFO = 0,
+  // The network trace: one object per request.
+  MOAT_RUN_TRACE = 1,
+} moat_run_doc;
 
 // A validated configuration. Free with `moat_config_free`.
 typedef struct moat_config moat_config;
@@ -60,6 +71,19 @@ typedef struct moat_proxy moat_proxy;
 // Options for `moat_proxy_start`. Create with `moat_proxy_options_new`,
 // free with `moat_proxy_options_free`.
 typedef struct moat_proxy_options moat_proxy_options;
+
+// A run: one container execution and its artifacts. Free with
+// `moat_run_free` (which does not stop it).
+typedef struct moat_run moat_run;
+
+// Options for `moat_run_start`. Create with `moat_run_options_new`, free
+// with `moat_run_options_free`.
+typedef struct moat_run_options moat_run_options;
+
+// Called with each chunk of a run's output: `stream` is `"stdout"`,
+// `"stderr"` or `"moat"`; `data` holds `len` bytes (not NUL-terminated).
+// Return 0 to go on, anything else to stop following.
+typedef int (*moat_log_callback)(void *user, const char *stream, const uint8_t *data, size_t len);
 
 #ifdef __cplusplus
 extern "C" {
@@ -391,6 +415,136 @@ moat_status moat_verify_bundle(const char *path,
                                const char *vkey,
                                char **out_json,
                                moat_error **out_error);
+
+// New run options for the workspace `workspace` (NULL: the current
+// directory). Its agent.yaml, if any, is read when the run starts.
+//
+// # Safety
+// `workspace` is NULL or a NUL-terminated string.
+moat_run_options *moat_run_options_new(const char *workspace);
+
+// Frees run options. NULL is ignored.
+//
+// # Safety
+// `options` is NULL or a handle from `moat_run_options_new`, not yet freed.
+void moat_run_options_free(moat_run_options *options);
+
+// Sets one option: `"image"`, `"name"`, `"policy"` (`permissive` or
+// `strict`), `"home"` (the moat home), or `"supervisor"` (the path of the
+// `moat` program that supervises runs; default `$MOAT_SUPERVISOR`, else
+// `moat` beside the program, else on `PATH`).
+//
+// # Safety
+// `options` is a live handle; `key` and `value` are NUL-terminated strings;
+// `out_error` is NULL or valid for a write.
+moat_status moat_run_options_set(moat_run_options *options,
+                                 const char *key,
+                                 const char *value,
+                                 moat_error **out_error);
+
+// Adds to a list option: `"grant"` (a grant name), `"allow"` (a strict-mode
+// host pattern), `"env"` (`KEY=VALUE`) or `"arg"` (the next word of the
+// command; the first `arg` replaces agent.yaml's command).
+//
+// # Safety
+// `options` is a live handle; `key` and `value` are NUL-terminated strings;
+// `out_error` is NULL or valid for a write.
+moat_status moat_run_options_add(moat_run_options *options,
+                                 const char *key,
+                                 const char *value,
+                                 moat_error **out_error);
+
+// Starts a run; returns once its container has started (or setup failed,
+// with the reason: a missing grant, an engine that does not answer, an
+// image that cannot be pulled, strict mode that cannot be enforced).
+//
+// # Safety
+// `options` is a live handle; `out_run` is valid for a write; `out_error`
+// is NULL or valid for a write.
+moat_status moat_run_start(const moat_run_options *options,
+                           moat_run **out_run,
+                           moat_error **out_error);
+
+// Opens an existing run by id, id prefix or name (NULL: the most recent).
+//
+// # Safety
+// `reference` and `home` are NULL or NUL-terminated strings; `out_run` is
+// valid for a write; `out_error` is NULL or valid for a write.
+moat_status moat_run_open(const char *reference,
+                          const char *home,
+                          moat_run **out_run,
+                          moat_error **out_error);
+
+// The run's id (`run_` + 12 hex digits). NULL for a NULL handle.
+//
+// # Safety
+// `run` is NULL or a live handle.
+const char *moat_run_id(const moat_run *run);
+
+// The run's name. NULL for a NULL handle.
+//
+// # Safety
+// `run` is NULL or a live handle.
+const char *moat_run_name(const moat_run *run);
+
+// The run's directory of artifacts (its audit log is there too: pass it to
+// `moat_audit_verify`). NULL for a NULL handle.
+//
+// # Safety
+// `run` is NULL or a live handle.
+const char *moat_run_dir(const moat_run *run);
+
+// Gives each chunk of the run's output, from the start, to `callback`
+// until the run ends (or the callback returns non-zero).
+//
+// # Safety
+// `run` is a live handle; `callback` is a valid function; `user` is passed
+// through; `out_error` is NULL or valid for a write.
+moat_status moat_run_follow(const moat_run *run,
+                            moat_log_callback callback,
+                            void *user,
+                            moat_error **out_error);
+
+// Waits for the run to end, at most `timeout_ms` milliseconds (negative:
+// no limit). `*out_done` (when not NULL) is 1 when it ended, 0 on timeout;
+// `*out_exit_code` (when not NULL) is its exit code, or -1 when none.
+//
+// # Safety
+// `run` is a live handle; the outputs are NULL or valid for a write.
+moat_status moat_run_wait(moat_run *run,
+                          int64_t timeout_ms,
+                          int *out_done,
+                          int64_t *out_exit_code,
+                          moat_error **out_error);
+
+// Stops the run: SIGTERM, then SIGKILL after `grace_secs`; waits for it
+// to end.
+//
+// # Safety
+// `run` is a live handle; `out_error` is NULL or valid for a write.
+moat_status moat_run_stop(moat_run *run, uint32_t grace_secs, moat_error **out_error);
+
+// Writes a document about the run as JSON to `*out_json` (free it with
+// `moat_string_free`).
+//
+// # Safety
+// `run` is a live handle; `out_json` is valid for a write; `out_error` is
+// NULL or valid for a write.
+moat_status moat_run_json(moat_run *run, moat_run_doc doc, char **out_json, moat_error **out_error);
+
+// Removes the run and its artifacts (stopping it first). The handle stays
+// to be freed.
+//
+// # Safety
+// `run` is a live handle; `out_error` is NULL or valid for a write.
+moat_status moat_run_destroy(moat_run *run, moat_error **out_error);
+
+// Frees a run handle (the run itself goes on). NULL is ignored.
+//
+// # Safety
+// `run` is NULL or a handle from `moat_run_start`/`moat_run_open`, not yet
+// freed.
+void moat_run_free(moat_run *run);
 
 #ifdef __cplusplus
 }  // extern "C"

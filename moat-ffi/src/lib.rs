@@ -27,6 +27,9 @@ use moat_core::config::Config;
 use moat_core::proxy::Credential;
 use moat_core::{Error, ErrorKind};
 
+mod run;
+pub use run::*;
+
 /// Major version of moat; matches `Cargo.toml`.
 pub const MOAT_VERSION_MAJOR: u32 = 0;
 /// Minor version of moat; matches `Cargo.toml`.

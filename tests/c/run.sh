@@ -5,7 +5,7 @@ set -euo pipefail
 root=$(cd "$(dirname "$0")/../.." && pwd)
 cd "$root"
 profile_dir="$root/target/debug"
-cargo build -q -p moat-ffi
+cargo build -q -p moat-ffi -p moat-cli
 out="$root/target/c-tests"
 mkdir -p "$out"
 scratch=$(mktemp -d)
@@ -16,6 +16,8 @@ gcc "${cflags[@]}" tests/c/test_config.c -o "$out/test_config_shared" \
 gcc "${cflags[@]}" tests/c/test_config.c -o "$out/test_config_static" \
   "$profile_dir/libmoat.a" -lpthread -ldl -lm
 gcc "${cflags[@]}" -D_POSIX_C_SOURCE=200809L tests/c/test_proxy.c -o "$out/test_proxy" \
+  -L "$profile_dir" -lmoat -Wl,-rpath,"$profile_dir"
+gcc "${cflags[@]}" -D_POSIX_C_SOURCE=200809L tests/c/test_run.c -o "$out/test_run" \
   -L "$profile_dir" -lmoat -Wl,-rpath,"$profile_dir"
 echo "c: config, shared library"
 mkdir -p "$scratch/shared" "$scratch/static" "$scratch/proxy" "$scratch/bin"
@@ -47,6 +49,9 @@ MOAT_KEYRING_BACKEND=file OPENAI_API_KEY= SSH_AUTH_SOCK="$scratch/agent.sock" \
   AWS_ACCESS_KEY_ID= AWS_SECRET_ACCESS_KEY= AWS_SHARED_CREDENTIALS_FILE=/nonexistent \
   "$out/test_proxy" "$scratch/proxy" "$port" "$ca" || status=$?
 kill "$agent_pid" 2>/dev/null || true
+echo "c: runs (Docker, ${MOAT_TEST_IMAGE:-moat-test:bookworm})"
+mkdir -p "$scratch/run"
+"$out/test_run" "$scratch/run" "$profile_dir/moat" "${MOAT_TEST_IMAGE:-moat-test:bookworm}" || status=$?
 exec {UPSTREAM[1]}>&-
 wait "$UPSTREAM_PID" 2>/dev/null || true
 exit $status

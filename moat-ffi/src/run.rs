@@ -1,0 +1,444 @@
+//! Runs from C: `moat_run_options_*`, `moat_run_start`, `moat_run_follow`
+//! (a log callback), `moat_run_wait`, `moat_run_stop`, `moat_run_json`,
+//! `moat_run_destroy`, `moat_run_free`.
+
+use std::ffi::{c_char, c_int, c_void, CString};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use moat_core::run::{self, logs, Launcher, RunMeta, RunRequest};
+
+use crate::{arg_str, cstring, guard, home_or_default, moat_error, moat_status, null_arg, to_json};
+
+/// Options for `moat_run_start`. Create with `moat_run_options_new`, free
+/// with `moat_run_options_free`.
+#[derive(Debug, Default)]
+pub struct moat_run_options {
+    request: RunRequest,
+    home: Option<PathBuf>,
+    supervisor: Option<PathBuf>,
+}
+
+/// A run: one container execution and its artifacts. Free with
+/// `moat_run_free` (which does not stop it).
+#[derive(Debug)]
+pub struct moat_run {
+    home: PathBuf,
+    meta: RunMeta,
+    id: CString,
+    name: CString,
+    dir: CString,
+}
+
+/// Documents `moat_run_json` can return.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum moat_run_doc {
+    /// What is known about the run (`run.json`): state, exit code, ...
+    MOAT_RUN_INFO = 0,
+    /// The network trace: one object per request.
+    MOAT_RUN_TRACE = 1,
+}
+
+/// Called with each chunk of a run's output: `stream` is `"stdout"`,
+/// `"stderr"` or `"moat"`; `data` holds `len` bytes (not NUL-terminated).
+/// Return 0 to go on, anything else to stop following.
+pub type moat_log_callback = Option<
+    unsafe extern "C" fn(
+        user: *mut c_void,
+        stream: *const c_char,
+        data: *const u8,
+        len: usize,
+    ) -> c_int,
+>;
+
+/// New run options for the workspace `workspace` (NULL: the current
+/// directory). Its agent.yaml, if any, is read when the run starts.
+///
+/// # Safety
+/// `workspace` is NULL or a NUL-terminated string.
+#[no_mangle]
+pub unsafe extern "C" fn moat_run_options_new(workspace: *const c_char) -> *mut moat_run_options {
+    // SAFETY: forwarded from the caller.
+    let workspace = match unsafe { crate::opt_str(workspace, "workspace") } {
+        Ok(w) => w.unwrap_or("."),
+        Err(_) => return std::ptr::null_mut(),
+    };
+    let options = moat_run_options {
+        request: RunRequest {
+            workspace: PathBuf::from(workspace),
+            ..RunRequest::default()
+        },
+        ..moat_run_options::default()
+    };
+    Box::into_raw(Box::new(options))
+}
+
+/// Frees run options. NULL is ignored.
+///
+/// # Safety
+/// `options` is NULL or a handle from `moat_run_options_new`, not yet freed.
+#[no_mangle]
+pub unsafe extern "C" fn moat_run_options_free(options: *mut moat_run_options) {
+    if !options.is_null() {
+        // SAFETY: created by Box::into_raw, freed once.
+        drop(unsafe { Box::from_raw(options) });
+    }
+}
+
+/// Sets one option: `"image"`, `"name"`, `"policy"` (`permissive` or
+/// `strict`), `"home"` (the moat home), or `"supervisor"` (the path of the
+/// `moat` program that supervises runs; default `$MOAT_SUPERVISOR`, else
+/// `moat` beside the program, else on `PATH`).
+///
+/// # Safety
+/// `options` is a live handle; `key` and `value` are NUL-terminated strings;
+/// `out_error` is NULL or valid for a write.
+#[no_mangle]
+pub unsafe extern "C" fn moat_run_options_set(
+    options: *mut moat_run_options,
+    key: *const c_char,
+    value: *const c_char,
+    out_error: *mut *mut moat_error,
+) -> moat_status {
+    // SAFETY: the caller's promises are forwarded.
+    unsafe {
+        guard(out_error, "moat_run_options_set", || {
+            let options = options.as_mut().ok_or_else(|| null_arg("options"))?;
+            let key = arg_str(key, "key")?;
+            let value = arg_str(value, "value")?.to_string();
+            match key {
+                "image" => options.request.image = Some(value),
+                "name" => options.request.name = Some(value),
+                "policy" => options.request.policy = Some(value),
+                "home" => options.home = Some(PathBuf::from(value)),
+                "supervisor" => options.supervisor = Some(PathBuf::from(value)),
+                other => {
+                    return Err(moat_error::plain(
+                        moat_status::MOAT_ERR_INVALID_ARGUMENT,
+                        &format!("unknown run option \"{other}\" (expected image, name, policy, home, supervisor)"),
+                    ))
+                }
+            }
+            Ok(())
+        })
+    }
+}
+
+/// Adds to a list option: `"grant"` (a grant name), `"allow"` (a strict-mode
+/// host pattern), `"env"` (`KEY=VALUE`) or `"arg"` (the next word of the
+/// command; the first `arg` replaces agent.yaml's command).
+///
+/// # Safety
+/// `options` is a live handle; `key` and `value` are NUL-terminated strings;
+/// `out_error` is NULL or valid for a write.
+#[no_mangle]
+pub unsafe extern "C" fn moat_run_options_add(
+    options: *mut moat_run_options,
+    key: *const c_char,
+    value: *const c_char,
+    out_error: *mut *mut moat_error,
+) -> moat_status {
+    // SAFETY: the caller's promises are forwarded.
+    unsafe {
+        guard(out_error, "moat_run_options_add", || {
+            let options = options.as_mut().ok_or_else(|| null_arg("options"))?;
+            let key = arg_str(key, "key")?;
+            let value = arg_str(value, "value")?.to_string();
+            let r = &mut options.request;
+            match key {
+                "grant" => r.grants.push(value),
+                "allow" => r.allow.push(value),
+                "arg" => r.command.get_or_insert_with(Vec::new).push(value),
+                "env" => {
+                    let (k, v) = value.split_once('=').ok_or_else(|| {
+                        moat_error::plain(
+                            moat_status::MOAT_ERR_INVALID_ARGUMENT,
+                            &format!("env \"{value}\" must look like KEY=VALUE"),
+                        )
+                    })?;
+                    r.env.push((k.to_string(), v.to_string()));
+                }
+                other => {
+                    return Err(moat_error::plain(
+                        moat_status::MOAT_ERR_INVALID_ARGUMENT,
+                        &format!(
+                            "unknown run list option \"{other}\" (expected grant, allow, env, arg)"
+                        ),
+                    ))
+                }
+            }
+            Ok(())
+        })
+    }
+}
+
+fn handle(home: PathBuf, meta: RunMeta) -> moat_run {
+    moat_run {
+        id: cstring(&meta.id),
+        name: cstring(&meta.name),
+        dir: cstring(&run::run_dir(&home, &meta.id).to_string_lossy()),
+        home,
+        meta,
+    }
+}
+
+/// Starts a run; returns once its container has started (or setup failed,
+/// with the reason: a missing grant, an engine that does not answer, an
+/// image that cannot be pulled, strict mode that cannot be enforced).
+///
+/// # Safety
+/// `options` is a live handle; `out_run` is valid for a write; `out_error`
+/// is NULL or valid for a write.
+#[no_mangle]
+pub unsafe extern "C" fn moat_run_start(
+    options: *const moat_run_options,
+    out_run: *mut *mut moat_run,
+    out_error: *mut *mut moat_error,
+) -> moat_status {
+    // SAFETY: the caller's promises are forwarded.
+    unsafe {
+        guard(out_error, "moat_run_start", || {
+            let options = options.as_ref().ok_or_else(|| null_arg("options"))?;
+            if out_run.is_null() {
+                return Err(null_arg("out_run"));
+            }
+            let home = home_or_default(options.home.as_ref().and_then(|h| h.to_str()))?;
+            let launcher = match &options.supervisor {
+                Some(p) => Launcher::new(vec![p.clone().into(), "_supervise".into()]),
+                None => Launcher::default(),
+            };
+            let meta = options
+                .request
+                .spec()
+                .and_then(|spec| run::start(&home, &spec, &launcher, &mut |_| {}))
+                .map_err(|e| moat_error::from_error(&e))?;
+            *out_run = Box::into_raw(Box::new(handle(home, meta)));
+            Ok(())
+        })
+    }
+}
+
+/// Opens an existing run by id, id prefix or name (NULL: the most recent).
+///
+/// # Safety
+/// `reference` and `home` are NULL or NUL-terminated strings; `out_run` is
+/// valid for a write; `out_error` is NULL or valid for a write.
+#[no_mangle]
+pub unsafe extern "C" fn moat_run_open(
+    reference: *const c_char,
+    home: *const c_char,
+    out_run: *mut *mut moat_run,
+    out_error: *mut *mut moat_error,
+) -> moat_status {
+    // SAFETY: the caller's promises are forwarded.
+    unsafe {
+        guard(out_error, "moat_run_open", || {
+            if out_run.is_null() {
+                return Err(null_arg("out_run"));
+            }
+            let home = home_or_default(crate::opt_str(home, "home")?)?;
+            let meta = run::find(&home, crate::opt_str(reference, "reference")?)
+                .map_err(|e| moat_error::from_error(&e))?;
+            *out_run = Box::into_raw(Box::new(handle(home, meta)));
+            Ok(())
+        })
+    }
+}
+
+/// The run's id (`run_` + 12 hex digits). NULL for a NULL handle.
+///
+/// # Safety
+/// `run` is NULL or a live handle.
+#[no_mangle]
+pub unsafe extern "C" fn moat_run_id(run: *const moat_run) -> *const c_char {
+    // SAFETY: NULL or live.
+    unsafe { run.as_ref() }.map_or(std::ptr::null(), |r| r.id.as_ptr())
+}
+
+/// The run's name. NULL for a NULL handle.
+///
+/// # Safety
+/// `run` is NULL or a live handle.
+#[no_mangle]
+pub unsafe extern "C" fn moat_run_name(run: *const moat_run) -> *const c_char {
+    // SAFETY: NULL or live.
+    unsafe { run.as_ref() }.map_or(std::ptr::null(), |r| r.name.as_ptr())
+}
+
+/// The run's directory of artifacts (its audit log is there too: pass it to
+/// `moat_audit_verify`). NULL for a NULL handle.
+///
+/// # Safety
+/// `run` is NULL or a live handle.
+#[no_mangle]
+pub unsafe extern "C" fn moat_run_dir(run: *const moat_run) -> *const c_char {
+    // SAFETY: NULL or live.
+    unsafe { run.as_ref() }.map_or(std::ptr::null(), |r| r.dir.as_ptr())
+}
+
+/// Gives each chunk of the run's output, from the start, to `callback`
+/// until the run ends (or the callback returns non-zero).
+///
+/// # Safety
+/// `run` is a live handle; `callback` is a valid function; `user` is passed
+/// through; `out_error` is NULL or valid for a write.
+#[no_mangle]
+pub unsafe extern "C" fn moat_run_follow(
+    run: *const moat_run,
+    callback: moat_log_callback,
+    user: *mut c_void,
+    out_error: *mut *mut moat_error,
+) -> moat_status {
+    // SAFETY: the caller's promises are forwarded.
+    unsafe {
+        guard(out_error, "moat_run_follow", || {
+            let run = run.as_ref().ok_or_else(|| null_arg("run"))?;
+            let callback = callback.ok_or_else(|| null_arg("callback"))?;
+            let dir = run::run_dir(&run.home, &run.meta.id);
+            let home = run.home.clone();
+            let mut done =
+                || run::load_meta(&dir).is_ok_and(|m| run::refresh(&home, m).state.is_terminal());
+            let stdout = c"stdout";
+            let stderr = c"stderr";
+            let note = c"moat";
+            let mut each = |chunk: logs::Chunk| {
+                let stream = match chunk.stream {
+                    logs::Stream::Stdout => stdout,
+                    logs::Stream::Stderr => stderr,
+                    logs::Stream::Moat => note,
+                };
+                // SAFETY: the caller promised a valid callback.
+                callback(user, stream.as_ptr(), chunk.data.as_ptr(), chunk.data.len()) == 0
+            };
+            logs::follow(&dir.join("logs.jsonl"), 0, &mut done, &mut each)
+                .map(|_| ())
+                .map_err(|e| moat_error::from_error(&e))
+        })
+    }
+}
+
+/// Waits for the run to end, at most `timeout_ms` milliseconds (negative:
+/// no limit). `*out_done` (when not NULL) is 1 when it ended, 0 on timeout;
+/// `*out_exit_code` (when not NULL) is its exit code, or -1 when none.
+///
+/// # Safety
+/// `run` is a live handle; the outputs are NULL or valid for a write.
+#[no_mangle]
+pub unsafe extern "C" fn moat_run_wait(
+    run: *mut moat_run,
+    timeout_ms: i64,
+    out_done: *mut c_int,
+    out_exit_code: *mut i64,
+    out_error: *mut *mut moat_error,
+) -> moat_status {
+    // SAFETY: the caller's promises are forwarded.
+    unsafe {
+        guard(out_error, "moat_run_wait", || {
+            let run = run.as_mut().ok_or_else(|| null_arg("run"))?;
+            let timeout = u64::try_from(timeout_ms).ok().map(Duration::from_millis);
+            let meta = run::wait(&run.home, &run.meta.id, timeout)
+                .map_err(|e| moat_error::from_error(&e))?;
+            if !out_done.is_null() {
+                *out_done = c_int::from(meta.state.is_terminal());
+            }
+            if !out_exit_code.is_null() {
+                *out_exit_code = meta.exit_code.unwrap_or(-1);
+            }
+            run.meta = meta;
+            Ok(())
+        })
+    }
+}
+
+/// Stops the run: SIGTERM, then SIGKILL after `grace_secs`; waits for it
+/// to end.
+///
+/// # Safety
+/// `run` is a live handle; `out_error` is NULL or valid for a write.
+#[no_mangle]
+pub unsafe extern "C" fn moat_run_stop(
+    run: *mut moat_run,
+    grace_secs: u32,
+    out_error: *mut *mut moat_error,
+) -> moat_status {
+    // SAFETY: the caller's promises are forwarded.
+    unsafe {
+        guard(out_error, "moat_run_stop", || {
+            let run = run.as_mut().ok_or_else(|| null_arg("run"))?;
+            run.meta = run::stop(&run.home, &run.meta.id, grace_secs)
+                .map_err(|e| moat_error::from_error(&e))?;
+            Ok(())
+        })
+    }
+}
+
+/// Writes a document about the run as JSON to `*out_json` (free it with
+/// `moat_string_free`).
+///
+/// # Safety
+/// `run` is a live handle; `out_json` is valid for a write; `out_error` is
+/// NULL or valid for a write.
+#[no_mangle]
+pub unsafe extern "C" fn moat_run_json(
+    run: *mut moat_run,
+    doc: moat_run_doc,
+    out_json: *mut *mut c_char,
+    out_error: *mut *mut moat_error,
+) -> moat_status {
+    // SAFETY: the caller's promises are forwarded.
+    unsafe {
+        guard(out_error, "moat_run_json", || {
+            let run = run.as_mut().ok_or_else(|| null_arg("run"))?;
+            if out_json.is_null() {
+                return Err(null_arg("out_json"));
+            }
+            let json = match doc {
+                moat_run_doc::MOAT_RUN_INFO => {
+                    let meta = run::load_meta(&run::run_dir(&run.home, &run.meta.id))
+                        .map(|m| run::refresh(&run.home, m))
+                        .map_err(|e| moat_error::from_error(&e))?;
+                    run.meta = meta;
+                    to_json(&run.meta)?
+                }
+                moat_run_doc::MOAT_RUN_TRACE => to_json(
+                    &run::trace(&run.home, &run.meta.id).map_err(|e| moat_error::from_error(&e))?,
+                )?,
+            };
+            *out_json = json.into_raw();
+            Ok(())
+        })
+    }
+}
+
+/// Removes the run and its artifacts (stopping it first). The handle stays
+/// to be freed.
+///
+/// # Safety
+/// `run` is a live handle; `out_error` is NULL or valid for a write.
+#[no_mangle]
+pub unsafe extern "C" fn moat_run_destroy(
+    run: *mut moat_run,
+    out_error: *mut *mut moat_error,
+) -> moat_status {
+    // SAFETY: the caller's promises are forwarded.
+    unsafe {
+        guard(out_error, "moat_run_destroy", || {
+            let run = run.as_mut().ok_or_else(|| null_arg("run"))?;
+            run::destroy(&run.home, &run.meta.id).map_err(|e| moat_error::from_error(&e))
+        })
+    }
+}
+
+/// Frees a run handle (the run itself goes on). NULL is ignored.
+///
+/// # Safety
+/// `run` is NULL or a handle from `moat_run_start`/`moat_run_open`, not yet
+/// freed.
+#[no_mangle]
+pub unsafe extern "C" fn moat_run_free(run: *mut moat_run) {
+    if !run.is_null() {
+        // SAFETY: created by Box::into_raw, freed once.
+        drop(unsafe { Box::from_raw(run) });
+    }
+}

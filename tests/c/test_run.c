@@ -1,0 +1,155 @@
+/* Runs through the C ABI, against the real Docker engine and the local test
+ * image: output through the log callback, the exit code, the run's JSON, its
+ * audit log, errors for misuse and for an engine that does not answer.
+ * Usage: test_run SCRATCH_DIR MOAT_BINARY IMAGE */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "moat.h"
+
+static int passed = 0, failed = 0;
+
+#define CHECK(cond)                                                        \
+  do {                                                                     \
+    if (cond) {                                                            \
+      passed++;                                                            \
+    } else {                                                               \
+      failed++;                                                            \
+      fprintf(stderr, "FAIL %s:%d: %s\n", __FILE__, __LINE__, #cond);      \
+    }                                                                      \
+  } while (0)
+
+struct captured {
+  char out[4096];
+  size_t out_len;
+  char err[4096];
+  size_t err_len;
+};
+
+static int on_output(void *user, const char *stream, const uint8_t *data, size_t len) {
+  struct captured *c = user;
+  char *buf = strcmp(stream, "stdout") == 0 ? c->out : c->err;
+  size_t *used = strcmp(stream, "stdout") == 0 ? &c->out_len : &c->err_len;
+  if (*used + len < sizeof c->out) {
+    memcpy(buf + *used, data, len);
+    *used += len;
+    buf[*used] = 0;
+  }
+  return 0;
+}
+
+static moat_run_options *options(const char *home, const char *moat, const char *image,
+                                 const char *workspace) {
+  moat_run_options *o = moat_run_options_new(workspace);
+  CHECK(o != NULL);
+  CHECK(moat_run_options_set(o, "home", home, NULL) == MOAT_OK);
+  CHECK(moat_run_options_set(o, "supervisor", moat, NULL) == MOAT_OK);
+  CHECK(moat_run_options_set(o, "image", image, NULL) == MOAT_OK);
+  return o;
+}
+
+static void test_run(const char *home, const char *moat, const char *image) {
+  moat_run_options *o = options(home, moat, image, home);
+  CHECK(moat_run_options_set(o, "name", "c-run", NULL) == MOAT_OK);
+  CHECK(moat_run_options_add(o, "arg", "sh", NULL) == MOAT_OK);
+  CHECK(moat_run_options_add(o, "arg", "-c", NULL) == MOAT_OK);
+  CHECK(moat_run_options_add(o, "arg", "echo \"out $GREETING\"; echo err >&2; exit 5", NULL) == MOAT_OK);
+  CHECK(moat_run_options_add(o, "env", "GREETING=from-c", NULL) == MOAT_OK);
+  moat_run *run = NULL;
+  moat_error *err = NULL;
+  moat_status st = moat_run_start(o, &run, &err);
+  CHECK(st == MOAT_OK);
+  if (st != MOAT_OK) {
+    fprintf(stderr, "moat_run_start: %s\n", err ? moat_error_message(err) : "?");
+    moat_error_free(err);
+    moat_run_options_free(o);
+    return;
+  }
+  moat_run_options_free(o);
+  CHECK(strncmp(moat_run_id(run), "run_", 4) == 0 && strlen(moat_run_id(run)) == 16);
+  CHECK(strcmp(moat_run_name(run), "c-run") == 0);
+
+  struct captured c = {0};
+  CHECK(moat_run_follow(run, on_output, &c, NULL) == MOAT_OK);
+  CHECK(strcmp(c.out, "out from-c\n") == 0);
+  CHECK(strcmp(c.err, "err\n") == 0);
+
+  int done = 0;
+  int64_t code = 0;
+  CHECK(moat_run_wait(run, -1, &done, &code, NULL) == MOAT_OK);
+  CHECK(done == 1);
+  CHECK(code == 5);
+
+  char *json = NULL;
+  CHECK(moat_run_json(run, MOAT_RUN_INFO, &json, NULL) == MOAT_OK);
+  CHECK(json && strstr(json, "\"state\":\"stopped\""));
+  CHECK(json && strstr(json, "\"exit_code\":5"));
+  /* Environment values are never kept in run.json, only names. */
+  CHECK(json && !strstr(json, "from-c"));
+  moat_string_free(json);
+
+  char *report = NULL;
+  CHECK(moat_audit_verify(moat_run_dir(run), home, NULL, &report, NULL) == MOAT_OK);
+  CHECK(report && strstr(report, "run_stopped"));
+  moat_string_free(report);
+
+  /* Reopened by name, then destroyed: the directory goes. */
+  moat_run *again = NULL;
+  CHECK(moat_run_open("c-run", home, &again, NULL) == MOAT_OK);
+  CHECK(again && strcmp(moat_run_id(again), moat_run_id(run)) == 0);
+  CHECK(moat_run_destroy(again, NULL) == MOAT_OK);
+  moat_run_free(again);
+  err = NULL;
+  CHECK(moat_run_open(moat_run_id(run), home, &again, &err) == MOAT_ERR_INVALID_ARGUMENT);
+  CHECK(err && strstr(moat_error_message(err), "no run matches"));
+  moat_error_free(err);
+  moat_run_free(run);
+}
+
+static void test_misuse(const char *home, const char *moat, const char *image) {
+  moat_error *err = NULL;
+  moat_run_options *o = options(home, moat, image, home);
+  CHECK(moat_run_options_set(o, "colour", "blue", &err) == MOAT_ERR_INVALID_ARGUMENT);
+  CHECK(err && strstr(moat_error_message(err), "unknown run option \"colour\""));
+  moat_error_free(err);
+  err = NULL;
+  CHECK(moat_run_options_add(o, "env", "NOEQUALS", &err) == MOAT_ERR_INVALID_ARGUMENT);
+  CHECK(err && strstr(moat_error_message(err), "KEY=VALUE"));
+  moat_error_free(err);
+  err = NULL;
+  CHECK(moat_run_options_set(o, "policy", "lenient", NULL) == MOAT_OK);
+  moat_run *run = NULL;
+  CHECK(moat_run_start(o, &run, &err) == MOAT_ERR_INVALID_ARGUMENT);
+  CHECK(err && strstr(moat_error_message(err), "lenient"));
+  CHECK(run == NULL);
+  moat_error_free(err);
+  moat_run_options_free(o);
+  CHECK(moat_run_start(NULL, &run, NULL) == MOAT_ERR_INVALID_ARGUMENT);
+  CHECK(moat_run_id(NULL) == NULL);
+  moat_run_free(NULL);
+  moat_run_options_free(NULL);
+
+  /* No engine at DOCKER_HOST: a runtime error that says what to start. */
+  setenv("DOCKER_HOST", "unix:///nonexistent/docker.sock", 1);
+  o = options(home, moat, image, home);
+  CHECK(moat_run_options_add(o, "arg", "true", NULL) == MOAT_OK);
+  err = NULL;
+  CHECK(moat_run_start(o, &run, &err) == MOAT_ERR_RUNTIME);
+  CHECK(err && strstr(moat_error_message(err), "Docker engine"));
+  CHECK(err && strstr(moat_error_message(err), "Start Docker"));
+  moat_error_free(err);
+  moat_run_options_free(o);
+  unsetenv("DOCKER_HOST");
+}
+
+int main(int argc, char **argv) {
+  if (argc != 4) {
+    fprintf(stderr, "usage: %s SCRATCH_DIR MOAT_BINARY IMAGE\n", argv[0]);
+    return 2;
+  }
+  test_run(argv[1], argv[2], argv[3]);
+  test_misuse(argv[1], argv[2], argv[3]);
+  printf("%d passed, %d failed\n", passed, failed);
+  return failed == 0 ? 0 : 1;
+}
