@@ -1,0 +1,174 @@
+"""moat.run / moat.Run from Python, against the real Docker engine and the
+local test image (built by scripts/build-test-image.sh)."""
+
+import os
+import subprocess
+import threading
+import time
+
+import pytest
+
+import moat
+from upstream import Upstream, make_ca
+
+IMAGE = os.environ.get("MOAT_TEST_IMAGE", "moat-test:bookworm")
+TOKEN = "ghp_pyRunTokenABCDEFGHIJKLMNOPQRSTUVWXYZ01"
+
+
+def _docker_ready():
+    try:
+        subprocess.run(["docker", "image", "inspect", IMAGE], check=True, capture_output=True, timeout=20)
+        return True
+    except Exception:
+        return False
+
+
+pytestmark = pytest.mark.skipif(not _docker_ready(), reason=f"needs a Docker engine and {IMAGE}")
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch):
+    h = tmp_path / "home"
+    monkeypatch.setenv("MOAT_HOME", str(h))
+    monkeypatch.setenv("MOAT_KEYRING_BACKEND", "file")
+    yield h
+    moat.clean(home=h)
+
+
+@pytest.fixture
+def workspace(tmp_path):
+    w = tmp_path / "ws"
+    w.mkdir()
+    os.chown(w, 1234, 1234)
+    return w
+
+
+def test_run_returns_exit_code_and_both_streams(home, workspace):
+    r = moat.run(workspace, command=["sh", "-c", "echo out; echo err >&2; touch made; exit 7"],
+                 image=IMAGE, env={"A": "1"})
+    assert r.run_id.startswith("run_") and len(r.run_id) == 16
+    assert r.exit_code == 7
+    assert r.state == "stopped"
+    assert r.output == "out\n"
+    assert r.stderr == "err\n"
+    st = os.stat(workspace / "made")
+    assert (st.st_uid, st.st_gid) == (1234, 1234)
+    info = r.info()
+    assert info["env"] == ["A"] and info["user"] == "1234:1234"
+    report = r.audit().verify()
+    assert report["ok"] and dict(report["types"])["run_stopped"] == 1
+
+
+def test_follow_logs_while_running_and_wait_releases_the_gil(home, workspace):
+    with moat.Run.start(workspace, command=["sh", "-c", "for i in 1 2 3; do echo $i; sleep 0.3; done"],
+                        image=IMAGE, name="py-follow") as r:
+        assert r.name == "py-follow"
+        ticks = []
+        stop = threading.Event()
+
+        def ticker():
+            while not stop.is_set():
+                ticks.append(time.monotonic())
+                time.sleep(0.05)
+
+        t = threading.Thread(target=ticker)
+        t.start()
+        chunks = list(r.logs(follow=True))
+        stop.set()
+        t.join()
+        assert [c for _, c in chunks] == [b"1\n", b"2\n", b"3\n"]
+        assert len(ticks) > 5, "the GIL was held while following"
+        assert r.wait() == 0
+    assert moat.Run("py-follow", home=home).exit_code == 0
+
+
+def test_context_manager_stops_a_running_run(home, workspace):
+    with moat.Run.start(workspace, command=["sleep", "300"], image=IMAGE) as r:
+        assert r.state == "running"
+        assert r.wait(timeout=0.2) is None
+    assert r.state == "stopped"
+    assert r.exit_code in (137, 143)
+    out = subprocess.run(["docker", "ps", "-aq", "--filter", f"label=dev.moat.run={r.run_id}"],
+                         capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == ""
+
+
+def test_timeout_stops_the_run(home, workspace):
+    t = time.monotonic()
+    r = moat.run(workspace, command=["sleep", "300"], image=IMAGE, timeout=0.5)
+    assert time.monotonic() - t < 30
+    assert r.state == "stopped" and r.exit_code in (137, 143)
+
+
+def test_detach_then_reopen_and_destroy(home, workspace):
+    r = moat.run(workspace, command=["sh", "-c", "echo started; sleep 300"], image=IMAGE, detach=True)
+    assert r.state == "running"
+    assert [x["id"] for x in moat.runs(home=home)] == [r.run_id]
+    again = moat.Run(r.run_id[:10], home=home)
+    deadline = time.monotonic() + 10
+    while "started" not in again.output and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert again.output == "started\n"
+    again.destroy()
+    assert moat.runs(home=home) == []
+    with pytest.raises(moat.InvalidArgumentError, match="no run matches"):
+        moat.Run(r.run_id, home=home)
+
+
+def test_grant_is_injected_and_traced_but_never_inside(home, workspace, tmp_path, monkeypatch):
+    ca, cert, key = make_ca(tmp_path)
+    up = Upstream(cert, key)
+    up.users = {TOKEN: "octocat"}
+    try:
+        monkeypatch.setenv("MOAT_UPSTREAM_CA_FILE", ca)
+        monkeypatch.setenv("MOAT_RESOLVE", ",".join(f"{k}={v}" for k, v in up.resolve().items()))
+        moat.grant("github", token=TOKEN, validate=False, home=home)
+        r = moat.run(workspace, image=IMAGE, grants=["github"],
+                     command=["sh", "-c", "curl -s https://api.github.com/user; echo; env"])
+        assert r.exit_code == 0, r.stderr
+        assert '"login": "octocat"' in r.output
+        assert TOKEN not in r.output
+        assert "GITHUB_TOKEN=" in r.output  # the placeholder
+        assert up.seen[-1]["authorization"] == [f"Bearer {TOKEN}"]
+        trace = r.trace()
+        assert trace[0]["host"] == "api.github.com" and trace[0]["grant"] == "github"
+        assert trace[0]["status"] == 200
+        for name in os.listdir(r.dir):
+            with open(os.path.join(r.dir, name), "rb") as f:
+                assert TOKEN.encode() not in f.read(), name
+    finally:
+        up.close()
+
+
+def test_strict_network_argument(home, workspace):
+    r = moat.run(workspace, image=IMAGE, network={"policy": "strict", "allow": ["api.github.com"]},
+                 command=["sh", "-c", "curl -s -o /dev/null -w '%{http_connect}' https://blocked.test/"])
+    assert r.output == "403"
+    assert r.info()["policy"] == "strict"
+
+
+@pytest.mark.parametrize("kwargs,error,needle", [
+    ({"network": "lenient"}, moat.InvalidArgumentError, "lenient"),
+    ({"network": {"mode": "strict"}}, moat.InvalidArgumentError, "unknown key \"mode\""),
+    ({"network": {"policy": "strict", "allow": ["*"]}}, moat.InvalidArgumentError, "allow[0]"),
+    ({"name": "Not A Name"}, moat.InvalidArgumentError, "invalid agent name"),
+    ({"env": {"1BAD": "x"}}, moat.InvalidArgumentError, "1BAD"),
+])
+def test_bad_arguments_name_what_is_wrong(home, workspace, kwargs, error, needle):
+    with pytest.raises(error) as e:
+        moat.run(workspace, image=IMAGE, command=["true"], **kwargs)
+    assert needle in str(e.value)
+
+
+def test_missing_workspace_is_an_io_error(home, tmp_path):
+    with pytest.raises(moat.MoatError, match="nope"):
+        moat.run(tmp_path / "nope", image=IMAGE, command=["true"])
+
+
+def test_no_engine_is_a_container_runtime_error(home, workspace, monkeypatch):
+    with monkeypatch.context() as m:
+        m.setenv("DOCKER_HOST", "unix:///nonexistent/docker.sock")
+        with pytest.raises(moat.ContainerRuntimeError, match="Start Docker"):
+            moat.run(workspace, image=IMAGE, command=["true"])
+    [run] = moat.runs(home=home)
+    assert run["state"] == "failed" and "Docker engine" in run["error"]
