@@ -1,0 +1,123 @@
+//! The Rust surface of runs (`moat_core::run`) against the real Docker
+//! engine and the local test image, with this crate's `moat` binary as the
+//! supervisor.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::path::Path;
+use std::time::Duration;
+
+use moat_core::run::{self, Launcher, RunRequest, RunState};
+
+fn image() -> String {
+    std::env::var("MOAT_TEST_IMAGE").unwrap_or_else(|_| "moat-test:bookworm".into())
+}
+
+fn launcher() -> Launcher {
+    Launcher::new(vec![env!("CARGO_BIN_EXE_moat").into(), "_supervise".into()])
+}
+
+fn request(workspace: &Path, command: &[&str]) -> RunRequest {
+    RunRequest {
+        workspace: workspace.to_path_buf(),
+        image: Some(image()),
+        command: Some(command.iter().map(|s| s.to_string()).collect()),
+        ..RunRequest::default()
+    }
+}
+
+fn container_exists(id: &str) -> bool {
+    let out = std::process::Command::new("docker")
+        .args(["ps", "-aq", "--filter", &format!("label=dev.moat.run={id}")])
+        .output()
+        .unwrap();
+    !String::from_utf8_lossy(&out.stdout).trim().is_empty()
+}
+
+#[test]
+fn a_run_streams_output_and_ends_with_the_commands_exit_code() {
+    let home = tempfile::tempdir().unwrap();
+    let ws = tempfile::tempdir().unwrap();
+    let spec = request(ws.path(), &["sh", "-c", "echo hi; echo oops >&2; exit 9"])
+        .spec()
+        .unwrap();
+    let mut progress = Vec::new();
+    let meta = run::start(home.path(), &spec, &launcher(), &mut |m| {
+        progress.push(m.to_string())
+    })
+    .unwrap();
+    assert_eq!(meta.state, RunState::Running);
+    assert!(meta.phases.contains_key("container"), "{:?}", meta.phases);
+    let end = run::wait(home.path(), &meta.id, Some(Duration::from_secs(60))).unwrap();
+    assert_eq!(end.state, RunState::Stopped);
+    assert_eq!(end.exit_code, Some(9));
+    let (out, err) = run::output(home.path(), &meta.id).unwrap();
+    assert_eq!(out, b"hi\n");
+    assert_eq!(err, b"oops\n");
+    assert!(
+        !container_exists(&meta.id),
+        "the container outlived its run"
+    );
+    let report =
+        moat_core::audit::verify(&run::run_dir(home.path(), &meta.id), home.path(), None).unwrap();
+    assert!(report.ok, "{:?}", report.problems);
+    let kinds: Vec<&str> = report.types.iter().map(|(t, _)| t.as_str()).collect();
+    for kind in [
+        "run_created",
+        "grants_bound",
+        "container_created",
+        "run_started",
+        "run_stopped",
+    ] {
+        assert!(kinds.contains(&kind), "{kind} missing from {kinds:?}");
+    }
+}
+
+#[test]
+fn a_run_whose_supervisor_dies_is_failed_and_its_container_removed() {
+    let home = tempfile::tempdir().unwrap();
+    let ws = tempfile::tempdir().unwrap();
+    let spec = request(ws.path(), &["sleep", "300"]).spec().unwrap();
+    let meta = run::start(home.path(), &spec, &launcher(), &mut |_| {}).unwrap();
+    assert!(container_exists(&meta.id));
+    let (pid, _) = meta.supervisor.unwrap();
+    let killed = std::process::Command::new("kill")
+        .args(["-9", &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    // The next look at the run finds the truth and cleans up.
+    let mut state = RunState::Running;
+    for _ in 0..100 {
+        state = run::find(home.path(), Some(&meta.id)).unwrap().state;
+        if state.is_terminal() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(state, RunState::Failed);
+    let found = run::find(home.path(), Some(&meta.name)).unwrap();
+    assert!(found.error.unwrap().contains("exited unexpectedly"));
+    assert!(
+        !container_exists(&meta.id),
+        "the container outlived its supervisor"
+    );
+}
+
+#[test]
+fn no_engine_is_a_runtime_error_that_says_what_to_start() {
+    let home = tempfile::tempdir().unwrap();
+    let ws = tempfile::tempdir().unwrap();
+    let spec = request(ws.path(), &["true"]).spec().unwrap();
+    // The supervisor is a child: only its environment needs the bad engine.
+    let launcher = Launcher::new(vec![
+        "env".into(),
+        "DOCKER_HOST=unix:///nonexistent/docker.sock".into(),
+        env!("CARGO_BIN_EXE_moat").into(),
+        "_supervise".into(),
+    ]);
+    let err = run::start(home.path(), &spec, &launcher, &mut |_| {}).unwrap_err();
+    assert!(err.is_runtime(), "{err}");
+    assert!(err.to_string().contains("Start Docker"), "{err}");
+    let runs = run::list(home.path()).unwrap();
+    assert_eq!(runs[0].state, RunState::Failed);
+}
