@@ -140,31 +140,3 @@ pub(crate) fn remove(run_id: &str) -> Result<()> {
     }
     Ok(())
 }
-
-/// Removes the chains of runs not in `live`.
-pub(crate) fn remove_stale(live: &[String]) -> Result<()> {
-    let keep: Vec<String> = live.iter().map(|id| chain(id)).collect();
-    for ip6 in [false, true] {
-        if ip6 && !ipv6_present() {
-            continue;
-        }
-        let Ok(all) = run(ip6, &["-S"]) else { continue };
-        for line in all.lines() {
-            if let Some(name) = line.strip_prefix("-N MOAT-") {
-                let name = format!("MOAT-{name}");
-                if !keep.contains(&name) {
-                    remove_chain(ip6, &name).map_err(|e| {
-                        Error::new(ErrorKind::Runtime, format!("removing firewall rules: {e}"))
-                    })?;
-                }
-            }
-        }
-    }
-    Ok(())
-}
-
-/// Is a run's chain installed (for tests and `moat status`)?
-#[allow(dead_code)]
-pub(crate) fn installed(run_id: &str) -> bool {
-    run(false, &["-S", &chain(run_id)]).is_ok()
-}

@@ -809,10 +809,14 @@ pub fn cleanable(home: &Path) -> Result<Vec<RunMeta>> {
 }
 
 /// Removes stopped and failed runs, and any container, network or firewall
-/// chain moat left behind that belongs to no live run.
+/// chain this home's runs left behind (a run whose supervisor died before
+/// cleaning up). Runs of other moat homes on the same engine are never
+/// touched: moat labels what it creates with its home.
 pub fn clean(home: &Path) -> Result<Cleaned> {
     let mut out = Cleaned::default();
     for run in cleanable(home)? {
+        // Should a chain have outlived the run, it goes with it.
+        firewall::remove(&run.id)?;
         let dir = run_dir(home, &run.id);
         std::fs::remove_dir_all(&dir).map_err(|e| Error::io(&dir, "remove", e))?;
         out.runs.push(run.id);
@@ -822,32 +826,27 @@ pub fn clean(home: &Path) -> Result<Cleaned> {
         .filter(|r| !r.state.is_terminal())
         .map(|r| r.id)
         .collect();
-    let live2 = live.clone();
+    let mine = format!("{}={}", crate::runtime::HOME_LABEL, home.to_string_lossy());
     let (containers, networks) = run_async(async move {
         let docker = Docker::connect().await?;
         let mut containers = Vec::new();
-        for (id, run) in docker
-            .containers_with_label(crate::runtime::RUN_LABEL)
-            .await?
-        {
-            if !live2.contains(&run) {
+        for (id, run) in docker.containers_with_label(&mine).await? {
+            if !live.contains(&run) {
                 docker.remove(&id).await?;
+                firewall::remove(&run)?;
                 containers.push(id);
             }
         }
         let mut networks = Vec::new();
-        for (name, run) in docker
-            .networks_with_label(crate::runtime::RUN_LABEL)
-            .await?
-        {
-            if !live2.contains(&run) {
+        for (name, run) in docker.networks_with_label(&mine).await? {
+            if !live.contains(&run) {
+                firewall::remove(&run)?;
                 docker.remove_network(&name).await?;
                 networks.push(name);
             }
         }
         Ok((containers, networks))
     })?;
-    firewall::remove_stale(&live)?;
     out.containers = containers;
     out.networks = networks;
     Ok(out)

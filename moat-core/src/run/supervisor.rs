@@ -18,7 +18,7 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::policy::{HostPattern, PolicyMode};
 use crate::proxy::{ClientSpec, Proxy, ProxyBuilder};
 use crate::runtime::{
-    Bind, ContainerSpec, Docker, FileEntry, Output, PullProgress, Runtime, RUN_LABEL,
+    Bind, ContainerSpec, Docker, FileEntry, Output, PullProgress, Runtime, HOME_LABEL, RUN_LABEL,
 };
 use crate::trace::{TraceRecord, TraceSink};
 
@@ -329,7 +329,11 @@ async fn setup(ctx: &mut Ctx, meta: &RunMeta, held: &mut Held) -> Result<Started
     // The network: the run's own; internal (no route out) when strict.
     let t = Instant::now();
     let hex = ctx.id.trim_start_matches("run_").to_string();
-    let labels = BTreeMap::from([(RUN_LABEL.to_string(), ctx.id.clone())]);
+    let home_label = ctx.home.to_string_lossy().into_owned();
+    let labels = BTreeMap::from([
+        (RUN_LABEL.to_string(), ctx.id.clone()),
+        (HOME_LABEL.to_string(), home_label.clone()),
+    ]);
     let network_name = format!("moat-{}", ctx.id);
     let network = docker
         .create_network(&network_name, &format!("mt-{hex}"), strict, &labels)
@@ -426,6 +430,7 @@ async fn setup(ctx: &mut Ctx, meta: &RunMeta, held: &mut Held) -> Result<Started
         network: network.name.clone(),
         labels: BTreeMap::from([
             (RUN_LABEL.to_string(), ctx.id.clone()),
+            (HOME_LABEL.to_string(), home_label),
             ("dev.moat.name".to_string(), meta.name.clone()),
         ]),
         tty: spec.interactive,

@@ -18,6 +18,10 @@ pub use docker::Docker;
 /// Label put on every container and network moat creates, with the run id.
 pub const RUN_LABEL: &str = "dev.moat.run";
 
+/// Label with the moat home a run belongs to, so that `moat clean` in one
+/// home never touches another home's runs on a shared engine.
+pub const HOME_LABEL: &str = "dev.moat.home";
+
 /// What the engine says about itself.
 #[derive(Debug, Clone)]
 pub struct EngineInfo {
