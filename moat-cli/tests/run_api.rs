@@ -46,8 +46,8 @@ fn a_run_streams_output_and_ends_with_the_commands_exit_code() {
     })
     .unwrap();
     assert_eq!(meta.state, RunState::Running);
-    assert!(meta.phases.contains_key("container"), "{:?}", meta.phases);
-    let end = run::wait(home.path(), &meta.id, Some(Duration::from_secs(60))).unwrap();
+    assert!(meta.phases.contains_key("create"), "{:?}", meta.phases);
+    let end = run::wait_cleaned(home.path(), &meta.id, Some(Duration::from_secs(60))).unwrap();
     assert_eq!(end.state, RunState::Stopped);
     assert_eq!(end.exit_code, Some(9));
     let (out, err) = run::output(home.path(), &meta.id).unwrap();

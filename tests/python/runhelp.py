@@ -136,6 +136,15 @@ class Moat:
                 return state
             time.sleep(0.1)
 
+    def wait_cleaned(self, run_id, timeout=30):
+        """Waits until the run's supervisor has removed what the run held
+        (`cleaned` in run.json): `moat run` returns as soon as the exit code
+        is known, and cleanup follows."""
+        deadline = time.time() + timeout
+        while not self.meta(run_id).get("cleaned"):
+            assert time.time() < deadline, "the run was not cleaned up within %ss" % timeout
+            time.sleep(0.05)
+
     def wait_log(self, run_id, needle, timeout=30):
         """Waits until `moat logs` of the run shows `needle`."""
         deadline = time.time() + timeout

@@ -160,6 +160,7 @@ def test_strict_allows_only_the_allowed_host_through_the_proxy(m, upstream):
     assert any(e["type"] == "policy_decision" and not e["data"]["allowed"]
                and e["data"]["host"] == "other.test" for e in audit)
     # 14: once the run is over, its firewall chains are gone.
+    m.wait_cleaned(run["id"])
     assert chains(run["id"]) == (False, False)
     assert docker_objects(run["id"]) == ([], [])
 
@@ -264,6 +265,7 @@ def test_strict_chains_are_removed_when_a_run_ends_or_its_supervisor_dies(m):
     out = m.run(ws, "true")
     assert out.returncode == 0, out.stderr
     done = m.latest()["id"]
+    m.wait_cleaned(done)
     assert chains(done) == (False, False)
     # A strict run whose supervisor is killed: the next `moat list` marks it
     # failed and removes its container, network and chains.

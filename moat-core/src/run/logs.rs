@@ -268,7 +268,7 @@ pub fn follow(
             delay = Duration::from_millis(2);
         } else {
             std::thread::sleep(delay);
-            delay = (delay * 2).min(Duration::from_millis(50));
+            delay = (delay * 2).min(Duration::from_millis(20));
         }
     }
 }

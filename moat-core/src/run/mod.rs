@@ -237,10 +237,14 @@ pub struct RunMeta {
     pub exit_code: Option<i64>,
     /// Why the run failed, if it did.
     pub error: Option<String>,
-    /// Milliseconds spent in each phase of setup (`proxy`, `network`,
-    /// `image`, `container`, `start`).
+    /// Milliseconds spent in each phase (`image`, `network`, `proxy`,
+    /// `firewall`, `files`, `create`, `attach`, `start`, `cleanup`).
     #[serde(default)]
     pub phases: BTreeMap<String, f64>,
+    /// Whether what the run held on the host (container, firewall rules,
+    /// network) has been removed; set after the run ends.
+    #[serde(default)]
+    pub cleaned: bool,
 }
 
 /// The runs directory: `$MOAT_HOME/runs`.
@@ -431,7 +435,7 @@ pub(crate) fn process_start_time(pid: u32) -> Option<u64> {
 /// proxy is gone must not go on. Errors while cleaning are recorded in the
 /// run's `error`.
 pub fn refresh(home: &Path, meta: RunMeta) -> RunMeta {
-    if meta.state.is_terminal() {
+    if meta.state.is_terminal() && meta.cleaned {
         return meta;
     }
     let alive = match meta.supervisor {
@@ -442,6 +446,17 @@ pub fn refresh(home: &Path, meta: RunMeta) -> RunMeta {
     };
     if alive {
         return meta;
+    }
+    if meta.state.is_terminal() {
+        // The supervisor died after the run ended but before cleaning up.
+        let cleanup = cleanup_blocking(&meta);
+        return update_meta(&run_dir(home, &meta.id), |m| {
+            m.cleaned = true;
+            if let (Err(e), None) = (&cleanup, &m.error) {
+                m.error = Some(format!("cleaning up failed: {e}"));
+            }
+        })
+        .unwrap_or(meta);
     }
     let dir = run_dir(home, &meta.id);
     let cleanup = cleanup_blocking(&meta);
@@ -460,6 +475,7 @@ pub fn refresh(home: &Path, meta: RunMeta) -> RunMeta {
             m.error = Some(message.clone());
             m.stopped_at = Some(now());
         }
+        m.cleaned = true;
     })
     .unwrap_or(meta)
 }
@@ -651,6 +667,7 @@ pub fn start(
             exit_code: None,
             error: None,
             phases: BTreeMap::new(),
+            cleaned: false,
         };
         let dir = run_dir(home, &id);
         crate::paths::private_dir(&dir)?;
@@ -737,19 +754,33 @@ pub fn start(
 /// Waits until a run is over; its final metadata. With a timeout, returns
 /// the current metadata when it runs out.
 pub fn wait(home: &Path, id: &str, timeout: Option<Duration>) -> Result<RunMeta> {
+    wait_until(home, id, timeout, |m| m.state.is_terminal())
+}
+
+/// Waits until a run is over and what it held on the host is removed.
+pub fn wait_cleaned(home: &Path, id: &str, timeout: Option<Duration>) -> Result<RunMeta> {
+    wait_until(home, id, timeout, |m| m.state.is_terminal() && m.cleaned)
+}
+
+fn wait_until(
+    home: &Path,
+    id: &str,
+    timeout: Option<Duration>,
+    over: impl Fn(&RunMeta) -> bool,
+) -> Result<RunMeta> {
     let dir = run_dir(home, id);
     let deadline = timeout.map(|t| std::time::Instant::now() + t);
-    let mut delay = Duration::from_millis(5);
+    let mut delay = Duration::from_millis(2);
     loop {
         let meta = refresh(home, load_meta(&dir)?);
-        if meta.state.is_terminal() {
+        if over(&meta) {
             return Ok(meta);
         }
         if deadline.is_some_and(|d| std::time::Instant::now() >= d) {
             return Ok(meta);
         }
         std::thread::sleep(delay);
-        delay = (delay * 2).min(Duration::from_millis(50));
+        delay = (delay * 2).min(Duration::from_millis(20));
     }
 }
 
@@ -759,7 +790,7 @@ pub fn wait(home: &Path, id: &str, timeout: Option<Duration>) -> Result<RunMeta>
 pub fn stop(home: &Path, id: &str, grace_secs: u32) -> Result<RunMeta> {
     let meta = refresh(home, load_meta(&run_dir(home, id))?);
     if meta.state.is_terminal() {
-        return Ok(meta);
+        return wait_cleaned(home, id, Some(Duration::from_secs(30)));
     }
     if let Some(container) = meta.container.clone() {
         run_async(async move {
@@ -773,16 +804,16 @@ pub fn stop(home: &Path, id: &str, grace_secs: u32) -> Result<RunMeta> {
             unsafe { libc::kill(pid as i32, libc::SIGTERM) };
         }
     }
-    wait(home, id, Some(Duration::from_secs(30)))
+    wait_cleaned(home, id, Some(Duration::from_secs(30)))
 }
 
 /// Removes a run and its artifacts; a running run is stopped first.
 pub fn destroy(home: &Path, id: &str) -> Result<()> {
     let meta = stop(home, id, 10)?;
-    if !meta.state.is_terminal() {
+    if !meta.state.is_terminal() || !meta.cleaned {
         return Err(Error::new(
             ErrorKind::Runtime,
-            format!("run {id} did not stop within 30 s; not removed"),
+            format!("run {id} did not stop and clean up within 30 s; not removed"),
         ));
     }
     let dir = run_dir(home, id);
@@ -804,7 +835,7 @@ pub struct Cleaned {
 pub fn cleanable(home: &Path) -> Result<Vec<RunMeta>> {
     Ok(list(home)?
         .into_iter()
-        .filter(|r| r.state.is_terminal())
+        .filter(|r| r.state.is_terminal() && r.cleaned)
         .collect())
 }
 
@@ -1100,6 +1131,8 @@ mod tests {
                 exit_code: Some(0),
                 error: None,
                 phases: BTreeMap::new(),
+                cleaned: true,
+                cleaned: false,
             };
             save_meta(&dir, &meta).unwrap();
             ids.push(id);

@@ -18,7 +18,7 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::policy::{HostPattern, PolicyMode};
 use crate::proxy::{ClientSpec, Proxy, ProxyBuilder};
 use crate::runtime::{
-    Bind, ContainerSpec, Docker, FileEntry, Output, PullProgress, Runtime, HOME_LABEL, RUN_LABEL,
+    Bind, ContainerSpec, Docker, Output, PullProgress, Runtime, HOME_LABEL, RUN_LABEL,
 };
 use crate::trace::{TraceRecord, TraceSink};
 
@@ -154,6 +154,7 @@ async fn supervise_async(handoff: Handoff) -> Result<i32> {
             release(&ctx, &mut held).await;
             let _ = ctx.audit.close();
             fail(&ctx.dir, &e);
+            let _ = update_meta(&ctx.dir, |m| m.cleaned = true);
             emit(&error_event(&e));
             return Ok(1);
         }
@@ -188,15 +189,31 @@ async fn supervise_async(handoff: Handoff) -> Result<i32> {
         "run_stopped",
         json!({ "run": ctx.id, "exit_code": exit_code, "error": error }),
     );
-    let cleanup_error = release(&ctx, &mut held).await;
+    if let Some(proxy) = held.proxy.take() {
+        proxy.shutdown().await;
+    }
     if let Err(e) = ctx.audit.close() {
         eprintln_safe(&format!("moat supervisor: closing the audit log: {e}"));
     }
+    // The exit code is known and every artifact final: callers may go on
+    // while the container, rules and network are removed (`cleaned` says
+    // when that is done; `stop`, `destroy` and `clean` wait for it).
     update_meta(&ctx.dir, |m| {
         m.state = state;
         m.exit_code = exit_code;
         m.stopped_at = Some(now());
-        m.error = error.clone().or(cleanup_error.clone());
+        m.error = error.clone();
+    })?;
+    let t = Instant::now();
+    let cleanup_error = release(&ctx, &mut held).await;
+    ctx.phase("cleanup", t);
+    let phases = ctx.phases.clone();
+    update_meta(&ctx.dir, |m| {
+        m.cleaned = true;
+        m.phases = phases.clone();
+        if m.error.is_none() {
+            m.error = cleanup_error.clone();
+        }
     })?;
     Ok(0)
 }
@@ -300,7 +317,8 @@ async fn setup(ctx: &mut Ctx, meta: &RunMeta, held: &mut Held) -> Result<Started
     let t = Instant::now();
     let docker = Docker::connect().await?;
     docker.ping().await?;
-    if !docker.has_image(&spec.image).await? {
+    let mut image_id = docker.image_id(&spec.image).await?;
+    if image_id.is_none() {
         emit(&Event::Progress {
             message: format!("Pulling image {}", spec.image),
         });
@@ -323,7 +341,9 @@ async fn setup(ctx: &mut Ctx, meta: &RunMeta, held: &mut Held) -> Result<Started
             });
         };
         docker.pull_image(&spec.image, &report).await?;
+        image_id = docker.image_id(&spec.image).await?;
     }
+    let image_id = image_id.unwrap_or_default();
     ctx.phase("image", t);
 
     // The network: the run's own; internal (no route out) when strict.
@@ -412,6 +432,29 @@ async fn setup(ctx: &mut Ctx, meta: &RunMeta, held: &mut Held) -> Result<Started
         target: "/workspace".into(),
         read_only: false,
     }];
+    // The agent's user entry and the CA bundle are files of the run,
+    // mounted read-only: no write into the image, no step as root.
+    let t_files = Instant::now();
+    let users = image_users(&docker, &ctx.home, &spec.image, &image_id).await?;
+    let (files, tmpfs) = container_files(&users, uid, gid, &ca_pem);
+    let files_dir = ctx.dir.join("container");
+    crate::paths::private_dir(&files_dir)?;
+    for (target, content) in &files {
+        let name = target.rsplit('/').next().unwrap_or("file");
+        let path = files_dir.join(name);
+        std::fs::write(&path, content).map_err(|e| Error::io(&path, "write", e))?;
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644))
+                .map_err(|e| Error::io(&path, "set permissions of", e))?;
+        }
+        binds.push(Bind {
+            source: path.to_string_lossy().into_owned(),
+            target: target.clone(),
+            read_only: true,
+        });
+    }
+    ctx.phase("files", t_files);
     for (source, target, read_only) in &spec.mounts {
         binds.push(Bind {
             source: source.to_string_lossy().into_owned(),
@@ -442,6 +485,7 @@ async fn setup(ctx: &mut Ctx, meta: &RunMeta, held: &mut Held) -> Result<Started
         } else {
             Vec::new()
         },
+        tmpfs,
     };
     let container = docker.create_container(&container_spec).await?;
     held.container = Some(container.clone());
@@ -450,12 +494,12 @@ async fn setup(ctx: &mut Ctx, meta: &RunMeta, held: &mut Held) -> Result<Started
         m.proxy = Some(proxy_addr.to_string());
         m.user = Some(format!("{uid}:{gid}"));
     })?;
-    let files = container_files(&docker, &container, uid, gid, &ca_pem).await?;
-    docker.write_files(&container, &files).await?;
-    ctx.phase("container", t);
+    ctx.phase("create", t);
 
     // Output, from before the start so nothing is missed.
+    let t = Instant::now();
     let mut output = docker.attach_output(&container).await?;
+    ctx.phase("attach", t);
     let logs_path = ctx.dir.join("logs.jsonl");
     let mut writer = LogWriter::open(&logs_path, DEFAULT_LIMIT)?;
     let log_task = tokio::spawn(async move {
@@ -519,97 +563,126 @@ fn agent_user(workspace: &Path) -> (u32, u32, Option<String>) {
     }
 }
 
-/// The files put into the container before it starts: a passwd and group
-/// entry for the agent's uid (when the image has none) with a home
-/// directory, and the CA bundle (the moat CA and the host's roots).
-async fn container_files(
+/// An image's `/etc/passwd` and `/etc/group`.
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+struct ImageUsers {
+    passwd: String,
+    group: String,
+}
+
+/// Reads an image's user database, once per image id (images are
+/// immutable): from a container created for it and removed at once. Cached
+/// under `$MOAT_HOME/cache/images/`.
+async fn image_users(
     docker: &Docker,
-    container: &str,
+    home: &Path,
+    image: &str,
+    image_id: &str,
+) -> Result<ImageUsers> {
+    let key: String = image_id
+        .trim_start_matches("sha256:")
+        .chars()
+        .filter(char::is_ascii_alphanumeric)
+        .collect();
+    let cache = home
+        .join("cache")
+        .join("images")
+        .join(format!("{key}.json"));
+    if !key.is_empty() {
+        if let Ok(text) = std::fs::read_to_string(&cache) {
+            if let Ok(users) = serde_json::from_str(&text) {
+                return Ok(users);
+            }
+        }
+    }
+    let probe = ContainerSpec {
+        name: String::new(),
+        image: image.to_string(),
+        command: Some(vec!["true".into()]),
+        user: "0:0".into(),
+        workdir: "/".into(),
+        network: "none".into(),
+        labels: BTreeMap::from([(RUN_LABEL.to_string(), "probe".to_string())]),
+        ..ContainerSpec::default()
+    };
+    let id = docker.create_container(&probe).await?;
+    let read = async {
+        let passwd = docker
+            .read_file(&id, "/etc/passwd")
+            .await?
+            .unwrap_or_default();
+        let group = docker
+            .read_file(&id, "/etc/group")
+            .await?
+            .unwrap_or_default();
+        Ok::<_, Error>(ImageUsers {
+            passwd: String::from_utf8_lossy(&passwd).into_owned(),
+            group: String::from_utf8_lossy(&group).into_owned(),
+        })
+    }
+    .await;
+    let _ = docker.remove(&id).await;
+    let users = read?;
+    if !key.is_empty() {
+        if let Some(dir) = cache.parent() {
+            crate::paths::private_dir(dir)?;
+        }
+        if let Ok(json) = serde_json::to_vec(&users) {
+            crate::paths::write_private(&cache, &json, 0o600)?;
+        }
+    }
+    Ok(users)
+}
+
+/// The files mounted into the container: a passwd and group with an entry
+/// for the agent's uid and gid (when the image has none), and the CA bundle
+/// (the moat CA and the host's roots). Also the tmpfs home directory of an
+/// agent user the image does not know.
+fn container_files(
+    users: &ImageUsers,
     uid: u32,
     gid: u32,
     ca_pem: &str,
-) -> Result<Vec<FileEntry>> {
+) -> (Vec<(String, Vec<u8>)>, Vec<(String, String)>) {
     let mut files = Vec::new();
-    let passwd = docker
-        .read_file(container, "/etc/passwd")
-        .await?
-        .unwrap_or_default();
-    let group = docker
-        .read_file(container, "/etc/group")
-        .await?
-        .unwrap_or_default();
-    let passwd = String::from_utf8_lossy(&passwd).into_owned();
-    let group = String::from_utf8_lossy(&group).into_owned();
-    let has_uid = passwd
+    let mut tmpfs = Vec::new();
+    let has_uid = users
+        .passwd
         .lines()
         .any(|l| l.split(':').nth(2) == Some(uid.to_string().as_str()));
     if !has_uid {
-        let mut text = passwd.clone();
+        let mut text = users.passwd.clone();
         if !text.is_empty() && !text.ends_with('\n') {
             text.push('\n');
         }
         text.push_str(&format!(
             "moat:x:{uid}:{gid}:moat agent:/home/moat:/bin/sh\n"
         ));
-        files.push(FileEntry {
-            path: "/home".into(),
-            content: None,
-            mode: 0o755,
-            uid: 0,
-            gid: 0,
-        });
-        files.push(FileEntry {
-            path: "/home/moat".into(),
-            content: None,
-            mode: 0o755,
-            uid,
-            gid,
-        });
-        files.push(FileEntry {
-            path: "/etc/passwd".into(),
-            content: Some(text.into_bytes()),
-            mode: 0o644,
-            uid: 0,
-            gid: 0,
-        });
+        files.push(("/etc/passwd".to_string(), text.into_bytes()));
+        tmpfs.push((
+            "/home/moat".to_string(),
+            format!("rw,exec,uid={uid},gid={gid},mode=0755"),
+        ));
     }
-    let has_gid = group
+    let has_gid = users
+        .group
         .lines()
         .any(|l| l.split(':').nth(2) == Some(gid.to_string().as_str()));
     if !has_gid {
-        let mut text = group;
+        let mut text = users.group.clone();
         if !text.is_empty() && !text.ends_with('\n') {
             text.push('\n');
         }
         text.push_str(&format!("moat:x:{gid}:\n"));
-        files.push(FileEntry {
-            path: "/etc/group".into(),
-            content: Some(text.into_bytes()),
-            mode: 0o644,
-            uid: 0,
-            gid: 0,
-        });
+        files.push(("/etc/group".to_string(), text.into_bytes()));
     }
     let mut bundle = ca_pem.to_string();
     if !bundle.ends_with('\n') {
         bundle.push('\n');
     }
     bundle.push_str(&host_roots_pem());
-    files.push(FileEntry {
-        path: "/etc/moat".into(),
-        content: None,
-        mode: 0o755,
-        uid: 0,
-        gid: 0,
-    });
-    files.push(FileEntry {
-        path: CA_BUNDLE_PATH.into(),
-        content: Some(bundle.into_bytes()),
-        mode: 0o644,
-        uid: 0,
-        gid: 0,
-    });
-    Ok(files)
+    files.push((CA_BUNDLE_PATH.to_string(), bundle.into_bytes()));
+    (files, tmpfs)
 }
 
 /// The host's trusted roots as PEM, so direct TLS (permissive mode) keeps

@@ -10,13 +10,13 @@ use bollard::models::{
 use bollard::query_parameters::{
     AttachContainerOptions, CreateContainerOptions, CreateImageOptions,
     DownloadFromContainerOptions, ListContainersOptions, ListNetworksOptions,
-    RemoveContainerOptions, StopContainerOptions, UploadToContainerOptions, WaitContainerOptions,
+    RemoveContainerOptions, StopContainerOptions, WaitContainerOptions,
 };
 use futures_util::StreamExt;
 
 use super::{
-    ContainerSpec, ContainerState, EngineInfo, FileEntry, NetworkInfo, Output, OutputStream,
-    PullProgress, Runtime, RUN_LABEL,
+    ContainerSpec, ContainerState, EngineInfo, NetworkInfo, Output, OutputStream, PullProgress,
+    Runtime, RUN_LABEL,
 };
 use crate::error::{Error, ErrorKind, Result};
 
@@ -125,10 +125,10 @@ impl Runtime for Docker {
         })
     }
 
-    async fn has_image(&self, image: &str) -> Result<bool> {
+    async fn image_id(&self, image: &str) -> Result<Option<String>> {
         match tokio::time::timeout(QUICK, self.client.inspect_image(image)).await {
-            Ok(Ok(_)) => Ok(true),
-            Ok(Err(e)) if is_not_found(&e) => Ok(false),
+            Ok(Ok(i)) => Ok(Some(i.id.unwrap_or_default())),
+            Ok(Err(e)) if is_not_found(&e) => Ok(None),
             Ok(Err(e)) => Err(failed(&format!("inspecting image {image}"), e)),
             Err(_) => Err(Error::new(
                 ErrorKind::Runtime,
@@ -306,6 +306,7 @@ impl Runtime for Docker {
             cap_drop: Some(vec!["ALL".into()]),
             init: Some(true),
             dns: (!spec.dns.is_empty()).then(|| spec.dns.clone()),
+            tmpfs: (!spec.tmpfs.is_empty()).then(|| spec.tmpfs.iter().cloned().collect()),
             sysctls: Some(HashMap::from([(
                 "net.ipv6.conf.all.disable_ipv6".to_string(),
                 "1".to_string(),
@@ -330,7 +331,7 @@ impl Runtime for Docker {
             ..Default::default()
         };
         let options = CreateContainerOptions {
-            name: Some(spec.name.clone()),
+            name: (!spec.name.is_empty()).then(|| spec.name.clone()),
             ..Default::default()
         };
         let created = quick(
@@ -371,23 +372,6 @@ impl Runtime for Docker {
             }
         }
         Ok(None)
-    }
-
-    async fn write_files(&self, id: &str, files: &[FileEntry]) -> Result<()> {
-        let tar_bytes = build_tar(files)?;
-        let options = UploadToContainerOptions {
-            path: "/".to_string(),
-            ..Default::default()
-        };
-        quick(
-            "writing files into the container",
-            self.client.upload_to_container(
-                id,
-                Some(options),
-                bollard::body_full(tar_bytes.into()),
-            ),
-        )
-        .await
     }
 
     async fn attach_output(&self, id: &str) -> Result<OutputStream> {
@@ -553,37 +537,6 @@ fn split_tag(image: &str) -> (&str, &str) {
     }
 }
 
-fn build_tar(files: &[FileEntry]) -> Result<Vec<u8>> {
-    let mut builder = tar::Builder::new(Vec::new());
-    let io =
-        |e: std::io::Error| Error::new(ErrorKind::Internal, format!("building an archive: {e}"));
-    for f in files {
-        let mut header = tar::Header::new_gnu();
-        let path = f.path.trim_start_matches('/');
-        header.set_mode(f.mode);
-        header.set_uid(f.uid as u64);
-        header.set_gid(f.gid as u64);
-        header.set_mtime(0);
-        match &f.content {
-            Some(data) => {
-                header.set_entry_type(tar::EntryType::Regular);
-                header.set_size(data.len() as u64);
-                builder
-                    .append_data(&mut header, path, data.as_slice())
-                    .map_err(io)?;
-            }
-            None => {
-                header.set_entry_type(tar::EntryType::Directory);
-                header.set_size(0);
-                builder
-                    .append_data(&mut header, format!("{path}/"), std::io::empty())
-                    .map_err(io)?;
-            }
-        }
-    }
-    builder.into_inner().map_err(io)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -601,45 +554,5 @@ mod tests {
             ("127.0.0.1:5000/x/y", "2")
         );
         assert_eq!(split_tag("a@sha256:00"), ("a@sha256:00", ""));
-    }
-
-    #[test]
-    fn archives_hold_files_and_directories_with_owners() {
-        let files = vec![
-            FileEntry {
-                path: "/home/moat".into(),
-                content: None,
-                mode: 0o755,
-                uid: 1000,
-                gid: 1000,
-            },
-            FileEntry {
-                path: "/etc/moat/ca.pem".into(),
-                content: Some(b"pem".to_vec()),
-                mode: 0o644,
-                uid: 0,
-                gid: 0,
-            },
-        ];
-        let bytes = build_tar(&files).unwrap();
-        let mut archive = tar::Archive::new(bytes.as_slice());
-        let entries: Vec<_> = archive
-            .entries()
-            .unwrap()
-            .map(|e| {
-                let e = e.unwrap();
-                (
-                    e.path().unwrap().to_string_lossy().into_owned(),
-                    e.header().uid().unwrap(),
-                )
-            })
-            .collect();
-        assert_eq!(
-            entries,
-            vec![
-                ("home/moat/".to_string(), 1000),
-                ("etc/moat/ca.pem".to_string(), 0)
-            ]
-        );
     }
 }

@@ -100,6 +100,8 @@ pub struct ContainerSpec {
     /// DNS servers for the engine's resolver to forward to (default: the
     /// host's).
     pub dns: Vec<String>,
+    /// tmpfs mounts: container path → mount options.
+    pub tmpfs: Vec<(String, String)>,
 }
 
 /// The state of a container as the engine reports it.
@@ -123,27 +125,16 @@ pub enum Output {
 /// A stream of container output.
 pub type OutputStream = Pin<Box<dyn futures_util::Stream<Item = Result<Output>> + Send>>;
 
-/// A file to put into a container before it starts.
-#[derive(Debug, Clone)]
-pub struct FileEntry {
-    /// Absolute path in the container.
-    pub path: String,
-    /// Content; `None` makes a directory.
-    pub content: Option<Vec<u8>>,
-    /// Mode bits.
-    pub mode: u32,
-    /// Owner.
-    pub uid: u32,
-    /// Group.
-    pub gid: u32,
-}
-
 /// What moat asks of a container engine.
 pub trait Runtime: Send + Sync + 'static {
     /// Checks that the engine answers.
     fn ping(&self) -> impl Future<Output = Result<EngineInfo>> + Send;
+    /// The image's id when it is present locally.
+    fn image_id(&self, image: &str) -> impl Future<Output = Result<Option<String>>> + Send;
     /// Is the image present locally?
-    fn has_image(&self, image: &str) -> impl Future<Output = Result<bool>> + Send;
+    fn has_image(&self, image: &str) -> impl Future<Output = Result<bool>> + Send {
+        async move { Ok(self.image_id(image).await?.is_some()) }
+    }
     /// Pulls an image, reporting progress.
     fn pull_image(
         &self,
@@ -175,9 +166,6 @@ pub trait Runtime: Send + Sync + 'static {
         id: &str,
         path: &str,
     ) -> impl Future<Output = Result<Option<Vec<u8>>>> + Send;
-    /// Writes files into a container.
-    fn write_files(&self, id: &str, files: &[FileEntry])
-        -> impl Future<Output = Result<()>> + Send;
     /// Attaches to a container's output (before it starts, to miss nothing).
     fn attach_output(&self, id: &str) -> impl Future<Output = Result<OutputStream>> + Send;
     /// Starts a container.
