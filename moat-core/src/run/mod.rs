@@ -1132,7 +1132,6 @@ mod tests {
                 error: None,
                 phases: BTreeMap::new(),
                 cleaned: true,
-                cleaned: false,
             };
             save_meta(&dir, &meta).unwrap();
             ids.push(id);

@@ -634,6 +634,9 @@ async fn image_users(
     Ok(users)
 }
 
+/// A file mounted into the container: its path there and its content.
+type FileMount = (String, Vec<u8>);
+
 /// The files mounted into the container: a passwd and group with an entry
 /// for the agent's uid and gid (when the image has none), and the CA bundle
 /// (the moat CA and the host's roots). Also the tmpfs home directory of an
@@ -643,7 +646,7 @@ fn container_files(
     uid: u32,
     gid: u32,
     ca_pem: &str,
-) -> (Vec<(String, Vec<u8>)>, Vec<(String, String)>) {
+) -> (Vec<FileMount>, Vec<(String, String)>) {
     let mut files = Vec::new();
     let mut tmpfs = Vec::new();
     let has_uid = users
