@@ -227,13 +227,84 @@ fn follow_run(home: &Path, meta: &RunMeta, offset: u64) -> Result<ExitCode, Erro
     }
 }
 
-pub fn cmd_run(args: &RunArgs) -> Result<ExitCode, Error> {
-    if args.interactive {
-        return Err(Error::new(
-            ErrorKind::InvalidArgument,
-            "interactive runs (-i) are not built yet; run without -i (output is streamed) or use -d and `moat logs -f`",
-        ));
+/// The terminal in raw mode until dropped (when stdin is a terminal).
+struct RawMode {
+    saved: Option<libc::termios>,
+}
+
+impl RawMode {
+    fn enter() -> RawMode {
+        use std::io::IsTerminal;
+        if !std::io::stdin().is_terminal() {
+            return RawMode { saved: None };
+        }
+        // SAFETY: termios calls on fd 0 with a zeroed struct they fill.
+        unsafe {
+            let mut t: libc::termios = std::mem::zeroed();
+            if libc::tcgetattr(0, &mut t) != 0 {
+                return RawMode { saved: None };
+            }
+            let saved = t;
+            libc::cfmakeraw(&mut t);
+            libc::tcsetattr(0, libc::TCSANOW, &t);
+            RawMode { saved: Some(saved) }
+        }
     }
+}
+
+impl Drop for RawMode {
+    fn drop(&mut self) {
+        if let Some(t) = &self.saved {
+            // SAFETY: restores the attributes read in `enter`.
+            unsafe { libc::tcsetattr(0, libc::TCSANOW, t) };
+        }
+    }
+}
+
+fn terminal_size() -> Option<(u16, u16)> {
+    // SAFETY: TIOCGWINSZ fills a winsize struct.
+    unsafe {
+        let mut ws: libc::winsize = std::mem::zeroed();
+        (libc::ioctl(1, libc::TIOCGWINSZ, &mut ws) == 0 && ws.ws_row > 0)
+            .then_some((ws.ws_row, ws.ws_col))
+    }
+}
+
+/// Wires this terminal to a run's TTY until it exits, or `Ctrl-/ d`
+/// detaches, or `Ctrl-/ k` stops it.
+fn interact(home: &Path, meta: &RunMeta) -> Result<ExitCode, Error> {
+    use moat_core::run::attach::{attach_tty, AttachEnd};
+    eprint!(
+        "Attached to {} ({}): Ctrl-/ d detaches, Ctrl-/ k stops.\r\n",
+        meta.name, meta.id
+    );
+    let end = {
+        let _raw = RawMode::enter();
+        attach_tty(
+            home,
+            &meta.id,
+            Box::new(std::io::stdin()),
+            Box::new(std::io::stdout()),
+            terminal_size(),
+        )?
+    };
+    match end {
+        AttachEnd::Exited(m) => Ok(exit_code_of(&m)),
+        AttachEnd::Detached => {
+            eprintln!(
+                "\nDetached from {} ({}); it keeps running. Reattach with `moat attach {}`.",
+                meta.name, meta.id, meta.id
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        AttachEnd::Stopped(m) => {
+            eprintln!("\nStopped {} ({})", meta.name, meta.id);
+            Ok(exit_code_of(&m))
+        }
+    }
+}
+
+pub fn cmd_run(args: &RunArgs) -> Result<ExitCode, Error> {
     let home = home()?;
     let config = config::load(&args.path)?.merge(&Overrides {
         name: args.name.clone(),
@@ -243,12 +314,6 @@ pub fn cmd_run(args: &RunArgs) -> Result<ExitCode, Error> {
         command: (!args.command.is_empty()).then(|| args.command.clone()),
         interactive: args.interactive.then_some(true),
     })?;
-    if config.interactive {
-        return Err(Error::new(
-            ErrorKind::InvalidArgument,
-            "interactive: true in agent.yaml asks for an interactive run, which is not built yet",
-        ));
-    }
     let spec = RunSpec::from_config(&config);
     let meta = run::start(&home, &spec, &launcher(), &mut |message| {
         eprintln!("{message}");
@@ -265,18 +330,15 @@ pub fn cmd_run(args: &RunArgs) -> Result<ExitCode, Error> {
         }
         return Ok(ExitCode::SUCCESS);
     }
+    if meta.interactive {
+        return interact(&home, &meta);
+    }
     follow_run(&home, &meta, 0)
 }
 
 pub fn cmd_attach(args: &AttachArgs) -> Result<ExitCode, Error> {
     let home = home()?;
     let meta = run::find(&home, Some(&args.run))?;
-    if args.interactive.unwrap_or(meta.interactive) {
-        return Err(Error::new(
-            ErrorKind::InvalidArgument,
-            "interactive attach (-i) is not built yet; use `moat attach -i=false` for output",
-        ));
-    }
     if meta.state.is_terminal() {
         return Err(Error::new(
             ErrorKind::InvalidArgument,
@@ -285,6 +347,9 @@ pub fn cmd_attach(args: &AttachArgs) -> Result<ExitCode, Error> {
                 meta.name, meta.id, meta.state, meta.id
             ),
         ));
+    }
+    if args.interactive.unwrap_or(meta.interactive) {
+        return interact(&home, &meta);
     }
     let path = run::run_dir(&home, &meta.id).join("logs.jsonl");
     let offset = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);

@@ -17,6 +17,7 @@
 //! - `audit.jsonl`, `checkpoints.jsonl`: the audit log (`docs/audit-format.md`);
 //! - `supervisor.log`: what the supervisor reports about itself.
 
+pub mod attach;
 mod firewall;
 pub mod logs;
 mod supervisor;
@@ -523,6 +524,18 @@ fn run_async<T: Send + 'static>(
             .map_err(|_| Error::new(ErrorKind::Internal, "a helper thread panicked"))?;
     }
     crate::blocking::block_on(fut)?
+}
+
+/// Runs a future to completion from sync code on a runtime of its own, so
+/// that it may borrow from the caller (unlike [`run_async`]).
+fn run_async_local<T>(fut: impl std::future::Future<Output = Result<T>>) -> Result<T> {
+    if tokio::runtime::Handle::try_current().is_ok() {
+        return Err(Error::new(
+            ErrorKind::InvalidArgument,
+            "a blocking moat call was made from inside an async runtime",
+        ));
+    }
+    crate::blocking::block_on_fresh(fut)
 }
 
 /// How the supervisor process is started.

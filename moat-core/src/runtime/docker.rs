@@ -399,6 +399,44 @@ impl Runtime for Docker {
         Ok(Box::pin(stream))
     }
 
+    async fn attach_tty(&self, id: &str) -> Result<(OutputStream, super::InputSink)> {
+        let options = AttachContainerOptions {
+            stream: true,
+            logs: true,
+            stdin: true,
+            stdout: true,
+            stderr: true,
+            ..Default::default()
+        };
+        let attached = quick(
+            "attaching to the container",
+            self.client.attach_container(id, Some(options)),
+        )
+        .await?;
+        let output = attached.output.filter_map(|item| async move {
+            match item {
+                Ok(LogOutput::StdOut { message })
+                | Ok(LogOutput::Console { message })
+                | Ok(LogOutput::StdErr { message }) => Some(Ok(Output::Stdout(message))),
+                Ok(LogOutput::StdIn { .. }) => None,
+                Err(e) => Some(Err(failed("reading container output", e))),
+            }
+        });
+        Ok((Box::pin(output), attached.input))
+    }
+
+    async fn resize_tty(&self, id: &str, rows: u16, cols: u16) -> Result<()> {
+        let options = bollard::query_parameters::ResizeContainerTTYOptions {
+            h: i32::from(rows),
+            w: i32::from(cols),
+        };
+        quick(
+            "resizing the TTY",
+            self.client.resize_container_tty(id, options),
+        )
+        .await
+    }
+
     async fn start(&self, id: &str) -> Result<()> {
         quick(
             "starting the container",

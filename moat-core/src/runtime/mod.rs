@@ -125,6 +125,9 @@ pub enum Output {
 /// A stream of container output.
 pub type OutputStream = Pin<Box<dyn futures_util::Stream<Item = Result<Output>> + Send>>;
 
+/// Where input for a container's TTY goes.
+pub type InputSink = Pin<Box<dyn tokio::io::AsyncWrite + Send>>;
+
 /// What moat asks of a container engine.
 pub trait Runtime: Send + Sync + 'static {
     /// Checks that the engine answers.
@@ -168,6 +171,15 @@ pub trait Runtime: Send + Sync + 'static {
     ) -> impl Future<Output = Result<Option<Vec<u8>>>> + Send;
     /// Attaches to a container's output (before it starts, to miss nothing).
     fn attach_output(&self, id: &str) -> impl Future<Output = Result<OutputStream>> + Send;
+    /// Attaches to a running container's TTY: its output from the start
+    /// (replayed) and on, and its input.
+    fn attach_tty(
+        &self,
+        id: &str,
+    ) -> impl Future<Output = Result<(OutputStream, InputSink)>> + Send;
+    /// Sets the size of a container's TTY.
+    fn resize_tty(&self, id: &str, rows: u16, cols: u16)
+        -> impl Future<Output = Result<()>> + Send;
     /// Starts a container.
     fn start(&self, id: &str) -> impl Future<Output = Result<()>> + Send;
     /// Waits for a container to exit; its exit code.

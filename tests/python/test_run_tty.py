@@ -1,0 +1,135 @@
+"""Interactive runs (-i) through a real pseudo-terminal: the container gets a
+TTY, Ctrl+C goes to the container, Ctrl-/ d detaches, Ctrl-/ k stops, and
+`moat attach -i` reattaches."""
+
+import json
+import os
+import pty
+import select
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+MOAT = ROOT / "target" / "debug" / "moat"
+IMAGE = os.environ.get("MOAT_TEST_IMAGE", "moat-test:bookworm")
+
+
+def _ready():
+    try:
+        subprocess.run(["docker", "image", "inspect", IMAGE], check=True, capture_output=True, timeout=20)
+        return MOAT.exists()
+    except Exception:
+        return False
+
+
+pytestmark = pytest.mark.skipif(not _ready(), reason=f"needs a Docker engine, {IMAGE} and {MOAT}")
+
+
+class Terminal:
+    """`moat ...` on a pseudo-terminal of its own."""
+
+    def __init__(self, args, env):
+        self.pid, self.fd = pty.fork()
+        if self.pid == 0:
+            os.execve(str(MOAT), [str(MOAT), *args], env)
+        self.out = b""
+
+    def send(self, data):
+        os.write(self.fd, data)
+
+    def expect(self, needle, timeout=20):
+        deadline = time.time() + timeout
+        while needle not in self.out:
+            left = deadline - time.time()
+            assert left > 0, f"{needle!r} not seen in {self.out[-800:]!r}"
+            r, _, _ = select.select([self.fd], [], [], left)
+            if r:
+                try:
+                    chunk = os.read(self.fd, 4096)
+                except OSError:
+                    chunk = b""
+                if not chunk:
+                    assert needle in self.out, f"{needle!r} not seen before EOF in {self.out[-800:]!r}"
+                self.out += chunk
+
+    def wait(self, timeout=30):
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            if pid:
+                return os.waitstatus_to_exitcode(status)
+            try:
+                r, _, _ = select.select([self.fd], [], [], 0.1)
+                if r:
+                    self.out += os.read(self.fd, 4096)
+            except OSError:
+                time.sleep(0.05)
+        os.kill(self.pid, 9)
+        raise AssertionError(f"moat did not exit; output {self.out[-800:]!r}")
+
+
+@pytest.fixture
+def env(tmp_path):
+    e = {**os.environ, "MOAT_HOME": str(tmp_path / "home"), "TERM": "xterm"}
+    yield e
+    subprocess.run([str(MOAT), "list", "--json"], env=e, capture_output=True)
+    for run in json.loads(subprocess.run([str(MOAT), "list", "--json"], env=e, capture_output=True,
+                                         text=True).stdout or "[]"):
+        subprocess.run([str(MOAT), "destroy", run["id"]], env=e, capture_output=True, timeout=60)
+
+
+def runs(env):
+    return json.loads(subprocess.run([str(MOAT), "list", "--json"], env=env, capture_output=True,
+                                     text=True, check=True).stdout)
+
+
+def test_interactive_shell_gets_a_tty_and_its_exit_code(env, tmp_path):
+    t = Terminal(["run", "-i", "--image", IMAGE, str(tmp_path), "--", "bash", "--norc", "-i"], env)
+    t.expect(b"Ctrl-/ d detaches")
+    t.send(b"tty; echo tty-is-$((6*7))\r")
+    t.expect(b"tty-is-42")
+    assert b"/dev/pts/" in t.out
+    # Ctrl+C belongs to the container: it interrupts the sleep, not moat.
+    t.send(b"sleep 30\r")
+    time.sleep(0.5)
+    t.send(b"\x03")
+    t.send(b"echo after-interrupt\r")
+    t.expect(b"after-interrupt", timeout=10)
+    t.send(b"exit 7\r")
+    assert t.wait() == 7
+    [run] = runs(env)
+    assert run["interactive"] and run["exit_code"] == 7
+
+
+def test_detach_and_reattach_then_stop_with_escapes(env, tmp_path):
+    t = Terminal(["run", "-i", "--image", IMAGE, str(tmp_path), "--", "bash", "--norc", "-i"], env)
+    t.expect(b"Ctrl-/ d detaches")
+    t.send(b"export MARK=still-here\r")
+    time.sleep(0.3)
+    t.send(b"\x1fd")
+    assert t.wait() == 0
+    assert b"Detached" in t.out
+    [run] = runs(env)
+    assert run["state"] == "running"
+
+    again = Terminal(["attach", "-i", run["id"]], env)
+    again.expect(b"Ctrl-/ k stops")
+    again.send(b"echo $MARK\r")
+    again.expect(b"still-here")
+    again.send(b"\x1fk")
+    code = again.wait(timeout=40)
+    assert code in (137, 143, 130, 0), code
+    [run] = runs(env)
+    assert run["state"] == "stopped"
+
+
+def test_attach_i_to_a_run_without_tty_is_refused(env, tmp_path):
+    rid = subprocess.run([str(MOAT), "run", "-d", "--image", IMAGE, str(tmp_path), "--", "sleep", "60"],
+                         env=env, capture_output=True, text=True, check=True).stdout.strip()
+    out = subprocess.run([str(MOAT), "attach", "-i", rid], env=env, capture_output=True, text=True,
+                         timeout=30)
+    assert out.returncode == 1
+    assert "has no TTY" in out.stderr
