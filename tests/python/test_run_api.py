@@ -133,9 +133,10 @@ def test_grant_is_injected_and_traced_but_never_inside(home, workspace, tmp_path
         trace = r.trace()
         assert trace[0]["host"] == "api.github.com" and trace[0]["grant"] == "github"
         assert trace[0]["status"] == 200
-        for name in os.listdir(r.dir):
-            with open(os.path.join(r.dir, name), "rb") as f:
-                assert TOKEN.encode() not in f.read(), name
+        for root, _, files in os.walk(r.dir):
+            for name in files:
+                with open(os.path.join(root, name), "rb") as f:
+                    assert TOKEN.encode() not in f.read(), name
     finally:
         up.close()
 

@@ -106,21 +106,35 @@ pub(crate) fn install(run_id: &str, bridge: &str, gateway: IpAddr, port: u16) ->
     Ok(())
 }
 
+/// Removes the jumps to a chain and the chain. Another process removing
+/// the same rules at the same time is fine: what matters is that they are
+/// gone at the end.
 fn remove_chain(ip6: bool, name: &str) -> std::result::Result<(), String> {
     let jump = format!("-j {name}");
+    let mut last_error = None;
     for builtin in ["INPUT", "FORWARD"] {
         let rules = run(ip6, &["-S", builtin])?;
         for rule in rules.lines().filter(|r| r.ends_with(&jump)) {
             let mut args: Vec<&str> = rule.split_whitespace().collect();
             if args.first() == Some(&"-A") {
                 args[0] = "-D";
-                run(ip6, &args)?;
+                if let Err(e) = run(ip6, &args) {
+                    last_error = Some(e);
+                }
             }
         }
     }
     if run(ip6, &["-S", name]).is_ok() {
-        run(ip6, &["-F", name])?;
-        run(ip6, &["-X", name])?;
+        let _ = run(ip6, &["-F", name]);
+        if let Err(e) = run(ip6, &["-X", name]) {
+            last_error = Some(e);
+        }
+    }
+    let jumps_left = ["INPUT", "FORWARD"]
+        .iter()
+        .any(|b| run(ip6, &["-S", b]).is_ok_and(|rules| rules.lines().any(|r| r.ends_with(&jump))));
+    if jumps_left || run(ip6, &["-S", name]).is_ok() {
+        return Err(last_error.unwrap_or_else(|| format!("chain {name} is still there")));
     }
     Ok(())
 }

@@ -865,9 +865,11 @@ pub fn clean(home: &Path) -> Result<Cleaned> {
         std::fs::remove_dir_all(&dir).map_err(|e| Error::io(&dir, "remove", e))?;
         out.runs.push(run.id);
     }
+    // Runs still running, or ended but still being cleaned up by their
+    // supervisor, keep what they hold.
     let live: Vec<String> = list(home)?
         .into_iter()
-        .filter(|r| !r.state.is_terminal())
+        .filter(|r| !(r.state.is_terminal() && r.cleaned))
         .map(|r| r.id)
         .collect();
     let mine = format!("{}={}", crate::runtime::HOME_LABEL, home.to_string_lossy());
