@@ -1,6 +1,7 @@
 """moat.run / moat.Run from Python, against the real Docker engine and the
 local test image (built by scripts/build-test-image.sh)."""
 
+import json
 import os
 import subprocess
 import threading
@@ -173,3 +174,33 @@ def test_no_engine_is_a_container_runtime_error(home, workspace, monkeypatch):
             moat.run(workspace, image=IMAGE, command=["true"])
     [run] = moat.runs(home=home)
     assert run["state"] == "failed" and "Docker engine" in run["error"]
+
+
+def test_an_image_that_cannot_be_pulled_is_a_clear_error(home, workspace):
+    # A registry on a closed loopback port: the pull fails without leaving
+    # the machine.
+    with pytest.raises(moat.ContainerRuntimeError, match=r"cannot pull image 127\.0\.0\.1:1/moat/absent:1"):
+        moat.run(workspace, image="127.0.0.1:1/moat/absent:1", command=["true"])
+    [run] = moat.runs(home=home)
+    assert run["state"] == "failed" and "cannot pull image" in run["error"]
+
+
+def test_secrets_are_resolved_on_the_host_and_audited_by_name(home, workspace, tmp_path, monkeypatch):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    op = bin_dir / "op"
+    op.write_text('#!/bin/sh\n[ "$3" = "op://Dev/Api/key" ] && { printf s3cr3t-from-op; exit 0; }\nexit 1\n')
+    op.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    (workspace / "agent.yaml").write_text("secrets:\n  API_KEY: op://Dev/Api/key\n")
+    r = moat.run(workspace, image=IMAGE, command=["sh", "-c", 'echo "key=$API_KEY"'])
+    assert r.output == "key=s3cr3t-from-op\n"
+    info = r.info()
+    assert info["secrets"] == ["API_KEY"]
+    audit = [json.loads(l) for l in open(os.path.join(r.dir, "audit.jsonl"))]
+    [resolved] = [e["data"] for e in audit if e["type"] == "secrets_resolved"]
+    assert resolved["secrets"] == [{"name": "API_KEY", "backend": "1password"}]
+    for name in ("run.json", "audit.jsonl", "network.jsonl", "supervisor.log"):
+        path = os.path.join(r.dir, name)
+        if os.path.exists(path):
+            assert "s3cr3t-from-op" not in open(path).read(), name
