@@ -204,3 +204,28 @@ def test_secrets_are_resolved_on_the_host_and_audited_by_name(home, workspace, t
         path = os.path.join(r.dir, name)
         if os.path.exists(path):
             assert "s3cr3t-from-op" not in open(path).read(), name
+
+
+@pytest.mark.parametrize("policy", ["permissive", "strict"])
+def test_the_proxy_is_reachable_from_its_run_and_the_host_only(home, workspace, policy):
+    import socket
+    r = moat.run(workspace, image=IMAGE, network=policy, detach=True,
+                 command=["sh", "-c", "sleep 300"])
+    try:
+        host, port = r.info()["proxy"].rsplit(":", 1)
+        # The host reaches it.
+        socket.create_connection((host, int(port)), timeout=5).close()
+        # The run's own container reaches it.
+        inside = subprocess.run(["docker", "exec", f"moat-{r.run_id}", "nc", "-z", "-w", "5", host, port],
+                                capture_output=True, timeout=30)
+        assert inside.returncode == 0, inside.stderr
+        # A container of another network (the default bridge) does not,
+        # though the host would route it there.
+        other = subprocess.run(["docker", "run", "--rm", IMAGE, "nc", "-z", "-w", "3", host, port],
+                               capture_output=True, timeout=60)
+        assert other.returncode != 0
+        audit = [json.loads(l) for l in open(os.path.join(r.dir, "audit.jsonl"))]
+        [created] = [e["data"] for e in audit if e["type"] == "container_created"]
+        assert created["proxy_guard"] is True
+    finally:
+        r.stop(grace=1)

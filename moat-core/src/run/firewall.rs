@@ -16,6 +16,39 @@ fn chain(run_id: &str) -> String {
     format!("MOAT-{}", run_id.trim_start_matches("run_"))
 }
 
+fn guard_chain(run_id: &str) -> String {
+    format!("MOAT-G-{}", run_id.trim_start_matches("run_"))
+}
+
+/// Installs the proxy's guard: TCP to `gateway:port` is accepted only from
+/// the run's bridge and from the host itself (`lo`); other networks'
+/// containers, which the host would otherwise route there, are dropped.
+/// Used in both modes where the host firewall can be changed.
+pub(crate) fn guard(run_id: &str, bridge: &str, gateway: IpAddr, port: u16) -> Result<()> {
+    let name = guard_chain(run_id);
+    let gw = gateway.to_string();
+    let port = port.to_string();
+    let rules: Vec<Vec<&str>> = vec![
+        vec!["-N", &name],
+        vec!["-A", &name, "-i", "lo", "-j", "RETURN"],
+        vec!["-A", &name, "-i", bridge, "-j", "RETURN"],
+        vec!["-A", &name, "-j", "DROP"],
+        vec![
+            "-I", "INPUT", "1", "-p", "tcp", "-d", &gw, "--dport", &port, "-j", &name,
+        ],
+    ];
+    for args in &rules {
+        if let Err(e) = run(false, args) {
+            let _ = remove_chain(false, &name);
+            return Err(Error::new(
+                ErrorKind::Runtime,
+                format!("installing the proxy's guard rules: {e}"),
+            ));
+        }
+    }
+    Ok(())
+}
+
 fn ipv6_present() -> bool {
     std::path::Path::new("/proc/sys/net/ipv6").exists()
 }
@@ -146,6 +179,8 @@ pub(crate) fn remove(run_id: &str) -> Result<()> {
         return Ok(());
     }
     let name = chain(run_id);
+    remove_chain(false, &guard_chain(run_id))
+        .map_err(|e| Error::new(ErrorKind::Runtime, format!("removing firewall rules: {e}")))?;
     remove_chain(false, &name)
         .map_err(|e| Error::new(ErrorKind::Runtime, format!("removing firewall rules: {e}")))?;
     if ipv6_present() && run(true, &["-S", "INPUT"]).is_ok() {

@@ -392,12 +392,21 @@ async fn setup(ctx: &mut Ctx, meta: &RunMeta, held: &mut Held) -> Result<Started
     let ca_pem = proxy.ca().cert_pem().to_string();
     held.proxy = Some(proxy);
     ctx.phase("proxy", t);
+    let t = Instant::now();
     if strict {
-        let t = Instant::now();
         firewall::install(&ctx.id, &network.bridge, network.gateway, proxy_addr.port())?;
         held.firewall = true;
-        ctx.phase("firewall", t);
     }
+    // Where the host firewall can be changed, only this run's network and
+    // the host reach the proxy (in strict mode this must hold).
+    let guarded = if strict || firewall::check().is_ok() {
+        firewall::guard(&ctx.id, &network.bridge, network.gateway, proxy_addr.port())?;
+        held.firewall = true;
+        true
+    } else {
+        false
+    };
+    ctx.phase("firewall", t);
 
     // The container.
     let t = Instant::now();
@@ -520,7 +529,7 @@ async fn setup(ctx: &mut Ctx, meta: &RunMeta, held: &mut Held) -> Result<Started
             "run": ctx.id, "container": container, "image": spec.image,
             "user": format!("{uid}:{gid}"), "no_new_privileges": true,
             "cap_drop": ["ALL"], "network": network.name, "internal_network": strict,
-            "firewall": strict, "proxy": proxy_addr.to_string(),
+            "firewall": strict, "proxy_guard": guarded, "proxy": proxy_addr.to_string(),
             "mounts": container_spec.binds.iter().map(|b| json!({"source": b.source, "target": b.target, "read_only": b.read_only})).collect::<Vec<_>>(),
         }),
     );
