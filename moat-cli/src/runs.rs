@@ -285,7 +285,7 @@ fn interact(home: &Path, meta: &RunMeta) -> Result<ExitCode, Error> {
             &meta.id,
             Box::new(std::io::stdin()),
             Box::new(std::io::stdout()),
-            terminal_size(),
+            &terminal_size,
         )?
     };
     match end {

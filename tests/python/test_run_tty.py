@@ -133,3 +133,25 @@ def test_attach_i_to_a_run_without_tty_is_refused(env, tmp_path):
                          timeout=30)
     assert out.returncode == 1
     assert "has no TTY" in out.stderr
+
+
+def set_size(fd, rows, cols):
+    import fcntl
+    import struct
+    import termios
+    fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+
+
+def test_the_terminal_size_is_passed_on_and_follows_resizes(env, tmp_path):
+    t = Terminal(["run", "-i", "--image", IMAGE, str(tmp_path), "--", "bash", "--norc", "-i"], env)
+    set_size(t.fd, 40, 100)
+    t.expect(b"Ctrl-/ d detaches")
+    time.sleep(0.5)
+    t.send(b"echo size=$(stty size)\r")
+    t.expect(b"size=40 100")
+    set_size(t.fd, 50, 120)  # the kernel sends moat SIGWINCH
+    time.sleep(0.5)
+    t.send(b"echo size=$(stty size)\r")
+    t.expect(b"size=50 120")
+    t.send(b"exit\r")
+    assert t.wait() == 0

@@ -89,14 +89,15 @@ fn flush(out: &mut Vec<Input>, forward: &mut Vec<u8>) {
 }
 
 /// Attaches `input` and `output` to a running run's TTY until the command
-/// exits or the user detaches or stops it. `size` is the terminal's
-/// `(rows, cols)`. Input is read on a thread of its own.
+/// exits or the user detaches or stops it. `size` gives the terminal's
+/// `(rows, cols)`; it is asked at once and again whenever the terminal is
+/// resized (SIGWINCH). Input is read on a thread of its own.
 pub fn attach_tty(
     home: &Path,
     id: &str,
     input: Box<dyn Read + Send>,
     mut output: Box<dyn Write + Send>,
-    size: Option<(u16, u16)>,
+    size: &(dyn Fn() -> Option<(u16, u16)> + Send + Sync),
 ) -> Result<AttachEnd> {
     let meta = super::refresh(home, load_meta(&run_dir(home, id))?);
     if meta.state.is_terminal() {
@@ -141,9 +142,11 @@ pub fn attach_tty(
     let end = super::run_async_local(async move {
         let docker = Docker::connect().await?;
         let (mut out_stream, mut sink) = docker.attach_tty(&container).await?;
-        if let Some((rows, cols)) = size {
+        if let Some((rows, cols)) = size() {
             let _ = docker.resize_tty(&container, rows, cols).await;
         }
+        let mut winch =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::window_change()).ok();
         let mut escapes = EscapeReader::default();
         let mut input_open = true;
         loop {
@@ -155,6 +158,18 @@ pub fn attach_tty(
                     Some(Err(e)) => return Err(e),
                     None => return Ok(None),
                 },
+                _ = async {
+                    match winch.as_mut() {
+                        Some(w) => {
+                            w.recv().await;
+                        }
+                        None => std::future::pending().await,
+                    }
+                } => {
+                    if let Some((rows, cols)) = size() {
+                        let _ = docker.resize_tty(&container, rows, cols).await;
+                    }
+                }
                 data = rx.recv(), if input_open => match data {
                     Some(data) => {
                         for action in escapes.feed(&data) {
