@@ -858,6 +858,12 @@ pub fn cleanable(home: &Path) -> Result<Vec<RunMeta>> {
 /// touched: moat labels what it creates with its home.
 pub fn clean(home: &Path) -> Result<Cleaned> {
     let mut out = Cleaned::default();
+    // Runs that just ended are cleaned up by their supervisors in a moment.
+    for run in list(home)? {
+        if run.state.is_terminal() && !run.cleaned {
+            wait_cleaned(home, &run.id, Some(Duration::from_secs(30)))?;
+        }
+    }
     for run in cleanable(home)? {
         // Should a chain have outlived the run, it goes with it.
         firewall::remove(&run.id)?;
