@@ -193,3 +193,42 @@ def test_cli_grant_aws(sts, tmp_path):
     assert out.returncode == 1 and "needs --role=ARN" in out.stderr
     out = run("revoke", "aws")
     assert out.returncode == 0 and "Revoked the AWS role" in out.stderr
+
+
+def _image_ready(image):
+    try:
+        subprocess.run(["docker", "image", "inspect", image], check=True, capture_output=True, timeout=20)
+        return True
+    except Exception:
+        return False
+
+
+IMAGE = os.environ.get("MOAT_TEST_IMAGE", "moat-test:bookworm")
+
+
+@pytest.mark.skipif(not _image_ready(IMAGE), reason=f"needs a Docker engine and {IMAGE}")
+def test_a_run_gets_role_credentials_through_credential_process(sts, tmp_path, monkeypatch):
+    home = tmp_path / "home"
+    monkeypatch.setenv("MOAT_HOME", str(home))
+    ws = tmp_path / "ws"
+    ws.mkdir()
+    moat.grant("aws", role=ROLE, home=home)
+    script = ("cat /etc/moat/aws-config; $(sed -n 's/^credential_process = //p' \"$AWS_CONFIG_FILE\"); "
+              "echo; env | grep '^AWS_' | sort")
+    r = moat.run(ws, image=IMAGE, grants=["aws"], command=["sh", "-c", script], home=home)
+    try:
+        assert r.exit_code == 0, r.stderr
+        assert "credential_process = /etc/moat/aws-credentials" in r.output
+        assert "region = us-east-1" in r.output
+        lines = [l for l in r.output.splitlines() if l.startswith("{")]
+        assert lines, (r.output, r.stderr)
+        issued = json.loads(lines[0])
+        assert issued["Version"] == 1 and issued["AccessKeyId"] == "ASIASESSION1"
+        assert "AWS_CONFIG_FILE=/etc/moat/aws-config" in r.output
+        # The host's keys never enter the container.
+        assert HOST_KEY not in r.output and HOST_SECRET not in r.output
+        assert sts.calls[0]["form"]["RoleSessionName"] == r.run_id
+        audit = open(os.path.join(r.dir, "audit.jsonl")).read()
+        assert "aws_credentials_issued" in audit and HOST_SECRET not in audit
+    finally:
+        moat.clean(home=home)

@@ -295,6 +295,8 @@ pub struct Binding {
     pub hosts: Vec<(String, Vec<String>)>,
     /// The AWS role session, when `aws` is granted.
     pub aws: Option<std::sync::Arc<aws::RoleSession>>,
+    /// The AWS role's region, when `aws` is granted.
+    pub aws_region: Option<String>,
 }
 
 /// Binds grant names (`github`, `anthropic`, `aws`, custom providers) for a
@@ -315,6 +317,7 @@ pub fn bind(home: &Path, grants: &[String], session: &str) -> Result<Binding> {
             binding
                 .hosts
                 .push((name.clone(), vec!["*.amazonaws.com".into()]));
+            binding.aws_region = Some(role.region.clone());
             binding.aws = Some(std::sync::Arc::new(aws::RoleSession::new(
                 role, host, session,
             )));

@@ -25,6 +25,26 @@ use crate::trace::{TraceRecord, TraceSink};
 /// Where the moat CA bundle is put inside a container.
 pub const CA_BUNDLE_PATH: &str = "/etc/moat/ca-bundle.pem";
 
+/// The AWS `credential_process` helper inside a container.
+const AWS_HELPER_PATH: &str = "/etc/moat/aws-credentials";
+/// The AWS config file inside a container (`AWS_CONFIG_FILE`).
+const AWS_CONFIG_PATH: &str = "/etc/moat/aws-config";
+/// Fetches the run's role credentials from its proxy, with whatever HTTP
+/// client the image has; the proxy variables carry the run's token.
+const AWS_HELPER: &str = r#"#!/bin/sh
+# moat: this run's AWS role credentials, from the run's proxy (credential_process).
+url=http://moat.internal/aws/credentials
+if command -v curl >/dev/null 2>&1; then exec curl -sSf "$url"; fi
+if command -v wget >/dev/null 2>&1; then exec wget -qO- "$url"; fi
+for py in python3 python; do
+  if command -v "$py" >/dev/null 2>&1; then
+    exec "$py" -c 'import sys, urllib.request; sys.stdout.write(urllib.request.urlopen(sys.argv[1]).read().decode())' "$url"
+  fi
+done
+echo "moat: this image has no curl, wget or python to fetch AWS credentials from $url" >&2
+exit 1
+"#;
+
 /// Runs the supervisor: reads the run's handoff from standard input, reports
 /// progress and readiness on standard output, and runs the run to its end.
 /// Returns the process exit status (0 when the run was set up and
@@ -432,6 +452,10 @@ async fn setup(ctx: &mut Ctx, meta: &RunMeta, held: &mut Held) -> Result<Started
     ] {
         env.push(format!("{key}={CA_BUNDLE_PATH}"));
     }
+    if binding.aws_region.is_some() {
+        env.push(format!("AWS_CONFIG_FILE={AWS_CONFIG_PATH}"));
+        env.push("AWS_SDK_LOAD_CONFIG=1".into());
+    }
     env.push(format!("MOAT_RUN_ID={}", ctx.id));
     env.push(format!("MOAT_RUN_NAME={}", meta.name));
     // git must fail rather than prompt for a password nobody can type.
@@ -445,16 +469,32 @@ async fn setup(ctx: &mut Ctx, meta: &RunMeta, held: &mut Held) -> Result<Started
     // mounted read-only: no write into the image, no step as root.
     let t_files = Instant::now();
     let users = image_users(&docker, &ctx.home, &spec.image, &image_id).await?;
-    let (files, tmpfs) = container_files(&users, uid, gid, &ca_pem);
+    let (mut files, tmpfs) = container_files(&users, uid, gid, &ca_pem);
+    if let Some(region) = &binding.aws_region {
+        // AWS SDKs and the CLI get the run's role credentials from the
+        // proxy through `credential_process`; the host's keys stay on the
+        // host.
+        files.push((
+            AWS_HELPER_PATH.to_string(),
+            AWS_HELPER.as_bytes().to_vec(),
+            0o755,
+        ));
+        files.push((
+            AWS_CONFIG_PATH.to_string(),
+            format!("[default]\ncredential_process = {AWS_HELPER_PATH}\nregion = {region}\n")
+                .into_bytes(),
+            0o644,
+        ));
+    }
     let files_dir = ctx.dir.join("container");
     crate::paths::private_dir(&files_dir)?;
-    for (target, content) in &files {
+    for (target, content, mode) in &files {
         let name = target.rsplit('/').next().unwrap_or("file");
         let path = files_dir.join(name);
         std::fs::write(&path, content).map_err(|e| Error::io(&path, "write", e))?;
         {
             use std::os::unix::fs::PermissionsExt;
-            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644))
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(*mode))
                 .map_err(|e| Error::io(&path, "set permissions of", e))?;
         }
         binds.push(Bind {
@@ -643,8 +683,8 @@ async fn image_users(
     Ok(users)
 }
 
-/// A file mounted into the container: its path there and its content.
-type FileMount = (String, Vec<u8>);
+/// A file mounted into the container: its path there, content and mode.
+type FileMount = (String, Vec<u8>, u32);
 
 /// The files mounted into the container: a passwd and group with an entry
 /// for the agent's uid and gid (when the image has none), and the CA bundle
@@ -670,7 +710,7 @@ fn container_files(
         text.push_str(&format!(
             "moat:x:{uid}:{gid}:moat agent:/home/moat:/bin/sh\n"
         ));
-        files.push(("/etc/passwd".to_string(), text.into_bytes()));
+        files.push(("/etc/passwd".to_string(), text.into_bytes(), 0o644));
         tmpfs.push((
             "/home/moat".to_string(),
             format!("rw,exec,uid={uid},gid={gid},mode=0755"),
@@ -686,14 +726,14 @@ fn container_files(
             text.push('\n');
         }
         text.push_str(&format!("moat:x:{gid}:\n"));
-        files.push(("/etc/group".to_string(), text.into_bytes()));
+        files.push(("/etc/group".to_string(), text.into_bytes(), 0o644));
     }
     let mut bundle = ca_pem.to_string();
     if !bundle.ends_with('\n') {
         bundle.push('\n');
     }
     bundle.push_str(&host_roots_pem());
-    files.push((CA_BUNDLE_PATH.to_string(), bundle.into_bytes()));
+    files.push((CA_BUNDLE_PATH.to_string(), bundle.into_bytes(), 0o644));
     (files, tmpfs)
 }
 
