@@ -289,14 +289,15 @@ const char *moat_proxy_address(const moat_proxy *proxy);
 const char *moat_proxy_ca_cert_path(const moat_proxy *proxy);
 
 // Writes a JSON document about the proxy to `*out_json` (free it with
-// `moat_string_free`). Trace and audit stay readable after
-// `moat_proxy_close`.
+// `moat_string_free`). `doc` is a `moat_proxy_doc` value, taken as an int
+// so that any other value is an error, not undefined behaviour. Trace and
+// audit stay readable after `moat_proxy_close`.
 //
 // # Safety
 // `proxy` is NULL or a live handle; `out_json` is valid for a write;
 // `out_error` is NULL or valid for a write.
 moat_status moat_proxy_json(const moat_proxy *proxy,
-                            moat_proxy_doc doc,
+                            int doc,
                             char **out_json,
                             moat_error **out_error);
 
@@ -417,7 +418,8 @@ moat_status moat_verify_bundle(const char *path,
                                moat_error **out_error);
 
 // New run options for the workspace `workspace` (NULL: the current
-// directory). Its agent.yaml, if any, is read when the run starts.
+// directory). Its agent.yaml, if any, is read when the run starts. Returns
+// NULL when `workspace` is not valid UTF-8.
 //
 // # Safety
 // `workspace` is NULL or a NUL-terminated string.
@@ -525,12 +527,13 @@ moat_status moat_run_wait(moat_run *run,
 moat_status moat_run_stop(moat_run *run, uint32_t grace_secs, moat_error **out_error);
 
 // Writes a document about the run as JSON to `*out_json` (free it with
-// `moat_string_free`).
+// `moat_string_free`). `doc` is a `moat_run_doc` value, taken as an int so
+// that any other value is an error, not undefined behaviour.
 //
 // # Safety
 // `run` is a live handle; `out_json` is valid for a write; `out_error` is
 // NULL or valid for a write.
-moat_status moat_run_json(moat_run *run, moat_run_doc doc, char **out_json, moat_error **out_error);
+moat_status moat_run_json(moat_run *run, int doc, char **out_json, moat_error **out_error);
 
 // Removes the run and its artifacts (stopping it first). The handle stays
 // to be freed.

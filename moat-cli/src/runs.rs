@@ -174,9 +174,11 @@ impl Interrupts {
 }
 
 fn exit_code_of(meta: &RunMeta) -> ExitCode {
-    match meta.exit_code {
-        Some(code) => ExitCode::from(u8::try_from(code.clamp(0, 255)).unwrap_or(1)),
-        None => ExitCode::FAILURE,
+    // Codes outside 0..=255 (the engine reports -1 when it lost the
+    // process) are failures, never success.
+    match meta.exit_code.map(u8::try_from) {
+        Some(Ok(code)) => ExitCode::from(code),
+        _ => ExitCode::FAILURE,
     }
 }
 
@@ -187,12 +189,13 @@ fn follow_run(home: &Path, meta: &RunMeta, offset: u64) -> Result<ExitCode, Erro
     let dir = run::run_dir(home, &meta.id);
     let mut interrupts = Interrupts { first: None };
     let mut outcome = Interrupt::None;
+    let mut watch = run::Watch::new(home, &meta.id);
     let mut done = || {
         outcome = interrupts.check();
         if outcome != Interrupt::None {
             return true;
         }
-        run::load_meta(&dir).is_ok_and(|m| m.state.is_terminal())
+        watch.is_over()
     };
     let mut out = std::io::stdout();
     let mut err = std::io::stderr();
@@ -524,7 +527,10 @@ pub fn cmd_logs(args: &LogsArgs) -> Result<ExitCode, Error> {
     let home = home()?;
     let meta = run::find(&home, args.run.as_deref())?;
     let path = run::run_dir(&home, &meta.id).join("logs.jsonl");
-    let chunks = logs::read_all(&path)?;
+    // One reader from the start: following goes on exactly where the
+    // output shown so far ends.
+    let mut follower = logs::Follower::new(&path, 0);
+    let chunks = follower.poll()?;
     let shown = match args.lines {
         Some(n) => logs::tail(&chunks, n),
         None => &chunks[..],
@@ -545,14 +551,10 @@ pub fn cmd_logs(args: &LogsArgs) -> Result<ExitCode, Error> {
         print(c);
     }
     if args.follow && !meta.state.is_terminal() {
-        let offset = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
         catch_interrupts();
-        let dir = run::run_dir(&home, &meta.id);
-        let mut done = || {
-            INTERRUPTS.load(Ordering::SeqCst) > 0
-                || run::load_meta(&dir).is_ok_and(|m| m.state.is_terminal())
-        };
-        logs::follow(&path, offset, &mut done, &mut |c| {
+        let mut watch = run::Watch::new(&home, &meta.id);
+        let mut done = || INTERRUPTS.load(Ordering::SeqCst) > 0 || watch.is_over();
+        logs::follow(&path, follower.offset(), &mut done, &mut |c| {
             print(&c);
             true
         })?;

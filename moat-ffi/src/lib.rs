@@ -699,8 +699,9 @@ pub enum moat_proxy_doc {
 }
 
 /// Writes a JSON document about the proxy to `*out_json` (free it with
-/// `moat_string_free`). Trace and audit stay readable after
-/// `moat_proxy_close`.
+/// `moat_string_free`). `doc` is a `moat_proxy_doc` value, taken as an int
+/// so that any other value is an error, not undefined behaviour. Trace and
+/// audit stay readable after `moat_proxy_close`.
 ///
 /// # Safety
 /// `proxy` is NULL or a live handle; `out_json` is valid for a write;
@@ -708,7 +709,7 @@ pub enum moat_proxy_doc {
 #[no_mangle]
 pub unsafe extern "C" fn moat_proxy_json(
     proxy: *const moat_proxy,
-    doc: moat_proxy_doc,
+    doc: std::ffi::c_int,
     out_json: *mut *mut c_char,
     out_error: *mut *mut moat_error,
 ) -> moat_status {
@@ -719,6 +720,17 @@ pub unsafe extern "C" fn moat_proxy_json(
             if out_json.is_null() {
                 return Err(null_arg("out_json"));
             }
+            let doc = match doc {
+                0 => moat_proxy_doc::MOAT_PROXY_ENV,
+                1 => moat_proxy_doc::MOAT_PROXY_TRACE,
+                2 => moat_proxy_doc::MOAT_PROXY_AUDIT,
+                other => {
+                    return Err(moat_error::plain(
+                        moat_status::MOAT_ERR_INVALID_ARGUMENT,
+                        &format!("doc {other} is not a moat_proxy_doc"),
+                    ))
+                }
+            };
             let json = match doc {
                 moat_proxy_doc::MOAT_PROXY_ENV => {
                     let map: std::collections::BTreeMap<_, _> =

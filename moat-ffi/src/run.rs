@@ -53,7 +53,8 @@ pub type moat_log_callback = Option<
 >;
 
 /// New run options for the workspace `workspace` (NULL: the current
-/// directory). Its agent.yaml, if any, is read when the run starts.
+/// directory). Its agent.yaml, if any, is read when the run starts. Returns
+/// NULL when `workspace` is not valid UTF-8.
 ///
 /// # Safety
 /// `workspace` is NULL or a NUL-terminated string.
@@ -296,9 +297,8 @@ pub unsafe extern "C" fn moat_run_follow(
             let run = run.as_ref().ok_or_else(|| null_arg("run"))?;
             let callback = callback.ok_or_else(|| null_arg("callback"))?;
             let dir = run::run_dir(&run.home, &run.meta.id);
-            let home = run.home.clone();
-            let mut done =
-                || run::load_meta(&dir).is_ok_and(|m| run::refresh(&home, m).state.is_terminal());
+            let mut watch = run::Watch::new(&run.home, &run.meta.id);
+            let mut done = || watch.is_over();
             let stdout = c"stdout";
             let stderr = c"stderr";
             let note = c"moat";
@@ -374,7 +374,8 @@ pub unsafe extern "C" fn moat_run_stop(
 }
 
 /// Writes a document about the run as JSON to `*out_json` (free it with
-/// `moat_string_free`).
+/// `moat_string_free`). `doc` is a `moat_run_doc` value, taken as an int so
+/// that any other value is an error, not undefined behaviour.
 ///
 /// # Safety
 /// `run` is a live handle; `out_json` is valid for a write; `out_error` is
@@ -382,7 +383,7 @@ pub unsafe extern "C" fn moat_run_stop(
 #[no_mangle]
 pub unsafe extern "C" fn moat_run_json(
     run: *mut moat_run,
-    doc: moat_run_doc,
+    doc: c_int,
     out_json: *mut *mut c_char,
     out_error: *mut *mut moat_error,
 ) -> moat_status {
@@ -393,6 +394,16 @@ pub unsafe extern "C" fn moat_run_json(
             if out_json.is_null() {
                 return Err(null_arg("out_json"));
             }
+            let doc = match doc {
+                0 => moat_run_doc::MOAT_RUN_INFO,
+                1 => moat_run_doc::MOAT_RUN_TRACE,
+                other => {
+                    return Err(moat_error::plain(
+                        moat_status::MOAT_ERR_INVALID_ARGUMENT,
+                        &format!("doc {other} is not a moat_run_doc"),
+                    ))
+                }
+            };
             let json = match doc {
                 moat_run_doc::MOAT_RUN_INFO => {
                     let meta = run::load_meta(&run::run_dir(&run.home, &run.meta.id))

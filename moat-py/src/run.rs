@@ -227,12 +227,26 @@ impl Run {
     fn wait(&mut self, py: Python<'_>, timeout: Option<f64>) -> PyResult<Option<i64>> {
         let home = self.home.clone();
         let id = self.meta.id.clone();
-        let timeout = timeout.map(Duration::from_secs_f64);
-        let meta = py
-            .detach(|| core_run::wait(&home, &id, timeout))
-            .map_err(|e| to_py_err(py, &e))?;
-        self.meta = meta;
-        Ok(self.meta.exit_code)
+        let deadline = seconds(py, timeout)?.map(|t| std::time::Instant::now() + t);
+        loop {
+            // Short waits without the GIL, so Ctrl+C gets through between.
+            let slice = match deadline {
+                Some(d) => d
+                    .saturating_duration_since(std::time::Instant::now())
+                    .min(Duration::from_millis(100)),
+                None => Duration::from_millis(100),
+            };
+            let meta = py
+                .detach(|| core_run::wait(&home, &id, Some(slice)))
+                .map_err(|e| to_py_err(py, &e))?;
+            self.meta = meta;
+            if self.meta.state.is_terminal()
+                || deadline.is_some_and(|d| std::time::Instant::now() >= d)
+            {
+                return Ok(self.meta.exit_code);
+            }
+            py.check_signals()?;
+        }
     }
 
     /// Stops the run (SIGTERM, SIGKILL after `grace` seconds); its exit code.
@@ -263,8 +277,7 @@ impl Run {
         let path = core_run::run_dir(&self.home, &self.meta.id).join("logs.jsonl");
         if follow {
             let stream = LogStream {
-                home: self.home.clone(),
-                id: self.meta.id.clone(),
+                watch: core_run::Watch::new(&self.home, &self.meta.id),
                 follower: logs::Follower::new(&path, 0),
                 pending: VecDeque::new(),
                 finished: false,
@@ -342,6 +355,19 @@ impl Run {
     }
 }
 
+/// A timeout in seconds from Python: finite and not negative.
+fn seconds(py: Python<'_>, timeout: Option<f64>) -> PyResult<Option<Duration>> {
+    match timeout {
+        None => Ok(None),
+        Some(t) => Duration::try_from_secs_f64(t).map(Some).map_err(|_| {
+            bad(
+                py,
+                format!("timeout: {t} is not a number of seconds (a finite number, 0 or more)"),
+            )
+        }),
+    }
+}
+
 fn stream_name(s: logs::Stream) -> String {
     match s {
         logs::Stream::Stdout => "stdout",
@@ -354,8 +380,7 @@ fn stream_name(s: logs::Stream) -> String {
 /// An iterator over a run's output as it arrives.
 #[pyclass(module = "moat")]
 pub(crate) struct LogStream {
-    home: PathBuf,
-    id: String,
+    watch: core_run::Watch,
     follower: logs::Follower,
     pending: VecDeque<logs::Chunk>,
     finished: bool,
@@ -378,21 +403,24 @@ impl LogStream {
             if self.finished {
                 return Ok(None);
             }
-            let home = self.home.clone();
-            let id = self.id.clone();
             let follower = &mut self.follower;
+            let watch = &mut self.watch;
             let (chunks, over) = py
                 .detach(|| {
+                    // At most ~100 ms without the GIL, so Ctrl+C gets through.
+                    let started = std::time::Instant::now();
                     let mut delay = Duration::from_millis(2);
                     loop {
-                        let over = core_run::load_meta(&core_run::run_dir(&home, &id))
-                            .map(|m| core_run::refresh(&home, m).state.is_terminal())?;
+                        let over = watch.is_over();
                         let chunks = follower.poll()?;
-                        if !chunks.is_empty() || over {
+                        if !chunks.is_empty()
+                            || over
+                            || started.elapsed() > Duration::from_millis(100)
+                        {
                             return Ok::<_, Error>((chunks, over));
                         }
                         std::thread::sleep(delay);
-                        delay = (delay * 2).min(Duration::from_millis(50));
+                        delay = (delay * 2).min(Duration::from_millis(20));
                     }
                 })
                 .map_err(|e| to_py_err(py, &e))?;
@@ -431,6 +459,7 @@ pub(crate) fn run_fn(
     timeout: Option<f64>,
     home: Option<PathBuf>,
 ) -> PyResult<Run> {
+    seconds(py, timeout)?;
     let mut r = start_run(
         py, workspace, command, grants, image, env, name, network, home,
     )?;

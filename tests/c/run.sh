@@ -50,8 +50,8 @@ MOAT_KEYRING_BACKEND=file OPENAI_API_KEY= SSH_AUTH_SOCK="$scratch/agent.sock" \
   "$out/test_proxy" "$scratch/proxy" "$port" "$ca" || status=$?
 kill "$agent_pid" 2>/dev/null || true
 echo "c: runs (Docker, ${MOAT_TEST_IMAGE:-moat-test:bookworm})"
-mkdir -p "$scratch/run"
-"$out/test_run" "$scratch/run" "$profile_dir/moat" "${MOAT_TEST_IMAGE:-moat-test:bookworm}" || status=$?
+mkdir -p "$scratch/run" "$scratch/run-ws"
+"$out/test_run" "$scratch/run" "$profile_dir/moat" "${MOAT_TEST_IMAGE:-moat-test:bookworm}" "$scratch/run-ws" || status=$?
 exec {UPSTREAM[1]}>&-
 wait "$UPSTREAM_PID" 2>/dev/null || true
 exit $status

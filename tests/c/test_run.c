@@ -1,7 +1,7 @@
 /* Runs through the C ABI, against the real Docker engine and the local test
  * image: output through the log callback, the exit code, the run's JSON, its
  * audit log, errors for misuse and for an engine that does not answer.
- * Usage: test_run SCRATCH_DIR MOAT_BINARY IMAGE */
+ * Usage: test_run HOME MOAT_BINARY IMAGE WORKSPACE */
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -49,8 +49,9 @@ static moat_run_options *options(const char *home, const char *moat, const char 
   return o;
 }
 
-static void test_run(const char *home, const char *moat, const char *image) {
-  moat_run_options *o = options(home, moat, image, home);
+static void test_run(const char *home, const char *moat, const char *image,
+                     const char *workspace) {
+  moat_run_options *o = options(home, moat, image, workspace);
   CHECK(moat_run_options_set(o, "name", "c-run", NULL) == MOAT_OK);
   CHECK(moat_run_options_add(o, "arg", "sh", NULL) == MOAT_OK);
   CHECK(moat_run_options_add(o, "arg", "-c", NULL) == MOAT_OK);
@@ -88,6 +89,11 @@ static void test_run(const char *home, const char *moat, const char *image) {
   /* Environment values are never kept in run.json, only names. */
   CHECK(json && !strstr(json, "from-c"));
   moat_string_free(json);
+  err = NULL;
+  json = NULL;
+  CHECK(moat_run_json(run, 7, &json, &err) == MOAT_ERR_INVALID_ARGUMENT);
+  CHECK(json == NULL && err && strstr(moat_error_message(err), "not a moat_run_doc"));
+  moat_error_free(err);
 
   char *report = NULL;
   CHECK(moat_audit_verify(moat_run_dir(run), home, NULL, &report, NULL) == MOAT_OK);
@@ -107,9 +113,19 @@ static void test_run(const char *home, const char *moat, const char *image) {
   moat_run_free(run);
 }
 
-static void test_misuse(const char *home, const char *moat, const char *image) {
+static void test_misuse(const char *home, const char *moat, const char *image,
+                        const char *workspace) {
   moat_error *err = NULL;
+  /* The moat home itself is never a workspace: it holds the CA key. */
   moat_run_options *o = options(home, moat, image, home);
+  CHECK(moat_run_options_add(o, "arg", "true", NULL) == MOAT_OK);
+  moat_run *run = NULL;
+  CHECK(moat_run_start(o, &run, &err) == MOAT_ERR_INVALID_ARGUMENT);
+  CHECK(err && strstr(moat_error_message(err), "moat's own files"));
+  moat_error_free(err);
+  moat_run_options_free(o);
+  err = NULL;
+  o = options(home, moat, image, workspace);
   CHECK(moat_run_options_set(o, "colour", "blue", &err) == MOAT_ERR_INVALID_ARGUMENT);
   CHECK(err && strstr(moat_error_message(err), "unknown run option \"colour\""));
   moat_error_free(err);
@@ -119,7 +135,6 @@ static void test_misuse(const char *home, const char *moat, const char *image) {
   moat_error_free(err);
   err = NULL;
   CHECK(moat_run_options_set(o, "policy", "lenient", NULL) == MOAT_OK);
-  moat_run *run = NULL;
   CHECK(moat_run_start(o, &run, &err) == MOAT_ERR_INVALID_ARGUMENT);
   CHECK(err && strstr(moat_error_message(err), "lenient"));
   CHECK(run == NULL);
@@ -132,7 +147,7 @@ static void test_misuse(const char *home, const char *moat, const char *image) {
 
   /* No engine at DOCKER_HOST: a runtime error that says what to start. */
   setenv("DOCKER_HOST", "unix:///nonexistent/docker.sock", 1);
-  o = options(home, moat, image, home);
+  o = options(home, moat, image, workspace);
   CHECK(moat_run_options_add(o, "arg", "true", NULL) == MOAT_OK);
   err = NULL;
   CHECK(moat_run_start(o, &run, &err) == MOAT_ERR_RUNTIME);
@@ -144,12 +159,12 @@ static void test_misuse(const char *home, const char *moat, const char *image) {
 }
 
 int main(int argc, char **argv) {
-  if (argc != 4) {
-    fprintf(stderr, "usage: %s SCRATCH_DIR MOAT_BINARY IMAGE\n", argv[0]);
+  if (argc != 5) {
+    fprintf(stderr, "usage: %s HOME MOAT_BINARY IMAGE WORKSPACE\n", argv[0]);
     return 2;
   }
-  test_run(argv[1], argv[2], argv[3]);
-  test_misuse(argv[1], argv[2], argv[3]);
+  test_run(argv[1], argv[2], argv[3], argv[4]);
+  test_misuse(argv[1], argv[2], argv[3], argv[4]);
   printf("%d passed, %d failed\n", passed, failed);
   return failed == 0 ? 0 : 1;
 }

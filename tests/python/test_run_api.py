@@ -229,3 +229,28 @@ def test_the_proxy_is_reachable_from_its_run_and_the_host_only(home, workspace, 
         assert created["proxy_guard"] is True
     finally:
         r.stop(grace=1)
+
+
+def test_moat_home_and_the_engine_socket_are_never_mounted(home, tmp_path):
+    # A workspace that holds the moat home (cd ~ && moat run) would hand the
+    # agent the CA key and the credential store.
+    home.mkdir(parents=True, exist_ok=True)
+    with pytest.raises(moat.InvalidArgumentError, match="moat's own files"):
+        moat.run(tmp_path, image=IMAGE, command=["true"])
+    with pytest.raises(moat.InvalidArgumentError, match="moat's own files"):
+        moat.run(home, image=IMAGE, command=["true"])
+    ws = tmp_path / "ws-mounts"
+    ws.mkdir()
+    (ws / "agent.yaml").write_text(f"mounts:\n  - {home}/proxy:/stolen:ro\n")
+    with pytest.raises(moat.InvalidArgumentError, match="moat's own files"):
+        moat.run(ws, image=IMAGE, command=["true"])
+    (ws / "agent.yaml").write_text("mounts:\n  - /var/run/docker.sock:/var/run/docker.sock\n")
+    with pytest.raises(moat.InvalidArgumentError, match="engine's socket"):
+        moat.run(ws, image=IMAGE, command=["true"])
+    assert moat.runs(home=home) == []
+
+
+@pytest.mark.parametrize("timeout", [-1.0, float("nan"), float("inf")])
+def test_a_bad_timeout_is_an_error_not_a_panic(home, workspace, timeout):
+    with pytest.raises(moat.InvalidArgumentError, match="timeout"):
+        moat.run(workspace, image=IMAGE, command=["true"], timeout=timeout)

@@ -62,8 +62,9 @@ fn tool(ip6: bool) -> &'static str {
 }
 
 fn run(ip6: bool, args: &[&str]) -> std::result::Result<String, String> {
+    // Wait at most 10 s for the xtables lock, never forever.
     let out = Command::new(tool(ip6))
-        .arg("-w")
+        .args(["-w", "10"])
         .args(args)
         .output()
         .map_err(|e| format!("cannot run {}: {e}", tool(ip6)))?;

@@ -159,12 +159,7 @@ impl LogWriter {
 
 /// Reads every chunk of a log file.
 pub fn read_all(path: &Path) -> Result<Vec<Chunk>> {
-    let text = match std::fs::read_to_string(path) {
-        Ok(t) => t,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(e) => return Err(Error::io(path, "read", e)),
-    };
-    Ok(text.lines().filter_map(Chunk::from_line).collect())
+    Follower::new(path, 0).poll()
 }
 
 /// The chunks holding the last `n` lines of output.
@@ -223,17 +218,22 @@ impl Follower {
         reader
             .seek(std::io::SeekFrom::Start(self.offset))
             .map_err(|e| Error::io(&self.path, "read", e))?;
-        let mut line = String::new();
+        // Bytes, not text: a line still being written may end inside a
+        // UTF-8 character; only complete lines are decoded.
+        let mut line = Vec::new();
         loop {
             line.clear();
             let n = reader
-                .read_line(&mut line)
+                .read_until(b'\n', &mut line)
                 .map_err(|e| Error::io(&self.path, "read", e))?;
-            if n == 0 || !line.ends_with('\n') {
+            if n == 0 || !line.ends_with(b"\n") {
                 break;
             }
             self.offset += n as u64;
-            if let Some(chunk) = Chunk::from_line(line.trim_end()) {
+            if let Some(chunk) = std::str::from_utf8(&line)
+                .ok()
+                .and_then(|text| Chunk::from_line(text.trim_end()))
+            {
                 out.push(chunk);
             }
         }

@@ -312,6 +312,53 @@ fn now() -> String {
     crate::trace::now_rfc3339()
 }
 
+/// Is `text` a run id: `run_` and 12 lowercase hex digits?
+pub fn is_run_id(text: &str) -> bool {
+    text.len() == 16
+        && text.starts_with("run_")
+        && text[4..]
+            .chars()
+            .all(|c| c.is_ascii_digit() || ('a'..='f').contains(&c))
+}
+
+/// Refuses a workspace or mount that would hand the container moat's own
+/// files (the CA key, the credential store, other runs' artifacts) or the
+/// container engine's socket.
+fn check_mounts(home: &Path, spec: &RunSpec) -> Result<()> {
+    let home = std::fs::canonicalize(home).unwrap_or_else(|_| home.to_path_buf());
+    let mut sources = vec![("workspace".to_string(), spec.workspace.clone())];
+    for (source, target, _) in &spec.mounts {
+        sources.push((format!("mount {}", target), source.clone()));
+    }
+    for (what, source) in sources {
+        let real = std::fs::canonicalize(&source).unwrap_or(source.clone());
+        if home.starts_with(&real) || real.starts_with(&home) {
+            return Err(Error::new(
+                ErrorKind::InvalidArgument,
+                format!(
+                    "{what} {} would give the container moat's own files ({} holds the CA key and the credential store); choose a directory that neither holds nor lies inside it",
+                    real.display(),
+                    home.display()
+                ),
+            ));
+        }
+        let name = real
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let engine_socket = (name.ends_with(".sock") && name.contains("docker"))
+            || real == Path::new("/var/run/docker.sock")
+            || real == Path::new("/run/docker.sock");
+        if engine_socket {
+            return Err(Error::new(
+                ErrorKind::InvalidArgument,
+                format!("{what} {} is the container engine's socket, which would give the agent the host; it is never mounted", real.display()),
+            ));
+        }
+    }
+    Ok(())
+}
+
 fn new_run_id() -> Result<String> {
     let mut raw = [0u8; 6];
     getrandom::fill(&mut raw).map_err(|e| {
@@ -354,10 +401,11 @@ pub fn list(home: &Path) -> Result<Vec<RunMeta>> {
     let mut runs = Vec::new();
     for entry in entries.flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();
-        if !name.starts_with("run_") {
+        if !is_run_id(&name) {
             continue;
         }
-        if let Ok(meta) = load_meta(&entry.path()) {
+        // A run.json that names another run is not trusted.
+        if let Some(meta) = load_meta(&entry.path()).ok().filter(|m| m.id == name) {
             runs.push(refresh(home, meta));
         }
     }
@@ -451,16 +499,15 @@ pub fn refresh(home: &Path, meta: RunMeta) -> RunMeta {
     if meta.state.is_terminal() {
         // The supervisor died after the run ended but before cleaning up.
         let cleanup = cleanup_blocking(&meta);
-        return update_meta(&run_dir(home, &meta.id), |m| {
-            m.cleaned = true;
-            if let (Err(e), None) = (&cleanup, &m.error) {
-                m.error = Some(format!("cleaning up failed: {e}"));
-            }
+        return update_meta(&run_dir(home, &meta.id), |m| match &cleanup {
+            Ok(()) => m.cleaned = true,
+            Err(e) => m.error = Some(format!("cleaning up failed: {e}")),
         })
         .unwrap_or(meta);
     }
     let dir = run_dir(home, &meta.id);
     let cleanup = cleanup_blocking(&meta);
+    let cleaned = cleanup.is_ok();
     let message = match (&meta.supervisor, cleanup) {
         (Some((pid, _)), Ok(())) => format!(
             "the run's supervisor (pid {pid}) exited unexpectedly; the container was stopped"
@@ -476,7 +523,7 @@ pub fn refresh(home: &Path, meta: RunMeta) -> RunMeta {
             m.error = Some(message.clone());
             m.stopped_at = Some(now());
         }
-        m.cleaned = true;
+        m.cleaned = cleaned;
     })
     .unwrap_or(meta)
 }
@@ -497,8 +544,13 @@ pub(crate) async fn cleanup(meta: &RunMeta) -> Result<()> {
     let docker = Docker::connect().await?;
     let mut first_err = None;
     if let Some(c) = &meta.container {
-        if let Err(e) = docker.remove(c).await {
-            first_err.get_or_insert(e);
+        docker.remove(c).await?;
+        // The rules stay while the container may still run.
+        if docker.state(c).await?.is_some() {
+            return Err(Error::new(
+                ErrorKind::Runtime,
+                format!("container {c} is still there; its firewall rules are kept"),
+            ));
         }
     }
     if let Err(e) = firewall::remove(&meta.id) {
@@ -640,6 +692,7 @@ pub fn start(
     }
     let mut spec = spec.clone();
     spec.workspace = workspace;
+    check_mounts(home, &spec)?;
     let command = launcher.resolve()?;
     let runs = runs_dir(home);
     crate::paths::private_dir(&runs)?;
@@ -764,6 +817,42 @@ pub fn start(
     ))
 }
 
+/// Whether a run is over, for loops that follow it: reads `run.json` each
+/// time and checks that the supervisor is alive about once a second (a run
+/// whose supervisor died is over too, see [`refresh`]).
+#[derive(Debug)]
+pub struct Watch {
+    home: PathBuf,
+    id: String,
+    last_refresh: std::time::Instant,
+}
+
+impl Watch {
+    /// Watches run `id` under `home`.
+    pub fn new(home: &Path, id: &str) -> Watch {
+        Watch {
+            home: home.to_path_buf(),
+            id: id.to_string(),
+            last_refresh: std::time::Instant::now(),
+        }
+    }
+
+    /// Is the run over? A run that cannot be read any more is over.
+    pub fn is_over(&mut self) -> bool {
+        let Ok(meta) = load_meta(&run_dir(&self.home, &self.id)) else {
+            return true;
+        };
+        if meta.state.is_terminal() {
+            return true;
+        }
+        if self.last_refresh.elapsed() >= Duration::from_secs(1) {
+            self.last_refresh = std::time::Instant::now();
+            return refresh(&self.home, meta).state.is_terminal();
+        }
+        false
+    }
+}
+
 /// Waits until a run is over; its final metadata. With a timeout, returns
 /// the current metadata when it runs out.
 pub fn wait(home: &Path, id: &str, timeout: Option<Duration>) -> Result<RunMeta> {
@@ -805,17 +894,20 @@ pub fn stop(home: &Path, id: &str, grace_secs: u32) -> Result<RunMeta> {
     if meta.state.is_terminal() {
         return wait_cleaned(home, id, Some(Duration::from_secs(30)));
     }
-    if let Some(container) = meta.container.clone() {
+    if meta.state == RunState::Starting {
+        // Still setting up: ask the supervisor to give up (it removes what
+        // it created; a container not started yet would ignore a stop).
+        if let Some((pid, start)) = meta.supervisor {
+            if process_alive(pid, start) {
+                // SAFETY: sending a signal to a process we checked is ours.
+                unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+            }
+        }
+    } else if let Some(container) = meta.container.clone() {
         run_async(async move {
             let docker = Docker::connect().await?;
             docker.stop(&container, grace_secs).await
         })?;
-    } else if let Some((pid, start)) = meta.supervisor {
-        // Still setting up: ask the supervisor to give up.
-        if process_alive(pid, start) {
-            // SAFETY: sending a signal to a process we checked is ours.
-            unsafe { libc::kill(pid as i32, libc::SIGTERM) };
-        }
     }
     wait_cleaned(home, id, Some(Duration::from_secs(30)))
 }
@@ -879,21 +971,34 @@ pub fn clean(home: &Path) -> Result<Cleaned> {
         .map(|r| r.id)
         .collect();
     let mine = format!("{}={}", crate::runtime::HOME_LABEL, home.to_string_lossy());
+    // A run may have started since `live` was read: just before touching
+    // an object, its run must still be over (or have no directory at all).
+    let home_dir = home.to_path_buf();
+    let leftover = move |run: &str| -> bool {
+        if live.iter().any(|l| l == run) {
+            return false;
+        }
+        match load_meta(&run_dir(&home_dir, run)) {
+            Ok(m) => m.state.is_terminal() && m.cleaned,
+            Err(_) => !run_dir(&home_dir, run).exists(),
+        }
+    };
     let (containers, networks) = run_async(async move {
         let docker = Docker::connect().await?;
         let mut containers = Vec::new();
         for (id, run) in docker.containers_with_label(&mine).await? {
-            if !live.contains(&run) {
+            if is_run_id(&run) && leftover(&run) {
                 docker.remove(&id).await?;
-                firewall::remove(&run)?;
                 containers.push(id);
             }
         }
         let mut networks = Vec::new();
         for (name, run) in docker.networks_with_label(&mine).await? {
-            if !live.contains(&run) {
-                firewall::remove(&run)?;
+            if is_run_id(&run) && leftover(&run) {
+                // The network goes first: it cannot while a container is
+                // on it, and then its rules must stay.
                 docker.remove_network(&name).await?;
+                firewall::remove(&run)?;
                 networks.push(name);
             }
         }
@@ -919,14 +1024,16 @@ pub fn output(home: &Path, id: &str) -> Result<(Vec<u8>, Vec<u8>)> {
 /// The network trace of a run, from `network.jsonl`.
 pub fn trace(home: &Path, id: &str) -> Result<Vec<serde_json::Value>> {
     let path = run_dir(home, id).join("network.jsonl");
-    let text = match std::fs::read_to_string(&path) {
-        Ok(t) => t,
+    let bytes = match std::fs::read(&path) {
+        Ok(b) => b,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
         Err(e) => return Err(Error::io(&path, "read", e)),
     };
-    Ok(text
-        .lines()
-        .filter_map(|l| serde_json::from_str(l).ok())
+    // Complete lines only: the last may still be being written.
+    Ok(bytes
+        .split_inclusive(|b| *b == b'\n')
+        .filter(|l| l.ends_with(b"\n"))
+        .filter_map(|l| serde_json::from_slice(l).ok())
         .collect())
 }
 
@@ -1174,5 +1281,16 @@ mod tests {
             missing.to_string().contains("no run matches \"gamma\""),
             "{missing}"
         );
+        // A run.json that claims another id (or a path) is not listed: its
+        // id would steer clean and destroy elsewhere.
+        let forged = run_dir(home.path(), "run_00000000000f");
+        std::fs::create_dir_all(&forged).unwrap();
+        let mut meta = find(home.path(), Some("alpha")).unwrap();
+        meta.id = "../../..".into();
+        save_meta(&forged, &meta).unwrap();
+        assert_eq!(list(home.path()).unwrap().len(), 2);
+        assert!(!is_run_id("../../.."));
+        assert!(!is_run_id("run_00000000000G"));
+        assert!(is_run_id("run_00000000000f"));
     }
 }

@@ -171,10 +171,10 @@ async fn supervise_async(handoff: Handoff) -> Result<i32> {
                 "run_failed",
                 json!({ "run": ctx.id, "error": e.to_string() }),
             );
-            release(&ctx, &mut held).await;
+            let cleanup_error = release(&ctx, &mut held).await;
             let _ = ctx.audit.close();
             fail(&ctx.dir, &e);
-            let _ = update_meta(&ctx.dir, |m| m.cleaned = true);
+            let _ = update_meta(&ctx.dir, |m| m.cleaned = cleanup_error.is_none());
             emit(&error_event(&e));
             return Ok(1);
         }
@@ -218,23 +218,29 @@ async fn supervise_async(handoff: Handoff) -> Result<i32> {
     // The exit code is known and every artifact final: callers may go on
     // while the container, rules and network are removed (`cleaned` says
     // when that is done; `stop`, `destroy` and `clean` wait for it).
-    update_meta(&ctx.dir, |m| {
+    let recorded = update_meta(&ctx.dir, |m| {
         m.state = state;
         m.exit_code = exit_code;
         m.stopped_at = Some(now());
         m.error = error.clone();
-    })?;
+    });
+    // Cleanup happens even when run.json cannot be written (a full disk).
     let t = Instant::now();
     let cleanup_error = release(&ctx, &mut held).await;
     ctx.phase("cleanup", t);
     let phases = ctx.phases.clone();
+    // When cleanup failed, `cleaned` stays false: the next command that
+    // looks at the run (after this process exits) tries again.
     update_meta(&ctx.dir, |m| {
-        m.cleaned = true;
+        m.cleaned = cleanup_error.is_none();
         m.phases = phases.clone();
         if m.error.is_none() {
-            m.error = cleanup_error.clone();
+            m.error = cleanup_error
+                .clone()
+                .map(|e| format!("cleaning up failed: {e}"));
         }
     })?;
+    recorded?;
     Ok(0)
 }
 
@@ -254,29 +260,41 @@ fn fail(dir: &Path, e: &Error) {
     });
 }
 
-/// Removes what setup created. Returns the first error, as text.
+/// Removes what setup created. Returns the first error, as text. The
+/// firewall rules go only once the container is known to be gone: a
+/// container that may still run keeps them.
 async fn release(ctx: &Ctx, held: &mut Held) -> Option<String> {
     let mut first: Option<String> = None;
     if let Some(proxy) = held.proxy.take() {
         proxy.shutdown().await;
     }
+    let mut container_gone = held.container.is_none();
     if held.container.is_some() || held.network.is_some() {
         match Docker::connect().await {
             Ok(docker) => {
-                if let Some(c) = held.container.take() {
-                    if let Err(e) = docker.remove(&c).await {
-                        first.get_or_insert(e.to_string());
+                if let Some(c) = held.container.clone() {
+                    let removed = match docker.remove(&c).await {
+                        Ok(()) => docker.state(&c).await.map(|s| s.is_none()),
+                        Err(e) => Err(e),
+                    };
+                    match removed {
+                        Ok(true) => {
+                            held.container = None;
+                            container_gone = true;
+                        }
+                        Ok(false) => {
+                            first.get_or_insert(format!("container {c} is still there"));
+                        }
+                        Err(e) => {
+                            first.get_or_insert(e.to_string());
+                        }
                     }
                 }
-                if held.firewall {
-                    if let Err(e) = firewall::remove(&ctx.id) {
-                        first.get_or_insert(e.to_string());
-                    }
-                    held.firewall = false;
-                }
-                if let Some(n) = held.network.take() {
-                    if let Err(e) = docker.remove_network(&n).await {
-                        first.get_or_insert(e.to_string());
+                if container_gone {
+                    if let Some(n) = held.network.take() {
+                        if let Err(e) = docker.remove_network(&n).await {
+                            first.get_or_insert(e.to_string());
+                        }
                     }
                 }
             }
@@ -285,9 +303,12 @@ async fn release(ctx: &Ctx, held: &mut Held) -> Option<String> {
             }
         }
     }
-    if held.firewall {
-        if let Err(e) = firewall::remove(&ctx.id) {
-            first.get_or_insert(e.to_string());
+    if held.firewall && container_gone {
+        match firewall::remove(&ctx.id) {
+            Ok(()) => held.firewall = false,
+            Err(e) => {
+                first.get_or_insert(e.to_string());
+            }
         }
     }
     first
