@@ -72,6 +72,13 @@ class Terminal:
 
 
 @pytest.fixture
+def ws(tmp_path):
+    w = tmp_path / "ws"
+    w.mkdir()
+    return w
+
+
+@pytest.fixture
 def env(tmp_path):
     e = {**os.environ, "MOAT_HOME": str(tmp_path / "home"), "TERM": "xterm"}
     yield e
@@ -86,8 +93,8 @@ def runs(env):
                                      text=True, check=True).stdout)
 
 
-def test_interactive_shell_gets_a_tty_and_its_exit_code(env, tmp_path):
-    t = Terminal(["run", "-i", "--image", IMAGE, str(tmp_path), "--", "bash", "--norc", "-i"], env)
+def test_interactive_shell_gets_a_tty_and_its_exit_code(env, ws):
+    t = Terminal(["run", "-i", "--image", IMAGE, str(ws), "--", "bash", "--norc", "-i"], env)
     t.expect(b"Ctrl-/ d detaches")
     t.send(b"tty; echo tty-is-$((6*7))\r")
     t.expect(b"tty-is-42")
@@ -104,8 +111,8 @@ def test_interactive_shell_gets_a_tty_and_its_exit_code(env, tmp_path):
     assert run["interactive"] and run["exit_code"] == 7
 
 
-def test_detach_and_reattach_then_stop_with_escapes(env, tmp_path):
-    t = Terminal(["run", "-i", "--image", IMAGE, str(tmp_path), "--", "bash", "--norc", "-i"], env)
+def test_detach_and_reattach_then_stop_with_escapes(env, ws):
+    t = Terminal(["run", "-i", "--image", IMAGE, str(ws), "--", "bash", "--norc", "-i"], env)
     t.expect(b"Ctrl-/ d detaches")
     t.send(b"export MARK=still-here\r")
     time.sleep(0.3)
@@ -126,8 +133,8 @@ def test_detach_and_reattach_then_stop_with_escapes(env, tmp_path):
     assert run["state"] == "stopped"
 
 
-def test_attach_i_to_a_run_without_tty_is_refused(env, tmp_path):
-    rid = subprocess.run([str(MOAT), "run", "-d", "--image", IMAGE, str(tmp_path), "--", "sleep", "60"],
+def test_attach_i_to_a_run_without_tty_is_refused(env, ws):
+    rid = subprocess.run([str(MOAT), "run", "-d", "--image", IMAGE, str(ws), "--", "sleep", "60"],
                          env=env, capture_output=True, text=True, check=True).stdout.strip()
     out = subprocess.run([str(MOAT), "attach", "-i", rid], env=env, capture_output=True, text=True,
                          timeout=30)
@@ -142,8 +149,8 @@ def set_size(fd, rows, cols):
     fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
 
 
-def test_the_terminal_size_is_passed_on_and_follows_resizes(env, tmp_path):
-    t = Terminal(["run", "-i", "--image", IMAGE, str(tmp_path), "--", "bash", "--norc", "-i"], env)
+def test_the_terminal_size_is_passed_on_and_follows_resizes(env, ws):
+    t = Terminal(["run", "-i", "--image", IMAGE, str(ws), "--", "bash", "--norc", "-i"], env)
     set_size(t.fd, 40, 100)
     t.expect(b"Ctrl-/ d detaches")
     time.sleep(0.5)
