@@ -19,6 +19,7 @@ mod error;
 pub mod paths;
 pub mod policy;
 pub mod proxy;
+pub mod routing;
 pub mod run;
 pub mod runtime;
 pub mod secret;

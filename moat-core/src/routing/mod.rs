@@ -1,0 +1,452 @@
+//! Hostname routing: `https://<endpoint>.<agent>.localhost:<port>` to that
+//! agent's container port, for every agent on the machine, on one port.
+//!
+//! The [`Router`] serves HTTP and HTTPS on the same listener (a TLS client
+//! hello starts with byte `0x16`), presents certificates from the moat CA for
+//! `*.localhost` names only, and forwards to the address in the shared route
+//! table ([`table`]), which it re-reads whenever the file changes. Only
+//! `*.localhost` Host names are served (a DNS-rebinding page gets nothing);
+//! an unknown name gets a page listing the agents, never another agent's
+//! content. WebSocket upgrades and streaming responses pass through.
+
+pub mod table;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
+
+use bytes::Bytes;
+use http::header::{self, HeaderValue};
+use http::{Request, Response, StatusCode};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::error::{Error, ErrorKind, Result};
+use crate::proxy::CertificateAuthority;
+use table::Routes;
+
+type Body = http_body_util::combinators::BoxBody<Bytes, Box<dyn std::error::Error + Send + Sync>>;
+
+fn text(status: StatusCode, content_type: &'static str, body: String) -> Response<Body> {
+    let mut resp = Response::new(
+        http_body_util::Full::new(Bytes::from(body))
+            .map_err(|never| match never {})
+            .boxed(),
+    );
+    *resp.status_mut() = status;
+    resp.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    resp
+}
+
+/// Where a request goes, from its Host name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    /// Not a `*.localhost` name: refused.
+    Foreign,
+    /// `localhost`: the list of agents.
+    Index,
+    /// `<agent>.localhost`: the agent's endpoints.
+    Agent(String),
+    /// `<endpoint>.<agent>.localhost`.
+    Endpoint(String, String),
+    /// Deeper names: unknown.
+    Unknown,
+}
+
+/// Reads a Host value (`web.a.localhost:8080`) as a [`Target`].
+pub fn target(host: &str) -> Target {
+    let name = host
+        .rsplit_once(':')
+        .filter(|(_, port)| port.chars().all(|c| c.is_ascii_digit()))
+        .map_or(host, |(name, _)| name)
+        .trim_end_matches('.')
+        .to_ascii_lowercase();
+    if name == "localhost" {
+        return Target::Index;
+    }
+    let Some(rest) = name.strip_suffix(".localhost") else {
+        return Target::Foreign;
+    };
+    let labels: Vec<&str> = rest.split('.').collect();
+    match labels.as_slice() {
+        [agent] if !agent.is_empty() => Target::Agent(agent.to_string()),
+        [endpoint, agent] if !endpoint.is_empty() && !agent.is_empty() => {
+            Target::Endpoint(endpoint.to_string(), agent.to_string())
+        }
+        _ => Target::Unknown,
+    }
+}
+
+fn escape(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+}
+
+struct Shared {
+    home: PathBuf,
+    ca: CertificateAuthority,
+    port: u16,
+    routes: Mutex<(Option<SystemTime>, Routes)>,
+}
+
+impl Shared {
+    /// The table, re-read when its file changed.
+    fn routes(&self) -> Routes {
+        let modified = std::fs::metadata(table::path(&self.home))
+            .and_then(|m| m.modified())
+            .ok();
+        let Ok(mut cached) = self.routes.lock() else {
+            return Routes::default();
+        };
+        if cached.0 != modified || modified.is_none() {
+            if let Ok(routes) = table::load(&self.home) {
+                *cached = (modified, routes);
+            }
+        }
+        cached.1.clone()
+    }
+
+    fn listing(&self, scheme: &str, routes: &Routes, heading: &str) -> String {
+        let mut html = format!(
+            "<!doctype html><title>moat</title><h1>{}</h1>",
+            escape(heading)
+        );
+        if routes.agents.is_empty() {
+            html.push_str("<p>No agent with endpoints is running.</p>");
+        }
+        for (agent, r) in &routes.agents {
+            html.push_str(&format!("<h2>{}</h2><ul>", escape(agent)));
+            for endpoint in r.endpoints.keys() {
+                let url = format!(
+                    "{scheme}://{}.{}.localhost:{}",
+                    escape(endpoint),
+                    escape(agent),
+                    self.port
+                );
+                html.push_str(&format!("<li><a href=\"{url}\">{url}</a></li>"));
+            }
+            html.push_str("</ul>");
+        }
+        html
+    }
+}
+
+/// The routing proxy.
+pub struct Router {
+    addr: SocketAddr,
+    cancel: CancellationToken,
+    tasks: TaskTracker,
+}
+
+impl std::fmt::Debug for Router {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Router").field("addr", &self.addr).finish()
+    }
+}
+
+impl Router {
+    /// Listens on `listen` and serves the routes of `home`'s table.
+    pub async fn start(home: &Path, listen: SocketAddr) -> Result<Router> {
+        let ca = CertificateAuthority::load_or_create(&home.join("proxy").join("ca"))?;
+        let listener = TcpListener::bind(listen).await.map_err(|e| {
+            Error::new(
+                ErrorKind::Io,
+                format!(
+                    "cannot listen on {listen}: {e} (is another router or server on that port?)"
+                ),
+            )
+        })?;
+        let addr = listener
+            .local_addr()
+            .map_err(|e| Error::new(ErrorKind::Io, format!("listener address: {e}")))?;
+        let shared = Arc::new(Shared {
+            home: home.to_path_buf(),
+            ca,
+            port: addr.port(),
+            routes: Mutex::new((None, Routes::default())),
+        });
+        let cancel = CancellationToken::new();
+        let tasks = TaskTracker::new();
+        let (c, t) = (cancel.clone(), tasks.clone());
+        tasks.spawn(async move {
+            loop {
+                let accepted = tokio::select! {
+                    _ = c.cancelled() => break,
+                    a = listener.accept() => a,
+                };
+                let Ok((stream, _)) = accepted else { continue };
+                let shared = shared.clone();
+                let c2 = c.clone();
+                t.spawn(async move {
+                    tokio::select! {
+                        _ = c2.cancelled() => {}
+                        _ = serve(shared, stream) => {}
+                    }
+                });
+            }
+        });
+        Ok(Router {
+            addr,
+            cancel,
+            tasks,
+        })
+    }
+
+    /// The address it listens on.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Stops accepting and cuts open connections.
+    pub async fn shutdown(self) {
+        self.cancel.cancel();
+        self.tasks.close();
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(5), self.tasks.wait()).await;
+    }
+}
+
+/// Serves one connection: TLS when it starts with a handshake record.
+async fn serve(shared: Arc<Shared>, stream: TcpStream) {
+    let mut first = [0u8; 1];
+    let Ok(Ok(n)) =
+        tokio::time::timeout(std::time::Duration::from_secs(10), stream.peek(&mut first)).await
+    else {
+        return;
+    };
+    if n == 1 && first[0] == 0x16 {
+        let config = match tls_config(&shared) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(error = %e, "router tls configuration");
+                return;
+            }
+        };
+        let acceptor = tokio_rustls::TlsAcceptor::from(config);
+        let Ok(Ok(tls)) =
+            tokio::time::timeout(std::time::Duration::from_secs(10), acceptor.accept(stream)).await
+        else {
+            return;
+        };
+        serve_http(shared, TokioIo::new(tls), "https").await;
+    } else {
+        serve_http(shared, TokioIo::new(stream), "http").await;
+    }
+}
+
+/// Certificates for `*.localhost` names, minted from the moat CA.
+#[derive(Debug)]
+struct LocalhostCerts(Arc<Shared>);
+
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shared").field("port", &self.port).finish()
+    }
+}
+
+impl rustls::server::ResolvesServerCert for LocalhostCerts {
+    fn resolve(
+        &self,
+        hello: rustls::server::ClientHello<'_>,
+    ) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        let name = hello
+            .server_name()
+            .unwrap_or("localhost")
+            .to_ascii_lowercase();
+        if name != "localhost" && !name.ends_with(".localhost") {
+            return None;
+        }
+        self.0.ca.leaf(&name).ok()
+    }
+}
+
+fn tls_config(shared: &Arc<Shared>) -> Result<Arc<rustls::ServerConfig>> {
+    let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| Error::new(ErrorKind::Internal, format!("tls: {e}")))?
+    .with_no_client_auth()
+    .with_cert_resolver(Arc::new(LocalhostCerts(shared.clone())));
+    // HTTP/1.1 only: WebSocket upgrades stay simple.
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
+}
+
+async fn serve_http<I>(shared: Arc<Shared>, io: TokioIo<I>, scheme: &'static str)
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let service = service_fn(move |req| {
+        let shared = shared.clone();
+        async move { Ok::<_, std::convert::Infallible>(route(shared, req, scheme).await) }
+    });
+    let _ = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(std::time::Duration::from_secs(30))
+        .serve_connection(io, service)
+        .with_upgrades()
+        .await;
+}
+
+async fn route(shared: Arc<Shared>, req: Request<Incoming>, scheme: &str) -> Response<Body> {
+    let host = req
+        .headers()
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .or_else(|| req.uri().authority().map(|a| a.as_str()))
+        .unwrap_or("")
+        .to_string();
+    let routes = shared.routes();
+    let html = "text/html; charset=utf-8";
+    match target(&host) {
+        Target::Foreign => text(
+            StatusCode::MISDIRECTED_REQUEST,
+            "text/plain; charset=utf-8",
+            format!(
+                "moat routes only *.localhost names; \"{host}\" is not one (open https://<endpoint>.<agent>.localhost:{})\n",
+                shared.port
+            ),
+        ),
+        Target::Index | Target::Unknown => text(
+            if matches!(target(&host), Target::Index) {
+                StatusCode::OK
+            } else {
+                StatusCode::NOT_FOUND
+            },
+            html,
+            shared.listing(scheme, &routes, "Agents running with moat"),
+        ),
+        Target::Agent(agent) => match routes.agents.get(&agent) {
+            Some(r) => {
+                let only = Routes {
+                    agents: [(agent.clone(), r.clone())].into_iter().collect(),
+                };
+                text(StatusCode::OK, html, shared.listing(scheme, &only, &format!("Endpoints of {agent}")))
+            }
+            None => text(
+                StatusCode::NOT_FOUND,
+                html,
+                shared.listing(scheme, &routes, &format!("No agent named \"{agent}\" is running")),
+            ),
+        },
+        Target::Endpoint(endpoint, agent) => {
+            match routes.agents.get(&agent).and_then(|r| r.endpoints.get(&endpoint)) {
+                Some(addr) => forward(addr, req, scheme).await,
+                None => text(
+                    StatusCode::NOT_FOUND,
+                    html,
+                    shared.listing(
+                        scheme,
+                        &routes,
+                        &format!("No endpoint \"{endpoint}\" of an agent \"{agent}\" is running"),
+                    ),
+                ),
+            }
+        }
+    }
+}
+
+fn bad_gateway(message: String) -> Response<Body> {
+    text(
+        StatusCode::BAD_GATEWAY,
+        "text/plain; charset=utf-8",
+        message,
+    )
+}
+
+/// Forwards a request to `addr` over a connection of its own, passing a
+/// WebSocket (any `101 Switching Protocols`) through.
+async fn forward(addr: &str, mut req: Request<Incoming>, scheme: &str) -> Response<Body> {
+    let stream = match tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        TcpStream::connect(addr),
+    )
+    .await
+    {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            return bad_gateway(format!(
+                "moat: the agent's endpoint at {addr} does not answer ({e}); is its server listening on 0.0.0.0?\n"
+            ))
+        }
+        Err(_) => return bad_gateway(format!("moat: the agent's endpoint at {addr} does not answer\n")),
+    };
+    let _ = stream.set_nodelay(true);
+    let Ok((mut sender, conn)) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await
+    else {
+        return bad_gateway(format!("moat: cannot speak HTTP to {addr}\n"));
+    };
+    tokio::spawn(async move {
+        let _ = conn.with_upgrades().await;
+    });
+    let client_upgrade = hyper::upgrade::on(&mut req);
+    let client_host = req.headers().get(header::HOST).cloned();
+    if let Some(h) = client_host {
+        req.headers_mut().insert("x-forwarded-host", h);
+    }
+    if let Ok(v) = HeaderValue::from_str(scheme) {
+        req.headers_mut().insert("x-forwarded-proto", v);
+    }
+    // Origin-form on the way upstream.
+    if let Some(pq) = req.uri().path_and_query().cloned() {
+        if let Ok(uri) = pq.as_str().parse() {
+            *req.uri_mut() = uri;
+        }
+    }
+    let mut resp = match sender.send_request(req).await {
+        Ok(r) => r,
+        Err(e) => {
+            return bad_gateway(format!(
+                "moat: the agent's endpoint at {addr} failed: {e}\n"
+            ))
+        }
+    };
+    if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+        let upstream_upgrade = hyper::upgrade::on(&mut resp);
+        tokio::spawn(async move {
+            if let (Ok(client), Ok(upstream)) = (client_upgrade.await, upstream_upgrade.await) {
+                let mut client = TokioIo::new(client);
+                let mut upstream = TokioIo::new(upstream);
+                let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+            }
+        });
+    }
+    resp.map(|b| {
+        b.map_err(|e| Box::new(e) as Box<dyn std::error::Error + Send + Sync>)
+            .boxed()
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_names_are_read_as_targets() {
+        assert_eq!(
+            target("web.a.localhost:8080"),
+            Target::Endpoint("web".into(), "a".into())
+        );
+        assert_eq!(
+            target("WEB.A.LOCALHOST."),
+            Target::Endpoint("web".into(), "a".into())
+        );
+        assert_eq!(target("a.localhost"), Target::Agent("a".into()));
+        assert_eq!(target("localhost:8080"), Target::Index);
+        assert_eq!(target("x.web.a.localhost"), Target::Unknown);
+        assert_eq!(target("evil.example.com"), Target::Foreign);
+        assert_eq!(target("web.a.localhost.evil.com"), Target::Foreign);
+        assert_eq!(target("127.0.0.1:8080"), Target::Foreign);
+        assert_eq!(target(""), Target::Foreign);
+        assert_eq!(target(".localhost"), Target::Unknown);
+    }
+}
