@@ -9,6 +9,7 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 
+mod proxy_cmd;
 mod runs;
 use moat_core::config::{self, Overrides};
 use moat_core::credential::{self, TokenInput};
@@ -92,9 +93,14 @@ status is the command's.")]
     Audit(AuditArgs),
     /// Verify an exported proof bundle offline
     VerifyBundle(VerifyBundleArgs),
+    /// Manage the routing proxy (https://<endpoint>.<agent>.localhost:8080)
+    Proxy(proxy_cmd::ProxyArgs),
     /// (internal) Supervise a run; started by `moat run`
     #[command(name = "_supervise", hide = true)]
     Supervise,
+    /// (internal) The routing proxy; started by `moat proxy start` or a run
+    #[command(name = "_router", hide = true)]
+    Router(proxy_cmd::RouterArgs),
 }
 
 #[derive(Args, Debug)]
@@ -193,6 +199,8 @@ fn main() -> ExitCode {
             return ExitCode::from(moat_core::run::supervise().clamp(0, 255) as u8)
         }
         Command::Run(args) => return exit(runs::cmd_run(&args)),
+        Command::Proxy(args) => proxy_cmd::cmd_proxy(&args),
+        Command::Router(args) => proxy_cmd::cmd_router(&args),
         Command::Attach(args) => return exit(runs::cmd_attach(&args)),
         Command::Logs(args) => return exit(runs::cmd_logs(&args)),
         Command::List(args) => runs::cmd_list(&args),

@@ -9,6 +9,7 @@
 //! an unknown name gets a page listing the agents, never another agent's
 //! content. WebSocket upgrades and streaming responses pass through.
 
+pub mod daemon;
 pub mod table;
 
 use std::net::SocketAddr;
