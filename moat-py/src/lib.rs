@@ -620,5 +620,6 @@ fn _moat(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(run::runs, m)?)?;
     m.add_function(wrap_pyfunction!(run::clean, m)?)?;
     m.add_function(wrap_pyfunction!(run::_supervise, m)?)?;
+    m.add_function(wrap_pyfunction!(run::_router, m)?)?;
     Ok(())
 }

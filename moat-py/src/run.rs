@@ -494,6 +494,16 @@ pub(crate) fn clean(py: Python<'_>, home: Option<PathBuf>) -> PyResult<Py<PyAny>
     json_to_py(py, &cleaned)
 }
 
+/// The routing proxy's entry point (`python -m moat._router`); serves until
+/// SIGTERM and returns the exit status.
+#[pyfunction]
+pub(crate) fn _router(py: Python<'_>, port: u16, manual: bool) -> PyResult<i32> {
+    let home = home_or_default(py, None)?;
+    py.detach(|| moat_core::routing::daemon::serve(&home, port, manual))
+        .map_err(|e| to_py_err(py, &e))?;
+    Ok(0)
+}
+
 /// The supervisor's entry point (`python -m moat._supervise`); returns its
 /// exit status.
 #[pyfunction]

@@ -107,6 +107,18 @@ pub(crate) fn install(run_id: &str, bridge: &str, gateway: IpAddr, port: u16) ->
     let port = port.to_string();
     let v4: Vec<Vec<&str>> = vec![
         vec!["-N", &name],
+        // Replies on connections the host opened (the router reaching an
+        // endpoint); the container cannot open one itself.
+        vec![
+            "-A",
+            &name,
+            "-m",
+            "conntrack",
+            "--ctstate",
+            "ESTABLISHED,RELATED",
+            "-j",
+            "ACCEPT",
+        ],
         vec![
             "-A", &name, "-p", "tcp", "-d", &gw, "--dport", &port, "-j", "ACCEPT",
         ],

@@ -215,6 +215,9 @@ pub struct RunMeta {
     pub policy: String,
     /// Endpoints: name → container port.
     pub ports: BTreeMap<String, u16>,
+    /// Endpoints: name → URL through the routing proxy.
+    #[serde(default)]
+    pub urls: BTreeMap<String, String>,
     /// Interactive (TTY) run.
     pub interactive: bool,
     /// The container's id, once created.
@@ -498,7 +501,7 @@ pub fn refresh(home: &Path, meta: RunMeta) -> RunMeta {
     }
     if meta.state.is_terminal() {
         // The supervisor died after the run ended but before cleaning up.
-        let cleanup = cleanup_blocking(&meta);
+        let cleanup = cleanup_blocking(home, &meta);
         return update_meta(&run_dir(home, &meta.id), |m| match &cleanup {
             Ok(()) => m.cleaned = true,
             Err(e) => m.error = Some(format!("cleaning up failed: {e}")),
@@ -506,7 +509,7 @@ pub fn refresh(home: &Path, meta: RunMeta) -> RunMeta {
         .unwrap_or(meta);
     }
     let dir = run_dir(home, &meta.id);
-    let cleanup = cleanup_blocking(&meta);
+    let cleanup = cleanup_blocking(home, &meta);
     let cleaned = cleanup.is_ok();
     let message = match (&meta.supervisor, cleanup) {
         (Some((pid, _)), Ok(())) => format!(
@@ -534,13 +537,21 @@ fn age_secs(rfc3339: &str) -> i64 {
         .unwrap_or(i64::MAX)
 }
 
-fn cleanup_blocking(meta: &RunMeta) -> Result<()> {
+fn cleanup_blocking(home: &Path, meta: &RunMeta) -> Result<()> {
     let meta = meta.clone();
-    run_async(async move { cleanup(&meta).await })
+    let home = home.to_path_buf();
+    run_async(async move { cleanup(&home, &meta).await })
+}
+
+/// Removes a run's routes, and stops a router that was started for runs
+/// (not by hand) once nothing is left to route.
+pub(crate) fn release_routes(home: &Path, name: &str, id: &str) -> Result<()> {
+    crate::routing::table::unregister(home, name, id)?;
+    crate::routing::daemon::stop_if_idle(home)
 }
 
 /// Removes what a run holds on the host: container, firewall rules, network.
-pub(crate) async fn cleanup(meta: &RunMeta) -> Result<()> {
+pub(crate) async fn cleanup(home: &Path, meta: &RunMeta) -> Result<()> {
     let docker = Docker::connect().await?;
     let mut first_err = None;
     if let Some(c) = &meta.container {
@@ -560,6 +571,9 @@ pub(crate) async fn cleanup(meta: &RunMeta) -> Result<()> {
         if let Err(e) = docker.remove_network(n).await {
             first_err.get_or_insert(e);
         }
+    }
+    if let Err(e) = release_routes(home, &meta.name, &meta.id) {
+        first_err.get_or_insert(e);
     }
     first_err.map_or(Ok(()), Err)
 }
@@ -650,6 +664,24 @@ pub(crate) struct Handoff {
     pub home: PathBuf,
     pub id: String,
     pub spec: RunSpec,
+    /// The command that started the supervisor, from which the router's is
+    /// made (`moat _supervise` → `moat _router`).
+    #[serde(default)]
+    pub launcher: Vec<String>,
+}
+
+/// The router's command, from the supervisor's: the last word
+/// `_supervise` (or module `moat._supervise`) becomes `_router`.
+pub(crate) fn router_command(launcher: &[String]) -> Vec<std::ffi::OsString> {
+    let mut command: Vec<std::ffi::OsString> = launcher.iter().map(Into::into).collect();
+    if let Some(last) = launcher.last() {
+        if let Some(prefix) = last.strip_suffix("_supervise") {
+            if let Some(slot) = command.last_mut() {
+                *slot = format!("{prefix}_router").into();
+            }
+        }
+    }
+    command
 }
 
 fn kind_of(name: &str) -> ErrorKind {
@@ -721,6 +753,7 @@ pub fn start(
             secrets: spec.secrets.keys().cloned().collect(),
             policy: spec.policy.clone(),
             ports: spec.ports.clone(),
+            urls: BTreeMap::new(),
             interactive: spec.interactive,
             container: None,
             network: None,
@@ -776,6 +809,10 @@ pub fn start(
         home: home.to_path_buf(),
         id: meta.id.clone(),
         spec,
+        launcher: command
+            .iter()
+            .map(|c| c.to_string_lossy().into_owned())
+            .collect(),
     };
     let written = child.stdin.take().map(|mut stdin| {
         serde_json::to_writer(&mut stdin, &handoff)
@@ -1247,6 +1284,7 @@ mod tests {
                 secrets: vec![],
                 policy: "permissive".into(),
                 ports: BTreeMap::new(),
+                urls: BTreeMap::new(),
                 interactive: false,
                 container: None,
                 network: None,

@@ -104,6 +104,7 @@ struct Held {
     container: Option<String>,
     firewall: bool,
     proxy: Option<Proxy>,
+    routes: bool,
 }
 
 struct Ctx {
@@ -111,6 +112,8 @@ struct Ctx {
     id: String,
     dir: PathBuf,
     spec: RunSpec,
+    name: String,
+    launcher: Vec<String>,
     audit: Arc<AuditWriter>,
     phases: BTreeMap<String, f64>,
 }
@@ -146,6 +149,8 @@ async fn supervise_async(handoff: Handoff) -> Result<i32> {
         id: handoff.id,
         dir,
         spec: handoff.spec,
+        name: meta.name.clone(),
+        launcher: handoff.launcher,
         audit,
         phases: BTreeMap::new(),
     };
@@ -267,6 +272,20 @@ async fn release(ctx: &Ctx, held: &mut Held) -> Option<String> {
     let mut first: Option<String> = None;
     if let Some(proxy) = held.proxy.take() {
         proxy.shutdown().await;
+    }
+    if held.routes {
+        let (home, name, id) = (ctx.home.clone(), ctx.name.clone(), ctx.id.clone());
+        let released =
+            tokio::task::spawn_blocking(move || super::release_routes(&home, &name, &id)).await;
+        match released {
+            Ok(Ok(())) => held.routes = false,
+            Ok(Err(e)) => {
+                first.get_or_insert(e.to_string());
+            }
+            Err(e) => {
+                first.get_or_insert(e.to_string());
+            }
+        }
     }
     let mut container_gone = held.container.is_none();
     if held.container.is_some() || held.network.is_some() {
@@ -449,6 +468,32 @@ async fn setup(ctx: &mut Ctx, meta: &RunMeta, held: &mut Held) -> Result<Started
     };
     ctx.phase("firewall", t);
 
+    // Hostname routing: the router (started now if none runs) gives each
+    // endpoint its URL, which the agent sees as MOAT_URL_<ENDPOINT>.
+    let mut urls = BTreeMap::new();
+    if !spec.ports.is_empty() {
+        let t = Instant::now();
+        let port = match crate::routing::daemon::status(&ctx.home) {
+            Some(s) => s.port,
+            None => crate::routing::daemon::default_port()?,
+        };
+        let command = super::router_command(&ctx.launcher);
+        let home = ctx.home.clone();
+        let state = tokio::task::spawn_blocking(move || {
+            crate::routing::daemon::ensure(&home, &command, port, false)
+        })
+        .await
+        .map_err(|e| Error::new(ErrorKind::Internal, format!("router task: {e}")))??;
+        for endpoint in spec.ports.keys() {
+            urls.insert(
+                endpoint.clone(),
+                format!("https://{endpoint}.{}.localhost:{}", ctx.name, state.port),
+            );
+        }
+        held.routes = true;
+        ctx.phase("router", t);
+    }
+
     // The container.
     let t = Instant::now();
     let (uid, gid, warning) = agent_user(&spec.workspace);
@@ -476,6 +521,23 @@ async fn setup(ctx: &mut Ctx, meta: &RunMeta, held: &mut Held) -> Result<Started
     if binding.aws_region.is_some() {
         env.push(format!("AWS_CONFIG_FILE={AWS_CONFIG_PATH}"));
         env.push("AWS_SDK_LOAD_CONFIG=1".into());
+    }
+    for (endpoint, url) in &urls {
+        let key: String = endpoint
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() {
+                    c.to_ascii_uppercase()
+                } else {
+                    '_'
+                }
+            })
+            .collect();
+        env.push(format!("MOAT_URL_{key}={url}"));
+    }
+    if !urls.is_empty() {
+        let names: Vec<&str> = urls.keys().map(String::as_str).collect();
+        env.push(format!("MOAT_ENDPOINTS={}", names.join(",")));
     }
     env.push(format!("MOAT_RUN_ID={}", ctx.id));
     env.push(format!("MOAT_RUN_NAME={}", meta.name));
@@ -597,11 +659,34 @@ async fn setup(ctx: &mut Ctx, meta: &RunMeta, held: &mut Held) -> Result<Started
     let t = Instant::now();
     docker.start(&container).await?;
     ctx.phase("start", t);
+    if !spec.ports.is_empty() {
+        let ip = docker
+            .container_ip(&container, &network.name)
+            .await?
+            .ok_or_else(|| {
+                Error::new(
+                    ErrorKind::Runtime,
+                    "the container has no address on its network",
+                )
+            })?;
+        let endpoints = spec
+            .ports
+            .iter()
+            .map(|(name, port)| {
+                (
+                    name.clone(),
+                    std::net::SocketAddr::new(ip, *port).to_string(),
+                )
+            })
+            .collect();
+        crate::routing::table::register(&ctx.home, &ctx.name, &ctx.id, endpoints)?;
+    }
     let phases = ctx.phases.clone();
     update_meta(&ctx.dir, |m| {
         m.state = RunState::Running;
         m.started_at = Some(now());
         m.phases = phases;
+        m.urls = urls.clone();
     })?;
     ctx.audit(
         "run_started",

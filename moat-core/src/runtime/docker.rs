@@ -504,6 +504,22 @@ impl Runtime for Docker {
         }
     }
 
+    async fn container_ip(&self, id: &str, network: &str) -> Result<Option<std::net::IpAddr>> {
+        let c = quick(
+            "inspecting the container",
+            self.client.inspect_container(
+                id,
+                None::<bollard::query_parameters::InspectContainerOptions>,
+            ),
+        )
+        .await?;
+        Ok(c.network_settings
+            .and_then(|n| n.networks)
+            .and_then(|mut n| n.remove(network))
+            .and_then(|e| e.ip_address)
+            .and_then(|ip| ip.parse().ok()))
+    }
+
     async fn state(&self, id: &str) -> Result<Option<ContainerState>> {
         match tokio::time::timeout(
             QUICK,

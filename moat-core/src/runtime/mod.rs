@@ -188,6 +188,12 @@ pub trait Runtime: Send + Sync + 'static {
     fn stop(&self, id: &str, grace_secs: u32) -> impl Future<Output = Result<()>> + Send;
     /// Removes a container (forcibly); a missing one is not an error.
     fn remove(&self, id: &str) -> impl Future<Output = Result<()>> + Send;
+    /// A container's address on a network; `None` when it has none.
+    fn container_ip(
+        &self,
+        id: &str,
+        network: &str,
+    ) -> impl Future<Output = Result<Option<IpAddr>>> + Send;
     /// The state of a container; `None` when it does not exist.
     fn state(&self, id: &str) -> impl Future<Output = Result<Option<ContainerState>>> + Send;
     /// `(id, run id)` of the containers carrying a label.
