@@ -659,16 +659,13 @@ async fn setup(ctx: &mut Ctx, meta: &RunMeta, held: &mut Held) -> Result<Started
     let t = Instant::now();
     docker.start(&container).await?;
     ctx.phase("start", t);
-    if !spec.ports.is_empty() {
-        let ip = docker
-            .container_ip(&container, &network.name)
-            .await?
-            .ok_or_else(|| {
-                Error::new(
-                    ErrorKind::Runtime,
-                    "the container has no address on its network",
-                )
-            })?;
+    // A command that already exited has no address: nothing to route.
+    let ip = if spec.ports.is_empty() {
+        None
+    } else {
+        docker.container_ip(&container, &network.name).await?
+    };
+    if let Some(ip) = ip {
         let endpoints = spec
             .ports
             .iter()
