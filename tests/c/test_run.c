@@ -5,6 +5,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 
 #include "moat.h"
 
@@ -113,6 +114,44 @@ static void test_run(const char *home, const char *moat, const char *image,
   moat_run_free(run);
 }
 
+/* A run with ports: the URL is in MOAT_URL_WEB inside and in the run's JSON. */
+static void test_urls(const char *home, const char *moat, const char *image,
+                      const char *workspace) {
+  char dir[1024], yaml[1100];
+  snprintf(dir, sizeof dir, "%s/with-ports", workspace);
+  mkdir(dir, 0755);
+  snprintf(yaml, sizeof yaml, "%s/agent.yaml", dir);
+  FILE *f = fopen(yaml, "w");
+  CHECK(f != NULL);
+  if (!f) return;
+  fputs("name: c-web\nports:\n  web: 3000\n", f);
+  fclose(f);
+  setenv("MOAT_PROXY_PORT", "18597", 1);
+  moat_run_options *o = options(home, moat, image, dir);
+  CHECK(moat_run_options_add(o, "arg", "sh", NULL) == MOAT_OK);
+  CHECK(moat_run_options_add(o, "arg", "-c", NULL) == MOAT_OK);
+  CHECK(moat_run_options_add(o, "arg", "echo $MOAT_URL_WEB", NULL) == MOAT_OK);
+  moat_run *run = NULL;
+  moat_error *err = NULL;
+  CHECK(moat_run_start(o, &run, &err) == MOAT_OK);
+  moat_run_options_free(o);
+  if (!run) {
+    fprintf(stderr, "moat_run_start: %s\n", err ? moat_error_message(err) : "?");
+    moat_error_free(err);
+    return;
+  }
+  struct captured c = {0};
+  CHECK(moat_run_follow(run, on_output, &c, NULL) == MOAT_OK);
+  CHECK(strcmp(c.out, "https://web.c-web.localhost:18597\n") == 0);
+  char *json = NULL;
+  CHECK(moat_run_json(run, MOAT_RUN_INFO, &json, NULL) == MOAT_OK);
+  CHECK(json && strstr(json, "\"urls\":{\"web\":\"https://web.c-web.localhost:18597\"}"));
+  moat_string_free(json);
+  CHECK(moat_run_destroy(run, NULL) == MOAT_OK);
+  moat_run_free(run);
+  unsetenv("MOAT_PROXY_PORT");
+}
+
 static void test_misuse(const char *home, const char *moat, const char *image,
                         const char *workspace) {
   moat_error *err = NULL;
@@ -164,6 +203,7 @@ int main(int argc, char **argv) {
     return 2;
   }
   test_run(argv[1], argv[2], argv[3], argv[4]);
+  test_urls(argv[1], argv[2], argv[3], argv[4]);
   test_misuse(argv[1], argv[2], argv[3], argv[4]);
   printf("%d passed, %d failed\n", passed, failed);
   return failed == 0 ? 0 : 1;
