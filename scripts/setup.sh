@@ -2,7 +2,8 @@
 # Installs what building and testing moat needs, on a fresh Debian machine or
 # this one again (every step is skipped when already done):
 #   - Debian packages: gcc, pkg-config, debootstrap, iptables, iproute2 (strict
-#     mode and its tests); docker.io when no Docker
+#     mode and its tests), chromium and libnss3-tools (the routing test's
+#     browser); docker.io when no Docker
 #     engine answers (and starts dockerd)
 #   - cbindgen, pinned (the header check compares its output byte for byte)
 #   - a Python virtualenv in target/venv with maturin, pytest and requests
@@ -43,6 +44,8 @@ command -v python3 >/dev/null || die "python3 is missing: install Python 3.9 or 
 
 # curl, openssl, git and openssh-client are real clients and tools of the tests.
 apt_install gcc pkg-config debootstrap curl openssl git ca-certificates openssh-client iptables iproute2 util-linux
+# The routing test opens a page in a real browser, trusting the moat CA.
+apt_install chromium libnss3-tools fonts-dejavu-core
 
 # A Docker engine: use the one that answers, else install and start one.
 if ! docker info >/dev/null 2>&1; then

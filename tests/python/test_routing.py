@@ -137,3 +137,55 @@ def test_python_sees_the_urls_of_a_run(env, tmp_path, monkeypatch):
     assert r.output == f"api,web https://api.pyweb.localhost:{port}\n"
     assert r.info()["urls"] == {"web": f"https://web.pyweb.localhost:{port}",
                                 "api": f"https://api.pyweb.localhost:{port}"}
+
+
+def _chromium():
+    import shutil
+    return shutil.which("chromium") and shutil.which("certutil")
+
+
+@pytest.mark.skipif(not _chromium(), reason="needs Debian's chromium and libnss3-tools (scripts/setup.sh installs them)")
+def test_a_browser_opens_the_agent_over_https_with_the_moat_ca_trusted(env, tmp_path):
+    port = env["MOAT_PROXY_PORT"]
+    ws = tmp_path / "browser-ws"
+    ws.mkdir()
+    page = ("<html><body style='background:#1e90ff;color:white;font:48px sans-serif'>"
+            "<h1 id=title>Served by browser-agent through moat</h1></body></html>")
+    (ws / "agent.yaml").write_text(
+        "name: browser-agent\nports:\n  web: 3000\n"
+        f"command: [\"sh\", \"-c\", {json.dumps('mkdir -p /tmp/s && cd /tmp/s && printf %s ' + json.dumps(page) + ' > index.html && exec python3 -m http.server 3000')}]\n")
+    moat_cli(env, "run", "-d", "--image", IMAGE, str(ws))
+    url = f"https://web.browser-agent.localhost:{port}/"
+    assert wait_ok(env, url)[0] == 200
+    # A profile of the browser's own, trusting the moat CA (as a user would
+    # once), in a home of its own.
+    browser_home = tmp_path / "browser-home"
+    nssdb = browser_home / ".pki" / "nssdb"
+    nssdb.mkdir(parents=True)
+    ca = Path(env["MOAT_HOME"]) / "proxy" / "ca" / "ca.crt"
+    subprocess.run(["certutil", "-d", f"sql:{nssdb}", "-N", "--empty-password"], check=True)
+    subprocess.run(["certutil", "-d", f"sql:{nssdb}", "-A", "-t", "C,,", "-n", "moat", "-i", str(ca)],
+                   check=True)
+    benv = {**os.environ, "HOME": str(browser_home)}
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+             f"--user-data-dir={tmp_path / 'profile'}", "--window-size=800,600"]
+    dom = subprocess.run(["chromium", *flags, "--dump-dom", url], env=benv, capture_output=True,
+                         text=True, timeout=120)
+    assert "Served by browser-agent through moat" in dom.stdout, dom.stderr[-2000:]
+    # Control: the same browser without the CA trusted does not show it.
+    untrusting = tmp_path / "no-ca-home"
+    untrusting.mkdir()
+    dom = subprocess.run(["chromium", *flags[:-2], f"--user-data-dir={tmp_path / 'p2'}", "--dump-dom", url],
+                         env={**os.environ, "HOME": str(untrusting)}, capture_output=True, text=True,
+                         timeout=120)
+    assert "Served by browser-agent through moat" not in dom.stdout
+    shot = tmp_path / "screenshot.png"
+    subprocess.run(["chromium", *flags, f"--screenshot={shot}", url], env=benv, capture_output=True,
+                   timeout=120)
+    data = shot.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+    assert (width, height) == (800, 600)
+    # Keep it where a person can look at it.
+    out = ROOT / "target" / "routing-screenshot.png"
+    out.write_bytes(data)
