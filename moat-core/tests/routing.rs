@@ -210,3 +210,71 @@ async fn websockets_pass_through() {
     assert_eq!(reply.into_text().unwrap().as_str(), "agent b:reload?");
     router.shutdown().await;
 }
+
+/// A keep-alive backend that counts its connections.
+async fn counting_backend() -> (SocketAddr, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let count = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let c = count.clone();
+    tokio::spawn(async move {
+        loop {
+            let (mut s, _) = listener.accept().await.unwrap();
+            c.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 4096];
+                let mut pending = Vec::new();
+                loop {
+                    let n = match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => n,
+                    };
+                    pending.extend_from_slice(&buf[..n]);
+                    while let Some(end) = pending.windows(4).position(|w| w == b"\r\n\r\n") {
+                        pending.drain(..end + 4);
+                        let _ = s
+                            .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                            .await;
+                    }
+                }
+            });
+        }
+    });
+    (addr, count)
+}
+
+#[tokio::test]
+async fn a_client_connection_keeps_its_connection_to_the_endpoint() {
+    let home = tempfile::tempdir().unwrap();
+    let (addr, count) = counting_backend().await;
+    table::register(
+        home.path(),
+        "k",
+        "run_00000000000c",
+        BTreeMap::from([("web".into(), addr.to_string())]),
+    )
+    .unwrap();
+    let router = Router::start(home.path(), "127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    let port = router.local_addr().port();
+    let url = format!("http://web.k.localhost:{port}/");
+    // curl sends the three requests over one connection.
+    let out = tokio::process::Command::new("curl")
+        .args([
+            "-sS",
+            "--max-time",
+            "10",
+            "--resolve",
+            &resolve("web.k.localhost", port),
+            &url,
+            &url,
+            &url,
+        ])
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "okokok");
+    assert_eq!(count.load(std::sync::atomic::Ordering::SeqCst), 1);
+    router.shutdown().await;
+}

@@ -286,9 +286,13 @@ async fn serve_http<I>(shared: Arc<Shared>, io: TokioIo<I>, scheme: &'static str
 where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
+    // The connection to the endpoint is kept for the next request of this
+    // client connection (HTTP/1.1 serves one request at a time).
+    let upstream: Upstream = Arc::default();
     let service = service_fn(move |req| {
         let shared = shared.clone();
-        async move { Ok::<_, std::convert::Infallible>(route(shared, req, scheme).await) }
+        let upstream = upstream.clone();
+        async move { Ok::<_, std::convert::Infallible>(route(shared, upstream, req, scheme).await) }
     });
     let _ = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
@@ -298,7 +302,16 @@ where
         .await;
 }
 
-async fn route(shared: Arc<Shared>, req: Request<Incoming>, scheme: &str) -> Response<Body> {
+/// A kept connection to an endpoint: its address and its sender.
+type Upstream =
+    Arc<tokio::sync::Mutex<Option<(String, hyper::client::conn::http1::SendRequest<Incoming>)>>>;
+
+async fn route(
+    shared: Arc<Shared>,
+    upstream: Upstream,
+    req: Request<Incoming>,
+    scheme: &str,
+) -> Response<Body> {
     let host = req
         .headers()
         .get(header::HOST)
@@ -341,7 +354,7 @@ async fn route(shared: Arc<Shared>, req: Request<Incoming>, scheme: &str) -> Res
         },
         Target::Endpoint(endpoint, agent) => {
             match routes.agents.get(&agent).and_then(|r| r.endpoints.get(&endpoint)) {
-                Some(addr) => forward(addr, req, scheme).await,
+                Some(addr) => forward(addr, &upstream, req, scheme).await,
                 None => text(
                     StatusCode::NOT_FOUND,
                     html,
@@ -364,31 +377,29 @@ fn bad_gateway(message: String) -> Response<Body> {
     )
 }
 
-/// Forwards a request to `addr` over a connection of its own, passing a
-/// WebSocket (any `101 Switching Protocols`) through.
-async fn forward(addr: &str, mut req: Request<Incoming>, scheme: &str) -> Response<Body> {
-    let stream = match tokio::time::timeout(
-        std::time::Duration::from_secs(10),
-        TcpStream::connect(addr),
-    )
-    .await
-    {
-        Ok(Ok(s)) => s,
-        Ok(Err(e)) => {
-            return bad_gateway(format!(
-                "moat: the agent's endpoint at {addr} does not answer ({e}); is its server listening on 0.0.0.0?\n"
-            ))
-        }
-        Err(_) => return bad_gateway(format!("moat: the agent's endpoint at {addr} does not answer\n")),
+/// Forwards a request to `addr`, over the kept connection when it goes
+/// there and is ready, else a new one; a WebSocket upgrade (any `101
+/// Switching Protocols`) gets a connection of its own and passes through.
+async fn forward(
+    addr: &str,
+    upstream: &Upstream,
+    mut req: Request<Incoming>,
+    scheme: &str,
+) -> Response<Body> {
+    let upgrade = req.headers().contains_key(header::UPGRADE);
+    let mut kept = upstream.lock().await;
+    let reusable = !upgrade
+        && match kept.as_mut() {
+            Some((a, sender)) if a == addr => sender.ready().await.is_ok(),
+            _ => false,
+        };
+    let mut sender = match (reusable, kept.take()) {
+        (true, Some((_, sender))) => sender,
+        _ => match connect(addr).await {
+            Ok(s) => s,
+            Err(resp) => return resp,
+        },
     };
-    let _ = stream.set_nodelay(true);
-    let Ok((mut sender, conn)) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await
-    else {
-        return bad_gateway(format!("moat: cannot speak HTTP to {addr}\n"));
-    };
-    tokio::spawn(async move {
-        let _ = conn.with_upgrades().await;
-    });
     let client_upgrade = hyper::upgrade::on(&mut req);
     let client_host = req.headers().get(header::HOST).cloned();
     if let Some(h) = client_host {
@@ -403,7 +414,12 @@ async fn forward(addr: &str, mut req: Request<Incoming>, scheme: &str) -> Respon
             *req.uri_mut() = uri;
         }
     }
-    let mut resp = match sender.send_request(req).await {
+    let sent = sender.send_request(req).await;
+    if !upgrade {
+        *kept = Some((addr.to_string(), sender));
+    }
+    drop(kept);
+    let mut resp = match sent {
         Ok(r) => r,
         Err(e) => {
             return bad_gateway(format!(
@@ -425,6 +441,39 @@ async fn forward(addr: &str, mut req: Request<Incoming>, scheme: &str) -> Respon
         b.map_err(|e| Box::new(e) as Box<dyn std::error::Error + Send + Sync>)
             .boxed()
     })
+}
+
+/// A new HTTP/1.1 connection to an endpoint.
+async fn connect(
+    addr: &str,
+) -> std::result::Result<hyper::client::conn::http1::SendRequest<Incoming>, Response<Body>> {
+    let stream = match tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        TcpStream::connect(addr),
+    )
+    .await
+    {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            return Err(bad_gateway(format!(
+                "moat: the agent's endpoint at {addr} does not answer ({e}); is its server listening on 0.0.0.0?\n"
+            )))
+        }
+        Err(_) => {
+            return Err(bad_gateway(format!(
+                "moat: the agent's endpoint at {addr} does not answer\n"
+            )))
+        }
+    };
+    let _ = stream.set_nodelay(true);
+    let Ok((sender, conn)) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await
+    else {
+        return Err(bad_gateway(format!("moat: cannot speak HTTP to {addr}\n")));
+    };
+    tokio::spawn(async move {
+        let _ = conn.with_upgrades().await;
+    });
+    Ok(sender)
 }
 
 #[cfg(test)]
