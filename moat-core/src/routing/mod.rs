@@ -96,24 +96,24 @@ struct Shared {
     home: PathBuf,
     ca: CertificateAuthority,
     port: u16,
-    routes: Mutex<(Option<SystemTime>, Routes)>,
+    routes: Mutex<(Option<SystemTime>, Arc<Routes>)>,
 }
 
 impl Shared {
     /// The table, re-read when its file changed.
-    fn routes(&self) -> Routes {
+    fn routes(&self) -> Arc<Routes> {
         let modified = std::fs::metadata(table::path(&self.home))
             .and_then(|m| m.modified())
             .ok();
         let Ok(mut cached) = self.routes.lock() else {
-            return Routes::default();
+            return Arc::default();
         };
         if cached.0 != modified || modified.is_none() {
             if let Ok(routes) = table::load(&self.home) {
-                *cached = (modified, routes);
+                *cached = (modified, Arc::new(routes));
             }
         }
-        cached.1.clone()
+        Arc::clone(&cached.1)
     }
 
     fn listing(&self, scheme: &str, routes: &Routes, heading: &str) -> String {
@@ -173,7 +173,7 @@ impl Router {
             home: home.to_path_buf(),
             ca,
             port: addr.port(),
-            routes: Mutex::new((None, Routes::default())),
+            routes: Mutex::new((None, Arc::default())),
         });
         let cancel = CancellationToken::new();
         let tasks = TaskTracker::new();
