@@ -23,8 +23,8 @@ const AFTER_HELP: &str = "\
 Agents run in isolated containers; credentials are injected at the network
 layer by a TLS-intercepting proxy, so the agent never sees your tokens.
 
-Not built yet: hostname routing (`moat proxy`), SSH grants inside runs; see
-the README's status table.
+Not built yet: SSH grants inside runs (the filtering SSH agent); see the
+README's status table.
 
 Examples:
   moat run -- echo hi         Run a command in a container in ./
