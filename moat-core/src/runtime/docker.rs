@@ -85,10 +85,35 @@ async fn quick<T>(
 ) -> Result<T> {
     match tokio::time::timeout(QUICK, fut).await {
         Ok(r) => r.map_err(|e| failed(what, e)),
-        Err(_) => Err(Error::new(
-            ErrorKind::Runtime,
-            format!("docker: {what}: no answer within {} s", QUICK.as_secs()),
-        )),
+        Err(_) => Err(no_answer(what, QUICK)),
+    }
+}
+
+fn no_answer(what: &str, limit: Duration) -> Error {
+    Error::new(
+        ErrorKind::Runtime,
+        format!("docker: {what}: no answer within {} s", limit.as_secs()),
+    )
+}
+
+/// Like [`quick`] within `limit`, but an answer with a status in `fine`
+/// (404 for an object that is not there, and what else a call allows) is
+/// `None`, not an error.
+async fn quick_or_none<T>(
+    what: &str,
+    limit: Duration,
+    fine: &[u16],
+    fut: impl std::future::Future<Output = std::result::Result<T, bollard::errors::Error>>,
+) -> Result<Option<T>> {
+    match tokio::time::timeout(limit, fut).await {
+        Ok(Ok(v)) => Ok(Some(v)),
+        Ok(Err(bollard::errors::Error::DockerResponseServerError { status_code, .. }))
+            if fine.contains(&status_code) =>
+        {
+            Ok(None)
+        }
+        Ok(Err(e)) => Err(failed(what, e)),
+        Err(_) => Err(no_answer(what, limit)),
     }
 }
 
@@ -126,15 +151,14 @@ impl Runtime for Docker {
     }
 
     async fn image_id(&self, image: &str) -> Result<Option<String>> {
-        match tokio::time::timeout(QUICK, self.client.inspect_image(image)).await {
-            Ok(Ok(i)) => Ok(Some(i.id.unwrap_or_default())),
-            Ok(Err(e)) if is_not_found(&e) => Ok(None),
-            Ok(Err(e)) => Err(failed(&format!("inspecting image {image}"), e)),
-            Err(_) => Err(Error::new(
-                ErrorKind::Runtime,
-                "docker: inspecting an image: no answer",
-            )),
-        }
+        let found = quick_or_none(
+            &format!("inspecting image {image}"),
+            QUICK,
+            &[404],
+            self.client.inspect_image(image),
+        )
+        .await?;
+        Ok(found.map(|i| i.id.unwrap_or_default()))
     }
 
     async fn pull_image(
@@ -253,15 +277,14 @@ impl Runtime for Docker {
     }
 
     async fn remove_network(&self, name: &str) -> Result<()> {
-        match tokio::time::timeout(QUICK, self.client.remove_network(name)).await {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) if is_not_found(&e) => Ok(()),
-            Ok(Err(e)) => Err(failed(&format!("removing network {name}"), e)),
-            Err(_) => Err(Error::new(
-                ErrorKind::Runtime,
-                "docker: removing a network: no answer",
-            )),
-        }
+        quick_or_none(
+            &format!("removing network {name}"),
+            QUICK,
+            &[404],
+            self.client.remove_network(name),
+        )
+        .await
+        .map(|_| ())
     }
 
     async fn networks_with_label(&self, label: &str) -> Result<Vec<(String, String)>> {
@@ -468,19 +491,11 @@ impl Runtime for Docker {
             ..Default::default()
         };
         let fut = self.client.stop_container(id, Some(options));
-        match tokio::time::timeout(QUICK + Duration::from_secs(grace_secs as u64), fut).await {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) if is_not_found(&e) => Ok(()),
-            // 304: already stopped.
-            Ok(Err(bollard::errors::Error::DockerResponseServerError {
-                status_code: 304, ..
-            })) => Ok(()),
-            Ok(Err(e)) => Err(failed("stopping the container", e)),
-            Err(_) => Err(Error::new(
-                ErrorKind::Runtime,
-                "docker: stopping the container: no answer",
-            )),
-        }
+        // 404: no such container; 304: already stopped.
+        let limit = QUICK + Duration::from_secs(u64::from(grace_secs));
+        quick_or_none("stopping the container", limit, &[404, 304], fut)
+            .await
+            .map(|_| ())
     }
 
     async fn remove(&self, id: &str) -> Result<()> {
@@ -489,19 +504,11 @@ impl Runtime for Docker {
             v: true,
             ..Default::default()
         };
-        match tokio::time::timeout(QUICK, self.client.remove_container(id, Some(options))).await {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) if is_not_found(&e) => Ok(()),
-            // 409: removal already in progress.
-            Ok(Err(bollard::errors::Error::DockerResponseServerError {
-                status_code: 409, ..
-            })) => Ok(()),
-            Ok(Err(e)) => Err(failed("removing the container", e)),
-            Err(_) => Err(Error::new(
-                ErrorKind::Runtime,
-                "docker: removing the container: no answer",
-            )),
-        }
+        // 404: no such container; 409: its removal is already under way.
+        let fut = self.client.remove_container(id, Some(options));
+        quick_or_none("removing the container", QUICK, &[404, 409], fut)
+            .await
+            .map(|_| ())
     }
 
     async fn container_ip(&self, id: &str, network: &str) -> Result<Option<std::net::IpAddr>> {
@@ -521,30 +528,19 @@ impl Runtime for Docker {
     }
 
     async fn state(&self, id: &str) -> Result<Option<ContainerState>> {
-        match tokio::time::timeout(
-            QUICK,
-            self.client.inspect_container(
-                id,
-                None::<bollard::query_parameters::InspectContainerOptions>,
-            ),
-        )
-        .await
-        {
-            Ok(Ok(c)) => {
-                let state = c.state.unwrap_or_default();
-                let running = state.running.unwrap_or(false);
-                Ok(Some(ContainerState {
-                    running,
-                    exit_code: if running { None } else { state.exit_code },
-                }))
+        let inspect = self.client.inspect_container(
+            id,
+            None::<bollard::query_parameters::InspectContainerOptions>,
+        );
+        let found = quick_or_none("inspecting the container", QUICK, &[404], inspect).await?;
+        Ok(found.map(|c| {
+            let state = c.state.unwrap_or_default();
+            let running = state.running.unwrap_or(false);
+            ContainerState {
+                running,
+                exit_code: if running { None } else { state.exit_code },
             }
-            Ok(Err(e)) if is_not_found(&e) => Ok(None),
-            Ok(Err(e)) => Err(failed("inspecting the container", e)),
-            Err(_) => Err(Error::new(
-                ErrorKind::Runtime,
-                "docker: inspecting a container: no answer",
-            )),
-        }
+        }))
     }
 
     async fn containers_with_label(&self, label: &str) -> Result<Vec<(String, String)>> {
