@@ -193,6 +193,12 @@ impl Run {
         Ok(self.meta.error.clone())
     }
 
+    /// Endpoint name → URL through the routing proxy (runs with `ports:`).
+    #[getter]
+    fn urls(&self) -> std::collections::BTreeMap<String, String> {
+        self.meta.urls.clone()
+    }
+
     /// The run's directory of artifacts.
     #[getter]
     fn dir(&self) -> String {

@@ -137,6 +137,7 @@ def test_python_sees_the_urls_of_a_run(env, tmp_path, monkeypatch):
     assert r.output == f"api,web https://api.pyweb.localhost:{port}\n"
     assert r.info()["urls"] == {"web": f"https://web.pyweb.localhost:{port}",
                                 "api": f"https://api.pyweb.localhost:{port}"}
+    assert r.urls == r.info()["urls"]
 
 
 def _chromium():
