@@ -112,6 +112,30 @@ impl Credential {
     }
 }
 
+/// The variables that send a process's HTTP(S) through the proxy at `url`
+/// (which carries the client's token) and make curl, OpenSSL, Python,
+/// requests, Node and git trust the CA bundle at `ca_path`.
+pub fn proxy_env(url: &str, ca_path: &str) -> Vec<(String, String)> {
+    let no_proxy = "localhost,127.0.0.1,::1";
+    let mut env = Vec::new();
+    for key in ["HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy"] {
+        env.push((key.to_string(), url.to_string()));
+    }
+    for key in ["NO_PROXY", "no_proxy"] {
+        env.push((key.to_string(), no_proxy.to_string()));
+    }
+    for key in [
+        "SSL_CERT_FILE",
+        "REQUESTS_CA_BUNDLE",
+        "NODE_EXTRA_CA_CERTS",
+        "GIT_SSL_CAINFO",
+        "CURL_CA_BUNDLE",
+    ] {
+        env.push((key.to_string(), ca_path.to_string()));
+    }
+    env
+}
+
 /// What a client (a run) registers with the proxy.
 #[derive(Clone)]
 pub struct ClientSpec {
@@ -437,25 +461,10 @@ impl Proxy {
     /// The environment a child process needs to use this proxy as `handle`:
     /// proxy variables (with the token) and CA trust for common tools.
     pub fn client_env(&self, handle: &ClientHandle) -> Vec<(String, String)> {
-        let url = handle.proxy_url(self.addr).expose().clone();
-        let ca = self.ca_cert_path().to_string_lossy().into_owned();
-        let no_proxy = "localhost,127.0.0.1,::1".to_string();
-        let mut env = Vec::new();
-        for key in ["HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy"] {
-            env.push((key.to_string(), url.clone()));
-        }
-        env.push(("NO_PROXY".into(), no_proxy.clone()));
-        env.push(("no_proxy".into(), no_proxy));
-        for key in [
-            "SSL_CERT_FILE",
-            "REQUESTS_CA_BUNDLE",
-            "NODE_EXTRA_CA_CERTS",
-            "GIT_SSL_CAINFO",
-            "CURL_CA_BUNDLE",
-        ] {
-            env.push((key.to_string(), ca.clone()));
-        }
-        env
+        proxy_env(
+            handle.proxy_url(self.addr).expose(),
+            &self.ca_cert_path().to_string_lossy(),
+        )
     }
 
     /// Stops accepting, cuts open connections and waits (up to 5 s) for

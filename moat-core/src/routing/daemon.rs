@@ -97,16 +97,7 @@ pub fn ensure(
     if manual {
         cmd.arg("--manual");
     }
-    {
-        use std::os::unix::process::CommandExt;
-        // SAFETY: setsid is async-signal-safe; the router outlives its starter.
-        unsafe {
-            cmd.pre_exec(|| {
-                libc::setsid();
-                Ok(())
-            });
-        }
-    }
+    crate::run::detach(&mut cmd);
     let mut child = cmd.spawn().map_err(|e| {
         Error::new(
             ErrorKind::Runtime,

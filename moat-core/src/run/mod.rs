@@ -604,6 +604,20 @@ fn run_async_local<T>(fut: impl std::future::Future<Output = Result<T>>) -> Resu
     crate::blocking::block_on_fresh(fut)
 }
 
+/// Makes `cmd` start in a session of its own, so that closing the
+/// starter's terminal or a Ctrl+C aimed at the starter does not reach it
+/// (the supervisor, the router).
+pub(crate) fn detach(cmd: &mut std::process::Command) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: setsid is async-signal-safe, as pre_exec requires.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::setsid();
+            Ok(())
+        });
+    }
+}
+
 /// How the supervisor process is started.
 #[derive(Debug, Clone, Default)]
 pub struct Launcher {
@@ -782,18 +796,7 @@ pub fn start(
         .stdout(Stdio::piped())
         .stderr(log)
         .env("MOAT_HOME", home);
-    {
-        use std::os::unix::process::CommandExt;
-        // SAFETY: setsid is async-signal-safe; it detaches the supervisor
-        // from the caller's session, so closing the terminal or a Ctrl+C
-        // aimed at the caller does not reach it.
-        unsafe {
-            cmd.pre_exec(|| {
-                libc::setsid();
-                Ok(())
-            });
-        }
-    }
+    detach(&mut cmd);
     let mut child = cmd.spawn().map_err(|e| {
         let message = format!(
             "cannot start the run's supervisor ({}): {e}",

@@ -503,21 +503,11 @@ async fn setup(ctx: &mut Ctx, meta: &RunMeta, held: &mut Held) -> Result<Started
     let mut env: Vec<String> = spec.env.iter().map(|(k, v)| format!("{k}={v}")).collect();
     env.extend(secret_env);
     env.extend(binding.env.iter().map(|(k, v)| format!("{k}={v}")));
-    for key in ["HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy"] {
-        env.push(format!("{key}={}", proxy_url.expose()));
-    }
-    for key in ["NO_PROXY", "no_proxy"] {
-        env.push(format!("{key}=localhost,127.0.0.1,::1"));
-    }
-    for key in [
-        "SSL_CERT_FILE",
-        "REQUESTS_CA_BUNDLE",
-        "NODE_EXTRA_CA_CERTS",
-        "GIT_SSL_CAINFO",
-        "CURL_CA_BUNDLE",
-    ] {
-        env.push(format!("{key}={CA_BUNDLE_PATH}"));
-    }
+    env.extend(
+        crate::proxy::proxy_env(proxy_url.expose(), CA_BUNDLE_PATH)
+            .into_iter()
+            .map(|(k, v)| format!("{k}={v}")),
+    );
     if binding.aws_region.is_some() {
         env.push(format!("AWS_CONFIG_FILE={AWS_CONFIG_PATH}"));
         env.push("AWS_SDK_LOAD_CONFIG=1".into());

@@ -409,17 +409,7 @@ impl Runtime for Docker {
             self.client.attach_container(id, Some(options)),
         )
         .await?;
-        let stream = attached.output.filter_map(|item| async move {
-            match item {
-                Ok(LogOutput::StdOut { message }) | Ok(LogOutput::Console { message }) => {
-                    Some(Ok(Output::Stdout(message)))
-                }
-                Ok(LogOutput::StdErr { message }) => Some(Ok(Output::Stderr(message))),
-                Ok(LogOutput::StdIn { .. }) => None,
-                Err(e) => Some(Err(failed("reading container output", e))),
-            }
-        });
-        Ok(Box::pin(stream))
+        Ok(output_stream(attached.output, false))
     }
 
     async fn attach_tty(&self, id: &str) -> Result<(OutputStream, super::InputSink)> {
@@ -436,16 +426,7 @@ impl Runtime for Docker {
             self.client.attach_container(id, Some(options)),
         )
         .await?;
-        let output = attached.output.filter_map(|item| async move {
-            match item {
-                Ok(LogOutput::StdOut { message })
-                | Ok(LogOutput::Console { message })
-                | Ok(LogOutput::StdErr { message }) => Some(Ok(Output::Stdout(message))),
-                Ok(LogOutput::StdIn { .. }) => None,
-                Err(e) => Some(Err(failed("reading container output", e))),
-            }
-        });
-        Ok((Box::pin(output), attached.input))
+        Ok((output_stream(attached.output, true), attached.input))
     }
 
     async fn resize_tty(&self, id: &str, rows: u16, cols: u16) -> Result<()> {
@@ -570,6 +551,30 @@ impl Runtime for Docker {
             })
             .collect())
     }
+}
+
+/// A container's output as moat's stream; with a TTY (`tty`) everything is
+/// one stream, shown as stdout.
+fn output_stream(
+    output: std::pin::Pin<
+        Box<
+            dyn futures_util::Stream<Item = std::result::Result<LogOutput, bollard::errors::Error>>
+                + Send,
+        >,
+    >,
+    tty: bool,
+) -> OutputStream {
+    Box::pin(output.filter_map(move |item| async move {
+        match item {
+            Ok(LogOutput::StdOut { message }) | Ok(LogOutput::Console { message }) => {
+                Some(Ok(Output::Stdout(message)))
+            }
+            Ok(LogOutput::StdErr { message }) if tty => Some(Ok(Output::Stdout(message))),
+            Ok(LogOutput::StdErr { message }) => Some(Ok(Output::Stderr(message))),
+            Ok(LogOutput::StdIn { .. }) => None,
+            Err(e) => Some(Err(failed("reading container output", e))),
+        }
+    }))
 }
 
 /// `repo[:tag]` (a digest stays with the repo); the tag defaults to `latest`.
