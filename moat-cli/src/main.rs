@@ -23,9 +23,6 @@ const AFTER_HELP: &str = "\
 Agents run in isolated containers; credentials are injected at the network
 layer by a TLS-intercepting proxy, so the agent never sees your tokens.
 
-Not built yet: SSH grants inside runs (the filtering SSH agent); see the
-README's status table.
-
 Examples:
   moat run -- echo hi         Run a command in a container in ./
   moat run --grant github -- curl -s https://api.github.com/user
@@ -444,6 +441,20 @@ fn cmd_grant_ssh(args: &GrantArgs) -> Result<(), Error> {
         grant.key.comment, grant.key.fingerprint
     );
     eprintln!("Granted SSH access to {}", grant.host);
+    if grant.host_keys.is_empty() {
+        eprintln!(
+            "warning: no host key for {host} is in ~/.ssh/known_hosts, so runs cannot tell {host} from \
+             another server and will not start with this grant; connect once with `ssh {host}`, \
+             check the fingerprint, and grant again",
+            host = grant.host
+        );
+    } else {
+        eprintln!(
+            "Host keys of {}: {} (from known_hosts)",
+            grant.host,
+            grant.host_keys.len()
+        );
+    }
     Ok(())
 }
 

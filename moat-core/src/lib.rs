@@ -24,6 +24,7 @@ pub mod run;
 pub mod runtime;
 pub mod secret;
 pub mod secrets;
+pub mod ssh_agent;
 pub mod trace;
 
 pub use error::{Diagnostic, Error, ErrorKind, Location, Result};

@@ -125,6 +125,36 @@ pub enum AuditEvent {
         /// When the credentials expire.
         expiration: Option<String>,
     },
+    /// A decision of a run's filtering SSH agent.
+    SshAgent {
+        /// The client (run).
+        client: String,
+        /// `list`, `sign`, `bind`, or the refused request (`add_identity`,
+        /// `remove_identity`, `lock`, ...).
+        op: String,
+        /// The granted host it concerns, when known.
+        host: Option<String>,
+        /// The agent key's fingerprint (for `bind`, the server's host key).
+        fingerprint: Option<String>,
+        /// Allowed or refused.
+        allowed: bool,
+        /// Why it was refused, or a note.
+        reason: Option<String>,
+    },
+}
+
+/// Records a finished request: the trace record, and the audit event.
+pub(crate) fn emit(
+    trace: Option<&std::sync::Arc<dyn TraceSink>>,
+    audit: Option<&std::sync::Arc<dyn AuditSink>>,
+    record: &TraceRecord,
+) {
+    if let Some(trace) = trace {
+        trace.record(record);
+    }
+    if let Some(audit) = audit {
+        audit.event(&AuditEvent::request(record));
+    }
 }
 
 /// Receives audit events.

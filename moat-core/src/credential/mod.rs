@@ -297,6 +297,8 @@ pub struct Binding {
     pub aws: Option<std::sync::Arc<aws::RoleSession>>,
     /// The AWS role's region, when `aws` is granted.
     pub aws_region: Option<String>,
+    /// The hosts of `ssh:` grants, for the run's filtering SSH agent.
+    pub ssh: Vec<crate::ssh_agent::HostGrant>,
 }
 
 /// Binds grant names (`github`, `anthropic`, `aws`, custom providers) for a
@@ -306,6 +308,12 @@ pub fn bind(home: &Path, grants: &[String], session: &str) -> Result<Binding> {
     let mut binding = Binding::default();
     let mut store = None;
     for name in grants {
+        if let Some(host) = name.strip_prefix("ssh:") {
+            let grant = ssh_host(home, host)?;
+            binding.hosts.push((name.clone(), vec![grant.host.clone()]));
+            binding.ssh.push(grant);
+            continue;
+        }
         if name == "aws" {
             let role = aws::load(home)?.ok_or_else(|| {
                 Error::new(
@@ -335,6 +343,26 @@ pub fn bind(home: &Path, grants: &[String], session: &str) -> Result<Binding> {
     Ok(binding)
 }
 
+/// The stored grant for `ssh:<host>`, with the host's keys: those recorded
+/// when it was granted and those `known_hosts` holds now, less revoked ones.
+fn ssh_host(home: &Path, host: &str) -> Result<crate::ssh_agent::HostGrant> {
+    let host = host.trim_end_matches('.').to_ascii_lowercase();
+    let grant = ssh::list(home)?
+        .into_iter()
+        .find(|g| g.host == host)
+        .ok_or_else(|| {
+            Error::new(
+                ErrorKind::Config,
+                format!("grant \"ssh:{host}\": no ssh key is granted for {host}; run `moat grant ssh --host {host}`"),
+            )
+        })?;
+    let known = ssh::known_host_keys(&host, &ssh::known_hosts_files());
+    let mut keys = grant.host_keys.clone();
+    keys.extend(known.keys);
+    keys.retain(|k| !known.revoked.contains(k));
+    crate::ssh_agent::HostGrant::new(&host, &grant.key.fingerprint, &keys)
+}
+
 type HttpGrant = (Vec<Credential>, Vec<(String, String)>, Vec<String>);
 
 fn load_http_grant(
@@ -345,6 +373,12 @@ fn load_http_grant(
     {
         let provider = name.split(':').next().unwrap_or(name);
         let spec = lookup(home, provider)?;
+        if provider == "ssh" {
+            return Err(Error::new(
+                ErrorKind::InvalidArgument,
+                format!("grant \"{name}\": ssh grants are for runs (`moat run --grant {name}`), whose filtering SSH agent uses them; a proxy alone has no SSH agent"),
+            ));
+        }
         if !spec.stores_secret {
             return Err(Error::new(
                 ErrorKind::InvalidArgument,

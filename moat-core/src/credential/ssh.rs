@@ -5,11 +5,12 @@
 //! `SSH2_AGENTC_REQUEST_IDENTITIES`), picks the first or the named one, and
 //! records `{host, fingerprint, comment}` in `$MOAT_HOME/ssh-grants.json`
 //! (0600). No private key and no secret is stored: signing stays with the
-//! agent. The filtering agent that uses these grants during a run is built
-//! with runs.
+//! agent. The host's public keys, from the user's `known_hosts`, are
+//! recorded too: during a run the filtering agent ([`crate::ssh_agent`])
+//! signs only for a server that proves it holds one of them.
 
 use std::io::{Read, Write};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use base64::Engine;
 use serde::{Deserialize, Serialize};
@@ -38,6 +39,10 @@ pub struct SshGrant {
     pub key: AgentKey,
     /// When it was granted (RFC 3339).
     pub created: String,
+    /// The host's public keys known when it was granted (OpenSSH format,
+    /// `ssh-ed25519 AAAA...`), from the user's `known_hosts`.
+    #[serde(default)]
+    pub host_keys: Vec<String>,
 }
 
 const REQUEST_IDENTITIES: u8 = 11;
@@ -203,6 +208,7 @@ pub fn grant(
     };
     let host = host.trim_end_matches('.').to_ascii_lowercase();
     let entry = SshGrant {
+        host_keys: known_host_keys(&host, &known_hosts_files()).keys,
         host: host.clone(),
         key,
         created: crate::trace::now_rfc3339(),
@@ -215,6 +221,111 @@ pub fn grant(
     grants.push(entry.clone());
     write(home, &grants)?;
     Ok(entry)
+}
+
+/// The `known_hosts` files moat reads, as OpenSSH does by default: the
+/// user's (`$HOME/.ssh/known_hosts`, `known_hosts2`) and the system's.
+pub fn known_hosts_files() -> Vec<PathBuf> {
+    let mut files = Vec::new();
+    if let Some(home) = std::env::var_os("HOME").filter(|h| !h.is_empty()) {
+        let ssh = PathBuf::from(home).join(".ssh");
+        files.push(ssh.join("known_hosts"));
+        files.push(ssh.join("known_hosts2"));
+    }
+    files.push(PathBuf::from("/etc/ssh/ssh_known_hosts"));
+    files.push(PathBuf::from("/etc/ssh/ssh_known_hosts2"));
+    files
+}
+
+/// The keys `known_hosts` files hold for one host.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct KnownHostKeys {
+    /// The host's keys (OpenSSH format, without comments), revoked ones left
+    /// out.
+    pub keys: Vec<String>,
+    /// Keys marked `@revoked` (for any host): never to be trusted, even when
+    /// recorded at grant time.
+    pub revoked: Vec<String>,
+}
+
+/// The keys `files` hold for `host` at port 22: lines naming it plainly, in
+/// a `*`/`?` pattern (unless a `!` pattern excludes it), as `[host]:22` or
+/// hashed (`|1|salt|hash`). `@cert-authority` lines are ignored (host
+/// certificates are not supported); `@revoked` keys are collected apart.
+/// Unreadable files and lines are skipped.
+pub fn known_host_keys(host: &str, files: &[PathBuf]) -> KnownHostKeys {
+    use ssh_key::known_hosts::{HostPatterns, Marker};
+    let host = host.trim_end_matches('.').to_ascii_lowercase();
+    let mut out = KnownHostKeys::default();
+    for file in files {
+        let Ok(text) = std::fs::read_to_string(file) else {
+            continue;
+        };
+        for entry in ssh_key::KnownHosts::new(&text).flatten() {
+            let key = entry.public_key().key_data();
+            let Ok(line) = ssh_key::PublicKey::from(key.clone()).to_openssh() else {
+                continue;
+            };
+            if entry.marker() == Some(&Marker::Revoked) {
+                out.revoked.push(line);
+                continue;
+            }
+            if entry.marker().is_some() {
+                continue;
+            }
+            let matches = match entry.host_patterns() {
+                HostPatterns::Patterns(patterns) => patterns_match(patterns, &host),
+                HostPatterns::HashedName { salt, hash } => {
+                    hashed_name(salt, &host) == *hash
+                        || hashed_name(salt, &format!("[{host}]:22")) == *hash
+                }
+            };
+            if matches && !out.keys.contains(&line) {
+                out.keys.push(line);
+            }
+        }
+    }
+    let revoked = out.revoked.clone();
+    out.keys.retain(|k| !revoked.contains(k));
+    out
+}
+
+fn hashed_name(salt: &[u8], name: &str) -> [u8; 20] {
+    use hmac::Mac;
+    let Ok(mut mac) = hmac::Hmac::<sha1::Sha1>::new_from_slice(salt) else {
+        return [0; 20];
+    };
+    mac.update(name.as_bytes());
+    mac.finalize().into_bytes().into()
+}
+
+/// OpenSSH's `match_hostname`: some pattern matches and no negated one does.
+fn patterns_match(patterns: &[String], host: &str) -> bool {
+    let mut matched = false;
+    for pattern in patterns {
+        let pattern = pattern.to_ascii_lowercase();
+        let (negated, pattern) = match pattern.strip_prefix('!') {
+            Some(p) => (true, p.to_string()),
+            None => (false, pattern),
+        };
+        let hit = glob(pattern.as_bytes(), host.as_bytes())
+            || glob(pattern.as_bytes(), format!("[{host}]:22").as_bytes());
+        if hit && negated {
+            return false;
+        }
+        matched |= hit;
+    }
+    matched
+}
+
+/// `*` and `?` wildcards, as OpenSSH's `match_pattern`.
+fn glob(pattern: &[u8], text: &[u8]) -> bool {
+    match pattern.split_first() {
+        None => text.is_empty(),
+        Some((b'*', rest)) => (0..=text.len()).any(|i| glob(rest, &text[i..])),
+        Some((b'?', rest)) => !text.is_empty() && glob(rest, &text[1..]),
+        Some((c, rest)) => text.first() == Some(c) && glob(rest, &text[1..]),
+    }
 }
 
 /// Removes the grant for `host`; `Ok(false)` when there was none.

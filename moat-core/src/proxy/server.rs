@@ -24,7 +24,7 @@ use super::body::{empty, full, BoxError, Capture, Counted, Metered, Prefixed, Pr
 use super::upstream::{self, ConnectError, Connector, ResolveMap};
 use super::{CertificateAuthority, ClientCtx, ClientTable, Limits};
 use crate::policy::blocked_message;
-use crate::trace::{now_rfc3339, AuditEvent, TraceRecord};
+use crate::trace::{emit, now_rfc3339, AuditEvent, TraceRecord};
 
 pub(crate) struct Shared {
     pub ca: CertificateAuthority,
@@ -140,19 +140,6 @@ async fn serve_client(tcp: tokio::net::TcpStream, shared: Arc<Shared>) {
 
 /// Hands a finished request to the client's trace sink and, as a `request`
 /// event, to its audit sink.
-fn emit(
-    trace: Option<&Arc<dyn crate::trace::TraceSink>>,
-    audit: Option<&Arc<dyn crate::trace::AuditSink>>,
-    record: &TraceRecord,
-) {
-    if let Some(trace) = trace {
-        trace.record(record);
-    }
-    if let Some(audit) = audit {
-        audit.event(&AuditEvent::request(record));
-    }
-}
-
 fn text_response(status: StatusCode, body: impl Into<Bytes>) -> Response<ProxyBody> {
     let mut resp = Response::new(full(body));
     *resp.status_mut() = status;

@@ -1,7 +1,7 @@
 //! Strict mode's enforcement, on the host where the agent cannot reach it:
 //! a netfilter chain per run (`MOAT-<12 hex>`, in iptables and ip6tables)
-//! that lets the run's bridge reach the proxy's port on the gateway address
-//! and drops everything else it sends, to the host or through it.
+//! that lets the run's bridge reach the proxy's port (and the SSH
+//! forwarders' ports of `ssh:` grants) on the gateway address and drops everything else it sends, to the host or through it.
 //!
 //! The run's network is also `internal` (no route out) and the container
 //! runs without capabilities; these rules are what holds even if something
@@ -20,23 +20,26 @@ fn guard_chain(run_id: &str) -> String {
     format!("MOAT-G-{}", run_id.trim_start_matches("run_"))
 }
 
-/// Installs the proxy's guard: TCP to `gateway:port` is accepted only from
-/// the run's bridge and from the host itself (`lo`); other networks'
-/// containers, which the host would otherwise route there, are dropped.
-/// Used in both modes where the host firewall can be changed.
-pub(crate) fn guard(run_id: &str, bridge: &str, gateway: IpAddr, port: u16) -> Result<()> {
+/// Installs the guard of the run's listeners (the proxy, the SSH
+/// forwarders): TCP to `gateway:port` is accepted only from the run's
+/// bridge and from the host itself (`lo`); other networks' containers,
+/// which the host would otherwise route there, are dropped. Used in both
+/// modes where the host firewall can be changed.
+pub(crate) fn guard(run_id: &str, bridge: &str, gateway: IpAddr, ports: &[u16]) -> Result<()> {
     let name = guard_chain(run_id);
     let gw = gateway.to_string();
-    let port = port.to_string();
-    let rules: Vec<Vec<&str>> = vec![
+    let ports: Vec<String> = ports.iter().map(u16::to_string).collect();
+    let mut rules: Vec<Vec<&str>> = vec![
         vec!["-N", &name],
         vec!["-A", &name, "-i", "lo", "-j", "RETURN"],
         vec!["-A", &name, "-i", bridge, "-j", "RETURN"],
         vec!["-A", &name, "-j", "DROP"],
-        vec![
-            "-I", "INPUT", "1", "-p", "tcp", "-d", &gw, "--dport", &port, "-j", &name,
-        ],
     ];
+    for port in &ports {
+        rules.push(vec![
+            "-I", "INPUT", "1", "-p", "tcp", "-d", &gw, "--dport", port, "-j", &name,
+        ]);
+    }
     for args in &rules {
         if let Err(e) = run(false, args) {
             let _ = remove_chain(false, &name);
@@ -100,12 +103,13 @@ pub(crate) fn check() -> Result<()> {
     Ok(())
 }
 
-/// Installs the run's rules: from `bridge`, only TCP to `gateway:port`.
-pub(crate) fn install(run_id: &str, bridge: &str, gateway: IpAddr, port: u16) -> Result<()> {
+/// Installs the run's rules: from `bridge`, only TCP to `gateway:port` for
+/// each of `ports` (the proxy's, the SSH forwarders').
+pub(crate) fn install(run_id: &str, bridge: &str, gateway: IpAddr, ports: &[u16]) -> Result<()> {
     let name = chain(run_id);
     let gw = gateway.to_string();
-    let port = port.to_string();
-    let v4: Vec<Vec<&str>> = vec![
+    let ports: Vec<String> = ports.iter().map(u16::to_string).collect();
+    let mut v4: Vec<Vec<&str>> = vec![
         vec!["-N", &name],
         // Replies on connections the host opened (the router reaching an
         // endpoint); the container cannot open one itself.
@@ -119,14 +123,18 @@ pub(crate) fn install(run_id: &str, bridge: &str, gateway: IpAddr, port: u16) ->
             "-j",
             "ACCEPT",
         ],
-        vec![
-            "-A", &name, "-p", "tcp", "-d", &gw, "--dport", &port, "-j", "ACCEPT",
-        ],
+    ];
+    for port in &ports {
+        v4.push(vec![
+            "-A", &name, "-p", "tcp", "-d", &gw, "--dport", port, "-j", "ACCEPT",
+        ]);
+    }
+    v4.extend([
         vec!["-A", &name, "-j", "DROP"],
         vec!["-I", "INPUT", "1", "-i", bridge, "-j", &name],
         vec!["-I", "FORWARD", "1", "-i", bridge, "-j", &name],
         vec!["-I", "FORWARD", "1", "-o", bridge, "-j", &name],
-    ];
+    ]);
     let v6: Vec<Vec<&str>> = vec![
         vec!["-N", &name],
         vec!["-A", &name, "-j", "DROP"],

@@ -29,6 +29,13 @@ pub const CA_BUNDLE_PATH: &str = "/etc/moat/ca-bundle.pem";
 const AWS_HELPER_PATH: &str = "/etc/moat/aws-credentials";
 /// The AWS config file inside a container (`AWS_CONFIG_FILE`).
 const AWS_CONFIG_PATH: &str = "/etc/moat/aws-config";
+/// Where the run's filtering SSH agent socket appears inside a container.
+const SSH_AGENT_DIR: &str = "/run/moat/ssh";
+/// The SSH client configuration for granted hosts, inside a container
+/// (Debian's and Ubuntu's `/etc/ssh/ssh_config` include this directory).
+const SSH_CONFIG_PATH: &str = "/etc/ssh/ssh_config.d/moat.conf";
+/// The granted hosts' keys, inside a container.
+const SSH_KNOWN_HOSTS_PATH: &str = "/etc/moat/ssh_known_hosts";
 /// Fetches the run's role credentials from its proxy, with whatever HTTP
 /// client the image has; the proxy variables carry the run's token.
 const AWS_HELPER: &str = r#"#!/bin/sh
@@ -104,6 +111,8 @@ struct Held {
     container: Option<String>,
     firewall: bool,
     proxy: Option<Proxy>,
+    /// Stops the SSH agent and forwarders.
+    ssh: Option<tokio_util::sync::CancellationToken>,
     routes: bool,
 }
 
@@ -217,6 +226,9 @@ async fn supervise_async(handoff: Handoff) -> Result<i32> {
     if let Some(proxy) = held.proxy.take() {
         proxy.shutdown().await;
     }
+    if let Some(ssh) = held.ssh.take() {
+        ssh.cancel();
+    }
     if let Err(e) = ctx.audit.close() {
         eprintln_safe(&format!("moat supervisor: closing the audit log: {e}"));
     }
@@ -272,6 +284,10 @@ async fn release(ctx: &Ctx, held: &mut Held) -> Option<String> {
     let mut first: Option<String> = None;
     if let Some(proxy) = held.proxy.take() {
         proxy.shutdown().await;
+    }
+    if let Some(ssh) = held.ssh.take() {
+        ssh.cancel();
+        let _ = std::fs::remove_file(ctx.dir.join("ssh").join("agent.sock"));
     }
     if held.routes {
         let (home, name, id) = (ctx.home.clone(), ctx.name.clone(), ctx.id.clone());
@@ -352,7 +368,8 @@ async fn setup(ctx: &mut Ctx, meta: &RunMeta, held: &mut Held) -> Result<Started
         .collect::<Result<Vec<_>>>()?;
 
     // Grants and secrets, on the host.
-    let binding = crate::credential::bind(&ctx.home, &spec.grants, &ctx.id)?;
+    let mut binding = crate::credential::bind(&ctx.home, &spec.grants, &ctx.id)?;
+    let ssh_grants = std::mem::take(&mut binding.ssh);
     ctx.audit(
         "grants_bound",
         json!({ "run": ctx.id, "grants": binding.hosts.iter().map(|(g, h)| json!({"grant": g, "hosts": h})).collect::<Vec<_>>() }),
@@ -435,14 +452,15 @@ async fn setup(ctx: &mut Ctx, meta: &RunMeta, held: &mut Held) -> Result<Started
         .append(true)
         .open(&trace_path)
         .map_err(|e| Error::io(&trace_path, "open", e))?;
+    let trace: Arc<dyn TraceSink> = Arc::new(JsonlTrace {
+        file: Mutex::new(trace_file),
+    });
     let client = proxy.register(ClientSpec {
         name: ctx.id.clone(),
         credentials: binding.credentials,
         policy,
         allow,
-        trace: Some(Arc::new(JsonlTrace {
-            file: Mutex::new(trace_file),
-        })),
+        trace: Some(trace.clone()),
         audit: Some(ctx.audit.clone()),
         capture_bodies: 0,
         aws: binding.aws,
@@ -452,15 +470,29 @@ async fn setup(ctx: &mut Ctx, meta: &RunMeta, held: &mut Held) -> Result<Started
     let ca_pem = proxy.ca().cert_pem().to_string();
     held.proxy = Some(proxy);
     ctx.phase("proxy", t);
+
+    // SSH grants: the filtering agent, and a forwarder per granted host on
+    // the same address as the proxy.
+    let ssh_hosts = if ssh_grants.is_empty() {
+        Vec::new()
+    } else {
+        let t = Instant::now();
+        let hosts = start_ssh(ctx, held, ssh_grants, network.gateway, trace).await?;
+        ctx.phase("ssh", t);
+        hosts
+    };
+    let mut ports = vec![proxy_addr.port()];
+    ports.extend(ssh_hosts.iter().map(|(_, port)| *port));
+
     let t = Instant::now();
     if strict {
-        firewall::install(&ctx.id, &network.bridge, network.gateway, proxy_addr.port())?;
+        firewall::install(&ctx.id, &network.bridge, network.gateway, &ports)?;
         held.firewall = true;
     }
     // Where the host firewall can be changed, only this run's network and
     // the host reach the proxy (in strict mode this must hold).
     let guarded = if strict || firewall::check().is_ok() {
-        firewall::guard(&ctx.id, &network.bridge, network.gateway, proxy_addr.port())?;
+        firewall::guard(&ctx.id, &network.bridge, network.gateway, &ports)?;
         held.firewall = true;
         true
     } else {
@@ -508,6 +540,9 @@ async fn setup(ctx: &mut Ctx, meta: &RunMeta, held: &mut Held) -> Result<Started
             .into_iter()
             .map(|(k, v)| format!("{k}={v}")),
     );
+    if !ssh_hosts.is_empty() {
+        env.push(format!("SSH_AUTH_SOCK={SSH_AGENT_DIR}/agent.sock"));
+    }
     if binding.aws_region.is_some() {
         env.push(format!("AWS_CONFIG_FILE={AWS_CONFIG_PATH}"));
         env.push("AWS_SDK_LOAD_CONFIG=1".into());
@@ -558,6 +593,20 @@ async fn setup(ctx: &mut Ctx, meta: &RunMeta, held: &mut Held) -> Result<Started
                 .into_bytes(),
             0o644,
         ));
+    }
+    if !ssh_hosts.is_empty() {
+        let (config, known_hosts) = ssh_files(&ssh_hosts, network.gateway);
+        files.push((SSH_CONFIG_PATH.to_string(), config.into_bytes(), 0o644));
+        files.push((
+            SSH_KNOWN_HOSTS_PATH.to_string(),
+            known_hosts.into_bytes(),
+            0o644,
+        ));
+        binds.push(Bind {
+            source: ctx.dir.join("ssh").to_string_lossy().into_owned(),
+            target: SSH_AGENT_DIR.into(),
+            read_only: true,
+        });
     }
     let files_dir = ctx.dir.join("container");
     crate::paths::private_dir(&files_dir)?;
@@ -680,6 +729,96 @@ async fn setup(ctx: &mut Ctx, meta: &RunMeta, held: &mut Held) -> Result<Started
         json!({ "run": ctx.id, "container": container }),
     );
     Ok((docker, log_task))
+}
+
+/// Starts the run's filtering SSH agent (its socket in `<run>/ssh/`) and a
+/// forwarder per granted host on `gateway`; returns each host's grant and
+/// forwarder port.
+async fn start_ssh(
+    ctx: &Ctx,
+    held: &mut Held,
+    grants: Vec<crate::ssh_agent::HostGrant>,
+    gateway: std::net::IpAddr,
+    trace: Arc<dyn TraceSink>,
+) -> Result<Vec<(crate::ssh_agent::HostGrant, u16)>> {
+    use crate::ssh_agent::{FilterAgent, Forward};
+    let names: Vec<String> = grants.iter().map(|g| format!("ssh:{}", g.host)).collect();
+    let upstream = crate::credential::ssh::agent_socket().ok_or_else(|| {
+        Error::new(
+            ErrorKind::Config,
+            format!(
+                "{} need the user's SSH agent, but SSH_AUTH_SOCK is not set; start one with `eval $(ssh-agent)` and add the key with `ssh-add`",
+                names.join(", ")
+            ),
+        )
+    })?;
+    let audit: Arc<dyn crate::trace::AuditSink> = ctx.audit.clone();
+    let agent = Arc::new(FilterAgent::new(
+        &ctx.id,
+        grants.clone(),
+        &upstream,
+        Some(audit.clone()),
+    ));
+    let check = agent.clone();
+    tokio::task::spawn_blocking(move || check.check_upstream())
+        .await
+        .map_err(|e| Error::new(ErrorKind::Internal, format!("ssh agent check: {e}")))??;
+    let listener = crate::ssh_agent::bind_socket(&ctx.dir.join("ssh"))?;
+    let cancel = tokio_util::sync::CancellationToken::new();
+    held.ssh = Some(cancel.clone());
+    tokio::spawn(agent.serve(listener, cancel.clone()));
+    let (_, overrides) = crate::proxy::upstream::env_settings()?;
+    let overrides = Arc::new(overrides);
+    let mut hosts = Vec::new();
+    for g in grants {
+        let listener = tokio::net::TcpListener::bind((gateway, 0))
+            .await
+            .map_err(|e| {
+                Error::new(
+                    ErrorKind::Io,
+                    format!("ssh forwarder for {} on {gateway}: {e}", g.host),
+                )
+            })?;
+        let port = listener
+            .local_addr()
+            .map_err(|e| Error::new(ErrorKind::Io, format!("ssh forwarder: {e}")))?
+            .port();
+        let to = Forward {
+            client: ctx.id.clone(),
+            host: g.host.clone(),
+            overrides: overrides.clone(),
+            trace: Some(trace.clone()),
+            audit: Some(audit.clone()),
+        };
+        tokio::spawn(crate::ssh_agent::forward(listener, to, cancel.clone()));
+        hosts.push((g, port));
+    }
+    Ok(hosts)
+}
+
+/// The container's SSH client configuration (each granted host's name sent
+/// to its forwarder, its keys from the run's known hosts) and known hosts.
+fn ssh_files(
+    hosts: &[(crate::ssh_agent::HostGrant, u16)],
+    gateway: std::net::IpAddr,
+) -> (String, String) {
+    let mut config = String::from(
+        "# moat: this run's SSH grants. Each granted host is reached through the run's\n\
+         # forwarder; the run's agent signs only for these hosts.\n",
+    );
+    let mut known = String::new();
+    for (g, port) in hosts {
+        config.push_str(&format!(
+            "Host {host}\n    HostName {gateway}\n    Port {port}\n    HostKeyAlias {host}\n    \
+             GlobalKnownHostsFile {SSH_KNOWN_HOSTS_PATH}\n    StrictHostKeyChecking yes\n    \
+             CheckHostIP no\n    UpdateHostKeys no\n",
+            host = g.host
+        ));
+        for line in &g.host_key_lines {
+            known.push_str(&format!("{} {line}\n", g.host));
+        }
+    }
+    (config, known)
 }
 
 /// The user the agent runs as: the host user, so files it writes in the
