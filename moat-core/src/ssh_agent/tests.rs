@@ -1,1 +1,523 @@
+//! The filtering agent's decisions, over its real socket, with a stand-in
+//! for the user's agent that records what reaches it (the end-to-end tests
+//! in tests/python/test_ssh_runs.py use a real ssh-agent and sshd).
 
+use std::sync::{Arc, Mutex};
+
+use ed25519_dalek::{Signer, SigningKey};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::UnixStream;
+
+use super::*;
+use crate::trace::MemorySink;
+
+fn ed25519_blob(public: &[u8; 32]) -> Vec<u8> {
+    let mut blob = Vec::new();
+    put_string(&mut blob, b"ssh-ed25519");
+    put_string(&mut blob, public);
+    blob
+}
+
+fn ed25519_line(public: &[u8; 32]) -> String {
+    use base64::Engine;
+    format!(
+        "ssh-ed25519 {}",
+        base64::engine::general_purpose::STANDARD.encode(ed25519_blob(public))
+    )
+}
+
+struct Key {
+    signing: SigningKey,
+}
+
+impl Key {
+    fn new(seed: u8) -> Key {
+        Key {
+            signing: SigningKey::from_bytes(&[seed; 32]),
+        }
+    }
+    fn public(&self) -> [u8; 32] {
+        self.signing.verifying_key().to_bytes()
+    }
+    fn blob(&self) -> Vec<u8> {
+        ed25519_blob(&self.public())
+    }
+    fn line(&self) -> String {
+        ed25519_line(&self.public())
+    }
+    /// An SSH signature blob over `data`.
+    fn sign(&self, data: &[u8]) -> Vec<u8> {
+        let mut sig = Vec::new();
+        put_string(&mut sig, b"ssh-ed25519");
+        put_string(&mut sig, &self.signing.sign(data).to_bytes());
+        sig
+    }
+}
+
+/// The user's agent: holds `keys`, answers every sign request with a fixed
+/// signature, and records each request it gets.
+async fn fake_upstream(dir: &Path, keys: Vec<Vec<u8>>) -> (PathBuf, Arc<Mutex<Vec<Vec<u8>>>>) {
+    let path = dir.join("user-agent.sock");
+    let listener = UnixListener::bind(&path).unwrap();
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let log = seen.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = listener.accept().await else {
+                return;
+            };
+            let keys = keys.clone();
+            let log = log.clone();
+            tokio::spawn(async move {
+                while let Ok(Some(msg)) = read_message(&mut s).await {
+                    log.lock().unwrap().push(msg.clone());
+                    let reply = match msg[0] {
+                        REQUEST_IDENTITIES => {
+                            let mut out = vec![IDENTITIES_ANSWER];
+                            out.extend_from_slice(&(keys.len() as u32).to_be_bytes());
+                            for k in &keys {
+                                put_string(&mut out, k);
+                                put_string(&mut out, b"someone@test");
+                            }
+                            out
+                        }
+                        SIGN_REQUEST => {
+                            let mut out = vec![SIGN_RESPONSE];
+                            put_string(&mut out, b"signature");
+                            out
+                        }
+                        _ => vec![SUCCESS],
+                    };
+                    write_message(&mut s, &reply).await.unwrap();
+                }
+            });
+        }
+    });
+    (path, seen)
+}
+
+struct Harness {
+    _dir: tempfile::TempDir,
+    socket: PathBuf,
+    upstream_seen: Arc<Mutex<Vec<Vec<u8>>>>,
+    audit: Arc<MemorySink>,
+    user_a: Key,
+    user_b: Key,
+    host_a: Key,
+    stranger: Key,
+    _cancel: tokio_util::sync::DropGuard,
+}
+
+impl Harness {
+    /// Key A granted for git-a.test (host key `host_a`); key B held by the
+    /// user's agent but not granted.
+    async fn new() -> Harness {
+        let dir = tempfile::tempdir().unwrap();
+        let (user_a, user_b, host_a, stranger) =
+            (Key::new(1), Key::new(2), Key::new(3), Key::new(4));
+        let (upstream, upstream_seen) =
+            fake_upstream(dir.path(), vec![user_a.blob(), user_b.blob()]).await;
+        let grant =
+            HostGrant::new("git-a.test", &fingerprint(&user_a.blob()), &[host_a.line()]).unwrap();
+        let audit = Arc::new(MemorySink::default());
+        let agent = Arc::new(FilterAgent::new(
+            "run_test",
+            vec![grant],
+            &upstream,
+            Some(audit.clone()),
+        ));
+        let listener = bind_socket(&dir.path().join("ssh")).unwrap();
+        let cancel = CancellationToken::new();
+        tokio::spawn(agent.serve(listener, cancel.clone()));
+        Harness {
+            socket: dir.path().join("ssh").join("agent.sock"),
+            _dir: dir,
+            upstream_seen,
+            audit,
+            user_a,
+            user_b,
+            host_a,
+            stranger,
+            _cancel: cancel.drop_guard(),
+        }
+    }
+
+    async fn connect(&self) -> UnixStream {
+        UnixStream::connect(&self.socket).await.unwrap()
+    }
+
+    fn upstream_signs(&self) -> usize {
+        self.upstream_seen
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|m| m[0] == SIGN_REQUEST)
+            .count()
+    }
+
+    fn decisions(&self) -> Vec<(String, bool, Option<String>)> {
+        self.audit
+            .events()
+            .into_iter()
+            .filter_map(|e| match e {
+                AuditEvent::SshAgent {
+                    op,
+                    allowed,
+                    reason,
+                    ..
+                } => Some((op, allowed, reason)),
+                _ => None,
+            })
+            .collect()
+    }
+}
+
+async fn ask(s: &mut UnixStream, msg: &[u8]) -> Vec<u8> {
+    write_message(s, msg).await.unwrap();
+    read_message(s).await.unwrap().unwrap()
+}
+
+fn bind_msg(host_key: &Key, session_id: &[u8], signature: &[u8], forwarding: bool) -> Vec<u8> {
+    let mut m = vec![EXTENSION];
+    put_string(&mut m, b"session-bind@openssh.com");
+    put_string(&mut m, &host_key.blob());
+    put_string(&mut m, session_id);
+    put_string(&mut m, signature);
+    m.push(u8::from(forwarding));
+    m
+}
+
+fn userauth(session_id: &[u8], key: &[u8], hostbound: Option<&[u8]>) -> Vec<u8> {
+    let mut d = Vec::new();
+    put_string(&mut d, session_id);
+    d.push(USERAUTH_REQUEST);
+    put_string(&mut d, b"git");
+    put_string(&mut d, b"ssh-connection");
+    match hostbound {
+        None => put_string(&mut d, b"publickey"),
+        Some(_) => put_string(&mut d, b"publickey-hostbound-v00@openssh.com"),
+    }
+    d.push(1);
+    put_string(&mut d, b"ssh-ed25519");
+    put_string(&mut d, key);
+    if let Some(h) = hostbound {
+        put_string(&mut d, h);
+    }
+    d
+}
+
+fn sign_msg(key: &[u8], data: &[u8]) -> Vec<u8> {
+    let mut m = vec![SIGN_REQUEST];
+    put_string(&mut m, key);
+    put_string(&mut m, data);
+    m.extend_from_slice(&0u32.to_be_bytes());
+    m
+}
+
+const SID: &[u8] = b"an exchange hash of thirty-two b";
+
+#[tokio::test]
+async fn lists_only_granted_keys() {
+    let h = Harness::new().await;
+    let mut s = h.connect().await;
+    let answer = ask(&mut s, &[REQUEST_IDENTITIES]).await;
+    let keys = parse_identities(&answer).unwrap();
+    assert_eq!(keys.len(), 1);
+    assert_eq!(keys[0].0, h.user_a.blob().as_slice());
+    assert!(!answer
+        .windows(32)
+        .any(|w| w == h.user_b.public().as_slice()));
+    assert_eq!(
+        h.decisions(),
+        vec![("list".into(), true, Some("1 shown, 1 withheld".into()))]
+    );
+}
+
+#[tokio::test]
+async fn signs_a_login_to_a_bound_granted_host() {
+    let h = Harness::new().await;
+    let mut s = h.connect().await;
+    let bind = bind_msg(&h.host_a, SID, &h.host_a.sign(SID), false);
+    assert_eq!(ask(&mut s, &bind).await, vec![SUCCESS]);
+    let data = userauth(SID, &h.user_a.blob(), None);
+    let answer = ask(&mut s, &sign_msg(&h.user_a.blob(), &data)).await;
+    assert_eq!(answer[0], SIGN_RESPONSE);
+    // The host-bound method names the same host key.
+    let data = userauth(SID, &h.user_a.blob(), Some(&h.host_a.blob()));
+    let answer = ask(&mut s, &sign_msg(&h.user_a.blob(), &data)).await;
+    assert_eq!(answer[0], SIGN_RESPONSE);
+    assert_eq!(h.upstream_signs(), 2);
+    let events = h.audit.events();
+    assert!(events.iter().any(|e| matches!(e,
+        AuditEvent::SshAgent { op, host: Some(host), fingerprint: Some(fp), allowed: true, .. }
+            if op == "sign" && host == "git-a.test" && *fp == fingerprint(&h.user_a.blob()))));
+}
+
+#[tokio::test]
+async fn refuses_to_sign_without_a_binding() {
+    let h = Harness::new().await;
+    let mut s = h.connect().await;
+    let data = userauth(SID, &h.user_a.blob(), None);
+    assert_eq!(
+        ask(&mut s, &sign_msg(&h.user_a.blob(), &data)).await,
+        vec![FAILURE]
+    );
+    // Arbitrary data (a git commit signature, a challenge) is refused too.
+    assert_eq!(
+        ask(&mut s, &sign_msg(&h.user_a.blob(), b"SSHSIG anything")).await,
+        vec![FAILURE]
+    );
+    assert_eq!(
+        h.upstream_signs(),
+        0,
+        "a refused request reached the user's agent"
+    );
+    let d = h.decisions();
+    assert!(d.iter().all(|(op, allowed, _)| op == "sign" && !allowed));
+    assert!(d[0].2.as_deref().unwrap().contains("session-bind"));
+}
+
+#[tokio::test]
+async fn refuses_a_server_whose_host_key_is_not_granted() {
+    let h = Harness::new().await;
+    let mut s = h.connect().await;
+    // A real server, correctly signed, but not git-a.test.
+    let bind = bind_msg(&h.stranger, SID, &h.stranger.sign(SID), false);
+    assert_eq!(ask(&mut s, &bind).await, vec![SUCCESS]);
+    let data = userauth(SID, &h.user_a.blob(), None);
+    assert_eq!(
+        ask(&mut s, &sign_msg(&h.user_a.blob(), &data)).await,
+        vec![FAILURE]
+    );
+    assert_eq!(h.upstream_signs(), 0);
+    let reason = h.decisions().last().unwrap().2.clone().unwrap();
+    assert!(reason.contains("not a known key of a host"), "{reason}");
+}
+
+#[tokio::test]
+async fn refuses_a_binding_with_a_forged_signature() {
+    let h = Harness::new().await;
+    let mut s = h.connect().await;
+    // The granted host's key, signed by someone else: the agent in the
+    // container cannot claim git-a.test for a session it holds elsewhere.
+    let forged = bind_msg(&h.host_a, SID, &h.stranger.sign(SID), false);
+    assert_eq!(ask(&mut s, &forged).await, vec![FAILURE]);
+    let garbage = bind_msg(&h.host_a, SID, b"\x00\x00\x00\x01x", false);
+    assert_eq!(ask(&mut s, &garbage).await, vec![FAILURE]);
+    let data = userauth(SID, &h.user_a.blob(), None);
+    assert_eq!(
+        ask(&mut s, &sign_msg(&h.user_a.blob(), &data)).await,
+        vec![FAILURE]
+    );
+    assert_eq!(h.upstream_signs(), 0);
+}
+
+#[tokio::test]
+async fn signs_only_the_login_of_the_bound_session_with_the_asked_key() {
+    let h = Harness::new().await;
+    let mut s = h.connect().await;
+    let bind = bind_msg(&h.host_a, SID, &h.host_a.sign(SID), false);
+    assert_eq!(ask(&mut s, &bind).await, vec![SUCCESS]);
+    let a = h.user_a.blob();
+    let cases: Vec<(&str, Vec<u8>)> = vec![
+        ("another session", userauth(b"another session id", &a, None)),
+        (
+            "another key in the data",
+            userauth(SID, &h.user_b.blob(), None),
+        ),
+        (
+            "another host key",
+            userauth(SID, &a, Some(&h.stranger.blob())),
+        ),
+        ("trailing bytes", {
+            let mut d = userauth(SID, &a, None);
+            d.push(0);
+            d
+        }),
+        ("not a login", {
+            let mut d = Vec::new();
+            put_string(&mut d, SID);
+            d.push(80);
+            d
+        }),
+    ];
+    for (what, data) in cases {
+        assert_eq!(
+            ask(&mut s, &sign_msg(&a, &data)).await,
+            vec![FAILURE],
+            "{what}"
+        );
+    }
+    // Key B is held by the user's agent but granted to no host.
+    let data = userauth(SID, &h.user_b.blob(), None);
+    assert_eq!(
+        ask(&mut s, &sign_msg(&h.user_b.blob(), &data)).await,
+        vec![FAILURE]
+    );
+    assert_eq!(h.upstream_signs(), 0);
+    assert!(h
+        .decisions()
+        .iter()
+        .any(|(_, _, r)| r.as_deref() == Some("the key is not granted to this run")));
+}
+
+#[tokio::test]
+async fn refuses_forwarding_and_a_second_binding() {
+    let h = Harness::new().await;
+    let a = h.user_a.blob();
+    let mut s = h.connect().await;
+    let bind = bind_msg(&h.host_a, SID, &h.host_a.sign(SID), true);
+    assert_eq!(ask(&mut s, &bind).await, vec![SUCCESS]);
+    let data = userauth(SID, &a, None);
+    assert_eq!(ask(&mut s, &sign_msg(&a, &data)).await, vec![FAILURE]);
+
+    let mut s = h.connect().await;
+    let bind = bind_msg(&h.host_a, SID, &h.host_a.sign(SID), false);
+    assert_eq!(ask(&mut s, &bind).await, vec![SUCCESS]);
+    // The same binding again is fine; a different one is not, and it
+    // spoils the connection.
+    assert_eq!(ask(&mut s, &bind).await, vec![SUCCESS]);
+    let other = b"a second session of thirty-two b";
+    let second = bind_msg(&h.stranger, other, &h.stranger.sign(other), false);
+    assert_eq!(ask(&mut s, &second).await, vec![FAILURE]);
+    assert_eq!(ask(&mut s, &sign_msg(&a, &data)).await, vec![FAILURE]);
+    assert_eq!(h.upstream_signs(), 0);
+}
+
+#[tokio::test]
+async fn refuses_to_change_the_users_agent() {
+    let h = Harness::new().await;
+    let mut s = h.connect().await;
+    for (request, op) in [
+        (17u8, "add_identity"),
+        (25, "add_id_constrained"),
+        (18, "remove_identity"),
+        (19, "remove_all_identities"),
+        (20, "add_smartcard_key"),
+        (21, "remove_smartcard_key"),
+        (22, "lock"),
+        (23, "unlock"),
+        (99, "request 99"),
+    ] {
+        let mut m = vec![request];
+        put_string(&mut m, b"payload");
+        assert_eq!(ask(&mut s, &m).await, vec![FAILURE], "{op}");
+        assert_eq!(h.decisions().last().unwrap().0, op);
+        assert!(!h.decisions().last().unwrap().1);
+    }
+    let mut query = vec![EXTENSION];
+    put_string(&mut query, b"query");
+    assert_eq!(ask(&mut s, &query).await, vec![FAILURE]);
+    // None of it reached the user's agent, and the connection still works.
+    assert!(h.upstream_seen.lock().unwrap().is_empty());
+    let answer = ask(&mut s, &[REQUEST_IDENTITIES]).await;
+    assert_eq!(parse_identities(&answer).unwrap().len(), 1);
+}
+
+#[tokio::test]
+async fn malformed_and_oversized_messages_end_the_connection_not_the_agent() {
+    let h = Harness::new().await;
+    let mut s = h.connect().await;
+    // Truncated fields get a failure.
+    assert_eq!(
+        ask(&mut s, &[SIGN_REQUEST, 0, 0, 0, 9, 1]).await,
+        vec![FAILURE]
+    );
+    assert_eq!(ask(&mut s, &[EXTENSION, 0, 0]).await, vec![FAILURE]);
+    let mut bind = vec![EXTENSION];
+    put_string(&mut bind, b"session-bind@openssh.com");
+    put_string(&mut bind, b"truncated");
+    assert_eq!(ask(&mut s, &bind).await, vec![FAILURE]);
+    // A length over the limit closes this connection.
+    s.write_all(&(MAX_MESSAGE as u32 + 1).to_be_bytes())
+        .await
+        .unwrap();
+    let mut buf = [0u8; 1];
+    let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+        .await
+        .unwrap()
+        .unwrap_or(0);
+    assert_eq!(n, 0);
+    // Others are served.
+    let mut s = h.connect().await;
+    let answer = ask(&mut s, &[REQUEST_IDENTITIES]).await;
+    assert_eq!(parse_identities(&answer).unwrap().len(), 1);
+}
+
+#[tokio::test]
+async fn socket_paths_longer_than_a_socket_address_work() {
+    let dir = tempfile::tempdir().unwrap();
+    let deep = dir.path().join("d".repeat(60)).join("e".repeat(60));
+    let listener = bind_socket(&deep).unwrap();
+    let path = deep.join("agent.sock");
+    assert!(path.as_os_str().len() > 108);
+    assert!(path.exists());
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o666);
+    drop(listener);
+}
+
+#[test]
+fn a_grant_needs_a_host_key() {
+    let err = HostGrant::new("git-a.test", "SHA256:x", &[]).unwrap_err();
+    assert!(err.to_string().contains("known_hosts"), "{err}");
+    let err = HostGrant::new("git-a.test", "SHA256:x", &["ssh-ed25519 !!".into()]).unwrap_err();
+    assert!(err.to_string().contains("does not parse"), "{err}");
+}
+
+/// Lines made by OpenSSH's ssh-keygen: `-H` hashed `git-a.test` (first) and
+/// `[git-c.test]:2222` (second).
+const HASHED: &str = "\
+|1|zcs7KEKuoNoZVTWJWSLhekT87KU=|hNcaOGZ7WEqoTTfhDIo/2e13mZg= ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAINpW5SE+drSEU2gXiSZW+YD1r0jbF4Ft11PKAv/K5oEs
+|1|TYu80KAxdxnnJ0dAOwrRo6Ssw84=|PFWkymWcIz4X5ckKJYCNL/vRsas= ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIKe1yarwZCI/ZKDBgnxdkM8SMnajfhJfgUiYOjYLTG5z
+";
+const KEY_A: &str =
+    "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAINpW5SE+drSEU2gXiSZW+YD1r0jbF4Ft11PKAv/K5oEs";
+const KEY_C: &str =
+    "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIKe1yarwZCI/ZKDBgnxdkM8SMnajfhJfgUiYOjYLTG5z";
+
+#[test]
+fn known_hosts_lookup_follows_openssh() {
+    use crate::credential::ssh::known_host_keys;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("known_hosts");
+    let k1 = Key::new(11).line();
+    let k2 = Key::new(12).line();
+    let k3 = Key::new(13).line();
+    let text = format!(
+        "{HASHED}\
+         # a comment\n\
+         \n\
+         git-b.test,10.0.0.2 {k1} comment\n\
+         *.wild.test,!evil.wild.test {k2}\n\
+         [git-b.test]:22 {k3}\n\
+         [git-b.test]:2200 {KEY_C}\n\
+         this line does not parse\n\
+         @cert-authority git-b.test {KEY_C}\n"
+    );
+    std::fs::write(&file, text).unwrap();
+    let files = vec![file.clone(), dir.path().join("missing")];
+    assert_eq!(known_host_keys("git-a.test", &files).keys, vec![KEY_A]);
+    assert_eq!(known_host_keys("GIT-A.test.", &files).keys, vec![KEY_A]);
+    assert_eq!(
+        known_host_keys("git-b.test", &files).keys,
+        vec![k1.clone(), k3.clone()]
+    );
+    assert_eq!(
+        known_host_keys("a.wild.test", &files).keys,
+        vec![k2.clone()]
+    );
+    assert!(known_host_keys("evil.wild.test", &files).keys.is_empty());
+    assert!(
+        known_host_keys("git-c.test", &files).keys.is_empty(),
+        "port 2222 is not 22"
+    );
+    assert!(known_host_keys("nothing.test", &files).keys.is_empty());
+    // A revoked key is never a host's, wherever it is listed.
+    std::fs::write(dir.path().join("revoked"), format!("@revoked * {k1}\n")).unwrap();
+    let files = vec![file, dir.path().join("revoked")];
+    let found = known_host_keys("git-b.test", &files);
+    assert_eq!(found.keys, vec![k3]);
+    assert_eq!(found.revoked, vec![k1]);
+}
