@@ -2,7 +2,7 @@
 # Installs what building and testing moat needs, on a fresh Debian machine or
 # this one again (every step is skipped when already done):
 #   - Debian packages: gcc, pkg-config, debootstrap, iptables, iproute2 (strict
-#     mode and its tests), chromium and libnss3-tools (the routing test's
+#     mode and its tests), openssh-server (the SSH tests' servers), chromium and libnss3-tools (the routing test's
 #     browser); docker.io when no Docker
 #     engine answers (and starts dockerd)
 #   - cbindgen, pinned (the header check compares its output byte for byte)
@@ -44,6 +44,19 @@ command -v python3 >/dev/null || die "python3 is missing: install Python 3.9 or 
 
 # curl, openssl, git and openssh-client are real clients and tools of the tests.
 apt_install gcc pkg-config debootstrap curl openssl git ca-certificates openssh-client iptables iproute2 util-linux
+# The SSH tests run real sshd servers on loopback ports of their own. The
+# package would start a system sshd on port 22; a policy-rc.d refusing
+# service starts keeps it from doing so while it is installed.
+if ! command -v /usr/sbin/sshd >/dev/null 2>&1; then
+    placed_policy=0
+    if [ ! -e /usr/sbin/policy-rc.d ]; then
+        printf '#!/bin/sh\nexit 101\n' | as_root tee /usr/sbin/policy-rc.d >/dev/null
+        as_root chmod +x /usr/sbin/policy-rc.d
+        placed_policy=1
+    fi
+    apt_install openssh-server
+    if [ $placed_policy = 1 ]; then as_root rm -f /usr/sbin/policy-rc.d; fi
+fi
 # The routing test opens a page in a real browser, trusting the moat CA.
 apt_install chromium libnss3-tools fonts-dejavu-core
 

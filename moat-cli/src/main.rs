@@ -443,10 +443,8 @@ fn cmd_grant_ssh(args: &GrantArgs) -> Result<(), Error> {
     eprintln!("Granted SSH access to {}", grant.host);
     if grant.host_keys.is_empty() {
         eprintln!(
-            "warning: no host key for {host} is in ~/.ssh/known_hosts, so runs cannot tell {host} from \
-             another server and will not start with this grant; connect once with `ssh {host}`, \
-             check the fingerprint, and grant again",
-            host = grant.host
+            "warning: {}",
+            credential::ssh::missing_host_key_warning(&grant.host)
         );
     } else {
         eprintln!(

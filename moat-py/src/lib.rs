@@ -420,7 +420,9 @@ pub(crate) fn home_or_default(py: Python<'_>, home: Option<PathBuf>) -> PyResult
 /// GitHub tokens are checked against api.github.com unless `validate=False`.
 /// Returns the stored grant without its token.
 /// For `ssh`, pass `host` (and optionally the agent key's `key`
-/// fingerprint): the key of the agent at SSH_AUTH_SOCK is recorded for it.
+/// fingerprint): the key of the agent at SSH_AUTH_SOCK is recorded for it,
+/// with the host's keys from ~/.ssh/known_hosts (a UserWarning when there
+/// are none: runs need one to tell the host from another server).
 /// For `aws`, pass `role` (and optionally `region`, `session_duration` in
 /// seconds, `external_id`): the role configuration is stored.
 #[pyfunction]
@@ -474,6 +476,17 @@ fn grant(
         let grant = py
             .detach(|| credential::ssh::grant(&home, socket.as_deref(), &host, key.as_deref()))
             .map_err(|e| to_py_err(py, &e))?;
+        if grant.host_keys.is_empty() {
+            let message =
+                std::ffi::CString::new(credential::ssh::missing_host_key_warning(&grant.host))
+                    .map_err(|e| to_py_err(py, &Error::new(ErrorKind::Internal, e.to_string())))?;
+            PyErr::warn(
+                py,
+                &py.get_type::<pyo3::exceptions::PyUserWarning>(),
+                &message,
+                1,
+            )?;
+        }
         return json_to_py(py, &grant);
     }
     let input = match token {

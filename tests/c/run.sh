@@ -51,7 +51,31 @@ MOAT_KEYRING_BACKEND=file OPENAI_API_KEY= SSH_AUTH_SOCK="$scratch/agent.sock" \
 kill "$agent_pid" 2>/dev/null || true
 echo "c: runs (Docker, ${MOAT_TEST_IMAGE:-moat-test:bookworm})"
 mkdir -p "$scratch/run" "$scratch/run-ws"
-"$out/test_run" "$scratch/run" "$profile_dir/moat" "${MOAT_TEST_IMAGE:-moat-test:bookworm}" "$scratch/run-ws" || status=$?
+# For the ssh: grant in a run: an ssh-agent with two keys, and a real sshd on
+# loopback with its own host key, known to the run as git-c.test:22
+# (MOAT_RESOLVE) and through a known_hosts file in a HOME of its own.
+ssh-agent -D -a "$scratch/run-agent.sock" >/dev/null 2>&1 &
+agent_pid=$!
+for _ in $(seq 50); do [ -S "$scratch/run-agent.sock" ] && break; sleep 0.1; done
+mkdir -p "$scratch/sshd" "$scratch/ssh-home/.ssh"
+[ -d /run/sshd ] || mkdir -p /run/sshd
+for k in granted other; do
+  ssh-keygen -q -t ed25519 -N "" -C "$k@c-test" -f "$scratch/sshd/$k"
+  SSH_AUTH_SOCK="$scratch/run-agent.sock" ssh-add -q "$scratch/sshd/$k" 2>/dev/null
+done
+ssh-keygen -q -t ed25519 -N "" -f "$scratch/sshd/host_key"
+cat "$scratch/sshd/granted.pub" "$scratch/sshd/other.pub" > "$scratch/sshd/authorized_keys"
+sshd_port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+printf '%s\n' "ListenAddress 127.0.0.1:$sshd_port" "HostKey $scratch/sshd/host_key" \
+  "AuthorizedKeysFile $scratch/sshd/authorized_keys" "StrictModes no" \
+  "PasswordAuthentication no" "KbdInteractiveAuthentication no" "UsePAM no" \
+  "PidFile $scratch/sshd/pid" "ForceCommand echo hello from c-sshd" > "$scratch/sshd/config"
+/usr/sbin/sshd -f "$scratch/sshd/config" -E "$scratch/sshd/log"
+echo "git-c.test $(cut -d' ' -f1,2 "$scratch/sshd/host_key.pub")" > "$scratch/ssh-home/.ssh/known_hosts"
+HOME="$scratch/ssh-home" SSH_AUTH_SOCK="$scratch/run-agent.sock" MOAT_TEST_SSH_HOST=git-c.test \
+  MOAT_RESOLVE="git-c.test:22=127.0.0.1:$sshd_port" \
+  "$out/test_run" "$scratch/run" "$profile_dir/moat" "${MOAT_TEST_IMAGE:-moat-test:bookworm}" "$scratch/run-ws" || status=$?
+kill "$(cat "$scratch/sshd/pid")" "$agent_pid" 2>/dev/null || true
 exec {UPSTREAM[1]}>&-
 wait "$UPSTREAM_PID" 2>/dev/null || true
 exit $status

@@ -152,6 +152,53 @@ static void test_urls(const char *home, const char *moat, const char *image,
   unsetenv("MOAT_PROXY_PORT");
 }
 
+/* An ssh: grant in a run: the run's filtering agent signs for the granted
+ * host's real sshd (run.sh starts it and an ssh-agent with two keys, and
+ * names the host in MOAT_TEST_SSH_HOST), and lists only the granted key. */
+static void test_ssh(const char *home, const char *moat, const char *image,
+                     const char *workspace) {
+  const char *host = getenv("MOAT_TEST_SSH_HOST");
+  CHECK(host != NULL);
+  if (!host) return;
+  char *json = NULL;
+  moat_error *err = NULL;
+  CHECK(moat_grant_ssh(host, NULL, home, &json, &err) == MOAT_OK);
+  CHECK(json && strstr(json, "\"host_keys\":[\"ssh-ed25519 "));
+  moat_string_free(json);
+  moat_error_free(err);
+  char grant[300];
+  snprintf(grant, sizeof grant, "ssh:%s", host);
+  char script[600];
+  snprintf(script, sizeof script,
+           "ssh-add -l | wc -l; ssh -o BatchMode=yes root@%s; echo ssh=$?", host);
+  moat_run_options *o = options(home, moat, image, workspace);
+  CHECK(moat_run_options_add(o, "grant", grant, NULL) == MOAT_OK);
+  CHECK(moat_run_options_add(o, "arg", "sh", NULL) == MOAT_OK);
+  CHECK(moat_run_options_add(o, "arg", "-c", NULL) == MOAT_OK);
+  CHECK(moat_run_options_add(o, "arg", script, NULL) == MOAT_OK);
+  moat_run *run = NULL;
+  err = NULL;
+  CHECK(moat_run_start(o, &run, &err) == MOAT_OK);
+  moat_run_options_free(o);
+  if (!run) {
+    fprintf(stderr, "moat_run_start: %s\n", err ? moat_error_message(err) : "?");
+    moat_error_free(err);
+    return;
+  }
+  struct captured c = {0};
+  CHECK(moat_run_follow(run, on_output, &c, NULL) == MOAT_OK);
+  /* Two keys in the user's agent, one granted. */
+  const char *want = "1\nhello from c-sshd\nssh=0\n";
+  CHECK(strcmp(c.out, want) == 0);
+  if (strcmp(c.out, want) != 0) fprintf(stderr, "ssh run printed: %s / %s\n", c.out, c.err);
+  char *report = NULL;
+  CHECK(moat_audit_verify(moat_run_dir(run), home, NULL, &report, NULL) == MOAT_OK);
+  CHECK(report && strstr(report, "ssh_agent"));
+  moat_string_free(report);
+  CHECK(moat_run_destroy(run, NULL) == MOAT_OK);
+  moat_run_free(run);
+}
+
 static void test_misuse(const char *home, const char *moat, const char *image,
                         const char *workspace) {
   moat_error *err = NULL;
@@ -204,6 +251,7 @@ int main(int argc, char **argv) {
   }
   test_run(argv[1], argv[2], argv[3], argv[4]);
   test_urls(argv[1], argv[2], argv[3], argv[4]);
+  test_ssh(argv[1], argv[2], argv[3], argv[4]);
   test_misuse(argv[1], argv[2], argv[3], argv[4]);
   printf("%d passed, %d failed\n", passed, failed);
   return failed == 0 ? 0 : 1;

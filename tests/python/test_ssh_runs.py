@@ -171,8 +171,8 @@ def test_grant_without_a_known_host_key_warns_but_grants(m, agent):
 @pytest.mark.parametrize("form", ["plain", "list", "bracket", "hashed"])
 def test_known_hosts_forms_give_the_run_the_host_key(m, servers, stranger_keys, form):
     """The grant (and the run) take git-a.test's key from known_hosts written
-    as `host`, in a list `other,host`, as `[host]:22` or hashed `|1|...`; @revoked keys and other hosts'
-    keys stay out of the run's known hosts."""
+    as `host`, in a list `other,host`, as `[host]:22` or hashed `|1|...`;
+    @revoked keys and other hosts' keys stay out of the run's known hosts."""
     a, _ = servers
     revoked, other = stranger_keys
     known = [
@@ -312,7 +312,8 @@ def test_strict_mode_ssh_to_the_granted_host_only(m, servers, agent):
     grant(m, known=default_known(servers), check=True)
     mark_a, mark_b = a.mark(), b.mark()
     ws = m.workspace(agent_yaml=STRICT_YAML)
-    out = m.run(ws, "sh", "-c", script(STRICT, port_b=b.port), args=["--grant", "ssh:git-a.test"], timeout=120)
+    out = m.run(ws, "sh", "-c", script(STRICT, port_b=b.port),
+                args=["--grant", "ssh:git-a.test"], timeout=120)
     part = sections(out.stdout)
     assert out.returncode == 0, out.stdout + out.stderr
     run_id = m.latest()["id"]
@@ -352,7 +353,8 @@ def test_the_agent_refuses_to_sign_for_a_host_that_is_not_granted(m, servers, ag
     ws = m.workspace()
     put(ws, "a.pub", agent.a.pub + "\n")
     mark_b = b.mark()
-    out = m.run(ws, "sh", "-c", script(NOT_GRANTED, port_b=b.port), args=["--grant", "ssh:git-a.test"], timeout=120)
+    out = m.run(ws, "sh", "-c", script(NOT_GRANTED, port_b=b.port),
+                args=["--grant", "ssh:git-a.test"], timeout=120)
     part = sections(out.stdout)
     assert out.returncode == 0, out.stdout + out.stderr
     assert part["gw"].strip() == gateway_of(m.latest()), part["gw"]
@@ -465,7 +467,7 @@ def test_the_agent_refuses_every_change_to_the_keys(m, servers, fresh_agent):
     assert fresh_agent.fingerprints() == [fresh_agent.a.fingerprint, fresh_agent.b.fingerprint]
     events = ssh_events(m, m.latest()["id"])
     ops = {e.get("op") for e in refused(events)}
-    for op in ("add_identity", "remove_identity", "remove_all", "lock"):
+    for op in ("add_identity", "remove_identity", "remove_all_identities", "lock"):
         assert op in ops, (op, events)
     assert [e for e in events if e.get("allowed") is True
             and e.get("op") not in ("list", "sign", "bind")] == [], events

@@ -223,6 +223,15 @@ pub fn grant(
     Ok(entry)
 }
 
+/// What to tell the user when a grant found no host key for its host.
+pub fn missing_host_key_warning(host: &str) -> String {
+    format!(
+        "no host key for {host} is in ~/.ssh/known_hosts, so runs cannot tell {host} from another \
+         server and will not start with this grant; connect once with `ssh {host}`, check the \
+         fingerprint, and grant again"
+    )
+}
+
 /// The `known_hosts` files moat reads, as OpenSSH does by default: the
 /// user's (`$HOME/.ssh/known_hosts`, `known_hosts2`) and the system's.
 pub fn known_hosts_files() -> Vec<PathBuf> {
