@@ -145,7 +145,10 @@ pub fn save(
     if !spec.stores_secret {
         return Err(Error::new(
             ErrorKind::InvalidArgument,
-            format!("{provider} grants store configuration, not a token; `moat grant {provider}` for them is not built yet"),
+            format!(
+                "{provider} grants store configuration, not a token: use `moat grant {provider} {}`",
+                if provider == "ssh" { "--host <host>" } else { "--role <arn>" }
+            ),
         ));
     }
     if token.expose().trim().is_empty() {
