@@ -52,6 +52,17 @@ const MAX_MESSAGE: usize = 256 * 1024;
 /// How long the user's agent may take to answer (it may ask the user to
 /// confirm a signature).
 const UPSTREAM_TIMEOUT: Duration = Duration::from_secs(60);
+/// Connections served at once; more are closed as they arrive. Each holds
+/// one connection to the user's agent, which must stay usable for the user.
+pub const MAX_CONNECTIONS: usize = 32;
+/// A connection that sends nothing for this long is closed (OpenSSH's
+/// client closes its agent connection once it has logged in).
+const IDLE_TIMEOUT: Duration = Duration::from_secs(120);
+/// Refused requests on one connection before it is closed (each is an
+/// audit entry).
+const MAX_REFUSALS: usize = 16;
+/// Connections a forwarder carries at once.
+pub const MAX_FORWARDED: usize = 64;
 
 /// One granted host: the agent key that may sign for it and the host keys
 /// that identify it.
@@ -175,6 +186,8 @@ struct Session {
     /// Set when the connection did something that rules out signing on it
     /// (a second, different binding).
     tainted: Option<String>,
+    /// Requests refused so far.
+    refused: usize,
 }
 
 /// One decision, for the audit log.
@@ -242,8 +255,10 @@ impl FilterAgent {
         Ok(())
     }
 
-    /// Serves clients on `listener` until `cancel`.
+    /// Serves clients on `listener` until `cancel`, at most
+    /// [`MAX_CONNECTIONS`] at once.
     pub async fn serve(self: Arc<Self>, listener: UnixListener, cancel: CancellationToken) {
+        let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
         loop {
             let stream = tokio::select! {
                 r = listener.accept() => match r {
@@ -256,6 +271,10 @@ impl FilterAgent {
                 },
                 () = cancel.cancelled() => return,
             };
+            let Ok(slot) = slots.clone().try_acquire_owned() else {
+                // Full: this connection is closed unanswered.
+                continue;
+            };
             let agent = self.clone();
             let cancel = cancel.clone();
             tokio::spawn(async move {
@@ -263,6 +282,7 @@ impl FilterAgent {
                     () = agent.connection(stream) => {}
                     () = cancel.cancelled() => {}
                 }
+                drop(slot);
             });
         }
     }
@@ -270,9 +290,24 @@ impl FilterAgent {
     async fn connection(&self, mut stream: UnixStream) {
         let mut session = Session::default();
         let mut upstream = None;
-        while let Ok(Some(msg)) = read_message(&mut stream).await {
+        while let Ok(Ok(Some(msg))) =
+            tokio::time::timeout(IDLE_TIMEOUT, read_message(&mut stream)).await
+        {
             let reply = self.handle(&mut session, &mut upstream, &msg).await;
+            if reply == [FAILURE] {
+                session.refused += 1;
+            }
             if write_message(&mut stream, &reply).await.is_err() {
+                return;
+            }
+            if session.refused >= MAX_REFUSALS {
+                self.record(Decision {
+                    op: "close".into(),
+                    host: None,
+                    fingerprint: None,
+                    allowed: false,
+                    reason: Some(format!("{MAX_REFUSALS} requests refused on one connection")),
+                });
                 return;
             }
         }
@@ -429,7 +464,9 @@ impl FilterAgent {
         msg: &[u8],
     ) -> Vec<u8> {
         let mut r = Reader::new(&msg[1..]);
-        let (Some(key_blob), Some(data), Some(_flags)) = (r.string(), r.string(), r.u32()) else {
+        let (Some(key_blob), Some(data), Some(_flags), true) =
+            (r.string(), r.string(), r.u32(), r.done())
+        else {
             self.record(Decision {
                 op: "sign".into(),
                 host: None,
@@ -490,7 +527,7 @@ impl FilterAgent {
         let name = r.string().unwrap_or_default();
         if name != b"session-bind@openssh.com" {
             self.record(Decision {
-                op: format!("extension {}", String::from_utf8_lossy(name)),
+                op: format!("extension {}", printable(name, 64)),
                 host: None,
                 fingerprint: None,
                 allowed: false,
@@ -524,7 +561,9 @@ impl FilterAgent {
         else {
             return refuse("malformed session-bind".into());
         };
-        if !r.done() || session_id.len() > 128 {
+        // A session identifier is an exchange hash: SHA-1, -256, -384 or
+        // -512.
+        if !r.done() || ![20, 32, 48, 64].contains(&session_id.len()) {
             return refuse("malformed session-bind".into());
         }
         let host_key_fingerprint = fingerprint(host_key);
@@ -549,7 +588,7 @@ impl FilterAgent {
             hosts: hosts.clone(),
             forwarding: forwarding != 0,
         };
-        if let Some(old) = &session.bound {
+        if let Some(old) = &mut session.bound {
             if old.session_id != bound.session_id || old.host_key != bound.host_key {
                 session.tainted =
                     Some("the connection was bound to a second session (agent forwarding)".into());
@@ -557,8 +596,11 @@ impl FilterAgent {
                 d.fingerprint = Some(host_key_fingerprint);
                 return d;
             }
+            // The same binding again: it cannot undo forwarding.
+            old.forwarding |= bound.forwarding;
+        } else {
+            session.bound = Some(bound);
         }
-        session.bound = Some(bound);
         Decision {
             op: "bind".into(),
             host: hosts.first().cloned(),
@@ -638,7 +680,10 @@ fn check_userauth(data: &[u8], key_blob: &[u8], bound: &Bound) -> std::result::R
     if r.u8() != Some(USERAUTH_REQUEST) {
         return Err(not_login());
     }
-    let _user = r.string().ok_or_else(not_login)?;
+    let user = r.string().ok_or_else(not_login)?;
+    if user.len() > 256 || user.contains(&0) {
+        return Err(not_login());
+    }
     if r.string() != Some(b"ssh-connection".as_slice()) {
         return Err(not_login());
     }
@@ -650,8 +695,12 @@ fn check_userauth(data: &[u8], key_blob: &[u8], bound: &Bound) -> std::result::R
     if r.u8() != Some(1) {
         return Err(not_login());
     }
-    let _algorithm = r.string().ok_or_else(not_login)?;
+    let algorithm = r.string().ok_or_else(not_login)?;
     if r.string() != Some(key_blob) {
+        return Err(not_login());
+    }
+    let key_type = Reader::new(key_blob).string().ok_or_else(not_login)?;
+    if !algorithm_fits(algorithm, key_type) {
         return Err(not_login());
     }
     if hostbound && r.string() != Some(bound.host_key.as_slice()) {
@@ -661,6 +710,31 @@ fn check_userauth(data: &[u8], key_blob: &[u8], bound: &Bound) -> std::result::R
         return Err(not_login());
     }
     Ok(())
+}
+
+/// Whether a login's signature algorithm suits the key's type: itself, or
+/// SHA-2 RSA signatures for RSA keys and certificates.
+fn algorithm_fits(algorithm: &[u8], key_type: &[u8]) -> bool {
+    match key_type {
+        b"ssh-rsa" => matches!(algorithm, b"ssh-rsa" | b"rsa-sha2-256" | b"rsa-sha2-512"),
+        b"ssh-rsa-cert-v01@openssh.com" => matches!(
+            algorithm,
+            b"ssh-rsa-cert-v01@openssh.com"
+                | b"rsa-sha2-256-cert-v01@openssh.com"
+                | b"rsa-sha2-512-cert-v01@openssh.com"
+        ),
+        other => algorithm == other,
+    }
+}
+
+/// Attacker-supplied text for the audit log: at most `max` characters,
+/// control characters escaped.
+fn printable(bytes: &[u8], max: usize) -> String {
+    String::from_utf8_lossy(bytes)
+        .chars()
+        .flat_map(char::escape_default)
+        .take(max)
+        .collect()
 }
 
 /// The `(blob, comment)` pairs of an identities answer.
@@ -694,8 +768,15 @@ async fn read_message<S: tokio::io::AsyncRead + Unpin>(
             format!("message of {len} bytes"),
         ));
     }
-    let mut msg = vec![0u8; len];
-    stream.read_exact(&mut msg).await?;
+    // Grown as bytes arrive: a length alone reserves nothing.
+    let mut msg = Vec::with_capacity(len.min(16 * 1024));
+    let read = stream.take(len as u64).read_to_end(&mut msg).await?;
+    if read != len {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::UnexpectedEof,
+            "message cut short",
+        ));
+    }
     Ok(Some(msg))
 }
 
@@ -768,6 +849,7 @@ pub const SSH_PORT: u16 = 22;
 /// recording each in the trace and the audit log (method `SSH`).
 pub async fn forward(listener: TcpListener, to: Forward, cancel: CancellationToken) {
     let to = Arc::new(to);
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_FORWARDED));
     loop {
         let inbound = tokio::select! {
             r = listener.accept() => match r {
@@ -780,6 +862,9 @@ pub async fn forward(listener: TcpListener, to: Forward, cancel: CancellationTok
             },
             () = cancel.cancelled() => return,
         };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            continue;
+        };
         let to = to.clone();
         let cancel = cancel.clone();
         tokio::spawn(async move {
@@ -787,6 +872,7 @@ pub async fn forward(listener: TcpListener, to: Forward, cancel: CancellationTok
                 () = forward_one(inbound, &to) => {}
                 () = cancel.cancelled() => {}
             }
+            drop(slot);
         });
     }
 }

@@ -19,6 +19,7 @@ DNS."""
 import base64
 import json
 import os
+import pathlib
 
 import pytest
 
@@ -832,6 +833,24 @@ def test_run_for_a_host_without_a_known_host_key_does_not_start(m, servers):
     assert_not_started(m, out)
     assert "known_hosts" in out.stderr, out.stderr
     assert "git-a.test" in out.stderr, out.stderr
+
+
+def test_mounting_the_host_agent_or_ssh_keys_is_refused(m, servers, fresh_agent, tmp_path):
+    """`mounts:` in agent.yaml (which a previous run could have written into
+    the workspace) cannot hand a run the user's agent socket or ~/.ssh."""
+    m.env["SSH_AUTH_SOCK"] = str(fresh_agent.sock)
+    ssh_dir = pathlib.Path(m.env["HOME"]) / ".ssh"
+    ssh_dir.mkdir(parents=True, exist_ok=True)
+    for source, what in ((fresh_agent.sock.parent, "SSH agent's socket"),
+                         (fresh_agent.sock, "SSH agent's socket"),
+                         (ssh_dir, "SSH keys"),
+                         (ssh_dir.parent, "SSH keys")):
+        ws = tmp_path / f"ws-{abs(hash(str(source)))}"
+        ws.mkdir()
+        (ws / "agent.yaml").write_text(f"mounts:\n  - {source}:/k\n")
+        out = m.run(ws, "echo", "RAN-INSIDE")
+        assert_not_started(m, out)
+        assert what in out.stderr, (source, out.stderr)
 
 
 # Python ------------------------------------------------------------------------------------

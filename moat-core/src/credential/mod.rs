@@ -346,9 +346,19 @@ pub fn bind(home: &Path, grants: &[String], session: &str) -> Result<Binding> {
     Ok(binding)
 }
 
-/// The stored grant for `ssh:<host>`, with the host's keys: those recorded
-/// when it was granted and those `known_hosts` holds now, less revoked ones.
+/// The stored grant for `ssh:<host>`, with the host's keys: those
+/// `known_hosts` holds now (removing a key there, as after a host key
+/// change, takes effect); only when it holds none, those recorded when it
+/// was granted. Keys marked `@revoked` never count.
 fn ssh_host(home: &Path, host: &str) -> Result<crate::ssh_agent::HostGrant> {
+    ssh_host_in(home, host, &ssh::known_hosts_files())
+}
+
+fn ssh_host_in(
+    home: &Path,
+    host: &str,
+    known_hosts: &[PathBuf],
+) -> Result<crate::ssh_agent::HostGrant> {
     let host = host.trim_end_matches('.').to_ascii_lowercase();
     let grant = ssh::list(home)?
         .into_iter()
@@ -359,9 +369,18 @@ fn ssh_host(home: &Path, host: &str) -> Result<crate::ssh_agent::HostGrant> {
                 format!("grant \"ssh:{host}\": no ssh key is granted for {host}; run `moat grant ssh --host {host}`"),
             )
         })?;
-    let known = ssh::known_host_keys(&host, &ssh::known_hosts_files());
-    let mut keys = grant.host_keys.clone();
-    keys.extend(known.keys);
+    let known = ssh::known_host_keys(&host, known_hosts);
+    if let Some(at) = known.unreadable_revocations.first() {
+        return Err(Error::new(
+            ErrorKind::Config,
+            format!("grant \"ssh:{host}\": {at}: an @revoked line moat cannot read, so it cannot be sure which host keys are revoked; fix or remove the line"),
+        ));
+    }
+    let mut keys = if known.keys.is_empty() {
+        grant.host_keys.clone()
+    } else {
+        known.keys
+    };
     keys.retain(|k| !known.revoked.contains(k));
     crate::ssh_agent::HostGrant::new(&host, &grant.key.fingerprint, &keys)
 }

@@ -255,22 +255,45 @@ pub struct KnownHostKeys {
     /// Keys marked `@revoked` (for any host): never to be trusted, even when
     /// recorded at grant time.
     pub revoked: Vec<String>,
+    /// `@revoked` lines that did not parse (`file:line`): a revocation moat
+    /// cannot read makes runs refuse to start rather than ignore it.
+    pub unreadable_revocations: Vec<String>,
 }
 
 /// The keys `files` hold for `host` at port 22: lines naming it plainly, in
 /// a `*`/`?` pattern (unless a `!` pattern excludes it), as `[host]:22` or
 /// hashed (`|1|salt|hash`). `@cert-authority` lines are ignored (host
 /// certificates are not supported); `@revoked` keys are collected apart.
-/// Unreadable files and lines are skipped.
+/// Fields may be separated by any run of blanks, as OpenSSH allows.
+/// Unreadable files and lines are skipped, except `@revoked` lines, which
+/// are listed in `unreadable_revocations`.
 pub fn known_host_keys(host: &str, files: &[PathBuf]) -> KnownHostKeys {
-    use ssh_key::known_hosts::{HostPatterns, Marker};
+    use ssh_key::known_hosts::{Entry, HostPatterns, Marker};
     let host = host.trim_end_matches('.').to_ascii_lowercase();
     let mut out = KnownHostKeys::default();
     for file in files {
         let Ok(text) = std::fs::read_to_string(file) else {
             continue;
         };
-        for entry in ssh_key::KnownHosts::new(&text).flatten() {
+        for (number, line) in text.lines().enumerate() {
+            let line = line.split('#').next().unwrap_or("");
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            if fields.is_empty() {
+                continue;
+            }
+            let entry = match fields.join(" ").parse::<Entry>() {
+                Ok(e) => e,
+                Err(_) => {
+                    if fields[0] == "@revoked" {
+                        out.unreadable_revocations.push(format!(
+                            "{}:{}",
+                            file.display(),
+                            number + 1
+                        ));
+                    }
+                    continue;
+                }
+            };
             let key = entry.public_key().key_data();
             let Ok(line) = ssh_key::PublicKey::from(key.clone()).to_openssh() else {
                 continue;

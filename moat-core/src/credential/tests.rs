@@ -296,3 +296,50 @@ fn expired_grants_are_refused_for_the_proxy() {
     let err = credentials_for(home.path(), &["openai".into()]).unwrap_err();
     assert!(err.to_string().contains("run `moat grant openai`"), "{err}");
 }
+
+/// An ssh grant's host keys at run time: known_hosts decides when it lists
+/// the host (a key removed there is no longer trusted); the keys recorded at
+/// grant time count only when it lists none; revoked keys never count.
+#[test]
+fn ssh_host_keys_follow_known_hosts() {
+    let home = tempfile::tempdir().unwrap();
+    let old = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAINpW5SE+drSEU2gXiSZW+YD1r0jbF4Ft11PKAv/K5oEs";
+    let new = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIKe1yarwZCI/ZKDBgnxdkM8SMnajfhJfgUiYOjYLTG5z";
+    let grant = ssh::SshGrant {
+        host: "git-a.test".into(),
+        key: ssh::AgentKey {
+            fingerprint: "SHA256:k".into(),
+            comment: "me".into(),
+            key_type: "ssh-ed25519".into(),
+        },
+        created: "2026-11-22T00:00:00Z".into(),
+        host_keys: vec![old.into()],
+    };
+    std::fs::write(
+        home.path().join("ssh-grants.json"),
+        serde_json::to_vec(&[grant]).unwrap(),
+    )
+    .unwrap();
+    let kh = home.path().join("known_hosts");
+    let lines = |g: &crate::ssh_agent::HostGrant| g.host_key_lines.clone();
+    // No known_hosts: the recorded key.
+    let g = ssh_host_in(home.path(), "git-a.test", std::slice::from_ref(&kh)).unwrap();
+    assert_eq!(lines(&g), vec![old]);
+    // The host's key changed (ssh-keygen -R, then the new one): only the new.
+    std::fs::write(&kh, format!("git-a.test {new}\n")).unwrap();
+    let g = ssh_host_in(home.path(), "git-a.test", std::slice::from_ref(&kh)).unwrap();
+    assert_eq!(lines(&g), vec![new]);
+    // Revoked: not even the recorded key is used, and the run cannot start.
+    std::fs::write(&kh, format!("@revoked * {old}\n")).unwrap();
+    let err = ssh_host_in(home.path(), "git-a.test", std::slice::from_ref(&kh)).unwrap_err();
+    assert!(err.to_string().contains("no host key is known"), "{err}");
+    std::fs::write(&kh, "@revoked * ssh-ed25519 ???\n").unwrap();
+    let err = ssh_host_in(home.path(), "git-a.test", std::slice::from_ref(&kh)).unwrap_err();
+    assert!(err.to_string().contains("@revoked line"), "{err}");
+    // No grant at all.
+    let err = ssh_host_in(home.path(), "other.test", &[kh]).unwrap_err();
+    assert!(
+        err.to_string().contains("moat grant ssh --host other.test"),
+        "{err}"
+    );
+}

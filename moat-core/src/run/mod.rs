@@ -333,8 +333,40 @@ fn check_mounts(home: &Path, spec: &RunSpec) -> Result<()> {
     for (source, target, _) in &spec.mounts {
         sources.push((format!("mount {}", target), source.clone()));
     }
+    // The user's SSH keys and agent socket never enter a container: ssh:
+    // grants reach them through the run's filtering agent only.
+    let ssh_dir = std::env::var_os("HOME")
+        .filter(|h| !h.is_empty())
+        .map(|h| PathBuf::from(h).join(".ssh"));
+    let ssh_dir = ssh_dir.map(|d| std::fs::canonicalize(&d).unwrap_or(d));
+    let agent =
+        crate::credential::ssh::agent_socket().map(|a| std::fs::canonicalize(&a).unwrap_or(a));
     for (what, source) in sources {
         let real = std::fs::canonicalize(&source).unwrap_or(source.clone());
+        if let Some(dir) = &ssh_dir {
+            if dir.starts_with(&real) || real.starts_with(dir) {
+                return Err(Error::new(
+                    ErrorKind::InvalidArgument,
+                    format!(
+                        "{what} {} would give the container your SSH keys ({}); SSH reaches the agent only through `ssh:` grants",
+                        real.display(),
+                        dir.display()
+                    ),
+                ));
+            }
+        }
+        if let Some(agent) = &agent {
+            if agent.starts_with(&real) {
+                return Err(Error::new(
+                    ErrorKind::InvalidArgument,
+                    format!(
+                        "{what} {} would give the container your SSH agent's socket ({}); SSH reaches the agent only through `ssh:` grants",
+                        real.display(),
+                        agent.display()
+                    ),
+                ));
+            }
+        }
         if home.starts_with(&real) || real.starts_with(&home) {
             return Err(Error::new(
                 ErrorKind::InvalidArgument,

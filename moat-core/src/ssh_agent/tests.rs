@@ -521,3 +521,163 @@ fn known_hosts_lookup_follows_openssh() {
     assert_eq!(found.keys, vec![k3]);
     assert_eq!(found.revoked, vec![k1]);
 }
+
+#[tokio::test]
+async fn a_repeated_binding_cannot_undo_forwarding() {
+    let h = Harness::new().await;
+    let a = h.user_a.blob();
+    let mut s = h.connect().await;
+    let forwarded = bind_msg(&h.host_a, SID, &h.host_a.sign(SID), true);
+    let direct = bind_msg(&h.host_a, SID, &h.host_a.sign(SID), false);
+    assert_eq!(ask(&mut s, &forwarded).await, vec![SUCCESS]);
+    assert_eq!(ask(&mut s, &direct).await, vec![SUCCESS]);
+    let data = userauth(SID, &a, None);
+    assert_eq!(ask(&mut s, &sign_msg(&a, &data)).await, vec![FAILURE]);
+    assert_eq!(h.upstream_signs(), 0);
+}
+
+#[tokio::test]
+async fn login_data_must_be_well_formed() {
+    let h = Harness::new().await;
+    let a = h.user_a.blob();
+    let mut s = h.connect().await;
+    let bind = bind_msg(&h.host_a, SID, &h.host_a.sign(SID), false);
+    assert_eq!(ask(&mut s, &bind).await, vec![SUCCESS]);
+    let with = |user: &[u8], algorithm: &[u8]| {
+        let mut d = Vec::new();
+        put_string(&mut d, SID);
+        d.push(USERAUTH_REQUEST);
+        put_string(&mut d, user);
+        put_string(&mut d, b"ssh-connection");
+        put_string(&mut d, b"publickey");
+        d.push(1);
+        put_string(&mut d, algorithm);
+        put_string(&mut d, &a);
+        d
+    };
+    for (what, data) in [
+        ("a NUL in the user", with(b"git\0root", b"ssh-ed25519")),
+        ("a long user", with(&[b'u'; 300], b"ssh-ed25519")),
+        ("another algorithm", with(b"git", b"rsa-sha2-512")),
+    ] {
+        assert_eq!(
+            ask(&mut s, &sign_msg(&a, &data)).await,
+            vec![FAILURE],
+            "{what}"
+        );
+    }
+    // Bytes after the flags.
+    let mut trailing = sign_msg(&a, &with(b"git", b"ssh-ed25519"));
+    trailing.push(7);
+    assert_eq!(ask(&mut s, &trailing).await, vec![FAILURE]);
+    assert_eq!(h.upstream_signs(), 0);
+    // The well-formed one passes.
+    let good = sign_msg(&a, &with(b"git", b"ssh-ed25519"));
+    assert_eq!(ask(&mut s, &good).await[0], SIGN_RESPONSE);
+    // A session identifier that is no hash's length is not bound.
+    let mut s = h.connect().await;
+    let odd = [7u8; 124];
+    let bind = bind_msg(&h.host_a, &odd, &h.host_a.sign(&odd), false);
+    assert_eq!(ask(&mut s, &bind).await, vec![FAILURE]);
+}
+
+#[tokio::test]
+async fn a_connection_that_keeps_being_refused_is_closed_and_audited_briefly() {
+    let h = Harness::new().await;
+    let mut s = h.connect().await;
+    let mut long = vec![EXTENSION];
+    put_string(&mut long, &[0xffu8; 100_000]);
+    let mut answered = 0;
+    for _ in 0..100 {
+        if write_message(&mut s, &long).await.is_err() {
+            break;
+        }
+        match read_message(&mut s).await {
+            Ok(Some(reply)) => {
+                assert_eq!(reply, vec![FAILURE]);
+                answered += 1;
+            }
+            _ => break,
+        }
+    }
+    assert_eq!(answered, MAX_REFUSALS);
+    let events = h.audit.events();
+    assert_eq!(
+        events.len(),
+        MAX_REFUSALS + 1,
+        "one entry per refusal and one for closing"
+    );
+    for e in &events {
+        let AuditEvent::SshAgent { op, .. } = e else {
+            panic!("{e:?}")
+        };
+        assert!(
+            op.len() < 100,
+            "{} bytes of attacker text in the audit log",
+            op.len()
+        );
+    }
+}
+
+#[tokio::test]
+async fn connections_beyond_the_limit_are_closed() {
+    let h = Harness::new().await;
+    let mut held = Vec::new();
+    for _ in 0..MAX_CONNECTIONS {
+        let mut s = h.connect().await;
+        // Each opens its connection to the user's agent.
+        ask(&mut s, &[REQUEST_IDENTITIES]).await;
+        held.push(s);
+    }
+    let mut extra = h.connect().await;
+    let _ = write_message(&mut extra, &[REQUEST_IDENTITIES]).await;
+    let mut buf = [0u8; 4];
+    let n = tokio::time::timeout(Duration::from_secs(5), extra.read(&mut buf))
+        .await
+        .unwrap()
+        .unwrap_or(0);
+    assert_eq!(n, 0, "a connection over the limit was served");
+    let lists = h
+        .upstream_seen
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|m| m[0] == REQUEST_IDENTITIES)
+        .count();
+    assert_eq!(lists, MAX_CONNECTIONS);
+    // A slot freed is a slot served.
+    drop(held.pop());
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let mut again = h.connect().await;
+    assert_eq!(
+        ask(&mut again, &[REQUEST_IDENTITIES]).await[0],
+        IDENTITIES_ANSWER
+    );
+}
+
+#[test]
+fn known_hosts_fields_may_be_separated_by_any_blanks() {
+    use crate::credential::ssh::known_host_keys;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("known_hosts");
+    let k1 = Key::new(21).line();
+    let k2 = Key::new(22).line();
+    let (t1, b1) = k1.split_once(' ').unwrap();
+    let (t2, b2) = k2.split_once(' ').unwrap();
+    std::fs::write(
+        &file,
+        format!("git-a.test\t{t1}  {b1}\ngit-a.test {t2} {b2}\n@revoked\tgit-a.test\t{t1}\t{b1}\n"),
+    )
+    .unwrap();
+    let found = known_host_keys("git-a.test", std::slice::from_ref(&file));
+    assert_eq!(found.keys, vec![k2]);
+    assert_eq!(found.revoked, vec![k1]);
+    assert!(found.unreadable_revocations.is_empty());
+    // A revocation that cannot be read is reported, never ignored.
+    std::fs::write(&file, "@revoked git-a.test ssh-ed25519 not-base64!!\n").unwrap();
+    let found = known_host_keys("git-a.test", std::slice::from_ref(&file));
+    assert_eq!(
+        found.unreadable_revocations,
+        vec![format!("{}:1", file.display())]
+    );
+}
