@@ -33,7 +33,7 @@ set -e
 n=$1; port=$2
 gw=$(ip route | awk '/^default/ {print $3; exit}')
 eval "$(ssh-agent -s)" >/dev/null
-ssh-add -q /workspace/key
+cp /workspace/key /tmp/key && chmod 600 /tmp/key && ssh-add -q /tmp/key
 common="-o BatchMode=yes -o LogLevel=ERROR"
 direct() { ssh $common -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null -p "$port" root@"$gw" true; }
 viamoat() { SSH_AUTH_SOCK=/run/moat/ssh/agent.sock ssh $common root@git-bench.test true; }
@@ -75,7 +75,6 @@ def main() -> int:
         ws = tmp / "ws"
         ws.mkdir()
         sh("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "bench@moat", "-f", str(ws / "key"))
-        os.chmod(ws / "key", 0o644)  # read by the container's user; a throwaway key
         sh("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(tmp / "host_key"))
         (tmp / "authorized_keys").write_text((ws / "key.pub").read_text())
         port = free_port()
@@ -99,6 +98,7 @@ def main() -> int:
                "MOAT_HOME": str(tmp / "moat-home"),
                "MOAT_RESOLVE": f"git-bench.test:22=127.0.0.1:{port}"}
         sh("ssh-add", "-q", str(ws / "key"), env=env)
+        os.chmod(ws / "key", 0o644)  # read by the container's user; a throwaway key
         pub = (tmp / "host_key.pub").read_text().split()
         (tmp / "home" / ".ssh" / "known_hosts").write_text(f"git-bench.test {pub[0]} {pub[1]}\n")
         sh(args.moat, "grant", "ssh", "--host", "git-bench.test", env=env)
@@ -137,7 +137,7 @@ def main() -> int:
             f"| direct (agent inside, host port) | {dm:.1f} | {p(d, 0.9):.1f} | {min(d):.1f} |",
             f"| moat (forwarder + filtering agent) | {mm:.1f} | {p(m, 0.9):.1f} | {min(m):.1f} |",
             "",
-            f"moat ÷ direct, median: **{mm / dm:.2f}×** (+{mm - dm:.1f} ms per login).",
+            f"moat ÷ direct, median: **{mm / dm:.2f}×** ({mm - dm:+.1f} ms per login).",
             "",
         ]
         text = "\n".join(lines)
