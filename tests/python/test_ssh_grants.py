@@ -50,11 +50,13 @@ def cli(args, env):
 
 def test_grant_ssh_records_the_agents_default_key(agent, tmp_path):
     env, fps, keys = agent
-    env = {**env, "MOAT_HOME": str(tmp_path / "h")}
+    (tmp_path / "user" / ".ssh").mkdir(parents=True)
+    env = {**env, "MOAT_HOME": str(tmp_path / "h"), "HOME": str(tmp_path / "user")}
     out = cli(["grant", "ssh", "--host", "github.com"], env)
     assert out.returncode == 0, out.stderr
     assert f"Using key: first@test ({fps[0]})" in out.stderr
     assert "Granted SSH access to github.com" in out.stderr
+    assert "warning: no host key for github.com is in ~/.ssh/known_hosts" in out.stderr
     out = cli(["grant", "ssh", "--host", "gitlab.com", "--key", fps[1]], env)
     assert out.returncode == 0, out.stderr
     assert "second@test" in out.stderr
@@ -72,10 +74,24 @@ def test_grant_ssh_records_the_agents_default_key(agent, tmp_path):
 
 
 def test_python_grant_ssh(agent, tmp_path, monkeypatch):
-    env, fps, _ = agent
+    env, fps, keys = agent
     monkeypatch.setenv("SSH_AUTH_SOCK", env["SSH_AUTH_SOCK"])
-    g = moat.grant("ssh", host="GitHub.com", key=fps[1].removeprefix("SHA256:"), home=tmp_path / "h")
+    # A HOME of the test's own: its known_hosts, not the developer's.
+    user = tmp_path / "user"
+    (user / ".ssh").mkdir(parents=True)
+    monkeypatch.setenv("HOME", str(user))
+    with pytest.warns(UserWarning, match="no host key for github.com is in ~/.ssh/known_hosts"):
+        g = moat.grant("ssh", host="GitHub.com", key=fps[1].removeprefix("SHA256:"), home=tmp_path / "h")
     assert g["host"] == "github.com" and g["key"]["fingerprint"] == fps[1]
+    assert g["host_keys"] == []
+    # With the host's key in known_hosts: recorded, no warning.
+    host_key = " ".join(pathlib.Path(f"{keys[0]}.pub").read_text().split()[:2])
+    (user / ".ssh" / "known_hosts").write_text(f"github.com {host_key}\n")
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        g = moat.grant("ssh", host="github.com", home=tmp_path / "h")
+    assert g["host_keys"] == [host_key]
     assert moat.revoke("ssh:github.com", home=tmp_path / "h") is True
 
 

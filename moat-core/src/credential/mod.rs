@@ -267,7 +267,13 @@ pub fn list(home: &Path) -> Result<Vec<GrantInfo>> {
             expires: None,
             kind: Some(g.key.key_type),
             hosts: vec![g.host],
-            metadata: BTreeMap::from([("fingerprint".to_string(), g.key.fingerprint)]),
+            metadata: BTreeMap::from([
+                ("fingerprint".to_string(), g.key.fingerprint),
+                (
+                    "host_keys_recorded".to_string(),
+                    g.host_keys.len().to_string(),
+                ),
+            ]),
             problem: None,
         });
     }
