@@ -258,33 +258,11 @@ impl FilterAgent {
     /// Serves clients on `listener` until `cancel`, at most
     /// [`MAX_CONNECTIONS`] at once.
     pub async fn serve(self: Arc<Self>, listener: UnixListener, cancel: CancellationToken) {
-        let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
-        loop {
-            let stream = tokio::select! {
-                r = listener.accept() => match r {
-                    Ok((s, _)) => s,
-                    Err(e) => {
-                        tracing::debug!(error = %e, "ssh agent accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    }
-                },
-                () = cancel.cancelled() => return,
-            };
-            let Ok(slot) = slots.clone().try_acquire_owned() else {
-                // Full: this connection is closed unanswered.
-                continue;
-            };
+        accept_limited(listener, MAX_CONNECTIONS, cancel, move |stream| {
             let agent = self.clone();
-            let cancel = cancel.clone();
-            tokio::spawn(async move {
-                tokio::select! {
-                    () = agent.connection(stream) => {}
-                    () = cancel.cancelled() => {}
-                }
-                drop(slot);
-            });
-        }
+            async move { agent.connection(stream).await }
+        })
+        .await;
     }
 
     async fn connection(&self, mut stream: UnixStream) {
@@ -849,13 +827,49 @@ pub const SSH_PORT: u16 = 22;
 /// recording each in the trace and the audit log (method `SSH`).
 pub async fn forward(listener: TcpListener, to: Forward, cancel: CancellationToken) {
     let to = Arc::new(to);
-    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_FORWARDED));
+    accept_limited(listener, MAX_FORWARDED, cancel, move |inbound| {
+        let to = to.clone();
+        async move { forward_one(inbound, &to).await }
+    })
+    .await;
+}
+
+/// A listener whose connections [`accept_limited`] serves.
+trait Acceptor {
+    type Stream: Send + 'static;
+    fn accept_one(&self)
+        -> impl std::future::Future<Output = std::io::Result<Self::Stream>> + Send;
+}
+
+impl Acceptor for UnixListener {
+    type Stream = UnixStream;
+    async fn accept_one(&self) -> std::io::Result<UnixStream> {
+        self.accept().await.map(|(s, _)| s)
+    }
+}
+
+impl Acceptor for TcpListener {
+    type Stream = tokio::net::TcpStream;
+    async fn accept_one(&self) -> std::io::Result<tokio::net::TcpStream> {
+        self.accept().await.map(|(s, _)| s)
+    }
+}
+
+/// Accepts connections until `cancel`, serving at most `max` at once with
+/// `serve` (one more is closed as it arrives); each stops at `cancel` too.
+async fn accept_limited<L, F, Fut>(listener: L, max: usize, cancel: CancellationToken, serve: F)
+where
+    L: Acceptor,
+    F: Fn(L::Stream) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let slots = Arc::new(tokio::sync::Semaphore::new(max));
     loop {
-        let inbound = tokio::select! {
-            r = listener.accept() => match r {
-                Ok((s, _)) => s,
+        let stream = tokio::select! {
+            r = listener.accept_one() => match r {
+                Ok(s) => s,
                 Err(e) => {
-                    tracing::debug!(error = %e, "ssh forwarder accept failed");
+                    tracing::debug!(error = %e, "accept failed");
                     tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
                 }
@@ -865,11 +879,11 @@ pub async fn forward(listener: TcpListener, to: Forward, cancel: CancellationTok
         let Ok(slot) = slots.clone().try_acquire_owned() else {
             continue;
         };
-        let to = to.clone();
+        let work = serve(stream);
         let cancel = cancel.clone();
         tokio::spawn(async move {
             tokio::select! {
-                () = forward_one(inbound, &to) => {}
+                () = work => {}
                 () = cancel.cancelled() => {}
             }
             drop(slot);
@@ -886,17 +900,8 @@ async fn forward_one(mut inbound: tokio::net::TcpStream, to: &Forward) {
         url: format!("ssh://{}:{SSH_PORT}", to.host),
         host: to.host.clone(),
         port: SSH_PORT,
-        status: None,
-        duration_ms: 0.0,
-        request_bytes: 0,
-        response_bytes: 0,
         grant: Some(format!("ssh:{}", to.host)),
-        denied: None,
-        error: None,
-        request_headers: Vec::new(),
-        response_headers: Vec::new(),
-        request_body: None,
-        response_body: None,
+        ..TraceRecord::default()
     };
     match crate::proxy::upstream::dial(&to.host, SSH_PORT, &to.overrides, Duration::from_secs(10))
         .await

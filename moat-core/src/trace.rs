@@ -9,7 +9,7 @@ use std::sync::Mutex;
 use serde::Serialize;
 
 /// One request through the proxy.
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, Default, Serialize, PartialEq)]
 pub struct TraceRecord {
     /// When the request arrived (RFC 3339, UTC).
     pub time: String,

@@ -50,6 +50,22 @@ static moat_run_options *options(const char *home, const char *moat, const char 
   return o;
 }
 
+/* Starts a run and frees its options; NULL (after a failed check) when it
+ * did not start. */
+static moat_run *start(moat_run_options *o) {
+  moat_run *run = NULL;
+  moat_error *err = NULL;
+  moat_status st = moat_run_start(o, &run, &err);
+  CHECK(st == MOAT_OK);
+  moat_run_options_free(o);
+  if (st != MOAT_OK) {
+    fprintf(stderr, "moat_run_start: %s\n", err ? moat_error_message(err) : "?");
+    moat_error_free(err);
+    return NULL;
+  }
+  return run;
+}
+
 static void test_run(const char *home, const char *moat, const char *image,
                      const char *workspace) {
   moat_run_options *o = options(home, moat, image, workspace);
@@ -58,17 +74,8 @@ static void test_run(const char *home, const char *moat, const char *image,
   CHECK(moat_run_options_add(o, "arg", "-c", NULL) == MOAT_OK);
   CHECK(moat_run_options_add(o, "arg", "echo \"out $GREETING\"; echo err >&2; exit 5", NULL) == MOAT_OK);
   CHECK(moat_run_options_add(o, "env", "GREETING=from-c", NULL) == MOAT_OK);
-  moat_run *run = NULL;
-  moat_error *err = NULL;
-  moat_status st = moat_run_start(o, &run, &err);
-  CHECK(st == MOAT_OK);
-  if (st != MOAT_OK) {
-    fprintf(stderr, "moat_run_start: %s\n", err ? moat_error_message(err) : "?");
-    moat_error_free(err);
-    moat_run_options_free(o);
-    return;
-  }
-  moat_run_options_free(o);
+  moat_run *run = start(o);
+  if (!run) return;
   CHECK(strncmp(moat_run_id(run), "run_", 4) == 0 && strlen(moat_run_id(run)) == 16);
   CHECK(strcmp(moat_run_name(run), "c-run") == 0);
 
@@ -90,7 +97,7 @@ static void test_run(const char *home, const char *moat, const char *image,
   /* Environment values are never kept in run.json, only names. */
   CHECK(json && !strstr(json, "from-c"));
   moat_string_free(json);
-  err = NULL;
+  moat_error *err = NULL;
   json = NULL;
   CHECK(moat_run_json(run, 7, &json, &err) == MOAT_ERR_INVALID_ARGUMENT);
   CHECK(json == NULL && err && strstr(moat_error_message(err), "not a moat_run_doc"));
@@ -131,15 +138,8 @@ static void test_urls(const char *home, const char *moat, const char *image,
   CHECK(moat_run_options_add(o, "arg", "sh", NULL) == MOAT_OK);
   CHECK(moat_run_options_add(o, "arg", "-c", NULL) == MOAT_OK);
   CHECK(moat_run_options_add(o, "arg", "echo $MOAT_URL_WEB", NULL) == MOAT_OK);
-  moat_run *run = NULL;
-  moat_error *err = NULL;
-  CHECK(moat_run_start(o, &run, &err) == MOAT_OK);
-  moat_run_options_free(o);
-  if (!run) {
-    fprintf(stderr, "moat_run_start: %s\n", err ? moat_error_message(err) : "?");
-    moat_error_free(err);
-    return;
-  }
+  moat_run *run = start(o);
+  if (!run) return;
   struct captured c = {0};
   CHECK(moat_run_follow(run, on_output, &c, NULL) == MOAT_OK);
   CHECK(strcmp(c.out, "https://web.c-web.localhost:18597\n") == 0);
@@ -176,15 +176,8 @@ static void test_ssh(const char *home, const char *moat, const char *image,
   CHECK(moat_run_options_add(o, "arg", "sh", NULL) == MOAT_OK);
   CHECK(moat_run_options_add(o, "arg", "-c", NULL) == MOAT_OK);
   CHECK(moat_run_options_add(o, "arg", script, NULL) == MOAT_OK);
-  moat_run *run = NULL;
-  err = NULL;
-  CHECK(moat_run_start(o, &run, &err) == MOAT_OK);
-  moat_run_options_free(o);
-  if (!run) {
-    fprintf(stderr, "moat_run_start: %s\n", err ? moat_error_message(err) : "?");
-    moat_error_free(err);
-    return;
-  }
+  moat_run *run = start(o);
+  if (!run) return;
   struct captured c = {0};
   CHECK(moat_run_follow(run, on_output, &c, NULL) == MOAT_OK);
   /* Two keys in the user's agent, one granted. */

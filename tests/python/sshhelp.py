@@ -70,6 +70,17 @@ def free_port(host="127.0.0.1") -> int:
 
 # The agent -----------------------------------------------------------------------
 
+
+def terminate(proc):
+    """Stops a server process: SIGTERM, then SIGKILL after 10 s."""
+    if proc is not None and proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+
 class Key:
     """A client key pair made by ssh-keygen (no passphrase)."""
 
@@ -138,13 +149,7 @@ class SshAgent:
         return [line.split()[1] for line in out.stdout.splitlines() if line.strip()]
 
     def stop(self):
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
+        terminate(self.proc)
 
 
 # The servers ---------------------------------------------------------------------
@@ -343,13 +348,7 @@ class Sshd:
                     env={**os.environ, "GIT_CONFIG_NOSYSTEM": "1", "HOME": str(self.dir)}).stdout
 
     def stop(self):
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
+        terminate(self.proc)
 
 
 # known_hosts -----------------------------------------------------------------------

@@ -227,15 +227,7 @@ impl<'a> Outcome<'a> {
             port: self.port,
             status,
             duration_ms: self.started.elapsed().as_secs_f64() * 1000.0,
-            request_bytes: 0,
-            response_bytes: 0,
-            grant: None,
-            denied: None,
-            error: None,
-            request_headers: Vec::new(),
-            response_headers: Vec::new(),
-            request_body: None,
-            response_body: None,
+            ..TraceRecord::default()
         }
     }
 
