@@ -800,6 +800,27 @@ def test_agent_protocol_attacks_from_inside(m, servers, agent):
     assert m("audit", run_id, timeout=60).returncode == 0
 
 
+def test_the_seeds_ssh_github_example(m, servers, tmp_path):
+    """examples/ssh-github as the README shows it, with this test's sshd
+    standing in for github.com (MOAT_RESOLVE maps github.com:22 to it, and
+    the fake HOME's known_hosts holds its key), and the test image."""
+    a, _ = servers
+    m.env["MOAT_RESOLVE"] = resolve(("github.com", a))
+    write_known_hosts(m.user_home, [known_hosts_line("github.com", a)])
+    out = m("grant", "ssh", "--host", "github.com", check=True)
+    assert "Granted SSH access to github.com" in out.stderr
+    ws = tmp_path / "ssh-github"
+    ws.mkdir()
+    example = pathlib.Path(__file__).resolve().parents[2] / "examples" / "ssh-github" / "agent.yaml"
+    # The stand-in sshd has no `git` user: log in as root there.
+    text = example.read_text()
+    assert '"git@github.com"' in text
+    (ws / "agent.yaml").write_text(text.replace('"git@github.com"', '"root@github.com"'))
+    out = m("run", ws, "--image", IMAGE, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "hello from git-a as root" in out.stdout, out.stdout + out.stderr
+
+
 # Runs that must not start -------------------------------------------------------------------
 
 def assert_not_started(m, out, marker="RAN-INSIDE"):
