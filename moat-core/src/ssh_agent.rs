@@ -200,12 +200,18 @@ struct Decision {
     reason: Option<String>,
 }
 
+/// Receives a note for the run's output.
+type Notes = Box<dyn Fn(&str) + Send + Sync>;
+
 /// The filtering agent of one run.
 pub struct FilterAgent {
     client: String,
     grants: Vec<HostGrant>,
     upstream: PathBuf,
     audit: Option<Arc<dyn AuditSink>>,
+    notes: Option<Notes>,
+    /// The refusal reasons already told (each is told once).
+    told: std::sync::Mutex<Vec<String>>,
 }
 
 impl std::fmt::Debug for FilterAgent {
@@ -231,7 +237,30 @@ impl FilterAgent {
             grants,
             upstream: upstream.to_path_buf(),
             audit,
+            notes: None,
+            told: std::sync::Mutex::new(Vec::new()),
         }
+    }
+
+    /// Tells `notes` why a signature was refused, once per reason (the
+    /// client itself only says "Permission denied").
+    pub fn with_notes(mut self, notes: impl Fn(&str) + Send + Sync + 'static) -> FilterAgent {
+        self.notes = Some(Box::new(notes));
+        self
+    }
+
+    fn tell(&self, reason: &str) {
+        let Some(notes) = &self.notes else { return };
+        let Ok(mut told) = self.told.lock() else {
+            return;
+        };
+        if told.len() >= 8 || told.iter().any(|r| r == reason) {
+            return;
+        }
+        told.push(reason.to_string());
+        notes(&format!(
+            "moat: the run's SSH agent refused to sign: {reason} (see `moat audit`)\n"
+        ));
     }
 
     /// Checks that the user's agent answers and holds every granted key;
@@ -461,6 +490,7 @@ impl FilterAgent {
             .and_then(|b| b.hosts.first().cloned());
         match self.decide_sign(session, key_blob, data) {
             Err(reason) => {
+                self.tell(&reason);
                 self.record(Decision {
                     op: "sign".into(),
                     host: bound_host,

@@ -365,6 +365,11 @@ def test_the_agent_refuses_to_sign_for_a_host_that_is_not_granted(m, servers, ag
         assert lines[-1] == "exit=255", (name, out.stdout, out.stderr)
         assert HELLO_B not in part[name]
     assert out.stderr.count("Permission denied (publickey)") >= 3, out.stderr
+    # moat says why, once, in the run's output (ssh only says "denied").
+    told = [l for l in out.stderr.splitlines()
+            if l.startswith("moat: the run's SSH agent refused to sign: ")]
+    assert len(told) == 1, out.stderr
+    assert "is not a known key of a host this key is granted for" in told[0], told
     assert "Accepted publickey" not in b.log_since(mark_b), b.log_since(mark_b)
     run_id = m.latest()["id"]
     events = ssh_events(m, run_id)

@@ -473,11 +473,13 @@ async fn setup(ctx: &mut Ctx, meta: &RunMeta, held: &mut Held) -> Result<Started
 
     // SSH grants: the filtering agent, and a forwarder per granted host on
     // the same address as the proxy.
+    // Notes for the run's output (why the SSH agent refused, say).
+    let (notes, mut notes_rx) = tokio::sync::mpsc::unbounded_channel::<String>();
     let ssh_hosts = if ssh_grants.is_empty() {
         Vec::new()
     } else {
         let t = Instant::now();
-        let hosts = start_ssh(ctx, held, ssh_grants, network.gateway, trace).await?;
+        let hosts = start_ssh(ctx, held, ssh_grants, network.gateway, trace, notes).await?;
         ctx.phase("ssh", t);
         hosts
     };
@@ -674,11 +676,15 @@ async fn setup(ctx: &mut Ctx, meta: &RunMeta, held: &mut Held) -> Result<Started
     let logs_path = ctx.dir.join("logs.jsonl");
     let mut writer = LogWriter::open(&logs_path, DEFAULT_LIMIT)?;
     let log_task = tokio::spawn(async move {
-        while let Some(item) = output.next().await {
-            let result = match item {
-                Ok(Output::Stdout(b)) => writer.write(Stream::Stdout, &b),
-                Ok(Output::Stderr(b)) => writer.write(Stream::Stderr, &b),
-                Err(e) => writer.write(Stream::Moat, format!("moat: {e}\n").as_bytes()),
+        loop {
+            let result = tokio::select! {
+                item = output.next() => match item {
+                    None => break,
+                    Some(Ok(Output::Stdout(b))) => writer.write(Stream::Stdout, &b),
+                    Some(Ok(Output::Stderr(b))) => writer.write(Stream::Stderr, &b),
+                    Some(Err(e)) => writer.write(Stream::Moat, format!("moat: {e}\n").as_bytes()),
+                },
+                Some(note) = notes_rx.recv() => writer.write(Stream::Moat, note.as_bytes()),
             };
             if let Err(e) = result {
                 eprintln_safe(&format!("moat supervisor: logs: {e}"));
@@ -740,6 +746,7 @@ async fn start_ssh(
     grants: Vec<crate::ssh_agent::HostGrant>,
     gateway: std::net::IpAddr,
     trace: Arc<dyn TraceSink>,
+    notes: tokio::sync::mpsc::UnboundedSender<String>,
 ) -> Result<Vec<(crate::ssh_agent::HostGrant, u16)>> {
     use crate::ssh_agent::{FilterAgent, Forward};
     let names: Vec<String> = grants.iter().map(|g| format!("ssh:{}", g.host)).collect();
@@ -753,12 +760,13 @@ async fn start_ssh(
         )
     })?;
     let audit: Arc<dyn crate::trace::AuditSink> = ctx.audit.clone();
-    let agent = Arc::new(FilterAgent::new(
-        &ctx.id,
-        grants.clone(),
-        &upstream,
-        Some(audit.clone()),
-    ));
+    let agent = Arc::new(
+        FilterAgent::new(&ctx.id, grants.clone(), &upstream, Some(audit.clone())).with_notes(
+            move |note: &str| {
+                let _ = notes.send(note.to_string());
+            },
+        ),
+    );
     let check = agent.clone();
     tokio::task::spawn_blocking(move || check.check_upstream())
         .await

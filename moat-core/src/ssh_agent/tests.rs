@@ -681,3 +681,36 @@ fn known_hosts_fields_may_be_separated_by_any_blanks() {
         vec![format!("{}:1", file.display())]
     );
 }
+
+#[tokio::test]
+async fn a_refusal_is_told_once_in_the_runs_output() {
+    let dir = tempfile::tempdir().unwrap();
+    let (user_a, host_a) = (Key::new(1), Key::new(3));
+    let (upstream, _) = fake_upstream(dir.path(), vec![user_a.blob()]).await;
+    let grant =
+        HostGrant::new("git-a.test", &fingerprint(&user_a.blob()), &[host_a.line()]).unwrap();
+    let told = Arc::new(Mutex::new(Vec::<String>::new()));
+    let sink = told.clone();
+    let agent = Arc::new(
+        FilterAgent::new("run_test", vec![grant], &upstream, None)
+            .with_notes(move |n: &str| sink.lock().unwrap().push(n.to_string())),
+    );
+    let listener = bind_socket(&dir.path().join("ssh")).unwrap();
+    let cancel = CancellationToken::new();
+    tokio::spawn(agent.serve(listener, cancel.clone()));
+    let mut s = UnixStream::connect(dir.path().join("ssh").join("agent.sock"))
+        .await
+        .unwrap();
+    let data = userauth(SID, &user_a.blob(), None);
+    for _ in 0..3 {
+        assert_eq!(
+            ask(&mut s, &sign_msg(&user_a.blob(), &data)).await,
+            vec![FAILURE]
+        );
+    }
+    let told = told.lock().unwrap().clone();
+    assert_eq!(told.len(), 1, "{told:?}");
+    assert!(told[0].starts_with("moat: the run's SSH agent refused to sign: "));
+    assert!(told[0].contains("OpenSSH 8.9"), "{}", told[0]);
+    cancel.cancel();
+}
