@@ -334,8 +334,11 @@ moat_status moat_grant(const char *provider,
 
 // Grants `host` a key of the SSH agent at `SSH_AUTH_SOCK`: the one whose
 // fingerprint is `key` (`SHA256:...`), or when NULL the agent's first. No
-// secret is stored. On success, when `out_json` is not NULL, writes the
-// grant as JSON.
+// secret is stored. The host's keys are read from `known_hosts` and
+// recorded (`host_keys` in the JSON; when it is empty, runs with this grant
+// will not start until a host key is known). On success, when `out_json`
+// is not NULL, writes the grant as JSON. Runs use the grant as `ssh:<host>`
+// (`moat_run_options_add(o, "grant", "ssh:<host>")`).
 //
 // # Safety
 // `host` is a NUL-terminated string; `key` and `home` are NULL or such
