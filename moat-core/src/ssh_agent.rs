@@ -745,8 +745,13 @@ fn printable(bytes: &[u8], max: usize) -> String {
         .collect()
 }
 
+/// The type named in a public key blob (`ssh-ed25519`, ...).
+pub(crate) fn key_type(blob: &[u8]) -> Option<String> {
+    Some(String::from_utf8_lossy(Reader::new(blob).string()?).into_owned())
+}
+
 /// The `(blob, comment)` pairs of an identities answer.
-fn parse_identities(msg: &[u8]) -> Option<Vec<(&[u8], &[u8])>> {
+pub(crate) fn parse_identities(msg: &[u8]) -> Option<Vec<(&[u8], &[u8])>> {
     let mut r = Reader::new(msg);
     if r.u8()? != IDENTITIES_ANSWER {
         return None;

@@ -12,9 +12,7 @@
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 
-use base64::Engine;
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 
 use crate::error::{Error, ErrorKind, Result};
 use crate::paths;
@@ -46,41 +44,19 @@ pub struct SshGrant {
 }
 
 const REQUEST_IDENTITIES: u8 = 11;
-const IDENTITIES_ANSWER: u8 = 12;
-
-fn read_string(buf: &[u8], at: &mut usize) -> Option<Vec<u8>> {
-    let len = u32::from_be_bytes(buf.get(*at..*at + 4)?.try_into().ok()?) as usize;
-    *at += 4;
-    let s = buf.get(*at..*at + len)?.to_vec();
-    *at += len;
-    Some(s)
-}
 
 /// Parses an `SSH2_AGENT_IDENTITIES_ANSWER` body (after the length).
 fn parse_identities(msg: &[u8]) -> Option<Vec<AgentKey>> {
-    if *msg.first()? != IDENTITIES_ANSWER {
-        return None;
-    }
-    let mut at = 1;
-    let n = u32::from_be_bytes(msg.get(1..5)?.try_into().ok()?);
-    at += 4;
-    let mut keys = Vec::new();
-    for _ in 0..n.min(1024) {
-        let blob = read_string(msg, &mut at)?;
-        let comment = read_string(msg, &mut at)?;
-        let mut b = 0;
-        let key_type = String::from_utf8_lossy(&read_string(&blob, &mut b)?).into_owned();
-        let digest = Sha256::digest(&blob);
-        keys.push(AgentKey {
-            fingerprint: format!(
-                "SHA256:{}",
-                base64::engine::general_purpose::STANDARD_NO_PAD.encode(digest)
-            ),
-            comment: String::from_utf8_lossy(&comment).into_owned(),
-            key_type,
-        });
-    }
-    Some(keys)
+    crate::ssh_agent::parse_identities(msg)?
+        .into_iter()
+        .map(|(blob, comment)| {
+            Some(AgentKey {
+                fingerprint: crate::ssh_agent::fingerprint(blob),
+                comment: String::from_utf8_lossy(comment).into_owned(),
+                key_type: crate::ssh_agent::key_type(blob)?,
+            })
+        })
+        .collect()
 }
 
 /// The keys of the agent at `socket`.
@@ -388,7 +364,7 @@ mod tests {
         blob.extend_from_slice(b"ssh-ed25519");
         blob.extend_from_slice(&32u32.to_be_bytes());
         blob.extend_from_slice(&[7u8; 32]);
-        let mut msg = vec![IDENTITIES_ANSWER];
+        let mut msg = vec![12];
         msg.extend_from_slice(&1u32.to_be_bytes());
         msg.extend_from_slice(&(blob.len() as u32).to_be_bytes());
         msg.extend_from_slice(&blob);
