@@ -200,6 +200,18 @@ struct Decision {
     reason: Option<String>,
 }
 
+impl Decision {
+    fn refused(op: impl Into<String>, reason: impl Into<String>) -> Decision {
+        Decision {
+            op: op.into(),
+            host: None,
+            fingerprint: None,
+            allowed: false,
+            reason: Some(reason.into()),
+        }
+    }
+}
+
 /// Receives a note for the run's output.
 type Notes = Box<dyn Fn(&str) + Send + Sync>;
 
@@ -308,13 +320,10 @@ impl FilterAgent {
                 return;
             }
             if session.refused >= MAX_REFUSALS {
-                self.record(Decision {
-                    op: "close".into(),
-                    host: None,
-                    fingerprint: None,
-                    allowed: false,
-                    reason: Some(format!("{MAX_REFUSALS} requests refused on one connection")),
-                });
+                self.record(Decision::refused(
+                    "close",
+                    format!("{MAX_REFUSALS} requests refused on one connection"),
+                ));
                 return;
             }
         }
@@ -357,13 +366,10 @@ impl FilterAgent {
                     Some(t) => format!("request {t}"),
                     None => "empty request".to_string(),
                 };
-                self.record(Decision {
+                self.record(Decision::refused(
                     op,
-                    host: None,
-                    fingerprint: None,
-                    allowed: false,
-                    reason: Some("this agent only lists and signs with granted keys".into()),
-                });
+                    "this agent only lists and signs with granted keys",
+                ));
                 vec![FAILURE]
             }
         }
@@ -377,26 +383,15 @@ impl FilterAgent {
         let answer = match self.ask(upstream, &[REQUEST_IDENTITIES]).await {
             Ok(a) => a,
             Err(e) => {
-                self.record(Decision {
-                    op: "list".into(),
-                    host: None,
-                    fingerprint: None,
-                    allowed: false,
-                    reason: Some(e),
-                });
+                self.record(Decision::refused("list", e));
                 return vec![FAILURE];
             }
         };
         let Some(keys) = parse_identities(&answer) else {
-            self.record(Decision {
-                op: "list".into(),
-                host: None,
-                fingerprint: None,
-                allowed: false,
-                reason: Some(
-                    "the user's agent answered with something other than a key list".into(),
-                ),
-            });
+            self.record(Decision::refused(
+                "list",
+                "the user's agent answered with something other than a key list",
+            ));
             return vec![FAILURE];
         };
         let mut shown = Vec::new();
@@ -474,13 +469,7 @@ impl FilterAgent {
         let (Some(key_blob), Some(data), Some(_flags), true) =
             (r.string(), r.string(), r.u32(), r.done())
         else {
-            self.record(Decision {
-                op: "sign".into(),
-                host: None,
-                fingerprint: None,
-                allowed: false,
-                reason: Some("malformed sign request".into()),
-            });
+            self.record(Decision::refused("sign", "malformed sign request"));
             return vec![FAILURE];
         };
         let fp = fingerprint(key_blob);
@@ -534,13 +523,10 @@ impl FilterAgent {
         let mut r = Reader::new(&msg[1..]);
         let name = r.string().unwrap_or_default();
         if name != b"session-bind@openssh.com" {
-            self.record(Decision {
-                op: format!("extension {}", printable(name, 64)),
-                host: None,
-                fingerprint: None,
-                allowed: false,
-                reason: Some("unsupported extension".into()),
-            });
+            self.record(Decision::refused(
+                format!("extension {}", printable(name, 64)),
+                "unsupported extension",
+            ));
             return vec![FAILURE];
         }
         let decision = self.bind(session, &mut r);
@@ -557,13 +543,7 @@ impl FilterAgent {
     }
 
     fn bind(&self, session: &mut Session, r: &mut Reader<'_>) -> Decision {
-        let refuse = |reason: String| Decision {
-            op: "bind".into(),
-            host: None,
-            fingerprint: None,
-            allowed: false,
-            reason: Some(reason),
-        };
+        let refuse = |reason: String| Decision::refused("bind", reason);
         let (Some(host_key), Some(session_id), Some(signature), Some(forwarding)) =
             (r.string(), r.string(), r.string(), r.u8())
         else {
