@@ -201,6 +201,16 @@ struct Decision {
 }
 
 impl Decision {
+    fn sign(host: Option<String>, fp: &str, allowed: bool, reason: Option<String>) -> Decision {
+        Decision {
+            op: "sign".into(),
+            host,
+            fingerprint: Some(fp.to_string()),
+            allowed,
+            reason,
+        }
+    }
+
     fn refused(op: impl Into<String>, reason: impl Into<String>) -> Decision {
         Decision {
             op: op.into(),
@@ -480,34 +490,17 @@ impl FilterAgent {
         match self.decide_sign(session, key_blob, data) {
             Err(reason) => {
                 self.tell(&reason);
-                self.record(Decision {
-                    op: "sign".into(),
-                    host: bound_host,
-                    fingerprint: Some(fp),
-                    allowed: false,
-                    reason: Some(reason),
-                });
+                self.record(Decision::sign(bound_host, &fp, false, Some(reason)));
                 vec![FAILURE]
             }
             Ok(host) => match self.ask(upstream, msg).await {
                 Ok(answer) if answer.first() == Some(&SIGN_RESPONSE) => {
-                    self.record(Decision {
-                        op: "sign".into(),
-                        host: Some(host),
-                        fingerprint: Some(fp),
-                        allowed: true,
-                        reason: None,
-                    });
+                    self.record(Decision::sign(Some(host), &fp, true, None));
                     answer
                 }
                 Ok(_) | Err(_) => {
-                    self.record(Decision {
-                        op: "sign".into(),
-                        host: Some(host),
-                        fingerprint: Some(fp),
-                        allowed: true,
-                        reason: Some("the user's agent did not sign".into()),
-                    });
+                    let reason = "the user's agent did not sign".to_string();
+                    self.record(Decision::sign(Some(host), &fp, true, Some(reason)));
                     vec![FAILURE]
                 }
             },

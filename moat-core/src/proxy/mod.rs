@@ -391,6 +391,12 @@ impl Proxy {
         ProxyBuilder::new()
     }
 
+    /// The operator's host:port → address overrides (`MOAT_RESOLVE`), for
+    /// other ways out of a run (the SSH forwarders) to follow the same ones.
+    pub(crate) fn overrides(&self) -> Arc<upstream::ResolveMap> {
+        self.shared.overrides.clone()
+    }
+
     /// The address the proxy listens on.
     pub fn local_addr(&self) -> SocketAddr {
         self.addr

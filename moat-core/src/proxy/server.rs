@@ -39,7 +39,7 @@ pub(crate) struct Shared {
     /// clients can resume (TLS 1.2 ids and TLS 1.3 tickets).
     session_cache: Arc<dyn rustls::server::StoresServerSessions>,
     ticketer: Option<Arc<dyn rustls::server::ProducesTickets>>,
-    overrides: Arc<ResolveMap>,
+    pub(crate) overrides: Arc<ResolveMap>,
     limits: Limits,
     connections: Arc<Semaphore>,
     ids: AtomicU64,

@@ -468,18 +468,28 @@ async fn setup(ctx: &mut Ctx, meta: &RunMeta, held: &mut Held) -> Result<Started
     let proxy_addr = proxy.local_addr();
     let proxy_url = client.proxy_url(proxy_addr);
     let ca_pem = proxy.ca().cert_pem().to_string();
+    let overrides = proxy.overrides();
     held.proxy = Some(proxy);
     ctx.phase("proxy", t);
 
     // SSH grants: the filtering agent, and a forwarder per granted host on
-    // the same address as the proxy.
-    // Notes for the run's output (why the SSH agent refused, say).
+    // the same address as the proxy. The agent's notes (why it refused to
+    // sign) go to the run's output.
     let (notes, mut notes_rx) = tokio::sync::mpsc::unbounded_channel::<String>();
     let ssh_hosts = if ssh_grants.is_empty() {
         Vec::new()
     } else {
         let t = Instant::now();
-        let hosts = start_ssh(ctx, held, ssh_grants, network.gateway, trace, notes).await?;
+        let hosts = start_ssh(
+            ctx,
+            held,
+            ssh_grants,
+            network.gateway,
+            overrides,
+            trace,
+            notes,
+        )
+        .await?;
         ctx.phase("ssh", t);
         hosts
     };
@@ -745,6 +755,7 @@ async fn start_ssh(
     held: &mut Held,
     grants: Vec<crate::ssh_agent::HostGrant>,
     gateway: std::net::IpAddr,
+    overrides: Arc<crate::proxy::upstream::ResolveMap>,
     trace: Arc<dyn TraceSink>,
     notes: tokio::sync::mpsc::UnboundedSender<String>,
 ) -> Result<Vec<(crate::ssh_agent::HostGrant, u16)>> {
@@ -775,8 +786,6 @@ async fn start_ssh(
     let cancel = tokio_util::sync::CancellationToken::new();
     held.ssh = Some(cancel.clone());
     tokio::spawn(agent.serve(listener, cancel.clone()));
-    let (_, overrides) = crate::proxy::upstream::env_settings()?;
-    let overrides = Arc::new(overrides);
     let mut hosts = Vec::new();
     for g in grants {
         let listener = tokio::net::TcpListener::bind((gateway, 0))

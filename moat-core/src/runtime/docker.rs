@@ -297,15 +297,7 @@ impl Runtime for Docker {
         let list = quick("listing networks", self.client.list_networks(Some(options))).await?;
         Ok(list
             .into_iter()
-            .map(|n| {
-                let run = n
-                    .labels
-                    .as_ref()
-                    .and_then(|l| l.get(RUN_LABEL))
-                    .cloned()
-                    .unwrap_or_default();
-                (n.name.unwrap_or_default(), run)
-            })
+            .map(|n| (n.name.unwrap_or_default(), run_label(n.labels.as_ref())))
             .collect())
     }
 
@@ -540,17 +532,17 @@ impl Runtime for Docker {
         .await?;
         Ok(list
             .into_iter()
-            .map(|c| {
-                let run = c
-                    .labels
-                    .as_ref()
-                    .and_then(|l| l.get(RUN_LABEL))
-                    .cloned()
-                    .unwrap_or_default();
-                (c.id.unwrap_or_default(), run)
-            })
+            .map(|c| (c.id.unwrap_or_default(), run_label(c.labels.as_ref())))
             .collect())
     }
+}
+
+/// The run an object's labels name (empty when none).
+fn run_label(labels: Option<&HashMap<String, String>>) -> String {
+    labels
+        .and_then(|l| l.get(RUN_LABEL))
+        .cloned()
+        .unwrap_or_default()
 }
 
 /// A container's output as moat's stream; with a TTY (`tty`) everything is
