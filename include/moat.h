@@ -47,6 +47,10 @@ typedef enum {
   MOAT_PROXY_TRACE = 1,
   // The audit events so far: a JSON array of objects.
   MOAT_PROXY_AUDIT = 2,
+  // Counters: `{"dropped_records": N, "dropped_events": N}`, how many
+  // trace records and audit events were dropped from memory to stay
+  // within `trace_limit` and `trace_bytes`.
+  MOAT_PROXY_STATS = 3,
 } moat_proxy_doc;
 
 // Documents `moat_run_json` can return.
@@ -60,8 +64,9 @@ typedef enum {
 // A validated configuration. Free with `moat_config_free`.
 typedef struct moat_config moat_config;
 
-// An error: status, message and optional location. Free with
-// `moat_error_free`.
+// An error: status, message and optional location, and each of its
+// problems with its parts (a configuration has one per mistake). Free
+// with `moat_error_free`.
 typedef struct moat_error moat_error;
 
 // A running proxy with one client. Free with `moat_proxy_free` (which also
@@ -156,8 +161,11 @@ void moat_string_free(char *s);
 // `err` is NULL or a live error.
 moat_status moat_error_status(const moat_error *err);
 
-// The full message, prefixed with `path:line:column: ` when located.
-// Never NULL for a non-NULL error.
+// The full message, for a person: every problem, one per line, each
+// prefixed with `path:line:column: ` when it has a location. A program that
+// shows locations itself reads the parts instead (`moat_error_count`,
+// `moat_error_item_message`, `_path`, `_line`, `_column`). Never NULL for a
+// non-NULL error.
 //
 // # Safety
 // `err` is NULL or a live error.
@@ -181,6 +189,40 @@ uint32_t moat_error_line(const moat_error *err);
 // `err` is NULL or a live error.
 uint32_t moat_error_column(const moat_error *err);
 
+// How many problems the error holds (at least 1; a configuration with
+// several mistakes has one each). 0 for NULL.
+//
+// # Safety
+// `err` is NULL or a live error.
+size_t moat_error_count(const moat_error *err);
+
+// The message of problem `index` (0-based, below `moat_error_count`),
+// without the `path:line:column: ` prefix that `moat_error_message` has;
+// NULL when out of range. It lives as long as the error.
+//
+// # Safety
+// `err` is NULL or a live error.
+const char *moat_error_item_message(const moat_error *err, size_t index);
+
+// The file of problem `index`, or NULL when it has no location (or is out
+// of range).
+//
+// # Safety
+// `err` is NULL or a live error.
+const char *moat_error_item_path(const moat_error *err, size_t index);
+
+// The 1-based line of problem `index`, or 0 when it has no location.
+//
+// # Safety
+// `err` is NULL or a live error.
+uint32_t moat_error_item_line(const moat_error *err, size_t index);
+
+// The 1-based column of problem `index`, or 0 when it has no location.
+//
+// # Safety
+// `err` is NULL or a live error.
+uint32_t moat_error_item_column(const moat_error *err, size_t index);
+
 // Frees an error. NULL is ignored.
 //
 // # Safety
@@ -201,10 +243,12 @@ void moat_proxy_options_free(moat_proxy_options *options);
 // upstream CA file, the policy (`"permissive"` or `"strict"`) or the client
 // name, how many bytes of text bodies traces keep (`"capture_bodies"`, a
 // decimal number; default 0), or a directory for the client's
-// tamper-evident audit log (`"audit_dir"`): `key` is one of `"listen"`,
-// `"home"`, `"upstream_ca"`, `"policy"`, `"name"`, `"capture_bodies"`,
-// `"audit_dir"`. Values other
-// than `capture_bodies` are checked by `moat_proxy_start`.
+// tamper-evident audit log (`"audit_dir"`), or how many trace records and
+// audit events are kept in memory (`"trace_limit"`, a count, default
+// 100000; `"trace_bytes"`, default 33554432; the oldest go first): `key` is
+// one of `"listen"`, `"home"`, `"upstream_ca"`, `"policy"`, `"name"`,
+// `"capture_bodies"`, `"audit_dir"`, `"trace_limit"`, `"trace_bytes"`.
+// Numbers are checked now, other values by `moat_proxy_start`.
 //
 // # Safety
 // `options` is a live handle; `key` and `value` are NUL-terminated strings;
@@ -222,6 +266,20 @@ moat_status moat_proxy_options_set(moat_proxy_options *options,
 moat_status moat_proxy_options_add_allow(moat_proxy_options *options,
                                          const char *pattern,
                                          moat_error **out_error);
+
+// Adds a request rule (`network.rules`, docs/policy.md) for the host
+// pattern `host`: `rule` like `"allow GET /repos/**"` or `"deny git-push
+// refs/heads/main"`, added to `host`'s entry when the last entry is for
+// `host`, else to a new entry; NULL adds a plain host entry (reachable in
+// strict mode). A bad host or rule is an error at once.
+//
+// # Safety
+// `options` is a live handle; `host` is a NUL-terminated string; `rule`
+// is NULL or one; `out_error` is NULL or valid for a write.
+moat_status moat_proxy_options_add_rule(moat_proxy_options *options,
+                                        const char *host,
+                                        const char *rule,
+                                        moat_error **out_error);
 
 // Connects to `address` (`addr:port`) whenever `host_port` (`host:port`) is
 // requested, like curl's `--resolve`.
@@ -420,6 +478,99 @@ moat_status moat_verify_bundle(const char *path,
                                char **out_json,
                                moat_error **out_error);
 
+// Replays a run's requests (`run`: id, id prefix or name; NULL: the most
+// recent) against its workspace's current policy: JSON with `run`,
+// `requests` and `changes` (each `method`, `url`, `then`, `now`, `rule`),
+// the requests that would now be decided otherwise. Free it with
+// `moat_string_free`.
+//
+// # Safety
+// `run` and `home` are NULL or NUL-terminated strings; `out_json` is valid
+// for a write; `out_error` is NULL or valid for a write.
+moat_status moat_policy_check_json(const char *run,
+                                   const char *home,
+                                   char **out_json,
+                                   moat_error **out_error);
+
+// A strict network policy, as YAML for agent.yaml, that allows what a run
+// (`run`: id, id prefix or name; NULL: the most recent) did. Free it with
+// `moat_string_free`.
+//
+// # Safety
+// `run` and `home` are NULL or NUL-terminated strings; `out_yaml` is valid
+// for a write; `out_error` is NULL or valid for a write.
+moat_status moat_policy_suggest(const char *run,
+                                const char *home,
+                                char **out_yaml,
+                                moat_error **out_error);
+
+// Writes a run's network trace (`run`: id, id prefix or name; NULL: the
+// most recent) to `path` as HAR 1.2, readable by its owner only. On
+// success writes the number of requests to `*out_entries` (when not NULL).
+//
+// # Safety
+// `path` is a NUL-terminated string; `run` and `home` are NULL or
+// NUL-terminated strings; `out_entries` and `out_error` are NULL or valid
+// for a write.
+moat_status moat_trace_har(const char *run,
+                           const char *path,
+                           const char *home,
+                           size_t *out_entries,
+                           moat_error **out_error);
+
+// Removes this home's stopped runs, the images moat built that nothing
+// uses (unless `keep_images`) and what runs left behind, as `moat clean -f`
+// does; with `dry_run`, removes nothing. Writes what was (or would be)
+// removed to `*out_json` (`{"runs": [...], "images": [...], "containers":
+// [...], "networks": [...], "firewall": [...]}`); free it with
+// `moat_string_free`.
+//
+// # Safety
+// `home` is NULL or a NUL-terminated string; `out_json` is valid for a
+// write; `out_error` is NULL or valid for a write.
+moat_status moat_clean_json(const char *home,
+                            bool dry_run,
+                            bool keep_images,
+                            char **out_json,
+                            moat_error **out_error);
+
+// Copies a run that is over (`run`: id, id prefix or name; NULL: the most
+// recent) to `to` (a new or empty directory; NULL:
+// `$MOAT_HOME/promoted/<run-id>/`), where `destroy` and `clean` leave it,
+// as `moat promote` does. Writes what was copied to `*out_json`; free it
+// with `moat_string_free`.
+//
+// # Safety
+// `run`, `to` and `home` are NULL or NUL-terminated strings; `out_json` is
+// valid for a write; `out_error` is NULL or valid for a write.
+moat_status moat_promote_json(const char *run,
+                              const char *to,
+                              const char *home,
+                              char **out_json,
+                              moat_error **out_error);
+
+// What moat owns on the engines, as `moat system images|containers
+// --json` prints it: `what` is `"images"` or `"containers"`; this home's
+// unless `all_homes`. Free the JSON with `moat_string_free`.
+//
+// # Safety
+// `what` is a NUL-terminated string; `home` is NULL or one; `out_json` is
+// valid for a write; `out_error` is NULL or valid for a write.
+moat_status moat_system_json(const char *what,
+                             bool all_homes,
+                             const char *home,
+                             char **out_json,
+                             moat_error **out_error);
+
+// The dependencies `dependencies:` may name, as `moat deps list --json`
+// prints them (`name` NULL), or one (`name` or `name@version`) as `moat
+// deps info --json` does. Free the JSON with `moat_string_free`.
+//
+// # Safety
+// `name` is NULL or a NUL-terminated string; `out_json` is valid for a
+// write; `out_error` is NULL or valid for a write.
+moat_status moat_deps_json(const char *name, char **out_json, moat_error **out_error);
+
 // New run options for the workspace `workspace` (NULL: the current
 // directory). Its agent.yaml, if any, is read when the run starts. Returns
 // NULL when `workspace` is not valid UTF-8.
@@ -435,9 +586,14 @@ moat_run_options *moat_run_options_new(const char *workspace);
 void moat_run_options_free(moat_run_options *options);
 
 // Sets one option: `"image"`, `"name"`, `"policy"` (`permissive` or
-// `strict`), `"home"` (the moat home), or `"supervisor"` (the path of the
-// `moat` program that supervises runs; default `$MOAT_SUPERVISOR`, else
-// `moat` beside the program, else on `PATH`).
+// `strict`), `"runtime"` (`docker` or `podman`), `"home"` (the moat home),
+// `"supervisor"` (the path of the `moat` program that supervises runs;
+// default `$MOAT_SUPERVISOR`, else `moat` beside the program, else
+// `../bin/moat` from the directory libmoat was loaded from, else on
+// `PATH`), or `"agent"` (`claude`: the Claude Code preset, as `moat
+// claude`; then `"prompt"` runs `claude -p PROMPT`, without it the run is
+// interactive, `"claude_version"` picks Claude Code's version, and `"arg"`
+// words are claude's arguments).
 //
 // # Safety
 // `options` is a live handle; `key` and `value` are NUL-terminated strings;
@@ -511,14 +667,15 @@ moat_status moat_run_follow(const moat_run *run,
                             moat_error **out_error);
 
 // Waits for the run to end, at most `timeout_ms` milliseconds (negative:
-// no limit). `*out_done` (when not NULL) is 1 when it ended, 0 on timeout;
+// no limit). `*out_done` (when not NULL) is true when it ended, false on
+// timeout;
 // `*out_exit_code` (when not NULL) is its exit code, or -1 when none.
 //
 // # Safety
 // `run` is a live handle; the outputs are NULL or valid for a write.
 moat_status moat_run_wait(moat_run *run,
                           int64_t timeout_ms,
-                          int *out_done,
+                          bool *out_done,
                           int64_t *out_exit_code,
                           moat_error **out_error);
 

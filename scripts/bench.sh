@@ -74,111 +74,19 @@ log "building moat-bench (release)"
 cargo build --release -p moat-bench
 BIN=${CARGO_TARGET_DIR:-$ROOT/target}/release/moat-bench
 
-# ---------------------------------------------------------------- TLS material
-mkdir -p "$WORK/tls"
+# ---------------------------------------------------------------- TLS, nginx
+# shellcheck source=scripts/bench-common.sh
+. "$ROOT/scripts/bench-common.sh"
 TLSD=$WORK/tls
-if [ ! -s "$TLSD/server-chain.pem" ]; then
-    log "making a test CA and a *.bench.test certificate (openssl)"
-    openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes \
-        -keyout "$TLSD/ca.key" -out "$TLSD/ca.pem" -days 30 \
-        -subj "/CN=moat-bench test CA" \
-        -addext "basicConstraints=critical,CA:TRUE" \
-        -addext "keyUsage=critical,keyCertSign,cRLSign" 2>/dev/null
-    openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes \
-        -keyout "$TLSD/server.key" -out "$TLSD/server.csr" \
-        -subj "/CN=bench.test" 2>/dev/null
-    cat >"$TLSD/server.ext" <<'EOF'
-subjectAltName = DNS:*.bench.test, DNS:bench.test
-basicConstraints = CA:FALSE
-keyUsage = critical, digitalSignature
-extendedKeyUsage = serverAuth
-subjectKeyIdentifier = hash
-authorityKeyIdentifier = keyid
-EOF
-    openssl x509 -req -in "$TLSD/server.csr" -CA "$TLSD/ca.pem" -CAkey "$TLSD/ca.key" \
-        -CAcreateserial -days 30 -extfile "$TLSD/server.ext" -out "$TLSD/server.pem" 2>/dev/null
-    cat "$TLSD/server.pem" "$TLSD/ca.pem" >"$TLSD/server-chain.pem"
-fi
-
-# ---------------------------------------------------------------- nginx
-port_free() { ! (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+bench_tls "$TLSD"
 for p in "$HTTP_PORT" "$HTTPS_PORT" "$SINK_PORT" "$MITM_PORT"; do
     if ! port_free "$p"; then
         log "127.0.0.1:$p is in use; set BENCH_PORT_BASE to another port range"
         exit 1
     fi
 done
-
-# 1000 idle connections need about 2000 descriptors in each of the client
-# and the proxy.
-ulimit -n "$(ulimit -Hn)" 2>/dev/null || ulimit -n 65536 2>/dev/null || true
-NOFILE=$(ulimit -n)
-[ "$NOFILE" = unlimited ] && NOFILE=65536
-log "open files limit: $NOFILE"
-
-NG=$WORK/nginx
-mkdir -p "$NG/tmp" "$WORK/www"
-head -c 1024 /dev/zero | tr '\0' 'x' >"$WORK/www/small"
-want=$((STREAM_MIB * 1024 * 1024))
-if [ "$(stat -c %s "$WORK/www/big" 2>/dev/null || echo 0)" != "$want" ]; then
-    rm -f "$WORK/www/big"
-    truncate -s "$want" "$WORK/www/big" # sparse: zeros from the page cache
-fi
-user_line=""
-[ "$(id -u)" = 0 ] && user_line="user root;"
-cat >"$NG/nginx.conf" <<EOF
-$user_line
-worker_processes 2;
-worker_rlimit_nofile $NOFILE;
-pid $NG/nginx.pid;
-error_log $NG/error.log warn;
-events { worker_connections 8192; }
-http {
-    access_log off;
-    sendfile on;
-    tcp_nodelay on;
-    keepalive_requests 10000000;
-    keepalive_timeout 300s;
-    default_type application/octet-stream;
-    client_body_temp_path $NG/tmp/body;
-    proxy_temp_path $NG/tmp/proxy;
-    fastcgi_temp_path $NG/tmp/fastcgi;
-    uwsgi_temp_path $NG/tmp/uwsgi;
-    scgi_temp_path $NG/tmp/scgi;
-    server {
-        listen 127.0.0.1:$HTTP_PORT;
-        root $WORK/www;
-    }
-    server {
-        listen 127.0.0.1:$HTTPS_PORT ssl;
-        ssl_certificate $TLSD/server-chain.pem;
-        ssl_certificate_key $TLSD/server.key;
-        ssl_protocols TLSv1.2 TLSv1.3;
-        root $WORK/www;
-        # Echoes the injected credential, so the suite can check injection.
-        location = /headers {
-            default_type text/plain;
-            return 200 "authorization=\$http_authorization\\n";
-        }
-    }
-}
-EOF
-
-
-NGINX_PID=""
-cleanup() {
-    if [ -n "$NGINX_PID" ]; then
-        kill "$NGINX_PID" 2>/dev/null || true
-    fi
-}
-trap cleanup EXIT
-"$NGINX" -p "$NG" -c "$NG/nginx.conf" -e "$NG/error.log"
-for _ in $(seq 50); do
-    [ -s "$NG/nginx.pid" ] && break
-    sleep 0.1
-done
-NGINX_PID=$(cat "$NG/nginx.pid")
-log "nginx master pid $NGINX_PID on 127.0.0.1:$HTTP_PORT (http) and :$HTTPS_PORT (https)"
+bench_nginx "$WORK" "$TLSD" "$HTTP_PORT" "$HTTPS_PORT" "$STREAM_MIB"
+trap bench_nginx_stop EXIT
 
 # ---------------------------------------------------------------- run
 cpu=$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ *//')

@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # Runs every check of the project and fails when any fails:
 #   fmt, clippy (warnings are errors), Rust tests, the C header check,
-#   Python tests (module built with maturin), C tests.
+#   Python tests (module built with maturin), C tests, the installed
+#   library (the one release build: scripts/install-lib.sh, C with
+#   pkg-config, the Go binding), then the run tests (Rust, Python, C) again
+#   on Podman.
 # Run scripts/setup.sh once first.
 # Usage: bash scripts/test.sh
 set -uo pipefail
@@ -43,12 +46,32 @@ python_tests() {
     "$venv/bin/python" -m pytest tests/python -q
 }
 
+# The tests of runs, on the second engine (MOAT_RUNTIME picks it).
+podman_runs() {
+    curl -sf --unix-socket /run/podman/podman.sock http://d/_ping >/dev/null 2>&1 || {
+        echo "podman's API service does not answer at /run/podman/podman.sock: run bash scripts/setup.sh"
+        return 1
+    }
+    local status=0
+    MOAT_RUNTIME=podman cargo test --quiet -p moat-cli --test run_api || status=1
+    MOAT_RUNTIME=podman "$venv/bin/python" -m pytest -q \
+        tests/python/test_runs_cli.py tests/python/test_runs_strict.py tests/python/test_run_api.py \
+        tests/python/test_run_tty.py tests/python/test_routing.py tests/python/test_ssh_runs.py \
+        tests/python/test_faults.py tests/python/test_aws.py tests/python/test_claude.py \
+        tests/python/test_rules.py tests/python/test_system_cmds.py tests/python/test_first_hour.py \
+        tests/python/test_trace_view.py tests/python/test_deps.py || status=1
+    MOAT_RUNTIME=podman bash tests/c/run.sh || status=1
+    return $status
+}
+
 step "cargo fmt" cargo fmt --all --check
 step "cargo clippy" cargo clippy --workspace --all-targets --quiet -- -D warnings
 step "rust tests" cargo test --workspace --quiet
 step "header check" header_check
 step "python tests" python_tests
 step "c tests" bash tests/c/run.sh
+step "installed library (c, go)" bash tests/c/installed.sh
+step "run tests on podman" podman_runs
 
 echo
 if [ ${#failed[@]} -gt 0 ]; then

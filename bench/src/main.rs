@@ -12,6 +12,7 @@ mod load;
 mod net;
 mod procfs;
 mod proxy_cmd;
+mod rules;
 mod sink;
 mod suite;
 
@@ -40,6 +41,8 @@ enum Cmd {
     Sink(sink::SinkArgs),
     /// Every measurement in one run; writes the Markdown report.
     Suite(Box<suite::SuiteArgs>),
+    /// The cost of judging requests against 100 request rules.
+    Rules(rules::RulesArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -62,6 +65,7 @@ fn main() -> std::process::ExitCode {
             Cmd::Load(a) => load::main(a).await,
             Cmd::Sink(a) => sink::main(a).await,
             Cmd::Suite(a) => suite::main(*a).await,
+            Cmd::Rules(a) => rules::main(a).await,
         }
     });
     match result {

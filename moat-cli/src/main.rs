@@ -9,8 +9,12 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 
+mod completions;
+mod deps_cmd;
+mod promote_cmd;
 mod proxy_cmd;
 mod runs;
+mod system_cmd;
 use moat_core::config::{self, Overrides};
 use moat_core::credential::{self, TokenInput};
 use moat_core::paths;
@@ -67,9 +71,22 @@ terminal moat never prompts. Tokens are stored encrypted in
     #[command(after_help = "\
 The workspace is mounted at /workspace; the agent runs as your uid, without
 capabilities, behind the run's own proxy. Output is streamed: Ctrl+C
-detaches (the run goes on), Ctrl+C twice within 500 ms stops it. The exit
-status is the command's.")]
+detaches (the run goes on), Ctrl+C twice within 500 ms stops it.
+
+Exit status: the command's; 125 when moat itself failed (the engine, the
+image, the configuration, or the run's setup), as with `docker run`.")]
     Run(runs::RunArgs),
+    /// Run Claude Code in a sealed run (easiest way to start), or list its `sessions`
+    #[command(after_help = "\
+Claude Code runs in a container with the workspace at /workspace, your
+anthropic grant (moat grant anthropic: a Claude Code login or an API key)
+injected by the run's proxy; the container holds only placeholders. Without
+-p it is interactive, with a terminal (Ctrl-/ d detaches, Ctrl-/ k stops;
+moat attach returns to it); with -p it answers and exits with claude's status. moat builds the image (the base image plus the
+pinned Claude Code) on first use and reuses it. Claude Code's sessions for a
+workspace are kept under ~/.moat/claude/, so --continue and --resume work
+across runs: moat claude -- --continue.")]
+    Claude(runs::ClaudeArgs),
     /// Follow the output of a running run
     Attach(runs::AttachArgs),
     /// List runs
@@ -80,24 +97,118 @@ status is the command's.")]
     Stop(runs::StopArgs),
     /// Remove a run and its artifacts (stopping it first)
     Destroy(runs::RunRef),
-    /// Remove stopped runs and anything moat left behind
+    /// Remove stopped runs, images moat built that no run uses, and anything
+    /// moat left behind (--dry-run lists them)
     Clean(runs::CleanArgs),
+    /// Copy a run's artifacts (logs, trace, audit log and its proof bundle)
+    /// to persistent storage that `destroy` and `clean` leave alone
+    Promote(promote_cmd::PromoteArgs),
+    /// What moat owns on the container engines: `images` it built,
+    /// `containers` of its runs
+    #[command(subcommand)]
+    System(system_cmd::SystemCommand),
     /// Print a run's output
     Logs(runs::LogsArgs),
     /// Show a run's network trace
     Trace(runs::TraceArgs),
+    /// Replay a run's requests against the current policy (`check`), or
+    /// propose a strict policy from them (`suggest`)
+    #[command(subcommand)]
+    Policy(PolicyCommand),
     /// Verify an audit log (hash chain, Merkle tree, signed checkpoints)
     Audit(AuditArgs),
     /// Verify an exported proof bundle offline
     VerifyBundle(VerifyBundleArgs),
+    /// Show the dependencies agent.yaml may name: `list`, `info NAME`
+    #[command(after_help = deps_cmd::AFTER_HELP)]
+    Deps(deps_cmd::DepsArgs),
     /// Manage the routing proxy (https://<endpoint>.<agent>.localhost:8080)
     Proxy(proxy_cmd::ProxyArgs),
+    /// Print a shell completion script: moat completions bash|zsh|fish
+    #[command(after_help = "\
+Examples:
+  moat completions bash > ~/.local/share/bash-completion/completions/moat
+  moat completions zsh > \"${fpath[1]}/_moat\"
+  moat completions fish > ~/.config/fish/completions/moat.fish")]
+    Completions(completions::CompletionsArgs),
     /// (internal) Supervise a run; started by `moat run`
     #[command(name = "_supervise", hide = true)]
     Supervise,
     /// (internal) The routing proxy; started by `moat proxy start` or a run
     #[command(name = "_router", hide = true)]
     Router(proxy_cmd::RouterArgs),
+}
+
+#[derive(Subcommand, Debug)]
+enum PolicyCommand {
+    /// List the run's requests the workspace's current policy would decide
+    /// otherwise (exit 1 when one would now be denied)
+    Check(PolicyArgs),
+    /// Print a strict network policy (YAML for agent.yaml) that allows what
+    /// the run did
+    Suggest(PolicyArgs),
+}
+
+#[derive(Args, Debug)]
+struct PolicyArgs {
+    /// Run id, id prefix or name (default: the most recent run)
+    run: Option<String>,
+    /// Print JSON (check)
+    #[arg(long)]
+    json: bool,
+}
+
+fn cmd_policy(command: &PolicyCommand) -> Result<ExitCode, Error> {
+    let home = paths::moat_home()?;
+    match command {
+        PolicyCommand::Suggest(args) => {
+            write_stdout(&moat_core::run::replay::suggest(
+                &home,
+                args.run.as_deref(),
+            )?)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        PolicyCommand::Check(args) => {
+            let report = moat_core::run::replay::check(&home, args.run.as_deref())?;
+            let newly_denied = report.changes.iter().any(|c| c.now == "denied");
+            if args.json {
+                let text = serde_json::to_string_pretty(&report).map_err(internal)?;
+                write_stdout(&(text + "\n"))?;
+            } else if report.changes.is_empty() {
+                eprintln!(
+                    "All {} requests of {} would be decided as they were.",
+                    report.requests, report.run
+                );
+            } else {
+                let mut out = format!(
+                    "{:<8} {:<8} {:<7} {:<50} {}\n",
+                    "THEN", "NOW", "METHOD", "URL", "RULE"
+                );
+                for c in &report.changes {
+                    out.push_str(&format!(
+                        "{:<8} {:<8} {:<7} {:<50} {}\n",
+                        c.then,
+                        c.now,
+                        moat_core::run::trace_view::printable(&c.method),
+                        moat_core::run::trace_view::printable(&c.url),
+                        c.rule
+                    ));
+                }
+                write_stdout(&out)?;
+                eprintln!(
+                    "{} of {} requests of {} would be decided otherwise now.",
+                    report.changes.len(),
+                    report.requests,
+                    report.run
+                );
+            }
+            Ok(if newly_denied {
+                ExitCode::FAILURE
+            } else {
+                ExitCode::SUCCESS
+            })
+        }
+    }
 }
 
 #[derive(Args, Debug)]
@@ -138,6 +249,10 @@ struct GrantArgs {
     /// Print JSON (for `moat grant list` and for the stored grant)
     #[arg(long)]
     json: bool,
+    /// For `moat grant anthropic`: import Claude Code's login
+    /// (~/.claude/.credentials.json) without asking
+    #[arg(long)]
+    from_claude_code: bool,
     /// For `moat grant ssh`: the host the key may sign for
     #[arg(long, value_name = "HOST")]
     host: Option<String>,
@@ -190,21 +305,34 @@ struct ConfigArgs {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli: Cli = completions::parse();
     let result = match cli.command {
         Command::Supervise => {
-            return ExitCode::from(moat_core::run::supervise().clamp(0, 255) as u8)
+            // What the supervisor (or the run's guard) reports goes to its
+            // standard error: the run's supervisor.log.
+            let _ = tracing_subscriber::fmt()
+                .with_writer(std::io::stderr)
+                .with_ansi(false)
+                .with_target(false)
+                .try_init();
+            return ExitCode::from(moat_core::run::supervise().clamp(0, 255) as u8);
         }
-        Command::Run(args) => return exit(runs::cmd_run(&args)),
+        Command::Run(args) => return exit_run(runs::cmd_run(&args)),
         Command::Proxy(args) => proxy_cmd::cmd_proxy(&args),
+        Command::Deps(args) => deps_cmd::cmd_deps(&args),
         Command::Router(args) => proxy_cmd::cmd_router(&args),
-        Command::Attach(args) => return exit(runs::cmd_attach(&args)),
+        Command::Claude(args) => return exit_run(runs::cmd_claude(&args)),
+        Command::Policy(command) => return exit(cmd_policy(&command)),
+        Command::Attach(args) => return exit_run(runs::cmd_attach(&args)),
         Command::Logs(args) => return exit(runs::cmd_logs(&args)),
         Command::List(args) => runs::cmd_list(&args),
-        Command::Status(args) => runs::cmd_status(&args),
+        Command::Status(args) => return exit(runs::cmd_status(&args)),
         Command::Stop(args) => runs::cmd_stop(&args),
         Command::Destroy(args) => runs::cmd_destroy(&args),
         Command::Clean(args) => runs::cmd_clean(&args),
+        Command::Promote(args) => promote_cmd::cmd_promote(&args),
+        Command::System(command) => system_cmd::cmd_system(&command),
+        Command::Completions(args) => completions::cmd_completions(&args),
         Command::Trace(args) => runs::cmd_trace(&args),
         Command::Config(args) => cmd_config(&args),
         Command::Grant(args) if args.provider == "list" => cmd_grant_list(&args),
@@ -220,6 +348,19 @@ fn main() -> ExitCode {
         Err(err) => {
             report(&err);
             ExitCode::FAILURE
+        }
+    }
+}
+
+/// `moat run`, `claude` and `attach` leave with the command's status; when
+/// moat itself fails (engine, image, configuration, its own setup), with
+/// 125, as `docker run` does, so the two are never confused.
+fn exit_run(result: Result<ExitCode, Error>) -> ExitCode {
+    match result {
+        Ok(code) => code,
+        Err(err) => {
+            report(&err);
+            ExitCode::from(runs::MOAT_FAILED)
         }
     }
 }
@@ -243,6 +384,7 @@ fn cmd_config(args: &ConfigArgs) -> Result<(), Error> {
         env: args.env.clone(),
         command: None,
         interactive: args.interactive.then_some(true),
+        ..Overrides::default()
     })?;
     if config.config_file.is_none() {
         eprintln!(
@@ -307,15 +449,6 @@ fn cmd_grant_list(args: &GrantArgs) -> Result<(), Error> {
     write_stdout(&out)
 }
 
-fn display_name(provider: &str) -> String {
-    match provider {
-        "github" => "GitHub".into(),
-        "anthropic" => "Anthropic".into(),
-        "openai" => "OpenAI".into(),
-        other => other.to_string(),
-    }
-}
-
 fn ask_yes(question: &str) -> bool {
     eprint!("{question} [Y/n]: ");
     let mut answer = String::new();
@@ -326,73 +459,157 @@ fn ask_yes(question: &str) -> bool {
     a.is_empty() || a == "y" || a == "yes"
 }
 
+/// Asks for a secret on the terminal without echoing it. Echo is turned
+/// off before the prompt is shown, so nothing typed as soon as the prompt
+/// appears can be echoed (prompting first and then turning echo off leaves
+/// a moment in which it would be).
 fn prompt_secret(label: &str) -> Result<Secret<String>, Error> {
-    let token = rpassword::prompt_password(format!("{label}: ")).map_err(|e| {
+    use std::io::{BufRead, Write};
+    let io_err = |e: std::io::Error| {
         Error::new(
             moat_core::ErrorKind::Io,
             format!("cannot read from the terminal: {e}"),
         )
-    })?;
-    Ok(Secret::new(token.trim().to_string()))
+    };
+    let tty = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/tty")
+        .map_err(io_err)?;
+    let quiet = NoEcho::on(&tty).map_err(io_err)?;
+    let mut out = &tty;
+    out.write_all(format!("{label}: ").as_bytes())
+        .and_then(|()| out.flush())
+        .map_err(io_err)?;
+    let mut line = String::new();
+    std::io::BufReader::new(&tty)
+        .read_line(&mut line)
+        .map_err(io_err)?;
+    drop(quiet);
+    // The newline the user typed was not echoed.
+    let _ = out.write_all(b"\n");
+    Ok(Secret::new(line.trim().to_string()))
 }
 
-/// Finds the token the way the seeds describe, asking only on a terminal.
+/// Echo off on a terminal until dropped.
+struct NoEcho<'a> {
+    tty: &'a std::fs::File,
+    saved: libc::termios,
+}
+
+impl<'a> NoEcho<'a> {
+    fn on(tty: &'a std::fs::File) -> std::io::Result<NoEcho<'a>> {
+        use std::os::unix::io::AsRawFd;
+        let fd = tty.as_raw_fd();
+        // SAFETY: termios is plain data; tcgetattr fills it for a valid fd.
+        let mut saved: libc::termios = unsafe { std::mem::zeroed() };
+        if unsafe { libc::tcgetattr(fd, &mut saved) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let mut quiet = saved;
+        quiet.c_lflag &= !(libc::ECHO | libc::ECHOE | libc::ECHOK);
+        quiet.c_lflag |= libc::ECHONL | libc::ICANON;
+        // SAFETY: a valid fd and a termios from tcgetattr.
+        if unsafe { libc::tcsetattr(fd, libc::TCSANOW, &quiet) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(NoEcho { tty, saved })
+    }
+}
+
+impl Drop for NoEcho<'_> {
+    fn drop(&mut self) {
+        use std::os::unix::io::AsRawFd;
+        // SAFETY: restores what tcgetattr returned, on the same fd.
+        unsafe { libc::tcsetattr(self.tty.as_raw_fd(), libc::TCSANOW, &self.saved) };
+    }
+}
+
+/// Finds the token from the provider's sources in their order (the seeds'),
+/// asking only on a terminal.
 fn token_input(home: &Path, provider: &str) -> Result<TokenInput, Error> {
+    use credential::TokenSource;
     use std::io::IsTerminal;
     let spec = credential::lookup(home, provider)?;
-    if let Some((_, source)) = credential::token_from_env(&spec) {
-        eprintln!("Using token from {}", source.trim_start_matches("env:"));
-        return Ok(TokenInput::Environment);
-    }
-    if !std::io::stdin().is_terminal() {
-        // Never prompt without a terminal: the core names the variables.
-        return Ok(TokenInput::Environment);
-    }
-    if provider == "github" {
-        if let Some(token) = credential::gh_auth_token() {
-            eprintln!("Found gh CLI authentication");
-            if ask_yes("Use token from gh CLI?") {
-                return Ok(TokenInput::Given(token, "gh".into()));
+    for source in &spec.sources {
+        match source {
+            TokenSource::Environment => {
+                if let Some((_, source)) = credential::token_from_env(&spec) {
+                    eprintln!("Using token from {}", source.trim_start_matches("env:"));
+                    return Ok(TokenInput::Environment);
+                }
+                if !std::io::stdin().is_terminal() {
+                    // Never prompt without a terminal: the core names the
+                    // variables.
+                    return Ok(TokenInput::Environment);
+                }
+            }
+            TokenSource::GhCli => {
+                if let Some(token) = credential::gh_auth_token() {
+                    eprintln!("Found gh CLI authentication");
+                    if ask_yes("Use token from gh CLI?") {
+                        return Ok(TokenInput::Given(token, "gh".into()));
+                    }
+                }
+            }
+            TokenSource::ClaudeCode => {
+                let user_home = std::env::var_os("HOME")
+                    .map(PathBuf::from)
+                    .unwrap_or_default();
+                if let Some(oauth) = credential::claude_code_credentials(&user_home)? {
+                    eprintln!("Found Claude Code credentials.");
+                    eprintln!(
+                        "  Subscription: {}",
+                        oauth.subscription.as_deref().unwrap_or("unknown")
+                    );
+                    eprintln!(
+                        "  Expires: {}",
+                        oauth.expires.as_deref().unwrap_or("unknown")
+                    );
+                    eprintln!();
+                    if ask_yes("Use Claude Code credentials?") {
+                        return Ok(TokenInput::ClaudeCode(oauth));
+                    }
+                }
+            }
+            TokenSource::Prompt(label) => {
+                return Ok(TokenInput::Given(prompt_secret(label)?, "prompt".into()));
             }
         }
-        return Ok(TokenInput::Given(
-            prompt_secret("GitHub personal access token")?,
-            "prompt".into(),
-        ));
     }
-    if provider == "anthropic" {
-        let user_home = std::env::var_os("HOME")
-            .map(PathBuf::from)
-            .unwrap_or_default();
-        if let Some(oauth) = credential::claude_code_credentials(&user_home)? {
-            eprintln!("Found Claude Code credentials.");
-            eprintln!(
-                "  Subscription: {}",
-                oauth.subscription.as_deref().unwrap_or("unknown")
-            );
-            eprintln!(
-                "  Expires: {}",
-                oauth.expires.as_deref().unwrap_or("unknown")
-            );
-            eprintln!();
-            if ask_yes("Use Claude Code credentials?") {
-                return Ok(TokenInput::ClaudeCode(oauth));
-            }
-        }
-        return Ok(TokenInput::Given(
-            prompt_secret("Anthropic API key")?,
-            "prompt".into(),
-        ));
-    }
-    Ok(TokenInput::Given(
-        prompt_secret(&format!("{} token", display_name(provider)))?,
-        "prompt".into(),
-    ))
+    Ok(TokenInput::Environment)
 }
 
 fn cmd_grant(args: &GrantArgs) -> Result<(), Error> {
     let home = paths::moat_home()?;
-    let input = token_input(&home, &args.provider)?;
+    let input = if args.from_claude_code {
+        if args.provider != "anthropic" {
+            return Err(Error::new(
+                moat_core::ErrorKind::InvalidArgument,
+                "--from-claude-code is for `moat grant anthropic`",
+            ));
+        }
+        let file = credential::oauth::default_credentials_file().ok_or_else(|| {
+            Error::new(
+                moat_core::ErrorKind::InvalidArgument,
+                "cannot find Claude Code's login: HOME is not set",
+            )
+        })?;
+        match credential::claude_code_credentials_at(&file)? {
+            Some(oauth) => TokenInput::ClaudeCode(oauth),
+            None => {
+                return Err(Error::new(
+                    moat_core::ErrorKind::Config,
+                    format!(
+                        "{}: no Claude Code login there; log in with `claude` first",
+                        file.display()
+                    ),
+                ))
+            }
+        }
+    } else {
+        token_input(&home, &args.provider)?
+    };
     let has_token = !matches!(input, TokenInput::Environment)
         || credential::token_from_env(&credential::lookup(&home, &args.provider)?).is_some();
     if has_token && args.provider == "github" && !args.no_validate {
@@ -416,7 +633,7 @@ fn cmd_grant(args: &GrantArgs) -> Result<(), Error> {
     }
     eprintln!(
         "{} credential saved to {}",
-        display_name(&args.provider),
+        credential::lookup(&home, &args.provider)?.title,
         outcome.path.display()
     );
     Ok(())
@@ -492,17 +709,20 @@ fn cmd_grant_aws(args: &GrantArgs) -> Result<(), Error> {
 
 fn cmd_revoke(args: &RevokeArgs) -> Result<(), Error> {
     let home = paths::moat_home()?;
-    if !args.provider.starts_with("ssh") && args.provider != "aws" {
+    let title = if !args.provider.starts_with("ssh") && args.provider != "aws" {
         credential::lookup(
             &home,
             args.provider.split(':').next().unwrap_or(&args.provider),
-        )?;
-    }
+        )?
+        .title
+    } else {
+        args.provider.clone()
+    };
     if credential::revoke(&home, &args.provider)? {
         match args.provider.strip_prefix("ssh:") {
             Some(host) => eprintln!("Revoked SSH access to {host}"),
             None if args.provider == "aws" => eprintln!("Revoked the AWS role"),
-            None => eprintln!("Revoked {} credentials", display_name(&args.provider)),
+            None => eprintln!("Revoked {title} credentials"),
         }
         Ok(())
     } else {
@@ -577,16 +797,36 @@ fn cmd_audit(args: &AuditArgs) -> Result<(), Error> {
         ));
     }
     if !args.json {
-        eprintln!(
-            "Verified: hash chain, Merkle tree and {} checkpoint signature(s)",
-            report.checkpoints.len()
-        );
+        eprintln!("{}", verified_line(&report));
     }
     if let Some(out) = &args.export {
         moat_core::audit::export_bundle(&args.dir, &home, out)?;
         eprintln!("Proof bundle written to {}", out.display());
     }
     Ok(())
+}
+
+/// What a verification that found no problem can vouch for: a log with no
+/// checkpoint, or entries past the last one, is linked but not signed.
+fn verified_line(report: &moat_core::audit::Report) -> String {
+    let n = report.checkpoints.len();
+    if n == 0 {
+        return format!(
+            "Not signed: the hash chain of {} entries holds, but nothing in this log is signed (no checkpoint), so a cut or rewritten log would look the same",
+            report.entries
+        );
+    }
+    let base = format!("Verified: hash chain, Merkle tree and {n} checkpoint signature(s)");
+    if report.closed {
+        format!("{base}; the log was closed by its writer (final checkpoint)")
+    } else if report.unsigned > 0 {
+        format!(
+            "{base}; but the last {} of {} entries are not covered by a signature (the log is still open, or its writer stopped before signing), so a change to them would not show",
+            report.unsigned, report.entries
+        )
+    } else {
+        format!("{base}; the log is still open (no final checkpoint yet)")
+    }
 }
 
 struct ResolvedAudit {

@@ -8,8 +8,8 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use clap::Args;
-use moat_core::config::{self, Overrides};
-use moat_core::run::{self, logs, Launcher, RunMeta, RunSpec};
+use moat_core::config::Overrides;
+use moat_core::run::{self, logs, trace_view, Launcher, RunMeta, RunPlan};
 use moat_core::{paths, Error, ErrorKind};
 
 use crate::write_stdout;
@@ -43,6 +43,26 @@ pub struct RunArgs {
     /// Print the run's description as JSON when it starts (with -d)
     #[arg(long)]
     pub json: bool,
+    /// The container engine: docker or podman (default: runtime: in
+    /// agent.yaml, else MOAT_RUNTIME, else the one present)
+    #[arg(long, value_name = "ENGINE")]
+    pub runtime: Option<String>,
+}
+
+impl RunArgs {
+    /// The flags that change the workspace's configuration.
+    pub fn overrides(&self) -> Overrides {
+        Overrides {
+            name: self.name.clone(),
+            image: self.image.clone(),
+            grants: self.grants.clone(),
+            env: self.env.clone(),
+            command: (!self.command.is_empty()).then(|| self.command.clone()),
+            interactive: self.interactive.then_some(true),
+            runtime: self.runtime.clone(),
+            ..Overrides::default()
+        }
+    }
 }
 
 #[derive(Args, Debug)]
@@ -81,7 +101,13 @@ pub struct CleanArgs {
     /// Do not ask for confirmation
     #[arg(short = 'f', long)]
     pub force: bool,
-    /// Print what was removed as JSON
+    /// List what would be removed; remove nothing
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Keep the images moat built (the next run reuses them at once)
+    #[arg(long)]
+    pub keep_images: bool,
+    /// Print what was removed (or would be, with --dry-run) as JSON
     #[arg(long)]
     pub json: bool,
 }
@@ -105,15 +131,20 @@ pub struct LogsArgs {
 pub struct TraceArgs {
     /// Run id, id prefix or name (default: the most recent run)
     pub run: Option<String>,
-    /// Show the network trace (the HTTP requests through the proxy)
+    /// The network trace: one line per request through the proxy, in local
+    /// time (the default: it is the trace moat keeps)
     #[arg(long)]
     pub network: bool,
-    /// Show headers too
+    /// Show headers (credentials redacted), sizes and captured bodies too
     #[arg(short = 'v', long)]
     pub verbose: bool,
-    /// Print JSON lines
-    #[arg(long)]
+    /// Print the records as JSON lines
+    #[arg(long, conflicts_with = "har")]
     pub json: bool,
+    /// Write the trace as HAR 1.2 to FILE (`-`: standard output), for a
+    /// browser's devtools or mitmproxy
+    #[arg(long, value_name = "FILE")]
+    pub har: Option<PathBuf>,
 }
 
 fn home() -> Result<PathBuf, Error> {
@@ -173,13 +204,51 @@ impl Interrupts {
     }
 }
 
+/// The exit status of a run that moat itself could not start or keep (the
+/// engine, the image, the configuration, the run's setup), as `docker run`
+/// has it; a command's own status is kept as it is.
+pub const MOAT_FAILED: u8 = 125;
+
 fn exit_code_of(meta: &RunMeta) -> ExitCode {
     // Codes outside 0..=255 (the engine reports -1 when it lost the
     // process) are failures, never success.
     match meta.exit_code.map(u8::try_from) {
         Some(Ok(code)) => ExitCode::from(code),
+        None if meta.state == run::RunState::Failed => ExitCode::from(MOAT_FAILED),
         _ => ExitCode::FAILURE,
     }
+}
+
+/// The state as `list` shows it: a stopped run with its exit code.
+fn state_text(r: &RunMeta) -> String {
+    match (r.state, r.exit_code) {
+        (run::RunState::Stopped, Some(code)) => format!("exited({code})"),
+        (s, _) => s.to_string(),
+    }
+}
+
+/// Says, on stderr, why a failed run failed (or what a stopped one could
+/// not do), once.
+fn say_problem(meta: &RunMeta) {
+    match (meta.state, &meta.error) {
+        (run::RunState::Failed, Some(e)) => {
+            eprintln!("moat: run {} ({}) failed: {e}", meta.name, meta.id)
+        }
+        (run::RunState::Failed, None) => eprintln!(
+            "moat: run {} ({}) failed before it could say why; see its supervisor.log in the run's directory",
+            meta.name, meta.id
+        ),
+        (_, Some(e)) => eprintln!("moat: run {} ({}): {e}", meta.name, meta.id),
+        _ => {}
+    }
+}
+
+/// The run's endpoints and their URLs, one per line, for stderr.
+fn endpoint_lines(meta: &RunMeta) -> String {
+    meta.urls
+        .iter()
+        .map(|(name, url)| format!("  {name}: {url}\n"))
+        .collect()
 }
 
 /// Prints a run's output from `offset` until it ends or the user presses
@@ -217,13 +286,13 @@ fn follow_run(home: &Path, meta: &RunMeta, offset: u64) -> Result<ExitCode, Erro
         }
         Interrupt::Stop => {
             eprintln!("\nStopping {} ({})...", meta.name, meta.id);
-            let end = run::stop(home, &meta.id, 10)?;
+            let end = run::stop(home, meta, 10)?;
             Ok(exit_code_of(&end))
         }
         Interrupt::None => {
             let end = run::wait(home, &meta.id, None)?;
-            if let Some(e) = &end.error {
-                eprintln!("moat: run {} failed: {e}", end.id);
+            if end.state == run::RunState::Failed {
+                say_problem(&end);
             }
             Ok(exit_code_of(&end))
         }
@@ -308,30 +377,63 @@ fn interact(home: &Path, meta: &RunMeta) -> Result<ExitCode, Error> {
 }
 
 pub fn cmd_run(args: &RunArgs) -> Result<ExitCode, Error> {
+    let plan = RunPlan::new(&args.path, &args.overrides())?;
+    start_and_follow(&plan, args.detach, args.json)
+}
+
+/// An interactive run attached here needs a terminal on both ends: without
+/// one its output would be mixed with raw TTY traffic and lost. Refused
+/// before anything starts, as `docker run -it` does.
+fn need_terminal(plan: &RunPlan, detach: bool) -> Result<(), Error> {
+    use std::io::IsTerminal;
+    if !plan.interactive || detach {
+        return Ok(());
+    }
+    let (stdin, stdout) = (
+        std::io::stdin().is_terminal(),
+        std::io::stdout().is_terminal(),
+    );
+    if stdin && stdout {
+        return Ok(());
+    }
+    let which = if stdin {
+        "standard output"
+    } else {
+        "standard input"
+    };
+    Err(Error::new(
+        ErrorKind::InvalidArgument,
+        format!(
+            "an interactive run (-i, or interactive: true in agent.yaml) needs a terminal, and {which} is not one; run it from a terminal, start it with -d and `moat attach -i` from one, or run it without -i (set interactive: false) to pipe its input and output"
+        ),
+    ))
+}
+
+/// Starts a planned run, then follows it (or, detached, says how to).
+fn start_and_follow(plan: &RunPlan, detach: bool, json: bool) -> Result<ExitCode, Error> {
+    need_terminal(plan, detach)?;
     let home = home()?;
-    let config = config::load(&args.path)?.merge(&Overrides {
-        name: args.name.clone(),
-        image: args.image.clone(),
-        grants: args.grants.clone(),
-        env: args.env.clone(),
-        command: (!args.command.is_empty()).then(|| args.command.clone()),
-        interactive: args.interactive.then_some(true),
-    })?;
-    let spec = RunSpec::from_config(&config);
-    let meta = run::start(&home, &spec, &launcher(), &mut |message| {
+    let meta = run::start(&home, plan, &launcher(), &mut |message| {
         eprintln!("{message}");
     })?;
-    if args.detach {
-        if args.json {
+    if detach {
+        if json {
             write_stdout(&(to_json(&meta)? + "\n"))?;
         } else {
             write_stdout(&format!("{}\n", meta.id))?;
-            eprintln!(
-                "Started {} ({}) in the background. Follow it with `moat logs -f {}`; attach with `moat attach {}`.",
-                meta.name, meta.id, meta.id, meta.id
+            eprint!(
+                "Started {} ({}) in the background. Follow it with `moat logs -f {}`; attach with `moat attach {}`.\n{}",
+                meta.name,
+                meta.id,
+                meta.id,
+                meta.id,
+                if meta.urls.is_empty() { String::new() } else { format!("Endpoints:\n{}", endpoint_lines(&meta)) }
             );
         }
         return Ok(ExitCode::SUCCESS);
+    }
+    if !meta.urls.is_empty() {
+        eprint!("Endpoints of {}:\n{}", meta.name, endpoint_lines(&meta));
     }
     if meta.interactive {
         return interact(&home, &meta);
@@ -395,33 +497,53 @@ pub fn cmd_list(args: &ListArgs) -> Result<(), Error> {
         eprintln!("No runs. Start one with `moat run`.");
         return Ok(());
     }
+    // Columns as wide as their widest value, as docker's tables are.
+    let states: Vec<String> = runs.iter().map(state_text).collect();
+    let name_w = runs.iter().map(|r| r.name.len()).max().unwrap_or(0).max(4);
+    let state_w = states.iter().map(String::len).max().unwrap_or(0).max(5);
     let mut out = format!(
-        "{:<20} {:<17} {:<9} {:<5} {}\n",
+        "{:<name_w$}  {:<16}  {:<state_w$}  {:<5}  {}\n",
         "NAME", "RUN ID", "STATE", "AGE", "ENDPOINTS"
     );
-    for r in &runs {
-        let state = match (r.state, r.exit_code) {
-            (run::RunState::Stopped, Some(code)) => format!("exited({code})"),
-            (s, _) => s.to_string(),
-        };
-        let endpoints: Vec<&str> = r.ports.keys().map(String::as_str).collect();
+    for (r, state) in runs.iter().zip(&states) {
+        // An endpoint with its URL while the run serves it, else its name.
+        let endpoints: Vec<String> = r
+            .ports
+            .keys()
+            .map(|name| match r.urls.get(name) {
+                Some(url) if !r.state.is_terminal() => url.clone(),
+                _ => name.clone(),
+            })
+            .collect();
         out.push_str(&format!(
-            "{:<20} {:<17} {:<9} {:<5} {}\n",
+            "{:<name_w$}  {:<16}  {:<state_w$}  {:<5}  {}\n",
             r.name,
             r.id,
             state,
             age(&r.created_at),
             endpoints.join(", ")
         ));
+        if let Some(e) = &r.error {
+            out.push_str(&format!("  ! {}\n", e.replace('\n', " ")));
+        }
     }
     write_stdout(&out)
 }
 
-pub fn cmd_status(args: &ListArgs) -> Result<(), Error> {
+/// `moat status`: exits 1 when a health check found a problem, so a script
+/// can tell (what it found is printed either way).
+pub fn cmd_status(args: &ListArgs) -> Result<ExitCode, Error> {
     let home = home()?;
     let status = run::status(&home)?;
+    let healthy = status.health.iter().all(|c| c.ok);
+    let code = if healthy {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    };
     if args.json {
-        return write_stdout(&(to_json(&status)? + "\n"));
+        write_stdout(&(to_json(&status)? + "\n"))?;
+        return Ok(code);
     }
     let mut out = String::new();
     out.push_str(&format!(
@@ -458,7 +580,26 @@ pub fn cmd_status(args: &ListArgs) -> Result<(), Error> {
             check.detail
         ));
     }
-    write_stdout(&out)
+    let failed: Vec<RunMeta> = run::list(&home)?
+        .into_iter()
+        .filter(|r| r.state == run::RunState::Failed)
+        .collect();
+    if !failed.is_empty() {
+        out.push_str("Failed runs:\n");
+        for r in &failed {
+            out.push_str(&format!(
+                "  {} ({}): {}\n",
+                r.name,
+                r.id,
+                r.error
+                    .as_deref()
+                    .unwrap_or("no reason recorded")
+                    .replace('\n', " ")
+            ));
+        }
+    }
+    write_stdout(&out)?;
+    Ok(code)
 }
 
 pub fn cmd_stop(args: &StopArgs) -> Result<(), Error> {
@@ -468,7 +609,7 @@ pub fn cmd_stop(args: &StopArgs) -> Result<(), Error> {
         eprintln!("{} ({}) has already {}", meta.name, meta.id, meta.state);
         return Ok(());
     }
-    let end = run::stop(&home, &meta.id, args.grace)?;
+    let end = run::stop(&home, &meta, args.grace)?;
     if !end.state.is_terminal() {
         return Err(Error::new(
             ErrorKind::Runtime,
@@ -488,19 +629,53 @@ pub fn cmd_destroy(args: &RunRef) -> Result<(), Error> {
 }
 
 pub fn cmd_clean(args: &CleanArgs) -> Result<(), Error> {
+    use run::CleanOptions;
     let home = home()?;
-    let candidates = run::cleanable(&home)?;
+    let options = |dry_run| CleanOptions {
+        dry_run,
+        keep_images: args.keep_images,
+    };
+    if args.dry_run {
+        let plan = run::clean_with(&home, options(true))?;
+        if args.json {
+            return write_stdout(&(to_json(&plan)? + "\n"));
+        }
+        let mut out = String::new();
+        for (what, names) in [
+            ("run", &plan.runs),
+            ("image", &plan.images),
+            ("container", &plan.containers),
+            ("network", &plan.networks),
+            ("firewall", &plan.firewall),
+        ] {
+            for name in names {
+                out.push_str(&format!("{what:<10} {name}\n"));
+            }
+        }
+        write_stdout(&out)?;
+        eprintln!(
+            "Would remove {}; nothing was removed.",
+            clean_summary(&plan)
+        );
+        return Ok(());
+    }
     if !args.force {
         use std::io::IsTerminal;
         if !std::io::stdin().is_terminal() {
             return Err(Error::new(
                 ErrorKind::InvalidArgument,
-                "moat clean asks before removing anything; pass -f to clean without a terminal",
+                "moat clean asks before removing anything; pass -f to clean without a terminal (--dry-run lists what would go)",
             ));
         }
+        // Found as the cleaning finds it, so the question counts what goes.
+        let plan = run::clean_with(&home, options(true))?;
         eprintln!(
-            "This removes {} stopped run(s) and their artifacts (logs, traces, audit logs), and any container, network or firewall rule moat left behind.",
-            candidates.len()
+            "This removes {} stopped run(s) and their artifacts (logs, traces, audit logs), {} image(s) moat built that no run uses, and {} container(s), {} network(s) and {} firewall chain set(s) moat left behind. `moat clean --dry-run` lists them.",
+            plan.runs.len(),
+            plan.images.len(),
+            plan.containers.len(),
+            plan.networks.len(),
+            plan.firewall.len()
         );
         eprint!("Continue? [y/N] ");
         let mut answer = String::new();
@@ -510,17 +685,23 @@ pub fn cmd_clean(args: &CleanArgs) -> Result<(), Error> {
             return Ok(());
         }
     }
-    let cleaned = run::clean(&home)?;
+    let cleaned = run::clean_with(&home, options(false))?;
     if args.json {
         return write_stdout(&(to_json(&cleaned)? + "\n"));
     }
-    eprintln!(
-        "Removed {} run(s), {} leftover container(s), {} leftover network(s)",
-        cleaned.runs.len(),
-        cleaned.containers.len(),
-        cleaned.networks.len()
-    );
+    eprintln!("Removed {}", clean_summary(&cleaned));
     Ok(())
+}
+
+fn clean_summary(c: &run::Cleaned) -> String {
+    format!(
+        "{} run(s), {} unused image(s), {} leftover container(s), {} leftover network(s), {} leftover firewall chain set(s)",
+        c.runs.len(),
+        c.images.len(),
+        c.containers.len(),
+        c.networks.len(),
+        c.firewall.len()
+    )
 }
 
 pub fn cmd_logs(args: &LogsArgs) -> Result<ExitCode, Error> {
@@ -560,67 +741,169 @@ pub fn cmd_logs(args: &LogsArgs) -> Result<ExitCode, Error> {
         })?;
     }
     let _ = std::io::stdout().flush();
+    // The output may be empty (a run that never started has none): say
+    // what went wrong, after it, where a reader looks last.
+    say_problem(&run::find(&home, Some(&meta.id)).unwrap_or(meta));
     Ok(ExitCode::SUCCESS)
 }
 
 pub fn cmd_trace(args: &TraceArgs) -> Result<(), Error> {
     let home = home()?;
     let meta = run::find(&home, args.run.as_deref())?;
-    let records = run::trace(&home, &meta.id)?;
+    if let Some(file) = &args.har {
+        if file.as_os_str() == "-" {
+            let doc = trace_view::run_har(&home, &meta)?;
+            let text = serde_json::to_string_pretty(&doc).map_err(|e| {
+                Error::new(ErrorKind::Internal, format!("cannot write the HAR: {e}"))
+            })?;
+            return write_stdout(&(text + "\n"));
+        }
+        let n = trace_view::write_har(&home, Some(&meta.id), file)?;
+        eprintln!(
+            "Wrote {n} request(s) of {} ({}) to {}",
+            meta.name,
+            meta.id,
+            file.display()
+        );
+        return Ok(());
+    }
     if args.json {
         let mut out = String::new();
-        for r in &records {
+        for r in run::trace(&home, &meta.id)? {
             out.push_str(&r.to_string());
             out.push('\n');
         }
         return write_stdout(&out);
     }
+    let records = trace_view::load(&home, &meta.id)?;
     if records.is_empty() {
         eprintln!("No requests recorded for {} ({})", meta.name, meta.id);
         return Ok(());
     }
     let mut out = String::new();
     for r in &records {
-        let s = |k: &str| r.get(k).and_then(|v| v.as_str()).unwrap_or("").to_string();
-        let status = r
-            .get("status")
-            .and_then(|v| v.as_u64())
-            .map_or("-".to_string(), |v| v.to_string());
-        let ms = r.get("duration_ms").and_then(|v| v.as_f64()).unwrap_or(0.0);
-        let mut line = format!(
-            "{} {:<7} {} {} {:.0}ms",
-            s("time"),
-            s("method"),
-            s("url"),
-            status,
-            ms
-        );
-        if let Some(g) = r.get("grant").and_then(|v| v.as_str()) {
-            line.push_str(&format!(" [grant: {g}]"));
-        }
-        if let Some(d) = r.get("denied").and_then(|v| v.as_str()) {
-            line.push_str(&format!(" [denied: {d}]"));
-        }
-        if let Some(e) = r.get("error").and_then(|v| v.as_str()) {
-            line.push_str(&format!(" [error: {e}]"));
-        }
-        out.push_str(&line);
+        out.push_str(&trace_view::line(r, trace_view::Zone::Local));
         out.push('\n');
         if args.verbose {
-            for (key, label) in [("request_headers", ">"), ("response_headers", "<")] {
-                if let Some(headers) = r.get(key).and_then(|v| v.as_array()) {
-                    for h in headers {
-                        if let Some(pair) = h.as_array() {
-                            out.push_str(&format!(
-                                "    {label} {}: {}\n",
-                                pair.first().and_then(|v| v.as_str()).unwrap_or(""),
-                                pair.get(1).and_then(|v| v.as_str()).unwrap_or("")
-                            ));
-                        }
-                    }
-                }
-            }
+            out.push_str(&trace_view::details(r));
+            out.push('\n');
         }
+    }
+    write_stdout(&out)
+}
+
+#[derive(Args, Debug)]
+#[command(args_conflicts_with_subcommands = true)]
+pub struct ClaudeArgs {
+    #[command(subcommand)]
+    pub sessions: Option<ClaudeCommand>,
+    /// Workspace directory (mounted at /workspace)
+    #[arg(default_value = ".")]
+    pub path: PathBuf,
+    /// Answer this prompt and exit (claude -p); interactive without it
+    #[arg(short = 'p', long = "prompt", value_name = "PROMPT")]
+    pub prompt: Option<String>,
+    /// More arguments for claude (after --), like --model or --continue
+    #[arg(last = true)]
+    pub args: Vec<String>,
+    /// Claude Code's version (default: claude.version in agent.yaml, else the
+    /// one pinned in moat)
+    #[arg(long = "claude-version", value_name = "VERSION")]
+    pub claude_version: Option<String>,
+    /// Run name; unique among running runs
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Base image for Claude Code (overrides image: and dependencies:)
+    #[arg(long)]
+    pub image: Option<String>,
+    /// More credentials to inject (anthropic is implied): github, aws, ...
+    #[arg(long = "grant", value_name = "PROVIDER")]
+    pub grants: Vec<String>,
+    /// Environment variable KEY=VALUE (repeatable)
+    #[arg(short = 'e', long = "env", value_name = "KEY=VALUE")]
+    pub env: Vec<String>,
+    /// Run in the background; prints the run id
+    #[arg(short = 'd', long)]
+    pub detach: bool,
+    /// Print the run's description as JSON when it starts (with -d)
+    #[arg(long)]
+    pub json: bool,
+    /// The container engine: docker or podman
+    #[arg(long, value_name = "ENGINE")]
+    pub runtime: Option<String>,
+}
+
+#[derive(clap::Subcommand, Debug)]
+pub enum ClaudeCommand {
+    /// List Claude Code sessions (runs of moat claude)
+    Sessions(ListArgs),
+}
+
+pub fn cmd_claude(args: &ClaudeArgs) -> Result<ExitCode, Error> {
+    if let Some(ClaudeCommand::Sessions(list)) = &args.sessions {
+        return claude_sessions(list).map(|()| ExitCode::SUCCESS);
+    }
+    let overrides = Overrides {
+        name: args.name.clone(),
+        image: args.image.clone(),
+        grants: args.grants.clone(),
+        env: args.env.clone(),
+        runtime: args.runtime.clone(),
+        ..Overrides::default()
+    };
+    let options = moat_core::agent::ClaudeOptions {
+        prompt: args.prompt.clone(),
+        version: args.claude_version.clone(),
+        args: args.args.clone(),
+    };
+    let plan = RunPlan::claude(&args.path, &overrides, &options)?;
+    start_and_follow(&plan, args.detach, args.json)
+}
+
+/// `moat claude sessions`: the runs of Claude Code, newest first.
+fn claude_sessions(args: &ListArgs) -> Result<(), Error> {
+    let runs: Vec<RunMeta> = run::list(&home()?)?
+        .into_iter()
+        .filter(|r| r.agent == Some(moat_core::agent::Agent::Claude))
+        .collect();
+    if args.json {
+        let out: Vec<serde_json::Value> = runs
+            .iter()
+            .map(|r| {
+                serde_json::json!({
+                    "name": r.name,
+                    "id": r.id,
+                    "state": r.state,
+                    "exit_code": r.exit_code,
+                    "created_at": r.created_at,
+                    "workspace": r.workspace,
+                    "interactive": r.interactive,
+                })
+            })
+            .collect();
+        return write_stdout(&(to_json(&out)? + "\n"));
+    }
+    if runs.is_empty() {
+        eprintln!("No Claude Code sessions. Start one with `moat claude`.");
+        return Ok(());
+    }
+    let mut out = format!(
+        "{:<20} {:<17} {:<12} {:<5} {}\n",
+        "NAME", "RUN ID", "STATE", "AGE", "WORKSPACE"
+    );
+    for r in &runs {
+        let state = match (r.state, r.exit_code) {
+            (run::RunState::Stopped, Some(code)) => format!("exited({code})"),
+            (s, _) => s.to_string(),
+        };
+        out.push_str(&format!(
+            "{:<20} {:<17} {:<12} {:<5} {}\n",
+            r.name,
+            r.id,
+            state,
+            age(&r.created_at),
+            r.workspace.display()
+        ));
     }
     write_stdout(&out)
 }

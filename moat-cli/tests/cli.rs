@@ -52,7 +52,7 @@ fn config_prints_resolved_yaml() {
     assert!(out.status.success(), "{}", text(&out.stderr));
     let yaml: serde_yaml::Value = serde_yaml::from_slice(&out.stdout).unwrap();
     assert_eq!(yaml["name"].as_str(), Some("demo"));
-    assert_eq!(yaml["image"].as_str(), Some("python:3.11"));
+    assert_eq!(yaml["image"].as_str(), Some("python:3.11-bookworm"));
     assert_eq!(yaml["image_source"].as_str(), Some("dependencies"));
     assert_eq!(yaml["network"]["policy"].as_str(), Some("permissive"));
     assert_eq!(yaml["interactive"].as_bool(), Some(false));
@@ -195,4 +195,92 @@ fn a_closed_stdout_is_not_a_panic() {
     let err = text(&out.stderr);
     assert!(!err.contains("panicked"), "{err}");
     assert!(out.status.success(), "{err}");
+}
+
+#[test]
+fn audit_says_what_a_verification_can_vouch_for() {
+    use moat_core::audit::AuditWriter;
+    let t = tempfile::tempdir().unwrap();
+    let home = t.path().join("home");
+    let log = t.path().join("log");
+    let w = AuditWriter::open(&log, &home, "client").unwrap();
+    for i in 0..6 {
+        w.append("request", serde_json::json!({ "i": i })).unwrap();
+    }
+    w.close().unwrap();
+    let run = |dir: &Path| {
+        Command::new(env!("CARGO_BIN_EXE_moat"))
+            .args(["audit", dir.to_str().unwrap()])
+            .env("MOAT_HOME", &home)
+            .output()
+            .unwrap()
+    };
+    let out = run(&log);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("closed by its writer"),
+        "{}",
+        text(&out.stderr)
+    );
+    // Cut in half and its checkpoints gone, elsewhere (no witness): the
+    // chain holds, and the command says that nothing is signed.
+    let cut = t.path().join("cut");
+    std::fs::create_dir_all(&cut).unwrap();
+    let lines: Vec<String> = std::fs::read_to_string(log.join("audit.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| format!("{l}\n"))
+        .collect();
+    std::fs::write(cut.join("audit.jsonl"), lines[..3].concat()).unwrap();
+    let out = run(&cut);
+    let err = text(&out.stderr);
+    assert!(err.contains("nothing in this log is signed"), "{err}");
+    assert!(!err.contains("Verified"), "{err}");
+}
+
+#[test]
+fn a_bad_engine_is_named_with_where_it_came_from() {
+    let ws = workspace("command: [\"true\"]\n");
+    let home = tempfile::tempdir().unwrap();
+    let run = |args: &[&str], env: Option<&str>| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_moat"));
+        cmd.args(args)
+            .current_dir(ws.path())
+            .env("MOAT_HOME", home.path())
+            .env_remove("MOAT_RUNTIME");
+        if let Some(value) = env {
+            cmd.env("MOAT_RUNTIME", value);
+        }
+        cmd.output().unwrap()
+    };
+    let out = run(&["run", "--runtime", "lxc", "--image", "x"], None);
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains(
+            "--runtime: \"lxc\" is not a container engine moat runs on (docker or podman)"
+        ),
+        "{}",
+        text(&out.stderr)
+    );
+    let out = run(&["run", "--image", "x"], Some("lxc"));
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("MOAT_RUNTIME: \"lxc\" is not a container engine"),
+        "{}",
+        text(&out.stderr)
+    );
+    // runtime: in agent.yaml is checked where it is written.
+    let bad = workspace("runtime: lxc\n");
+    let out = moat(&["config"], bad.path());
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("agent.yaml:1:10"),
+        "{}",
+        text(&out.stderr)
+    );
+    // Nothing was created for runs that could not start.
+    assert!(
+        !home.path().join("runs").exists()
+            || std::fs::read_dir(home.path().join("runs")).unwrap().count() == 0
+    );
 }

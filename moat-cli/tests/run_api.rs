@@ -6,7 +6,8 @@
 use std::path::Path;
 use std::time::Duration;
 
-use moat_core::run::{self, Launcher, RunRequest, RunState};
+use moat_core::config::Overrides;
+use moat_core::run::{self, Launcher, RunPlan, RunState};
 
 fn image() -> String {
     std::env::var("MOAT_TEST_IMAGE").unwrap_or_else(|_| "moat-test:bookworm".into())
@@ -16,17 +17,24 @@ fn launcher() -> Launcher {
     Launcher::new(vec![env!("CARGO_BIN_EXE_moat").into(), "_supervise".into()])
 }
 
-fn request(workspace: &Path, command: &[&str]) -> RunRequest {
-    RunRequest {
-        workspace: workspace.to_path_buf(),
-        image: Some(image()),
-        command: Some(command.iter().map(|s| s.to_string()).collect()),
-        ..RunRequest::default()
-    }
+fn plan(workspace: &Path, command: &[&str]) -> moat_core::Result<RunPlan> {
+    RunPlan::new(
+        workspace,
+        &Overrides {
+            image: Some(image()),
+            command: Some(command.iter().map(|s| s.to_string()).collect()),
+            ..Overrides::default()
+        },
+    )
 }
 
 fn container_exists(id: &str) -> bool {
-    let out = std::process::Command::new("docker")
+    // The engine's own command line (`podman` takes the same arguments).
+    let engine = std::env::var("MOAT_RUNTIME")
+        .ok()
+        .filter(|e| !e.is_empty())
+        .unwrap_or_else(|| "docker".into());
+    let out = std::process::Command::new(engine)
         .args(["ps", "-aq", "--filter", &format!("label=dev.moat.run={id}")])
         .output()
         .unwrap();
@@ -37,9 +45,7 @@ fn container_exists(id: &str) -> bool {
 fn a_run_streams_output_and_ends_with_the_commands_exit_code() {
     let home = tempfile::tempdir().unwrap();
     let ws = tempfile::tempdir().unwrap();
-    let spec = request(ws.path(), &["sh", "-c", "echo hi; echo oops >&2; exit 9"])
-        .spec()
-        .unwrap();
+    let spec = plan(ws.path(), &["sh", "-c", "echo hi; echo oops >&2; exit 9"]).unwrap();
     let mut progress = Vec::new();
     let meta = run::start(home.path(), &spec, &launcher(), &mut |m| {
         progress.push(m.to_string())
@@ -76,7 +82,7 @@ fn a_run_streams_output_and_ends_with_the_commands_exit_code() {
 fn a_run_whose_supervisor_dies_is_failed_and_its_container_removed() {
     let home = tempfile::tempdir().unwrap();
     let ws = tempfile::tempdir().unwrap();
-    let spec = request(ws.path(), &["sleep", "300"]).spec().unwrap();
+    let spec = plan(ws.path(), &["sleep", "300"]).unwrap();
     let meta = run::start(home.path(), &spec, &launcher(), &mut |_| {}).unwrap();
     assert!(container_exists(&meta.id));
     let (pid, _) = meta.supervisor.unwrap();
@@ -96,7 +102,8 @@ fn a_run_whose_supervisor_dies_is_failed_and_its_container_removed() {
     }
     assert_eq!(state, RunState::Failed);
     let found = run::find(home.path(), Some(&meta.name)).unwrap();
-    assert!(found.error.unwrap().contains("exited unexpectedly"));
+    let error = found.error.unwrap();
+    assert!(error.contains("exited unexpectedly"), "{error}");
     assert!(
         !container_exists(&meta.id),
         "the container outlived its supervisor"
@@ -107,17 +114,22 @@ fn a_run_whose_supervisor_dies_is_failed_and_its_container_removed() {
 fn no_engine_is_a_runtime_error_that_says_what_to_start() {
     let home = tempfile::tempdir().unwrap();
     let ws = tempfile::tempdir().unwrap();
-    let spec = request(ws.path(), &["true"]).spec().unwrap();
+    let spec = plan(ws.path(), &["true"]).unwrap();
     // The supervisor is a child: only its environment needs the bad engine.
     let launcher = Launcher::new(vec![
         "env".into(),
         "DOCKER_HOST=unix:///nonexistent/docker.sock".into(),
+        "CONTAINER_HOST=unix:///nonexistent/podman.sock".into(),
         env!("CARGO_BIN_EXE_moat").into(),
         "_supervise".into(),
     ]);
     let err = run::start(home.path(), &spec, &launcher, &mut |_| {}).unwrap_err();
     assert!(err.is_runtime(), "{err}");
-    assert!(err.to_string().contains("Start Docker"), "{err}");
+    let start = match std::env::var("MOAT_RUNTIME").as_deref() {
+        Ok("podman") => "Start Podman",
+        _ => "Start Docker",
+    };
+    assert!(err.to_string().contains(start), "{err}");
     let runs = run::list(home.path()).unwrap();
     assert_eq!(runs[0].state, RunState::Failed);
 }

@@ -6,82 +6,16 @@
 //! it returns an [`ErrorKind::InvalidArgument`] error instead of the panic
 //! tokio would raise.
 
-use std::future::Future;
 use std::path::Path;
-use std::sync::OnceLock;
 
 use crate::config::{self, Config};
-use crate::error::{Error, ErrorKind, Result};
+use crate::error::Result;
 
-static RUNTIME: OnceLock<std::result::Result<tokio::runtime::Runtime, String>> = OnceLock::new();
-
-/// The process-wide runtime used by the blocking facade.
-pub fn runtime() -> Result<&'static tokio::runtime::Runtime> {
-    let rt = RUNTIME.get_or_init(|| {
-        tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .thread_name("moat-worker")
-            .enable_all()
-            .build()
-            .map_err(|e| format!("cannot start the moat runtime: {e}"))
-    });
-    rt.as_ref()
-        .map_err(|e| Error::new(ErrorKind::Internal, e.clone()))
-}
-
-/// Runs `fut` to completion on the facade's runtime, blocking this thread.
-pub fn block_on<F: Future>(fut: F) -> Result<F::Output> {
-    if tokio::runtime::Handle::try_current().is_ok() {
-        return Err(Error::new(
-            ErrorKind::InvalidArgument,
-            "a blocking moat call was made from inside an async runtime; use the async api there",
-        ));
-    }
-    Ok(runtime()?.block_on(fut))
-}
-
-/// Runs `fut` on a new single-threaded runtime on this thread; for helper
-/// threads of callers that are themselves inside a runtime.
-pub(crate) fn block_on_fresh<F: Future>(fut: F) -> F::Output {
-    match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt.block_on(fut),
-        Err(_) => match runtime() {
-            Ok(rt) => rt.block_on(fut),
-            Err(_) => std::process::abort(),
-        },
-    }
-}
+pub use crate::rt::{block_on, runtime};
 
 /// Loads a workspace's configuration ([`config::load`]).
 pub fn load_config(workspace: &Path) -> Result<Config> {
     config::load(workspace)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn block_on_runs_futures() {
-        let value = block_on(async {
-            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
-            41 + 1
-        })
-        .unwrap();
-        assert_eq!(value, 42);
-    }
-
-    #[test]
-    fn block_on_inside_runtime_is_an_error_not_a_panic() {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .build()
-            .unwrap();
-        let err = rt.block_on(async { block_on(async { 1 }) }).unwrap_err();
-        assert!(err.is_invalid_argument(), "{err}");
-    }
 }
 
 pub use proxy_facade::{BlockingProxy, ProxyOptions};
@@ -94,7 +28,7 @@ mod proxy_facade {
     use crate::error::{Error, ErrorKind, Result};
     use crate::policy::{HostPattern, PolicyMode};
     use crate::proxy::{ClientHandle, ClientSpec, Credential, Proxy, ProxyBuilder};
-    use crate::trace::{AuditEvent, MemorySink, TraceRecord};
+    use crate::trace::{AuditEvent, MemoryLimits, MemorySink, TraceRecord};
 
     /// Options of a [`BlockingProxy`], as C and Python give them: plain
     /// strings, validated here with errors that name the option.
@@ -117,6 +51,9 @@ mod proxy_facade {
         pub policy: Option<String>,
         /// Allow-list host patterns for strict mode.
         pub allow: Vec<String>,
+        /// Request rules (`network.rules`): `(host, rules)`, each rule like
+        /// `"allow GET /repos/**"` or `"deny git-push refs/heads/main"`.
+        pub rules: Vec<(String, Vec<String>)>,
         /// The client's name in traces; default `"client"`.
         pub name: Option<String>,
         /// Bytes of text bodies kept in trace records; 0 (default) keeps none.
@@ -124,6 +61,9 @@ mod proxy_facade {
         /// Write the client's audit events to a tamper-evident log in this
         /// directory (its one writer); closed with a signed checkpoint.
         pub audit_dir: Option<PathBuf>,
+        /// How many trace records and audit events are kept in memory (the
+        /// oldest go first); see [`MemoryLimits`] for the defaults.
+        pub trace_limits: MemoryLimits,
     }
 
     /// A proxy with one registered client, run on the facade's runtime: what
@@ -187,17 +127,28 @@ mod proxy_facade {
                 .enumerate()
                 .map(|(i, a)| HostPattern::parse(a).map_err(|e| bad(format!("allow[{i}]: {e}"))))
                 .collect::<Result<Vec<_>>>()?;
+            let rules = crate::policy::rules::parse_entries(&options.rules)
+                .map_err(|e| bad(format!("rules{e}")))?;
             let mut credentials = options.credentials;
-            let mut aws = None;
+            let mut phases = Vec::new();
             if !options.grants.is_empty() {
                 let home = match &options.home {
                     Some(h) => h.clone(),
                     None => crate::paths::moat_home()?,
                 };
                 let session = options.name.clone().unwrap_or_else(|| "moat".to_string());
-                let binding = crate::credential::bind(&home, &options.grants, &session)?;
+                let grants = options
+                    .grants
+                    .iter()
+                    .enumerate()
+                    .map(|(i, g)| {
+                        crate::config::GrantRef::parse_any(g)
+                            .map_err(|e| bad(format!("grants[{i}]: {e}")))
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                let mut binding = crate::credential::bind(&home, &grants, &session)?;
+                phases = binding.take_phases();
                 credentials.extend(binding.credentials);
-                aws = binding.aws;
             }
             let home_dir = match &options.home {
                 Some(h) => h.clone(),
@@ -211,7 +162,7 @@ mod proxy_facade {
                 None => None,
             };
             let proxy = block_on(builder.start())??;
-            let sink = Arc::new(MemorySink::default());
+            let sink = Arc::new(MemorySink::new(options.trace_limits));
             let audit: Arc<dyn crate::trace::AuditSink> = match &audit_log {
                 Some(log) => Arc::new(crate::trace::Tee(vec![sink.clone(), log.clone()])),
                 None => sink.clone(),
@@ -224,7 +175,8 @@ mod proxy_facade {
                 trace: Some(sink.clone()),
                 audit: Some(audit),
                 capture_bodies: options.capture_bodies,
-                aws,
+                phases,
+                rules,
             })?;
             Ok(BlockingProxy {
                 url: client.proxy_url(proxy.local_addr()).expose().clone(),
@@ -271,6 +223,24 @@ mod proxy_facade {
         /// Audit events so far (also after [`BlockingProxy::close`]).
         pub fn audit_events(&self) -> Vec<AuditEvent> {
             self.sink.events()
+        }
+
+        /// Trace records so far, as a JSON array (what C and Python hand
+        /// on, without building each record first).
+        pub fn trace_json(&self) -> String {
+            self.sink.records_json()
+        }
+
+        /// Audit events so far, as a JSON array.
+        pub fn audit_json(&self) -> String {
+            self.sink.events_json()
+        }
+
+        /// How many trace records and audit events were dropped from memory
+        /// to stay within [`ProxyOptions::trace_limits`] (the audit log on
+        /// disk, with `audit_dir`, keeps every event).
+        pub fn dropped(&self) -> (u64, u64) {
+            self.sink.dropped()
         }
 
         /// Is the proxy still serving?

@@ -19,9 +19,19 @@ pub fn moat_home() -> Result<PathBuf> {
     }
 }
 
-/// Creates `dir` (and its parents) and makes it private (0700).
+/// Creates `dir` (and its missing parents, all 0700) and makes it private
+/// (0700).
 pub(crate) fn private_dir(dir: &Path) -> Result<()> {
-    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, "create directory", e))?;
+    let mut builder = std::fs::DirBuilder::new();
+    builder.recursive(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::DirBuilderExt;
+        builder.mode(0o700);
+    }
+    builder
+        .create(dir)
+        .map_err(|e| Error::io(dir, "create directory", e))?;
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;
@@ -31,18 +41,96 @@ pub(crate) fn private_dir(dir: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Space set aside in a run's directory when it is created and given back
+/// when the run ends, so that a full disk cannot keep the run's last words
+/// (its exit code, the audit log's final checkpoint, a note about lost
+/// output) from being written.
+pub(crate) const RESERVE_BYTES: usize = 256 * 1024;
+
+/// Sets aside [`RESERVE_BYTES`] in `path` (blocks really written, not a
+/// sparse file).
+pub(crate) fn reserve(path: &Path) -> Result<()> {
+    use std::io::Write;
+    let mut file = open_private(path, Open::Truncate)?;
+    // Not zeros: a file system that compresses (ZFS, btrfs) would keep none.
+    let mut noise = vec![0u8; RESERVE_BYTES];
+    getrandom::fill(&mut noise).map_err(|e| {
+        Error::new(
+            ErrorKind::Internal,
+            format!("no randomness to fill {}: {e}", path.display()),
+        )
+    })?;
+    let written = file
+        .write_all(&noise)
+        .and_then(|()| file.sync_all())
+        .map_err(|e| Error::io(path, "write", e));
+    if written.is_err() {
+        let _ = std::fs::remove_file(path);
+    }
+    written
+}
+
+/// Is this error a full disk (or quota)?
+pub fn is_disk_full(err: &Error) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(err);
+    while let Some(e) = source {
+        if let Some(io) = e.downcast_ref::<std::io::Error>() {
+            if matches!(io.raw_os_error(), Some(libc::ENOSPC) | Some(libc::EDQUOT)) {
+                return true;
+            }
+        }
+        source = e.source();
+    }
+    false
+}
+
+/// How [`open_private`] opens a file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Open {
+    /// Created if missing; written at its end.
+    Append,
+    /// Created if missing, emptied if not.
+    Truncate,
+    /// Created if missing, left as it is (a lock file).
+    Keep,
+}
+
+/// Opens `path` for writing, creating it readable and writable by its owner
+/// only (0600): nothing moat writes under its home is for other users.
+pub(crate) fn open_private(path: &Path, how: Open) -> Result<std::fs::File> {
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create(true);
+    match how {
+        Open::Append => opts.append(true),
+        Open::Truncate => opts.truncate(true),
+        Open::Keep => opts.truncate(false),
+    };
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        opts.mode(0o600);
+    }
+    opts.open(path).map_err(|e| Error::io(path, "open", e))
+}
+
 /// Writes `data` to `path` atomically (temporary file, fsync, rename) with
 /// mode `mode`. The file never exists with looser permissions.
 pub(crate) fn write_private(path: &Path, data: &[u8], mode: u32) -> Result<()> {
     use std::io::Write;
     let dir = path.parent().unwrap_or(Path::new("."));
     let mut tmp = tempfile_in(dir, path, mode)?;
-    tmp.1
+    let written = tmp
+        .1
         .write_all(data)
         .and_then(|()| tmp.1.sync_all())
-        .map_err(|e| Error::io(&tmp.0, "write", e))?;
-    std::fs::rename(&tmp.0, path).map_err(|e| Error::io(path, "write", e))?;
-    Ok(())
+        .map_err(|e| Error::io(path, "write", e))
+        .and_then(|()| std::fs::rename(&tmp.0, path).map_err(|e| Error::io(path, "write", e)));
+    if written.is_err() {
+        // A full disk, say: the old file stays as it was, and no temporary
+        // file is left beside it.
+        let _ = std::fs::remove_file(&tmp.0);
+    }
+    written
 }
 
 fn tempfile_in(dir: &Path, path: &Path, mode: u32) -> Result<(PathBuf, std::fs::File)> {
@@ -70,4 +158,22 @@ fn tempfile_in(dir: &Path, path: &Path, mode: u32) -> Result<(PathBuf, std::fs::
         ErrorKind::Io,
         format!("{}: cannot create a temporary file", dir.display()),
     ))
+}
+
+/// An exclusive `flock` held until dropped.
+pub(crate) struct FileLock {
+    _file: std::fs::File,
+}
+
+impl FileLock {
+    pub(crate) fn acquire(path: &Path) -> Result<FileLock> {
+        use std::os::unix::io::AsRawFd;
+        let file = open_private(path, Open::Keep)?;
+        // SAFETY: flock on a descriptor we own; blocks until granted.
+        let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) };
+        if rc != 0 {
+            return Err(Error::io(path, "lock", std::io::Error::last_os_error()));
+        }
+        Ok(FileLock { _file: file })
+    }
 }

@@ -28,7 +28,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ed25519_dalek::Verifier;
-use sha2::{Digest, Sha256};
 use ssh_key::public::KeyData;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, UnixListener, UnixStream};
@@ -36,16 +35,12 @@ use tokio_util::sync::CancellationToken;
 
 use crate::error::{Error, ErrorKind, Result};
 use crate::proxy::upstream::ResolveMap;
+pub use crate::ssh::{fingerprint, HostGrant};
+use crate::ssh::{
+    parse_identities, put_string, Reader, EXTENSION, FAILURE, IDENTITIES_ANSWER,
+    REQUEST_IDENTITIES, SIGN_REQUEST, SIGN_RESPONSE, SUCCESS, USERAUTH_REQUEST,
+};
 use crate::trace::{AuditEvent, AuditSink, TraceRecord, TraceSink};
-
-const FAILURE: u8 = 5;
-const SUCCESS: u8 = 6;
-const REQUEST_IDENTITIES: u8 = 11;
-const IDENTITIES_ANSWER: u8 = 12;
-const SIGN_REQUEST: u8 = 13;
-const SIGN_RESPONSE: u8 = 14;
-const EXTENSION: u8 = 27;
-const USERAUTH_REQUEST: u8 = 50;
 
 /// The largest message either side may send (OpenSSH's agent uses 256 KiB).
 const MAX_MESSAGE: usize = 256 * 1024;
@@ -63,110 +58,6 @@ const IDLE_TIMEOUT: Duration = Duration::from_secs(120);
 const MAX_REFUSALS: usize = 16;
 /// Connections a forwarder carries at once.
 pub const MAX_FORWARDED: usize = 64;
-
-/// One granted host: the agent key that may sign for it and the host keys
-/// that identify it.
-#[derive(Debug, Clone)]
-pub struct HostGrant {
-    /// The host (`github.com`).
-    pub host: String,
-    /// The agent key's fingerprint (`SHA256:...`).
-    pub fingerprint: String,
-    /// The host's public keys.
-    pub host_keys: Vec<KeyData>,
-    /// The same keys in OpenSSH format, for the container's known hosts.
-    pub host_key_lines: Vec<String>,
-}
-
-impl HostGrant {
-    /// A grant from OpenSSH-format host key lines (`ssh-ed25519 AAAA...`).
-    /// Fails, naming the host, when there are none or one does not parse.
-    pub fn new(host: &str, fingerprint: &str, host_keys: &[String]) -> Result<HostGrant> {
-        let mut keys = Vec::new();
-        let mut lines = Vec::new();
-        for line in host_keys {
-            let key = ssh_key::PublicKey::from_openssh(line).map_err(|e| {
-                Error::new(
-                    ErrorKind::Config,
-                    format!("grant \"ssh:{host}\": host key \"{line}\" does not parse: {e}"),
-                )
-            })?;
-            if !keys.contains(key.key_data()) {
-                keys.push(key.key_data().clone());
-                lines.push(line.clone());
-            }
-        }
-        if keys.is_empty() {
-            return Err(Error::new(
-                ErrorKind::Config,
-                format!(
-                    "grant \"ssh:{host}\": no host key is known for {host}, so no server can prove it is {host}; \
-                     add its key to ~/.ssh/known_hosts (connect once with `ssh {host}` and check the fingerprint) \
-                     and grant again"
-                ),
-            ));
-        }
-        Ok(HostGrant {
-            host: host.to_string(),
-            fingerprint: fingerprint.to_string(),
-            host_keys: keys,
-            host_key_lines: lines,
-        })
-    }
-}
-
-/// `SHA256:...` of a public key blob, as `ssh-add -l` prints it.
-pub fn fingerprint(blob: &[u8]) -> String {
-    use base64::Engine;
-    format!(
-        "SHA256:{}",
-        base64::engine::general_purpose::STANDARD_NO_PAD.encode(Sha256::digest(blob))
-    )
-}
-
-/// Reads SSH wire types.
-struct Reader<'a> {
-    buf: &'a [u8],
-}
-
-impl<'a> Reader<'a> {
-    fn new(buf: &'a [u8]) -> Self {
-        Reader { buf }
-    }
-
-    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
-        if self.buf.len() < n {
-            return None;
-        }
-        let (head, rest) = self.buf.split_at(n);
-        self.buf = rest;
-        Some(head)
-    }
-
-    fn u8(&mut self) -> Option<u8> {
-        self.take(1).map(|b| b[0])
-    }
-
-    fn u32(&mut self) -> Option<u32> {
-        self.take(4)
-            .and_then(|b| b.try_into().ok())
-            .map(u32::from_be_bytes)
-    }
-
-    fn string(&mut self) -> Option<&'a [u8]> {
-        let n = self.u32()? as usize;
-        self.take(n)
-    }
-
-    fn done(&self) -> bool {
-        self.buf.is_empty()
-    }
-}
-
-fn put_string(out: &mut Vec<u8>, s: &[u8]) {
-    out.extend_from_slice(&(s.len() as u32).to_be_bytes());
-    out.extend_from_slice(s);
-}
 
 /// What a connection was bound to by `session-bind@openssh.com`.
 #[derive(Debug, Clone)]
@@ -288,7 +179,7 @@ impl FilterAgent {
     /// Checks that the user's agent answers and holds every granted key;
     /// the error names what is missing.
     pub fn check_upstream(&self) -> Result<()> {
-        let keys = crate::credential::ssh::agent_keys(&self.upstream)?;
+        let keys = crate::ssh::agent_keys(&self.upstream)?;
         for g in &self.grants {
             if !keys.iter().any(|k| k.fingerprint == g.fingerprint) {
                 return Err(Error::new(
@@ -341,7 +232,7 @@ impl FilterAgent {
 
     fn record(&self, d: Decision) {
         if let Some(audit) = &self.audit {
-            audit.event(&AuditEvent::SshAgent {
+            audit.event(AuditEvent::SshAgent {
                 client: self.client.clone(),
                 op: d.op,
                 host: d.host,
@@ -718,25 +609,6 @@ fn printable(bytes: &[u8], max: usize) -> String {
         .collect()
 }
 
-/// The type named in a public key blob (`ssh-ed25519`, ...).
-pub(crate) fn key_type(blob: &[u8]) -> Option<String> {
-    Some(String::from_utf8_lossy(Reader::new(blob).string()?).into_owned())
-}
-
-/// The `(blob, comment)` pairs of an identities answer.
-pub(crate) fn parse_identities(msg: &[u8]) -> Option<Vec<(&[u8], &[u8])>> {
-    let mut r = Reader::new(msg);
-    if r.u8()? != IDENTITIES_ANSWER {
-        return None;
-    }
-    let n = r.u32()?;
-    let mut keys = Vec::new();
-    for _ in 0..n.min(4096) {
-        keys.push((r.string()?, r.string()?));
-    }
-    Some(keys)
-}
-
 /// Reads one length-prefixed message; `None` at a clean end.
 async fn read_message<S: tokio::io::AsyncRead + Unpin>(
     stream: &mut S,
@@ -926,7 +798,7 @@ async fn forward_one(mut inbound: tokio::net::TcpStream, to: &Forward) {
         Err(e) => record.error = Some(e.to_string()),
     }
     record.duration_ms = started.elapsed().as_secs_f64() * 1000.0;
-    crate::trace::emit(to.trace.as_ref(), to.audit.as_ref(), &record);
+    crate::trace::emit(to.trace.as_ref(), to.audit.as_ref(), record);
 }
 
 #[cfg(test)]

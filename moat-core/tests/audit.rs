@@ -235,11 +235,12 @@ fn bundles_verify_offline_and_tampering_fails() {
     let t = tempfile::tempdir().unwrap();
     let (dir, home) = (t.path().join("run"), t.path().join("home"));
     write(&dir, &home, 10);
-    write(&dir, &home, 7); // a second checkpoint: consistency 10 -> 17
+    write(&dir, &home, 7); // reopened at 10, final at 17: consistency 10 -> 10 -> 17
     let bundle = t.path().join("proof.json");
     let r = audit::export_bundle(&dir, &home, &bundle).unwrap();
     let ok = audit::verify_bundle(&bundle, None).unwrap();
-    assert_eq!((ok.entries, ok.checkpoints.len()), (17, 2));
+    assert_eq!((ok.entries, ok.checkpoints.len()), (17, 3));
+    assert!(ok.closed);
     audit::verify_bundle(&bundle, Some(&r.vkey)).unwrap();
 
     let text = std::fs::read_to_string(&bundle).unwrap();
@@ -274,4 +275,153 @@ fn bundles_verify_offline_and_tampering_fails() {
         e.contains("does not verify") || e.contains("only grow"),
         "{e}"
     );
+}
+
+/// An entry chained after `lines` as a writer would make it: only a key can
+/// tell it from a real one.
+fn forged_after(lines: &[String], data: serde_json::Value) -> String {
+    use sha2::{Digest, Sha256};
+    let prev: String = Sha256::digest(lines.last().unwrap().as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let entry = json!({
+        "seq": lines.len(), "time": "2026-11-29T00:00:00Z", "type": "request",
+        "prev": prev, "data": data,
+    });
+    moat_core::audit::jcs::canonical(&entry).unwrap()
+}
+
+#[test]
+fn an_entry_forged_after_the_final_checkpoint_is_detected() {
+    let t = tempfile::tempdir().unwrap();
+    let (dir, home) = (t.path().join("run"), t.path().join("home"));
+    write(&dir, &home, 10);
+    let r = audit::verify(&dir, &home, None).unwrap();
+    assert!(r.ok && r.closed && r.unsigned == 0, "{r:?}");
+    assert!(r.checkpoints.last().unwrap().is_final);
+
+    let mut l = lines(&dir);
+    l.push(forged_after(&l, json!({"host": "evil.example", "i": 10})));
+    set_lines(&dir, &l);
+    let p = first_problem(&dir, &home);
+    assert!(p.contains("added after the close"), "{p}");
+
+    // Dropping the final checkpoint does not help: moat's witness copy of
+    // it, outside the run's directory, still says the log was closed.
+    let cps = std::fs::read_to_string(dir.join("checkpoints.jsonl")).unwrap();
+    let kept: Vec<&str> = cps.lines().collect();
+    let rest: String = kept[..kept.len() - 1]
+        .iter()
+        .map(|l| format!("{l}\n"))
+        .collect();
+    std::fs::write(dir.join("checkpoints.jsonl"), rest).unwrap();
+    let p = first_problem(&dir, &home);
+    assert!(p.contains("added after the close"), "{p}");
+}
+
+#[test]
+fn a_log_opened_again_after_its_close_verifies_while_open_and_closed() {
+    let t = tempfile::tempdir().unwrap();
+    let (dir, home) = (t.path().join("run"), t.path().join("home"));
+    write(&dir, &home, 3);
+    let w = AuditWriter::open(&dir, &home, "run_test").unwrap();
+    for i in 0..4 {
+        w.append("request", json!({"i": i})).unwrap();
+    }
+    // Open: the four new entries are chained but not yet signed.
+    let r = audit::verify(&dir, &home, None).unwrap();
+    assert!(r.ok, "{:?}", r.problems);
+    assert_eq!((r.entries, r.unsigned, r.closed), (7, 4, false));
+    w.close().unwrap();
+    let r = audit::verify(&dir, &home, None).unwrap();
+    assert!(r.ok && r.closed && r.unsigned == 0, "{r:?}");
+}
+
+#[test]
+fn a_cut_log_with_no_checkpoint_says_nothing_is_signed() {
+    let t = tempfile::tempdir().unwrap();
+    let (dir, home) = (t.path().join("run"), t.path().join("home"));
+    write(&dir, &home, 20);
+    let vkey = audit::vkey_of(&audit::signing_key(&home).unwrap().verifying_key());
+    // Cut in half, checkpoints gone, copied elsewhere (no witness there).
+    let elsewhere = t.path().join("copy");
+    std::fs::create_dir_all(&elsewhere).unwrap();
+    let l = lines(&dir);
+    set_lines(&elsewhere, &l[..10]);
+    let r = audit::verify(&elsewhere, &home, Some(&vkey)).unwrap();
+    assert!(r.checkpoints.is_empty());
+    assert_eq!((r.entries, r.unsigned, r.closed), (10, 10, false));
+    // The CLI must then say that nothing is signed (moat-cli/tests/cli.rs).
+}
+
+/// The checkpoints' lines, and a setter.
+fn checkpoint_lines(dir: &Path) -> Vec<String> {
+    std::fs::read_to_string(dir.join("checkpoints.jsonl"))
+        .unwrap()
+        .lines()
+        .map(str::to_string)
+        .collect()
+}
+
+#[test]
+fn a_copied_checkpoint_cannot_open_a_closed_log_again() {
+    let t = tempfile::tempdir().unwrap();
+    let (dir, home) = (t.path().join("run"), t.path().join("home"));
+    write(&dir, &home, 4);
+    write(&dir, &home, 3); // final@4, reopened@4, final@7
+    let cps = checkpoint_lines(&dir);
+    assert_eq!(cps.len(), 3);
+    let r = audit::verify(&dir, &home, None).unwrap();
+    assert!(r.ok && r.closed, "{:?}", r.problems);
+    assert!(r.checkpoints[1].reopened && !r.checkpoints[1].is_final);
+    // Forge an entry after the close, and append a copy of an older
+    // checkpoint (the reopened one, or any) so that the log looks open.
+    let mut l = lines(&dir);
+    l.push(forged_after(&l, json!({"host": "evil.example"})));
+    set_lines(&dir, &l);
+    for copied in [&cps[1], &cps[0], &cps[2]] {
+        let mut with = cps.clone();
+        with.push(copied.clone());
+        std::fs::write(dir.join("checkpoints.jsonl"), with.join("\n") + "\n").unwrap();
+        // Verified elsewhere, with no witness to help: the order gives it away.
+        let vkey = audit::vkey_of(&audit::signing_key(&home).unwrap().verifying_key());
+        let other_home = t.path().join("elsewhere");
+        let r = audit::verify(&dir, &other_home, Some(&vkey)).unwrap();
+        assert!(!r.ok, "accepted a copied checkpoint: {r:?}");
+        assert!(
+            r.problems.iter().any(|p| p.contains("goes back")
+                || p.contains("does not reopen")
+                || p.contains("added after the close")),
+            "{:?}",
+            r.problems
+        );
+    }
+}
+
+#[test]
+fn a_crash_while_reopening_is_not_taken_for_a_forgery() {
+    let t = tempfile::tempdir().unwrap();
+    let (dir, home) = (t.path().join("run"), t.path().join("home"));
+    write(&dir, &home, 4);
+    // The witness says "closed at 4"; keep it while the log is reopened and
+    // written, as if the writer died before updating the witness.
+    let witness_dir = home.join("audit").join("witness");
+    let witness: Vec<(std::path::PathBuf, Vec<u8>)> = std::fs::read_dir(&witness_dir)
+        .unwrap()
+        .map(|e| {
+            let p = e.unwrap().path();
+            let b = std::fs::read(&p).unwrap();
+            (p, b)
+        })
+        .collect();
+    let w = AuditWriter::open(&dir, &home, "run_test").unwrap();
+    w.append("request", json!({"i": 4})).unwrap();
+    for (p, b) in &witness {
+        std::fs::write(p, b).unwrap();
+    }
+    let r = audit::verify(&dir, &home, None).unwrap();
+    assert!(r.ok, "{:?}", r.problems);
+    assert_eq!((r.entries, r.unsigned), (5, 1));
+    drop(w);
 }

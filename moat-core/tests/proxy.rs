@@ -19,7 +19,7 @@ use hyper::{Request, Response};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use moat_core::policy::{HostPattern, PolicyMode};
 use moat_core::proxy::{ClientHandle, ClientSpec, Credential, Limits, Proxy, ProxyBuilder};
-use moat_core::trace::{AuditEvent, MemorySink};
+use moat_core::trace::{AuditEvent, Fault, MemorySink};
 use rcgen::{CertificateParams, DnType, IsCa, Issuer, KeyPair, PKCS_ECDSA_P256_SHA256};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
@@ -137,6 +137,23 @@ async fn route(
         .unwrap_or_default();
     log.lock().unwrap().push(seen);
     match path.as_str() {
+        // An upstream that never answers.
+        "/hang" => {
+            tokio::time::sleep(Duration::from_secs(3600)).await;
+            Ok(Response::new(full(String::new())))
+        }
+        // A body that stops short: 1000 bytes promised, 7 sent.
+        "/cut" => {
+            let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, Infallible>>(1);
+            tokio::spawn(async move {
+                let _ = tx.send(Ok(Frame::data(Bytes::from("partial")))).await;
+            });
+            let stream = tokio_stream::wrappers::ReceiverStream::new(rx);
+            Ok(Response::builder()
+                .header("content-length", "1000")
+                .body(StreamBody::new(stream).boxed())
+                .unwrap())
+        }
         "/redirect" => Ok(Response::builder()
             .status(302)
             .header("location", "https://other.test/after-redirect")
@@ -321,7 +338,11 @@ async fn setup_with(
         .resolve("api.github.com", 443, upstream.addr)
         .resolve("github.com", 443, upstream.addr)
         .resolve("other.test", 443, upstream.addr)
-        .resolve("other.test", 80, plain.addr);
+        .resolve("other.test", 80, plain.addr)
+        // Refused in strict mode; mapped here so that a leak would reach a
+        // local server (and show in `seen`), never the network.
+        .resolve("blocked.example.com", 443, upstream.addr)
+        .resolve("blocked.example.com", 80, plain.addr);
     if trust_upstream {
         builder = builder.upstream_ca_file(&env.upstream_ca).unwrap();
     }
@@ -339,7 +360,8 @@ async fn setup_with(
             trace: Some(sink.clone()),
             audit: Some(sink.clone()),
             capture_bodies: 0,
-            aws: None,
+            phases: Vec::new(),
+            rules: Vec::new(),
         })
         .unwrap();
     Setup {
@@ -596,7 +618,8 @@ async fn sni_differing_from_connect_is_refused() {
     assert!(s.sink.records().iter().any(|r| r
         .denied
         .as_deref()
-        .is_some_and(|d| d.contains("tls server name"))));
+        .is_some_and(|d| d.contains("tls server name"))
+        && r.fault == Some(Fault::Client)));
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -622,6 +645,8 @@ async fn host_differing_from_connect_is_refused_on_first_and_later_requests() {
     ready(&mut send).await;
     let bad = send.send_request(get("/two", "other.test")).await.unwrap();
     assert_eq!(bad.status(), 421);
+    assert_eq!(record_for(&s, "/two").await.fault, Some(Fault::Client));
+    assert_eq!(record_for(&s, "/one").await.fault, None);
     let seen = s.seen();
     assert_eq!(seen.len(), 1, "{seen:?}");
     assert_eq!(seen[0].path, "/one");
@@ -942,16 +967,35 @@ async fn loopback_private_and_metadata_destinations_are_refused_in_every_spellin
         "localhost".to_string(),
     ] {
         let target = format!("{host}:{port}");
+        // The CONNECT is answered (the refusal is told inside TLS, where the
+        // client reads it); names are refused when dialled, literals at once.
         let (_, head) = connect(s.proxy.local_addr(), &s.url(), &target).await;
-        // Names are refused when dialled, after the CONNECT; literals at once.
-        if head.starts_with("HTTP/1.1 200") {
-            assert_eq!(host, "localhost", "{host} was let through");
+        assert!(head.starts_with("HTTP/1.1 200"), "{host}: {head}");
+        if host == "localhost" {
             continue;
         }
-        assert!(head.starts_with("HTTP/1.1 403"), "{host}: {head}");
         let (code, body, _) = curl(&s.url(), s.ca(), &[&format!("http://{target}/")]).await;
         assert_eq!(code, 403, "{host}: {body}");
+        if [
+            "127.0.0.1",
+            "[::1]",
+            "169.254.169.254",
+            "10.0.0.1",
+            "[fd00:ec2::254]",
+        ]
+        .contains(&host.as_str())
+        {
+            let (code, body, err) = curl(&s.url(), s.ca(), &[&format!("https://{target}/")]).await;
+            assert_eq!(code, 403, "{host}: {body} {err}");
+            assert!(body.starts_with("Moat: destination"), "{host}: {body}");
+        }
     }
+    // IPv6 literals are written in brackets in the trace.
+    let urls: Vec<String> = s.sink.records().into_iter().map(|r| r.url).collect();
+    assert!(
+        urls.iter().any(|u| u == &format!("https://[::1]:{port}/")),
+        "{urls:?}"
+    );
     // A name that resolves to loopback is refused at dial time.
     let (code, body, _) = curl(&s.url(), s.ca(), &[&format!("http://localhost:{port}/")]).await;
     assert_eq!(code, 403, "{body}");
@@ -968,14 +1012,86 @@ async fn strict_mode_blocks_with_the_seeds_message_and_allows_grants_and_the_lis
     assert_eq!(code, 200, "grant hosts are allowed: {err}");
     let (code, _, err) = curl(&s.url(), s.ca(), &["https://other.test/listed"]).await;
     assert_eq!(code, 200, "{err}");
-    let (_, head) = connect(s.proxy.local_addr(), &s.url(), "blocked.example.com:443").await;
-    assert!(head.starts_with("HTTP/1.1 403"), "{head}");
+    let seeds = "Moat: request blocked by network policy.\nHost \"blocked.example.com\" is not in the allow list.\nAdd it to network.allow in agent.yaml or use policy: permissive.\n";
     let (code, body, _) = curl(&s.url(), s.ca(), &["http://blocked.example.com/"]).await;
     assert_eq!(code, 403);
-    assert_eq!(
-        body,
-        "Moat: request blocked by network policy.\nHost \"blocked.example.com\" is not in the allow list.\nAdd it to network.allow in agent.yaml or use policy: permissive.\n"
+    assert_eq!(body, seeds);
+    // HTTPS clients read the same message: the proxy completes TLS with its
+    // own leaf and answers inside, instead of refusing the CONNECT (which
+    // curl would only show as "CONNECT tunnel failed, response 403").
+    for args in [
+        vec!["https://blocked.example.com/x?y=1"],
+        vec!["--http2", "https://blocked.example.com/h2"],
+        vec![
+            "-X",
+            "POST",
+            "-d",
+            "data",
+            "https://blocked.example.com/post",
+        ],
+    ] {
+        let (code, body, err) = curl(&s.url(), s.ca(), &args).await;
+        assert_eq!(code, 403, "{args:?}: {err}");
+        assert_eq!(body, seeds, "{args:?}");
+    }
+    // A client that does not trust the moat CA sees a TLS error, and the
+    // refusal is still recorded once.
+    let other_ca = s.env.dir.path().join("other-ca.pem");
+    std::fs::write(&other_ca, "").unwrap();
+    let (code, _, _) = curl(
+        &s.url(),
+        &other_ca,
+        &["https://blocked.example.com/untrusted"],
+    )
+    .await;
+    assert_eq!(code, 0);
+    let untrusted = record_where(&s.sink, |r| {
+        r.method == "CONNECT" && r.host == "blocked.example.com"
+    })
+    .await;
+    assert!(
+        untrusted
+            .error
+            .as_deref()
+            .is_some_and(|e| e.contains("did not trust")),
+        "{untrusted:?}"
     );
+    let records = s.sink.records();
+    let blocked: Vec<_> = records
+        .iter()
+        .filter(|r| r.host == "blocked.example.com")
+        .collect();
+    assert!(
+        blocked
+            .iter()
+            .any(|r| r.url == "https://blocked.example.com/x?y=1" && r.status == Some(403)),
+        "{blocked:?}"
+    );
+    assert!(
+        blocked
+            .iter()
+            .any(|r| r.method == "POST" && r.denied.as_deref() == Some("network policy")),
+        "{blocked:?}"
+    );
+    assert!(blocked.iter().all(|r| r.denied.is_some()), "{blocked:?}");
+    assert!(
+        blocked.iter().all(|r| r.fault == Some(Fault::Policy)),
+        "{blocked:?}"
+    );
+    assert!(
+        records
+            .iter()
+            .filter(|r| r.host != "blocked.example.com")
+            .all(|r| r.fault.is_none()),
+        "{records:?}"
+    );
+    let leaked: Vec<Seen> = s
+        .seen()
+        .into_iter()
+        .chain(s.seen_plain())
+        .filter(|r| r.host.contains("blocked"))
+        .collect();
+    assert!(leaked.is_empty(), "nothing reached an upstream: {leaked:?}");
     let events = s.sink.events();
     assert!(events.iter().any(|e| matches!(e,
         AuditEvent::PolicyDecision { allowed: false, host, .. } if host == "blocked.example.com")));
@@ -1326,4 +1442,494 @@ async fn timeouts_never_cut_an_established_stream() {
         .unwrap();
     let body = resp.into_body().collect().await.unwrap().to_bytes();
     assert_eq!(&body[..], b"data: one\n\ndata: two\n\n");
+}
+
+// ------------------------------------------------------- every request leaves a record
+
+/// Waits (up to 5 s) for a trace record whose URL ends with `path`.
+async fn record_for(s: &Setup, path: &str) -> moat_core::trace::TraceRecord {
+    record_where(&s.sink, |r| r.url.ends_with(path)).await
+}
+
+/// Waits (up to 5 s) for a trace record that `want` accepts. A client can
+/// exit before the proxy has finished with its connection (a TLS handshake
+/// the client abandoned is recorded when the proxy sees it fail), so a test
+/// that reads the trace right after the client returns must wait for it.
+async fn record_where(
+    sink: &MemorySink,
+    want: impl Fn(&moat_core::trace::TraceRecord) -> bool,
+) -> moat_core::trace::TraceRecord {
+    for _ in 0..100 {
+        if let Some(r) = sink.records().into_iter().find(|r| want(r)) {
+            return r;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("no such trace record: {:?}", sink.records());
+}
+
+fn audited_request(s: &Setup, path: &str) -> Option<AuditEvent> {
+    s.sink
+        .events()
+        .into_iter()
+        .find(|e| matches!(e, AuditEvent::Request { path: p, .. } if p == path))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_request_its_client_gives_up_on_is_recorded() {
+    let s = setup().await;
+    // HTTPS, inside a tunnel: the client waits 300 ms, then closes.
+    let mut send = h1_over_tunnel(&s, "api.github.com:443", "api.github.com").await;
+    let req = Request::get("/hang")
+        .header("host", "api.github.com")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), send.send_request(req))
+            .await
+            .is_err()
+    );
+    drop(send);
+    let r = record_for(&s, "/hang").await;
+    assert_eq!(r.status, None);
+    assert_eq!(r.fault, Some(Fault::Client), "{r:?}");
+    assert!(
+        r.error.as_deref().unwrap().contains("client closed"),
+        "{r:?}"
+    );
+    assert!(
+        audited_request(&s, "/hang").is_some(),
+        "{:?}",
+        s.sink.events()
+    );
+    // The credential went out before the client gave up: its use is in the
+    // audit log and the record names the grant.
+    assert_eq!(r.grant.as_deref(), Some("github"), "{r:?}");
+    assert!(
+        s.sink
+            .events()
+            .iter()
+            .any(|e| matches!(e, AuditEvent::CredentialInjected { path, .. } if path == "/hang")),
+        "{:?}",
+        s.sink.events()
+    );
+    // Plain HTTP too, through curl giving up after a second.
+    let (code, _, _) = curl(
+        &s.url(),
+        s.ca(),
+        &["--max-time", "1", "http://other.test/hang"],
+    )
+    .await;
+    assert_eq!(code, 0);
+    let r = record_for(&s, "other.test/hang").await;
+    assert!(
+        r.error.as_deref().unwrap().contains("client closed"),
+        "{r:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_wait_for_a_response_head_is_bounded() {
+    let limits = Limits {
+        response_timeout: Duration::from_secs(1),
+        ..Limits::default()
+    };
+    let s = setup_with(true, PolicyMode::Permissive, &[], limits).await;
+    let started = Instant::now();
+    let (code, body, _) = curl(&s.url(), s.ca(), &["https://api.github.com/hang"]).await;
+    assert_eq!(code, 504, "{body}");
+    assert!(body.contains("no response within 1 s"), "{body}");
+    assert!(started.elapsed() < Duration::from_secs(10));
+    let r = record_for(&s, "/hang").await;
+    assert_eq!(r.status, Some(504));
+    assert!(r.error.is_some());
+    assert_eq!(r.fault, Some(Fault::Upstream));
+    // The credential went out with the request: its injection is audited.
+    assert!(s
+        .sink
+        .events()
+        .iter()
+        .any(|e| matches!(e, AuditEvent::CredentialInjected { path, .. } if path == "/hang")));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_body_that_stops_short_is_marked() {
+    let s = setup().await;
+    let (_, body, err) = curl(&s.url(), s.ca(), &["https://api.github.com/cut"]).await;
+    assert!(err.contains("curl"), "curl should fail: {body} {err}");
+    let r = record_for(&s, "/cut").await;
+    assert_eq!(r.status, Some(200));
+    assert!(
+        r.error.as_deref().unwrap_or("").contains("stopped short"),
+        "{r:?}"
+    );
+    assert_eq!(r.fault, Some(Fault::Upstream), "{r:?}");
+    // The audit log says whose fault it was too.
+    assert!(
+        matches!(
+            audited_request(&s, "/cut"),
+            Some(AuditEvent::Request {
+                fault: Some(Fault::Upstream),
+                ..
+            })
+        ),
+        "{:?}",
+        s.sink.events()
+    );
+    // A complete body is not marked.
+    let (code, _, _) = curl(&s.url(), s.ca(), &["https://api.github.com/whole"]).await;
+    assert_eq!(code, 200);
+    assert_eq!(record_for(&s, "/whole").await.error, None);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn odd_request_targets_in_a_tunnel_are_refused_before_any_injection() {
+    let s = setup().await;
+    for (line, what) in [
+        ("OPTIONS * HTTP/1.1", "OPTIONS *"),
+        ("CONNECT api.github.com:443 HTTP/1.1", "CONNECT"),
+    ] {
+        let (tcp, head) = connect(s.proxy.local_addr(), &s.url(), "api.github.com:443").await;
+        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+        let mut tls = tls_over(tcp, s.ca(), "api.github.com", &[b"http/1.1"])
+            .await
+            .unwrap();
+        tls.write_all(format!("{line}\r\nHost: api.github.com\r\n\r\n").as_bytes())
+            .await
+            .unwrap();
+        let mut answer = vec![0u8; 4096];
+        let n = tokio::time::timeout(Duration::from_secs(5), tls.read(&mut answer))
+            .await
+            .unwrap()
+            .unwrap();
+        let answer = String::from_utf8_lossy(&answer[..n]).into_owned();
+        assert!(answer.starts_with("HTTP/1.1 400"), "{what}: {answer}");
+        assert!(
+            answer.contains("not supported inside a tunnel"),
+            "{what}: {answer}"
+        );
+    }
+    assert!(s.seen().is_empty(), "{:?}", s.seen());
+    assert!(
+        !s.sink
+            .events()
+            .iter()
+            .any(|e| matches!(e, AuditEvent::CredentialInjected { .. })),
+        "{:?}",
+        s.sink.events()
+    );
+    assert!(s
+        .sink
+        .records()
+        .iter()
+        .all(|r| !r.url.contains("https://api.github.com*")));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_injection_is_audited_only_for_a_request_that_went_out() {
+    let env = env();
+    // api.github.com maps to a closed port: nothing is ever sent.
+    let closed = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = closed.local_addr().unwrap();
+    drop(closed);
+    let proxy = ProxyBuilder::new()
+        .home(env.dir.path().join("home"))
+        .resolve("api.github.com", 443, addr)
+        .start()
+        .await
+        .unwrap();
+    let sink = Arc::new(MemorySink::default());
+    let mut spec = ClientSpec::new("run_test");
+    spec.credentials = vec![github_credential()];
+    spec.trace = Some(sink.clone());
+    spec.audit = Some(sink.clone());
+    let client = proxy.register(spec).unwrap();
+    let url = client.proxy_url(proxy.local_addr()).expose().clone();
+    let (code, _, _) = curl(&url, proxy.ca_cert_path(), &["https://api.github.com/user"]).await;
+    assert_eq!(code, 502);
+    assert!(
+        !sink
+            .events()
+            .iter()
+            .any(|e| matches!(e, AuditEvent::CredentialInjected { .. })),
+        "{:?}",
+        sink.events()
+    );
+    assert_eq!(sink.records().len(), 1, "{:?}", sink.records());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_slow_upload_is_not_cut_by_the_response_timeout() {
+    let limits = Limits {
+        response_timeout: Duration::from_secs(1),
+        ..Limits::default()
+    };
+    let s = setup_with(true, PolicyMode::Permissive, &[], limits).await;
+    let file = s.env.dir.path().join("upload.bin");
+    std::fs::write(&file, vec![b'u'; 12 * 1024]).unwrap();
+    // About four seconds of upload, four times the timeout, moving all along.
+    let (code, body, err) = curl(
+        &s.url(),
+        s.ca(),
+        &[
+            "--limit-rate",
+            "3k",
+            "--data-binary",
+            &format!("@{}", file.display()),
+            "https://api.github.com/upload",
+        ],
+    )
+    .await;
+    assert_eq!(code, 200, "{body} {err}");
+    let seen = s.seen();
+    let up = seen.iter().find(|r| r.path == "/upload").unwrap();
+    assert_eq!(up.body.len(), 12 * 1024);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_websocket_upgrade_waits_at_most_the_response_timeout() {
+    let limits = Limits {
+        response_timeout: Duration::from_secs(1),
+        ..Limits::default()
+    };
+    let s = setup_with(true, PolicyMode::Permissive, &[], limits).await;
+    let started = Instant::now();
+    let (code, body, _) = curl(
+        &s.url(),
+        s.ca(),
+        &[
+            "--http1.1",
+            "-H",
+            "Connection: Upgrade",
+            "-H",
+            "Upgrade: websocket",
+            "-H",
+            "Sec-WebSocket-Version: 13",
+            "-H",
+            "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==",
+            "https://api.github.com/hang",
+        ],
+    )
+    .await;
+    assert_eq!(code, 504, "{body}");
+    assert!(started.elapsed() < Duration::from_secs(10));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn absurd_host_names_are_refused_at_the_connect() {
+    let s = setup().await;
+    for host in [
+        "a".repeat(300),
+        format!("{}.test", "b".repeat(70)),
+        "a..b".into(),
+        "x_y%00".into(),
+    ] {
+        let (_, head) = connect(s.proxy.local_addr(), &s.url(), &format!("{host}:443")).await;
+        assert!(head.starts_with("HTTP/1.1 400"), "{host}: {head}");
+    }
+    assert_eq!(s.proxy.ca().mint_count(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn tunnels_count_against_the_connection_limit() {
+    let limits = Limits {
+        max_connections: 2,
+        ..Limits::default()
+    };
+    let s = setup_with(true, PolicyMode::Permissive, &[], limits).await;
+    let _a = h1_over_tunnel(&s, "api.github.com:443", "api.github.com").await;
+    let _b = h1_over_tunnel(&s, "api.github.com:443", "api.github.com").await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let mut c = TcpStream::connect(s.proxy.local_addr()).await.unwrap();
+    let mut buf = [0u8; 1];
+    let read = tokio::time::timeout(Duration::from_secs(2), c.read(&mut buf)).await;
+    assert!(
+        matches!(read, Ok(Ok(0)) | Ok(Err(_))),
+        "two open tunnels fill a limit of two: {read:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn shutdown_records_a_cut_relay_and_no_made_up_requests() {
+    let echo = echo_server().await;
+    let env = env();
+    let proxy = ProxyBuilder::new()
+        .home(env.dir.path().join("home"))
+        .resolve("ssh.test", 22, echo)
+        .start()
+        .await
+        .unwrap();
+    let sink = Arc::new(MemorySink::default());
+    let mut spec = ClientSpec::new("run_raw");
+    spec.policy = PolicyMode::Strict;
+    spec.allow = vec![HostPattern::parse("ssh.test:22").unwrap()];
+    spec.trace = Some(sink.clone());
+    spec.audit = Some(sink.clone());
+    let client = proxy.register(spec).unwrap();
+    let url = client.proxy_url(proxy.local_addr()).expose().clone();
+    // A raw tunnel that relayed 14 bytes each way, still open.
+    let (mut raw, head) = connect(proxy.local_addr(), &url, "ssh.test:22").await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    raw.write_all(b"SSH-2.0-test\r\n").await.unwrap();
+    let mut buf = [0u8; 14];
+    raw.read_exact(&mut buf).await.unwrap();
+    // A refused tunnel answered inside TLS, kept open.
+    let (tcp, head) = connect(proxy.local_addr(), &url, "refused.test:443").await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let tls = tls_over(tcp, proxy.ca_cert_path(), "refused.test", &[b"http/1.1"])
+        .await
+        .unwrap();
+    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let resp = send.send_request(get("/x", "refused.test")).await.unwrap();
+    assert_eq!(resp.status(), 403);
+    // A tunnel that has not said anything yet.
+    let (_idle, head) = connect(proxy.local_addr(), &url, "ssh.test:22").await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    proxy.shutdown().await;
+    let records = sink.records();
+    let raw_records: Vec<_> = records.iter().filter(|r| r.host == "ssh.test").collect();
+    assert_eq!(raw_records.len(), 1, "{records:?}");
+    assert_eq!(
+        (raw_records[0].request_bytes, raw_records[0].response_bytes),
+        (14, 14)
+    );
+    assert!(raw_records[0]
+        .error
+        .as_deref()
+        .unwrap()
+        .contains("shut down"));
+    let refused: Vec<_> = records
+        .iter()
+        .filter(|r| r.host == "refused.test")
+        .collect();
+    assert_eq!(
+        refused.len(),
+        1,
+        "one record for the one request: {refused:?}"
+    );
+    assert_eq!(refused[0].status, Some(403));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn plain_http_through_a_refused_tunnel_reads_the_message() {
+    let s = setup_with(true, PolicyMode::Strict, &["other.test"], Limits::default()).await;
+    let (code, body, err) = curl(
+        &s.url(),
+        s.ca(),
+        &["--proxytunnel", "http://blocked.example.com/tunnelled"],
+    )
+    .await;
+    assert_eq!(code, 403, "{err}");
+    assert!(
+        body.starts_with("Moat: request blocked by network policy."),
+        "{body}"
+    );
+}
+
+// ------------------------------------------------------- phases: extending a client
+
+/// A phase that answers `/hello` on the proxy's own host, and one that puts
+/// an API key on requests to `other.test`.
+#[derive(Debug)]
+struct Hello;
+
+#[async_trait::async_trait]
+impl moat_core::proxy::Phase for Hello {
+    async fn respond(
+        &self,
+        request: &moat_core::proxy::phase::RequestHead<'_>,
+    ) -> Option<moat_core::proxy::phase::Answer> {
+        (request.host == moat_core::proxy::phase::INTERNAL_HOST && request.path == "/hello").then(
+            || {
+                moat_core::proxy::phase::Answer::text(
+                    hyper::StatusCode::OK,
+                    format!("hello {}\n", request.client),
+                )
+            },
+        )
+    }
+}
+
+#[derive(Debug)]
+struct ApiKey;
+
+#[async_trait::async_trait]
+impl moat_core::proxy::Phase for ApiKey {
+    fn injects_for(&self, host: &str, _port: u16) -> bool {
+        host == "other.test"
+    }
+    async fn inject(
+        &self,
+        host: &str,
+        _port: u16,
+        headers: &mut hyper::HeaderMap,
+    ) -> Result<moat_core::proxy::phase::Injected, moat_core::proxy::phase::Answer> {
+        if host != "other.test" {
+            return Ok(Default::default());
+        }
+        headers.insert("authorization", "Key phase-secret".parse().unwrap());
+        Ok(vec![moat_core::proxy::phase::Injection {
+            grant: "apikey".into(),
+            header: hyper::header::AUTHORIZATION,
+        }]
+        .into())
+    }
+    fn hosts(&self) -> Vec<(HostPattern, String)> {
+        vec![(HostPattern::parse("other.test").unwrap(), "apikey".into())]
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_clients_phases_answer_its_internal_requests_and_inject_its_credentials() {
+    let s = setup().await;
+    let sink = Arc::new(MemorySink::default());
+    // Strict, with nothing listed: only the phases' hosts get through.
+    let client = s
+        .proxy
+        .register(ClientSpec {
+            name: "phased".into(),
+            credentials: Vec::new(),
+            policy: PolicyMode::Strict,
+            allow: Vec::new(),
+            trace: Some(sink.clone()),
+            audit: Some(sink.clone()),
+            capture_bodies: 0,
+            phases: vec![Arc::new(Hello), Arc::new(ApiKey)],
+            rules: Vec::new(),
+        })
+        .unwrap();
+    let url = client.proxy_url(s.proxy.local_addr()).expose().clone();
+    let (code, body, _) = curl(&url, s.ca(), &["http://moat.internal/hello"]).await;
+    assert_eq!((code, body.as_str()), (200, "hello phased\n"));
+    let (code, body, _) = curl(&url, s.ca(), &["http://moat.internal/other"]).await;
+    assert_eq!(code, 404, "{body}");
+    assert!(
+        body.contains("nothing answers http://moat.internal/other"),
+        "{body}"
+    );
+    // The injecting phase's host is let through strict mode, with the key.
+    let (code, body, err) = curl(&url, s.ca(), &["https://other.test/keyed"]).await;
+    assert_eq!(code, 200, "{body} {err}");
+    let seen = s.seen();
+    let keyed = seen.iter().find(|r| r.path == "/keyed").unwrap();
+    assert_eq!(keyed.authorization, vec!["Key phase-secret".to_string()]);
+    // Not elsewhere: api.github.com is not one of this client's hosts.
+    let (code, _, _) = curl(&url, s.ca(), &["https://api.github.com/unkeyed"]).await;
+    assert_eq!(code, 403);
+    assert!(!seen.iter().any(|r| r.path == "/unkeyed"));
+    // Recorded and audited like any credential; the value appears nowhere.
+    let records = sink.records();
+    let r = records.iter().find(|r| r.url.ends_with("/keyed")).unwrap();
+    assert_eq!(r.grant.as_deref(), Some("apikey"));
+    assert!(sink.events().iter().any(|e| matches!(e,
+        AuditEvent::CredentialInjected { grant, path, .. } if grant == "apikey" && path == "/keyed")));
+    assert!(sink.events().iter().any(|e| matches!(e,
+        AuditEvent::PolicyDecision { allowed: true, rule, .. } if rule == "grant:apikey")));
+    let everything = format!("{:?}{:?}", sink.records(), sink.events());
+    assert!(!everything.contains("phase-secret"), "{everything}");
+    let r = records.iter().find(|r| r.url.ends_with("/other")).unwrap();
+    assert_eq!(r.fault, Some(Fault::Client));
 }

@@ -7,8 +7,19 @@
 //! - Fallible functions take an optional `moat_error **out_error`; on failure
 //!   it receives an error object carrying the message and, for configuration
 //!   errors, the file, line and column. Free it with `moat_error_free`.
-//! - Every export runs inside a panic boundary: a panic becomes
-//!   `MOAT_ERR_PANIC`, never an abort of the host process.
+//! - Every export runs inside a panic boundary (`guard` for those that
+//!   return a status, `shield` for getters and `_free`s, which give NULL, 0
+//!   or nothing): a panic never unwinds into C nor aborts the host process.
+//!   A test checks that no export is left outside.
+//! - Required output pointers are checked by one helper (`out_ptr`);
+//!   optional ones (`out_done`, `out_exit_code`, ...) may be NULL. Flags are
+//!   `bool`, counts `size_t`, exit codes `int64_t`.
+//! - An error holds every problem with its parts (`moat_error_count`,
+//!   `moat_error_item_message` without the location prefix, `_path`,
+//!   `_line`, `_column`), and `moat_error_message` all of them for a person.
+//! - SIGPIPE: the first fallible call ignores it when it is at its default
+//!   (a closed connection must not end the host program); a handler the
+//!   program installed is kept.
 //! - Strings returned as `const char *` belong to their handle and live as
 //!   long as it; strings returned through `char **` are freed with
 //!   `moat_string_free`.
@@ -27,6 +38,7 @@ use moat_core::config::Config;
 use moat_core::proxy::Credential;
 use moat_core::{Error, ErrorKind};
 
+mod install;
 mod run;
 pub use run::*;
 
@@ -76,11 +88,22 @@ pub struct moat_config {
     image: CString,
 }
 
-/// An error: status, message and optional location. Free with
-/// `moat_error_free`.
+/// An error: status, message and optional location, and each of its
+/// problems with its parts (a configuration has one per mistake). Free
+/// with `moat_error_free`.
 #[derive(Debug)]
 pub struct moat_error {
     status: moat_status,
+    message: CString,
+    path: Option<CString>,
+    line: u32,
+    column: u32,
+    items: Vec<ErrorItem>,
+}
+
+/// One problem: its message without a location prefix, and its location.
+#[derive(Debug)]
+struct ErrorItem {
     message: CString,
     path: Option<CString>,
     line: u32,
@@ -96,10 +119,31 @@ impl moat_error {
         let loc = err.location();
         moat_error {
             status: status_of(err.kind()),
-            message: cstring(&err.to_string()),
+            message: cstring(&if err.diagnostics().is_empty() {
+                err.to_string()
+            } else {
+                err.diagnostics()
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            }),
             path: loc.map(|l| cstring(&l.path.to_string_lossy())),
             line: loc.map_or(0, |l| l.line),
             column: loc.map_or(0, |l| l.column),
+            items: err
+                .diagnostics()
+                .iter()
+                .map(|d| ErrorItem {
+                    message: cstring(&d.message),
+                    path: d
+                        .location
+                        .as_ref()
+                        .map(|l| cstring(&l.path.to_string_lossy())),
+                    line: d.location.as_ref().map_or(0, |l| l.line),
+                    column: d.location.as_ref().map_or(0, |l| l.column),
+                })
+                .collect(),
         }
     }
 
@@ -110,6 +154,12 @@ impl moat_error {
             path: None,
             line: 0,
             column: 0,
+            items: vec![ErrorItem {
+                message: cstring(message),
+                path: None,
+                line: 0,
+                column: 0,
+            }],
         }
     }
 }
@@ -136,6 +186,7 @@ unsafe fn guard(
     what: &str,
     f: impl FnOnce() -> Result<(), moat_error>,
 ) -> moat_status {
+    ignore_sigpipe();
     match catch_unwind(AssertUnwindSafe(f)) {
         Ok(Ok(())) => moat_status::MOAT_OK,
         // SAFETY: forwarded from the caller.
@@ -149,6 +200,54 @@ unsafe fn guard(
             unsafe { fail(out_error, err) }
         }
     }
+}
+
+/// libmoat's threads write to sockets whose peers may have gone; in a C or
+/// Go program SIGPIPE is at its default, which would end the host process
+/// for what is only a closed connection (Rust programs and Python ignore
+/// it). Once, before the first fallible call does any work: ignored when
+/// it is at the default; a handler the program set is left alone.
+fn ignore_sigpipe() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        // SAFETY: sigaction with a NULL new action only reads the current
+        // one into a zeroed struct; signal() sets SIG_IGN, a valid action.
+        unsafe {
+            let mut current: libc::sigaction = std::mem::zeroed();
+            if libc::sigaction(libc::SIGPIPE, ptr::null(), &mut current) == 0
+                && current.sa_sigaction == libc::SIG_DFL
+            {
+                libc::signal(libc::SIGPIPE, libc::SIG_IGN);
+            }
+        }
+    });
+}
+
+/// Runs `f`, an export that cannot report an error (a getter, a `_free`),
+/// inside the panic boundary: a panic gives `fallback` (NULL, 0,
+/// `MOAT_ERR_PANIC`, nothing), never an unwind into C.
+fn shield<R>(what: &str, fallback: R, f: impl FnOnce() -> R) -> R {
+    match catch_unwind(AssertUnwindSafe(f)) {
+        Ok(value) => value,
+        Err(_) => {
+            // The host process keeps going; say once where moat broke.
+            let _ = std::io::Write::write_all(
+                &mut std::io::stderr(),
+                format!("moat: internal error: a panic in {what} was stopped at the C boundary; please report this bug\n").as_bytes(),
+            );
+            fallback
+        }
+    }
+}
+
+/// An output pointer the caller must give: the place to write, or the
+/// error naming it.
+///
+/// # Safety
+/// `ptr` is NULL or valid for a write of `T`.
+unsafe fn out_ptr<'a, T>(ptr: *mut T, name: &str) -> Result<&'a mut T, moat_error> {
+    // SAFETY: NULL or valid for a write, by the caller's promise.
+    unsafe { ptr.as_mut() }.ok_or_else(|| null_arg(name))
 }
 
 /// Reads a required C string argument.
@@ -202,9 +301,7 @@ pub unsafe extern "C" fn moat_config_load(
     unsafe {
         guard(out_error, "moat_config_load", || {
             let workspace = arg_str(workspace, "workspace")?;
-            if out_config.is_null() {
-                return Err(null_arg("out_config"));
-            }
+            let out_config = out_ptr(out_config, "out_config")?;
             let config = moat_core::blocking::load_config(&PathBuf::from(workspace))
                 .map_err(|e| moat_error::from_error(&e))?;
             let handle = moat_config {
@@ -224,11 +321,13 @@ pub unsafe extern "C" fn moat_config_load(
 /// `config` is NULL or a live handle.
 #[no_mangle]
 pub unsafe extern "C" fn moat_config_name(config: *const moat_config) -> *const c_char {
-    // SAFETY: NULL or a live handle, by the caller's promise.
-    match unsafe { config.as_ref() }.and_then(|c| c.name.as_ref()) {
-        Some(name) => name.as_ptr(),
-        None => ptr::null(),
-    }
+    shield("moat_config_name", ptr::null(), || {
+        // SAFETY: NULL or a live handle, by the caller's promise.
+        match unsafe { config.as_ref() }.and_then(|c| c.name.as_ref()) {
+            Some(name) => name.as_ptr(),
+            None => ptr::null(),
+        }
+    })
 }
 
 /// The resolved image (`image:`, else from `dependencies`, else
@@ -238,11 +337,13 @@ pub unsafe extern "C" fn moat_config_name(config: *const moat_config) -> *const 
 /// `config` is NULL or a live handle.
 #[no_mangle]
 pub unsafe extern "C" fn moat_config_image(config: *const moat_config) -> *const c_char {
-    // SAFETY: NULL or a live handle, by the caller's promise.
-    match unsafe { config.as_ref() } {
-        Some(c) => c.image.as_ptr(),
-        None => ptr::null(),
-    }
+    shield("moat_config_image", ptr::null(), || {
+        // SAFETY: NULL or a live handle, by the caller's promise.
+        match unsafe { config.as_ref() } {
+            Some(c) => c.image.as_ptr(),
+            None => ptr::null(),
+        }
+    })
 }
 
 /// The resolved configuration as JSON (the output of `moat config --json`).
@@ -262,9 +363,7 @@ pub unsafe extern "C" fn moat_config_to_json(
     unsafe {
         guard(out_error, "moat_config_to_json", || {
             let config = config.as_ref().ok_or_else(|| null_arg("config"))?;
-            if out_json.is_null() {
-                return Err(null_arg("out_json"));
-            }
+            let out_json = out_ptr(out_json, "out_json")?;
             let json = serde_json::to_string(&config.inner.resolved()).map_err(|e| {
                 moat_error::plain(
                     moat_status::MOAT_ERR_INTERNAL,
@@ -295,9 +394,7 @@ pub unsafe extern "C" fn moat_config_resolve_secrets_json(
     unsafe {
         guard(out_error, "moat_config_resolve_secrets_json", || {
             let config = config.as_ref().ok_or_else(|| null_arg("config"))?;
-            if out_json.is_null() {
-                return Err(null_arg("out_json"));
-            }
+            let out_json = out_ptr(out_json, "out_json")?;
             let resolved = moat_core::secrets::resolve(&config.inner.secrets)
                 .map_err(|e| moat_error::from_error(&e))?;
             let map: std::collections::BTreeMap<&str, &str> = resolved
@@ -316,10 +413,12 @@ pub unsafe extern "C" fn moat_config_resolve_secrets_json(
 /// `config` is NULL or a handle from `moat_config_load`, not yet freed.
 #[no_mangle]
 pub unsafe extern "C" fn moat_config_free(config: *mut moat_config) {
-    if !config.is_null() {
-        // SAFETY: created by Box::into_raw in moat_config_load, freed once.
-        drop(unsafe { Box::from_raw(config) });
-    }
+    shield("moat_config_free", (), || {
+        if !config.is_null() {
+            // SAFETY: created by Box::into_raw in moat_config_load, freed once.
+            drop(unsafe { Box::from_raw(config) });
+        }
+    })
 }
 
 /// Frees a string returned through a `char **` output. NULL is ignored.
@@ -328,10 +427,12 @@ pub unsafe extern "C" fn moat_config_free(config: *mut moat_config) {
 /// `s` is NULL or a string from moat, not yet freed.
 #[no_mangle]
 pub unsafe extern "C" fn moat_string_free(s: *mut c_char) {
-    if !s.is_null() {
-        // SAFETY: created by CString::into_raw, freed once.
-        drop(unsafe { CString::from_raw(s) });
-    }
+    shield("moat_string_free", (), || {
+        if !s.is_null() {
+            // SAFETY: created by CString::into_raw, freed once.
+            drop(unsafe { CString::from_raw(s) });
+        }
+    })
 }
 
 /// The status this error stands for.
@@ -340,25 +441,32 @@ pub unsafe extern "C" fn moat_string_free(s: *mut c_char) {
 /// `err` is NULL or a live error.
 #[no_mangle]
 pub unsafe extern "C" fn moat_error_status(err: *const moat_error) -> moat_status {
-    // SAFETY: NULL or live, by the caller's promise.
-    match unsafe { err.as_ref() } {
-        Some(e) => e.status,
-        None => moat_status::MOAT_ERR_INVALID_ARGUMENT,
-    }
+    shield("moat_error_status", moat_status::MOAT_ERR_PANIC, || {
+        // SAFETY: NULL or live, by the caller's promise.
+        match unsafe { err.as_ref() } {
+            Some(e) => e.status,
+            None => moat_status::MOAT_ERR_INVALID_ARGUMENT,
+        }
+    })
 }
 
-/// The full message, prefixed with `path:line:column: ` when located.
-/// Never NULL for a non-NULL error.
+/// The full message, for a person: every problem, one per line, each
+/// prefixed with `path:line:column: ` when it has a location. A program that
+/// shows locations itself reads the parts instead (`moat_error_count`,
+/// `moat_error_item_message`, `_path`, `_line`, `_column`). Never NULL for a
+/// non-NULL error.
 ///
 /// # Safety
 /// `err` is NULL or a live error.
 #[no_mangle]
 pub unsafe extern "C" fn moat_error_message(err: *const moat_error) -> *const c_char {
-    // SAFETY: NULL or live, by the caller's promise.
-    match unsafe { err.as_ref() } {
-        Some(e) => e.message.as_ptr(),
-        None => ptr::null(),
-    }
+    shield("moat_error_message", ptr::null(), || {
+        // SAFETY: NULL or live, by the caller's promise.
+        match unsafe { err.as_ref() } {
+            Some(e) => e.message.as_ptr(),
+            None => ptr::null(),
+        }
+    })
 }
 
 /// The file the error is in, or NULL when it has no location.
@@ -367,11 +475,13 @@ pub unsafe extern "C" fn moat_error_message(err: *const moat_error) -> *const c_
 /// `err` is NULL or a live error.
 #[no_mangle]
 pub unsafe extern "C" fn moat_error_path(err: *const moat_error) -> *const c_char {
-    // SAFETY: NULL or live, by the caller's promise.
-    match unsafe { err.as_ref() }.and_then(|e| e.path.as_ref()) {
-        Some(p) => p.as_ptr(),
-        None => ptr::null(),
-    }
+    shield("moat_error_path", ptr::null(), || {
+        // SAFETY: NULL or live, by the caller's promise.
+        match unsafe { err.as_ref() }.and_then(|e| e.path.as_ref()) {
+            Some(p) => p.as_ptr(),
+            None => ptr::null(),
+        }
+    })
 }
 
 /// The 1-based line of the error, or 0 when it has no location.
@@ -380,8 +490,10 @@ pub unsafe extern "C" fn moat_error_path(err: *const moat_error) -> *const c_cha
 /// `err` is NULL or a live error.
 #[no_mangle]
 pub unsafe extern "C" fn moat_error_line(err: *const moat_error) -> u32 {
-    // SAFETY: NULL or live, by the caller's promise.
-    unsafe { err.as_ref() }.map_or(0, |e| e.line)
+    shield("moat_error_line", 0, || {
+        // SAFETY: NULL or live, by the caller's promise.
+        unsafe { err.as_ref() }.map_or(0, |e| e.line)
+    })
 }
 
 /// The 1-based column of the error, or 0 when it has no location.
@@ -390,8 +502,87 @@ pub unsafe extern "C" fn moat_error_line(err: *const moat_error) -> u32 {
 /// `err` is NULL or a live error.
 #[no_mangle]
 pub unsafe extern "C" fn moat_error_column(err: *const moat_error) -> u32 {
+    shield("moat_error_column", 0, || {
+        // SAFETY: NULL or live, by the caller's promise.
+        unsafe { err.as_ref() }.map_or(0, |e| e.column)
+    })
+}
+
+/// How many problems the error holds (at least 1; a configuration with
+/// several mistakes has one each). 0 for NULL.
+///
+/// # Safety
+/// `err` is NULL or a live error.
+#[no_mangle]
+pub unsafe extern "C" fn moat_error_count(err: *const moat_error) -> usize {
+    shield("moat_error_count", 0, || {
+        // SAFETY: NULL or live, by the caller's promise.
+        unsafe { err.as_ref() }.map_or(0, |e| e.items.len())
+    })
+}
+
+/// Problem `index` of `err`.
+///
+/// # Safety
+/// `err` is NULL or a live error, which outlives the returned reference.
+unsafe fn error_item<'a>(err: *const moat_error, index: usize) -> Option<&'a ErrorItem> {
     // SAFETY: NULL or live, by the caller's promise.
-    unsafe { err.as_ref() }.map_or(0, |e| e.column)
+    unsafe { err.as_ref() }.and_then(|e| e.items.get(index))
+}
+
+/// The message of problem `index` (0-based, below `moat_error_count`),
+/// without the `path:line:column: ` prefix that `moat_error_message` has;
+/// NULL when out of range. It lives as long as the error.
+///
+/// # Safety
+/// `err` is NULL or a live error.
+#[no_mangle]
+pub unsafe extern "C" fn moat_error_item_message(
+    err: *const moat_error,
+    index: usize,
+) -> *const c_char {
+    shield("moat_error_item_message", ptr::null(), || {
+        unsafe { error_item(err, index) }.map_or(ptr::null(), |i| i.message.as_ptr())
+    })
+}
+
+/// The file of problem `index`, or NULL when it has no location (or is out
+/// of range).
+///
+/// # Safety
+/// `err` is NULL or a live error.
+#[no_mangle]
+pub unsafe extern "C" fn moat_error_item_path(
+    err: *const moat_error,
+    index: usize,
+) -> *const c_char {
+    shield("moat_error_item_path", ptr::null(), || {
+        unsafe { error_item(err, index) }
+            .and_then(|i| i.path.as_ref())
+            .map_or(ptr::null(), |p| p.as_ptr())
+    })
+}
+
+/// The 1-based line of problem `index`, or 0 when it has no location.
+///
+/// # Safety
+/// `err` is NULL or a live error.
+#[no_mangle]
+pub unsafe extern "C" fn moat_error_item_line(err: *const moat_error, index: usize) -> u32 {
+    shield("moat_error_item_line", 0, || {
+        unsafe { error_item(err, index) }.map_or(0, |i| i.line)
+    })
+}
+
+/// The 1-based column of problem `index`, or 0 when it has no location.
+///
+/// # Safety
+/// `err` is NULL or a live error.
+#[no_mangle]
+pub unsafe extern "C" fn moat_error_item_column(err: *const moat_error, index: usize) -> u32 {
+    shield("moat_error_item_column", 0, || {
+        unsafe { error_item(err, index) }.map_or(0, |i| i.column)
+    })
 }
 
 /// Frees an error. NULL is ignored.
@@ -400,10 +591,12 @@ pub unsafe extern "C" fn moat_error_column(err: *const moat_error) -> u32 {
 /// `err` is NULL or an error from moat, not yet freed.
 #[no_mangle]
 pub unsafe extern "C" fn moat_error_free(err: *mut moat_error) {
-    if !err.is_null() {
-        // SAFETY: created by Box::into_raw in `fail`, freed once.
-        drop(unsafe { Box::from_raw(err) });
-    }
+    shield("moat_error_free", (), || {
+        if !err.is_null() {
+            // SAFETY: created by Box::into_raw in `fail`, freed once.
+            drop(unsafe { Box::from_raw(err) });
+        }
+    })
 }
 
 /// Options for `moat_proxy_start`. Create with `moat_proxy_options_new`,
@@ -449,7 +642,9 @@ unsafe fn options_mut<'a>(
 /// permissive policy, no credentials, the CA under `$MOAT_HOME`.
 #[no_mangle]
 pub extern "C" fn moat_proxy_options_new() -> *mut moat_proxy_options {
-    Box::into_raw(Box::default())
+    shield("moat_proxy_options_new", ptr::null_mut(), || {
+        Box::into_raw(Box::default())
+    })
 }
 
 /// Frees proxy options. NULL is ignored.
@@ -458,20 +653,24 @@ pub extern "C" fn moat_proxy_options_new() -> *mut moat_proxy_options {
 /// `options` is NULL or a handle from `moat_proxy_options_new`, not yet freed.
 #[no_mangle]
 pub unsafe extern "C" fn moat_proxy_options_free(options: *mut moat_proxy_options) {
-    if !options.is_null() {
-        // SAFETY: created by Box::into_raw, freed once.
-        drop(unsafe { Box::from_raw(options) });
-    }
+    shield("moat_proxy_options_free", (), || {
+        if !options.is_null() {
+            // SAFETY: created by Box::into_raw, freed once.
+            drop(unsafe { Box::from_raw(options) });
+        }
+    })
 }
 
 /// Sets the listen address (`host:port`), the moat home directory, the extra
 /// upstream CA file, the policy (`"permissive"` or `"strict"`) or the client
 /// name, how many bytes of text bodies traces keep (`"capture_bodies"`, a
 /// decimal number; default 0), or a directory for the client's
-/// tamper-evident audit log (`"audit_dir"`): `key` is one of `"listen"`,
-/// `"home"`, `"upstream_ca"`, `"policy"`, `"name"`, `"capture_bodies"`,
-/// `"audit_dir"`. Values other
-/// than `capture_bodies` are checked by `moat_proxy_start`.
+/// tamper-evident audit log (`"audit_dir"`), or how many trace records and
+/// audit events are kept in memory (`"trace_limit"`, a count, default
+/// 100000; `"trace_bytes"`, default 33554432; the oldest go first): `key` is
+/// one of `"listen"`, `"home"`, `"upstream_ca"`, `"policy"`, `"name"`,
+/// `"capture_bodies"`, `"audit_dir"`, `"trace_limit"`, `"trace_bytes"`.
+/// Numbers are checked now, other values by `moat_proxy_start`.
 ///
 /// # Safety
 /// `options` is a live handle; `key` and `value` are NUL-terminated strings;
@@ -496,19 +695,14 @@ pub unsafe extern "C" fn moat_proxy_options_set(
                 "policy" => options.policy = Some(value),
                 "name" => options.name = Some(value),
                 "audit_dir" => options.audit_dir = Some(PathBuf::from(value)),
-                "capture_bodies" => {
-                    options.capture_bodies = value.parse().map_err(|_| {
-                        moat_error::plain(
-                            moat_status::MOAT_ERR_INVALID_ARGUMENT,
-                            &format!("capture_bodies: \"{value}\" is not a number of bytes"),
-                        )
-                    })?
-                }
+                "capture_bodies" => options.capture_bodies = number(key, &value)?,
+                "trace_limit" => options.trace_limits.max_records = number(key, &value)?,
+                "trace_bytes" => options.trace_limits.max_bytes = number(key, &value)?,
                 other => {
                     return Err(moat_error::plain(
                         moat_status::MOAT_ERR_INVALID_ARGUMENT,
                         &format!(
-                            "unknown proxy option \"{other}\" (expected listen, home, upstream_ca, policy, name, capture_bodies or audit_dir)"
+                            "unknown proxy option \"{other}\" (expected listen, home, upstream_ca, policy, name, capture_bodies, audit_dir, trace_limit or trace_bytes)"
                         ),
                     ))
                 }
@@ -516,6 +710,16 @@ pub unsafe extern "C" fn moat_proxy_options_set(
             Ok(())
         })
     }
+}
+
+/// A non-negative decimal number given for option `key`.
+fn number(key: &str, value: &str) -> Result<usize, moat_error> {
+    value.parse().map_err(|_| {
+        moat_error::plain(
+            moat_status::MOAT_ERR_INVALID_ARGUMENT,
+            &format!("{key}: \"{value}\" is not a number"),
+        )
+    })
 }
 
 /// Adds a host pattern to the strict-mode allow list.
@@ -534,6 +738,45 @@ pub unsafe extern "C" fn moat_proxy_options_add_allow(
         guard(out_error, "moat_proxy_options_add_allow", || {
             let options = &mut options_mut(options)?.inner;
             options.allow.push(arg_str(pattern, "pattern")?.to_string());
+            Ok(())
+        })
+    }
+}
+
+/// Adds a request rule (`network.rules`, docs/policy.md) for the host
+/// pattern `host`: `rule` like `"allow GET /repos/**"` or `"deny git-push
+/// refs/heads/main"`, added to `host`'s entry when the last entry is for
+/// `host`, else to a new entry; NULL adds a plain host entry (reachable in
+/// strict mode). A bad host or rule is an error at once.
+///
+/// # Safety
+/// `options` is a live handle; `host` is a NUL-terminated string; `rule`
+/// is NULL or one; `out_error` is NULL or valid for a write.
+#[no_mangle]
+pub unsafe extern "C" fn moat_proxy_options_add_rule(
+    options: *mut moat_proxy_options,
+    host: *const c_char,
+    rule: *const c_char,
+    out_error: *mut *mut moat_error,
+) -> moat_status {
+    // SAFETY: the caller's promises are forwarded.
+    unsafe {
+        guard(out_error, "moat_proxy_options_add_rule", || {
+            let options = &mut options_mut(options)?.inner;
+            let host = arg_str(host, "host")?.to_string();
+            let rule = opt_str(rule, "rule")?.map(str::to_string);
+            let bad = |m: String| moat_error::plain(moat_status::MOAT_ERR_INVALID_ARGUMENT, &m);
+            moat_core::policy::HostPattern::parse(&host)
+                .map_err(|e| bad(format!("rule host: {e}")))?;
+            if let Some(r) = &rule {
+                moat_core::policy::rules::Rule::parse(r).map_err(bad)?;
+            }
+            match options.rules.last_mut() {
+                Some((last, rules)) if *last == host && rule.is_some() => {
+                    rules.extend(rule);
+                }
+                _ => options.rules.push((host, rule.into_iter().collect())),
+            }
             Ok(())
         })
     }
@@ -639,9 +882,7 @@ pub unsafe extern "C" fn moat_proxy_start(
     unsafe {
         guard(out_error, "moat_proxy_start", || {
             let options = options.as_ref().ok_or_else(|| null_arg("options"))?;
-            if out_proxy.is_null() {
-                return Err(null_arg("out_proxy"));
-            }
+            let out_proxy = out_ptr(out_proxy, "out_proxy")?;
             let inner = BlockingProxy::start(options.inner.clone())
                 .map_err(|e| moat_error::from_error(&e))?;
             let handle = moat_proxy {
@@ -662,8 +903,10 @@ pub unsafe extern "C" fn moat_proxy_start(
 /// `proxy` is NULL or a live handle.
 #[no_mangle]
 pub unsafe extern "C" fn moat_proxy_url(proxy: *const moat_proxy) -> *const c_char {
-    // SAFETY: NULL or live, by the caller's promise.
-    unsafe { proxy.as_ref() }.map_or(ptr::null(), |p| p.url.as_ptr())
+    shield("moat_proxy_url", ptr::null(), || {
+        // SAFETY: NULL or live, by the caller's promise.
+        unsafe { proxy.as_ref() }.map_or(ptr::null(), |p| p.url.as_ptr())
+    })
 }
 
 /// The listen address, `host:port`.
@@ -672,8 +915,10 @@ pub unsafe extern "C" fn moat_proxy_url(proxy: *const moat_proxy) -> *const c_ch
 /// `proxy` is NULL or a live handle.
 #[no_mangle]
 pub unsafe extern "C" fn moat_proxy_address(proxy: *const moat_proxy) -> *const c_char {
-    // SAFETY: NULL or live, by the caller's promise.
-    unsafe { proxy.as_ref() }.map_or(ptr::null(), |p| p.address.as_ptr())
+    shield("moat_proxy_address", ptr::null(), || {
+        // SAFETY: NULL or live, by the caller's promise.
+        unsafe { proxy.as_ref() }.map_or(ptr::null(), |p| p.address.as_ptr())
+    })
 }
 
 /// The moat CA certificate clients must trust.
@@ -682,8 +927,10 @@ pub unsafe extern "C" fn moat_proxy_address(proxy: *const moat_proxy) -> *const 
 /// `proxy` is NULL or a live handle.
 #[no_mangle]
 pub unsafe extern "C" fn moat_proxy_ca_cert_path(proxy: *const moat_proxy) -> *const c_char {
-    // SAFETY: NULL or live, by the caller's promise.
-    unsafe { proxy.as_ref() }.map_or(ptr::null(), |p| p.ca_cert_path.as_ptr())
+    shield("moat_proxy_ca_cert_path", ptr::null(), || {
+        // SAFETY: NULL or live, by the caller's promise.
+        unsafe { proxy.as_ref() }.map_or(ptr::null(), |p| p.ca_cert_path.as_ptr())
+    })
 }
 
 /// Which document `moat_proxy_json` returns.
@@ -696,6 +943,10 @@ pub enum moat_proxy_doc {
     MOAT_PROXY_TRACE = 1,
     /// The audit events so far: a JSON array of objects.
     MOAT_PROXY_AUDIT = 2,
+    /// Counters: `{"dropped_records": N, "dropped_events": N}`, how many
+    /// trace records and audit events were dropped from memory to stay
+    /// within `trace_limit` and `trace_bytes`.
+    MOAT_PROXY_STATS = 3,
 }
 
 /// Writes a JSON document about the proxy to `*out_json` (free it with
@@ -717,13 +968,12 @@ pub unsafe extern "C" fn moat_proxy_json(
     unsafe {
         guard(out_error, "moat_proxy_json", || {
             let proxy = proxy.as_ref().ok_or_else(|| null_arg("proxy"))?;
-            if out_json.is_null() {
-                return Err(null_arg("out_json"));
-            }
+            let out_json = out_ptr(out_json, "out_json")?;
             let doc = match doc {
                 0 => moat_proxy_doc::MOAT_PROXY_ENV,
                 1 => moat_proxy_doc::MOAT_PROXY_TRACE,
                 2 => moat_proxy_doc::MOAT_PROXY_AUDIT,
+                3 => moat_proxy_doc::MOAT_PROXY_STATS,
                 other => {
                     return Err(moat_error::plain(
                         moat_status::MOAT_ERR_INVALID_ARGUMENT,
@@ -737,9 +987,14 @@ pub unsafe extern "C" fn moat_proxy_json(
                         proxy.inner.env().iter().cloned().collect();
                     serde_json::to_string(&map)
                 }
-                moat_proxy_doc::MOAT_PROXY_TRACE => serde_json::to_string(&proxy.inner.trace()),
-                moat_proxy_doc::MOAT_PROXY_AUDIT => {
-                    serde_json::to_string(&proxy.inner.audit_events())
+                moat_proxy_doc::MOAT_PROXY_TRACE => Ok(proxy.inner.trace_json()),
+                moat_proxy_doc::MOAT_PROXY_AUDIT => Ok(proxy.inner.audit_json()),
+                moat_proxy_doc::MOAT_PROXY_STATS => {
+                    let (records, events) = proxy.inner.dropped();
+                    serde_json::to_string(&serde_json::json!({
+                        "dropped_records": records,
+                        "dropped_events": events,
+                    }))
                 }
             }
             .map_err(|e| {
@@ -780,10 +1035,12 @@ pub unsafe extern "C" fn moat_proxy_close(
 /// `proxy` is NULL or a handle from `moat_proxy_start`, not yet freed.
 #[no_mangle]
 pub unsafe extern "C" fn moat_proxy_free(proxy: *mut moat_proxy) {
-    if !proxy.is_null() {
-        // SAFETY: created by Box::into_raw, freed once. Dropping closes it.
-        drop(unsafe { Box::from_raw(proxy) });
-    }
+    shield("moat_proxy_free", (), || {
+        if !proxy.is_null() {
+            // SAFETY: created by Box::into_raw, freed once. Dropping closes it.
+            drop(unsafe { Box::from_raw(proxy) });
+        }
+    })
 }
 
 fn home_or_default(home: Option<&str>) -> Result<PathBuf, moat_error> {
@@ -961,9 +1218,7 @@ pub unsafe extern "C" fn moat_grants_json(
     // SAFETY: the caller's promises are forwarded.
     unsafe {
         guard(out_error, "moat_grants_json", || {
-            if out_json.is_null() {
-                return Err(null_arg("out_json"));
-            }
+            let out_json = out_ptr(out_json, "out_json")?;
             let home = home_or_default(opt_str(home, "home")?)?;
             let list =
                 moat_core::credential::list(&home).map_err(|e| moat_error::from_error(&e))?;
@@ -1070,6 +1325,235 @@ pub unsafe extern "C" fn moat_verify_bundle(
     }
 }
 
+/// Replays a run's requests (`run`: id, id prefix or name; NULL: the most
+/// recent) against its workspace's current policy: JSON with `run`,
+/// `requests` and `changes` (each `method`, `url`, `then`, `now`, `rule`),
+/// the requests that would now be decided otherwise. Free it with
+/// `moat_string_free`.
+///
+/// # Safety
+/// `run` and `home` are NULL or NUL-terminated strings; `out_json` is valid
+/// for a write; `out_error` is NULL or valid for a write.
+#[no_mangle]
+pub unsafe extern "C" fn moat_policy_check_json(
+    run: *const c_char,
+    home: *const c_char,
+    out_json: *mut *mut c_char,
+    out_error: *mut *mut moat_error,
+) -> moat_status {
+    // SAFETY: the caller's promises are forwarded.
+    unsafe {
+        guard(out_error, "moat_policy_check_json", || {
+            let out_json = out_ptr(out_json, "out_json")?;
+            let run = opt_str(run, "run")?;
+            let home = home_or_default(opt_str(home, "home")?)?;
+            let report = moat_core::run::replay::check(&home, run)
+                .map_err(|e| moat_error::from_error(&e))?;
+            *out_json = to_json(&report)?.into_raw();
+            Ok(())
+        })
+    }
+}
+
+/// A strict network policy, as YAML for agent.yaml, that allows what a run
+/// (`run`: id, id prefix or name; NULL: the most recent) did. Free it with
+/// `moat_string_free`.
+///
+/// # Safety
+/// `run` and `home` are NULL or NUL-terminated strings; `out_yaml` is valid
+/// for a write; `out_error` is NULL or valid for a write.
+#[no_mangle]
+pub unsafe extern "C" fn moat_policy_suggest(
+    run: *const c_char,
+    home: *const c_char,
+    out_yaml: *mut *mut c_char,
+    out_error: *mut *mut moat_error,
+) -> moat_status {
+    // SAFETY: the caller's promises are forwarded.
+    unsafe {
+        guard(out_error, "moat_policy_suggest", || {
+            let out_yaml = out_ptr(out_yaml, "out_yaml")?;
+            let run = opt_str(run, "run")?;
+            let home = home_or_default(opt_str(home, "home")?)?;
+            let yaml = moat_core::run::replay::suggest(&home, run)
+                .map_err(|e| moat_error::from_error(&e))?;
+            *out_yaml = cstring(&yaml).into_raw();
+            Ok(())
+        })
+    }
+}
+
+/// Writes a run's network trace (`run`: id, id prefix or name; NULL: the
+/// most recent) to `path` as HAR 1.2, readable by its owner only. On
+/// success writes the number of requests to `*out_entries` (when not NULL).
+///
+/// # Safety
+/// `path` is a NUL-terminated string; `run` and `home` are NULL or
+/// NUL-terminated strings; `out_entries` and `out_error` are NULL or valid
+/// for a write.
+#[no_mangle]
+pub unsafe extern "C" fn moat_trace_har(
+    run: *const c_char,
+    path: *const c_char,
+    home: *const c_char,
+    out_entries: *mut usize,
+    out_error: *mut *mut moat_error,
+) -> moat_status {
+    // SAFETY: the caller's promises are forwarded.
+    unsafe {
+        guard(out_error, "moat_trace_har", || {
+            let path = PathBuf::from(arg_str(path, "path")?);
+            let run = opt_str(run, "run")?;
+            let home = home_or_default(opt_str(home, "home")?)?;
+            let n = moat_core::run::trace_view::write_har(&home, run, &path)
+                .map_err(|e| moat_error::from_error(&e))?;
+            if !out_entries.is_null() {
+                *out_entries = n;
+            }
+            Ok(())
+        })
+    }
+}
+
+/// Removes this home's stopped runs, the images moat built that nothing
+/// uses (unless `keep_images`) and what runs left behind, as `moat clean -f`
+/// does; with `dry_run`, removes nothing. Writes what was (or would be)
+/// removed to `*out_json` (`{"runs": [...], "images": [...], "containers":
+/// [...], "networks": [...], "firewall": [...]}`); free it with
+/// `moat_string_free`.
+///
+/// # Safety
+/// `home` is NULL or a NUL-terminated string; `out_json` is valid for a
+/// write; `out_error` is NULL or valid for a write.
+#[no_mangle]
+pub unsafe extern "C" fn moat_clean_json(
+    home: *const c_char,
+    dry_run: bool,
+    keep_images: bool,
+    out_json: *mut *mut c_char,
+    out_error: *mut *mut moat_error,
+) -> moat_status {
+    // SAFETY: the caller's promises are forwarded.
+    unsafe {
+        guard(out_error, "moat_clean_json", || {
+            let out_json = out_ptr(out_json, "out_json")?;
+            let home = home_or_default(opt_str(home, "home")?)?;
+            let options = moat_core::run::CleanOptions {
+                dry_run,
+                keep_images,
+            };
+            let cleaned = moat_core::run::clean_with(&home, options)
+                .map_err(|e| moat_error::from_error(&e))?;
+            *out_json = to_json(&cleaned)?.into_raw();
+            Ok(())
+        })
+    }
+}
+
+/// Copies a run that is over (`run`: id, id prefix or name; NULL: the most
+/// recent) to `to` (a new or empty directory; NULL:
+/// `$MOAT_HOME/promoted/<run-id>/`), where `destroy` and `clean` leave it,
+/// as `moat promote` does. Writes what was copied to `*out_json`; free it
+/// with `moat_string_free`.
+///
+/// # Safety
+/// `run`, `to` and `home` are NULL or NUL-terminated strings; `out_json` is
+/// valid for a write; `out_error` is NULL or valid for a write.
+#[no_mangle]
+pub unsafe extern "C" fn moat_promote_json(
+    run: *const c_char,
+    to: *const c_char,
+    home: *const c_char,
+    out_json: *mut *mut c_char,
+    out_error: *mut *mut moat_error,
+) -> moat_status {
+    // SAFETY: the caller's promises are forwarded.
+    unsafe {
+        guard(out_error, "moat_promote_json", || {
+            let out_json = out_ptr(out_json, "out_json")?;
+            let run = opt_str(run, "run")?;
+            let to = opt_str(to, "to")?.map(PathBuf::from);
+            let home = home_or_default(opt_str(home, "home")?)?;
+            let meta = moat_core::run::find(&home, run).map_err(|e| moat_error::from_error(&e))?;
+            let promoted = moat_core::run::promote::promote(&home, &meta.id, to.as_deref())
+                .map_err(|e| moat_error::from_error(&e))?;
+            *out_json = to_json(&promoted)?.into_raw();
+            Ok(())
+        })
+    }
+}
+
+/// What moat owns on the engines, as `moat system images|containers
+/// --json` prints it: `what` is `"images"` or `"containers"`; this home's
+/// unless `all_homes`. Free the JSON with `moat_string_free`.
+///
+/// # Safety
+/// `what` is a NUL-terminated string; `home` is NULL or one; `out_json` is
+/// valid for a write; `out_error` is NULL or valid for a write.
+#[no_mangle]
+pub unsafe extern "C" fn moat_system_json(
+    what: *const c_char,
+    all_homes: bool,
+    home: *const c_char,
+    out_json: *mut *mut c_char,
+    out_error: *mut *mut moat_error,
+) -> moat_status {
+    // SAFETY: the caller's promises are forwarded.
+    unsafe {
+        guard(out_error, "moat_system_json", || {
+            let out_json = out_ptr(out_json, "out_json")?;
+            let what = arg_str(what, "what")?;
+            let home = home_or_default(opt_str(home, "home")?)?;
+            let core = |e: Error| moat_error::from_error(&e);
+            let json = match what {
+                "images" => {
+                    to_json(&moat_core::run::system::images(&home, all_homes).map_err(core)?)?
+                }
+                "containers" => {
+                    to_json(&moat_core::run::system::containers(&home, all_homes).map_err(core)?)?
+                }
+                other => {
+                    return Err(moat_error::plain(
+                        moat_status::MOAT_ERR_INVALID_ARGUMENT,
+                        &format!("what: \"{other}\" is neither \"images\" nor \"containers\""),
+                    ))
+                }
+            };
+            *out_json = json.into_raw();
+            Ok(())
+        })
+    }
+}
+
+/// The dependencies `dependencies:` may name, as `moat deps list --json`
+/// prints them (`name` NULL), or one (`name` or `name@version`) as `moat
+/// deps info --json` does. Free the JSON with `moat_string_free`.
+///
+/// # Safety
+/// `name` is NULL or a NUL-terminated string; `out_json` is valid for a
+/// write; `out_error` is NULL or valid for a write.
+#[no_mangle]
+pub unsafe extern "C" fn moat_deps_json(
+    name: *const c_char,
+    out_json: *mut *mut c_char,
+    out_error: *mut *mut moat_error,
+) -> moat_status {
+    // SAFETY: the caller's promises are forwarded.
+    unsafe {
+        guard(out_error, "moat_deps_json", || {
+            let out_json = out_ptr(out_json, "out_json")?;
+            let json = match opt_str(name, "name")? {
+                None => to_json(&moat_core::deps::list())?,
+                Some(n) => {
+                    to_json(&moat_core::deps::info(n).map_err(|e| moat_error::from_error(&e))?)?
+                }
+            };
+            *out_json = json.into_raw();
+            Ok(())
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1105,6 +1589,39 @@ mod tests {
         let msg = unsafe { CStr::from_ptr(moat_error_message(err)) };
         assert!(msg.to_str().unwrap().contains("panicked in test"));
         unsafe { moat_error_free(err) };
+    }
+
+    #[test]
+    fn a_panic_in_an_export_without_an_error_out_gives_its_fallback() {
+        let p: *const c_char = shield("test getter", ptr::null(), || panic!("boom"));
+        assert!(p.is_null());
+        assert_eq!(shield("test count", 0usize, || panic!("boom")), 0);
+        shield("test free", (), || panic!("boom"));
+        // And a value when nothing panics.
+        assert_eq!(shield("test", 0u32, || 7), 7);
+    }
+
+    #[test]
+    fn every_export_is_behind_the_panic_boundary() {
+        // Each `#[no_mangle]` function's body runs inside `guard` or
+        // `shield` (moat_version returns a static and cannot panic).
+        for (file, text) in [
+            ("lib.rs", include_str!("lib.rs")),
+            ("run.rs", include_str!("run.rs")),
+        ] {
+            for chunk in text.split("#[no_mangle]\npub ").skip(1) {
+                let name = chunk
+                    .split("fn ")
+                    .nth(1)
+                    .and_then(|r| r.split('(').next())
+                    .unwrap_or("?");
+                let body = chunk.split("\n}\n").next().unwrap_or("");
+                assert!(
+                    name == "moat_version" || body.contains("guard(") || body.contains("shield("),
+                    "{file}: {name} has no panic boundary"
+                );
+            }
+        }
     }
 
     #[test]

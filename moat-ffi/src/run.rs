@@ -4,19 +4,27 @@
 
 use std::ffi::{c_char, c_int, c_void, CString};
 use std::path::PathBuf;
+use std::ptr;
 use std::time::Duration;
 
-use moat_core::run::{self, logs, Launcher, RunMeta, RunRequest};
+use moat_core::config::Overrides;
+use moat_core::run::{self, logs, Launcher, RunMeta, RunPlan};
 
-use crate::{arg_str, cstring, guard, home_or_default, moat_error, moat_status, null_arg, to_json};
+use crate::{
+    arg_str, cstring, guard, home_or_default, moat_error, moat_status, null_arg, out_ptr, shield,
+    to_json,
+};
 
 /// Options for `moat_run_start`. Create with `moat_run_options_new`, free
 /// with `moat_run_options_free`.
 #[derive(Debug, Default)]
 pub struct moat_run_options {
-    request: RunRequest,
+    workspace: PathBuf,
+    overrides: Overrides,
     home: Option<PathBuf>,
     supervisor: Option<PathBuf>,
+    /// `"agent"` = `"claude"`: the Claude Code preset.
+    claude: Option<moat_core::agent::ClaudeOptions>,
 }
 
 /// A run: one container execution and its artifacts. Free with
@@ -60,19 +68,18 @@ pub type moat_log_callback = Option<
 /// `workspace` is NULL or a NUL-terminated string.
 #[no_mangle]
 pub unsafe extern "C" fn moat_run_options_new(workspace: *const c_char) -> *mut moat_run_options {
-    // SAFETY: forwarded from the caller.
-    let workspace = match unsafe { crate::opt_str(workspace, "workspace") } {
-        Ok(w) => w.unwrap_or("."),
-        Err(_) => return std::ptr::null_mut(),
-    };
-    let options = moat_run_options {
-        request: RunRequest {
+    shield("moat_run_options_new", ptr::null_mut(), || {
+        // SAFETY: forwarded from the caller.
+        let workspace = match unsafe { crate::opt_str(workspace, "workspace") } {
+            Ok(w) => w.unwrap_or("."),
+            Err(_) => return std::ptr::null_mut(),
+        };
+        let options = moat_run_options {
             workspace: PathBuf::from(workspace),
-            ..RunRequest::default()
-        },
-        ..moat_run_options::default()
-    };
-    Box::into_raw(Box::new(options))
+            ..moat_run_options::default()
+        };
+        Box::into_raw(Box::new(options))
+    })
 }
 
 /// Frees run options. NULL is ignored.
@@ -81,16 +88,23 @@ pub unsafe extern "C" fn moat_run_options_new(workspace: *const c_char) -> *mut 
 /// `options` is NULL or a handle from `moat_run_options_new`, not yet freed.
 #[no_mangle]
 pub unsafe extern "C" fn moat_run_options_free(options: *mut moat_run_options) {
-    if !options.is_null() {
-        // SAFETY: created by Box::into_raw, freed once.
-        drop(unsafe { Box::from_raw(options) });
-    }
+    shield("moat_run_options_free", (), || {
+        if !options.is_null() {
+            // SAFETY: created by Box::into_raw, freed once.
+            drop(unsafe { Box::from_raw(options) });
+        }
+    })
 }
 
 /// Sets one option: `"image"`, `"name"`, `"policy"` (`permissive` or
-/// `strict`), `"home"` (the moat home), or `"supervisor"` (the path of the
-/// `moat` program that supervises runs; default `$MOAT_SUPERVISOR`, else
-/// `moat` beside the program, else on `PATH`).
+/// `strict`), `"runtime"` (`docker` or `podman`), `"home"` (the moat home),
+/// `"supervisor"` (the path of the `moat` program that supervises runs;
+/// default `$MOAT_SUPERVISOR`, else `moat` beside the program, else
+/// `../bin/moat` from the directory libmoat was loaded from, else on
+/// `PATH`), or `"agent"` (`claude`: the Claude Code preset, as `moat
+/// claude`; then `"prompt"` runs `claude -p PROMPT`, without it the run is
+/// interactive, `"claude_version"` picks Claude Code's version, and `"arg"`
+/// words are claude's arguments).
 ///
 /// # Safety
 /// `options` is a live handle; `key` and `value` are NUL-terminated strings;
@@ -109,15 +123,43 @@ pub unsafe extern "C" fn moat_run_options_set(
             let key = arg_str(key, "key")?;
             let value = arg_str(value, "value")?.to_string();
             match key {
-                "image" => options.request.image = Some(value),
-                "name" => options.request.name = Some(value),
-                "policy" => options.request.policy = Some(value),
+                "image" => options.overrides.image = Some(value),
+                "name" => options.overrides.name = Some(value),
+                "policy" => options.overrides.policy = Some(value),
+                "runtime" => options.overrides.runtime = Some(value),
                 "home" => options.home = Some(PathBuf::from(value)),
                 "supervisor" => options.supervisor = Some(PathBuf::from(value)),
+                "agent" => match value.as_str() {
+                    "claude" => {
+                        // Words already given as "arg" become claude's.
+                        let args = options.overrides.command.take().unwrap_or_default();
+                        let claude = options.claude.get_or_insert_with(Default::default);
+                        claude.args.extend(args);
+                    }
+                    other => {
+                        return Err(moat_error::plain(
+                            moat_status::MOAT_ERR_INVALID_ARGUMENT,
+                            &format!("unknown agent \"{other}\" (expected claude)"),
+                        ))
+                    }
+                },
+                "prompt" | "claude_version" => {
+                    let Some(claude) = options.claude.as_mut() else {
+                        return Err(moat_error::plain(
+                            moat_status::MOAT_ERR_INVALID_ARGUMENT,
+                            &format!("run option \"{key}\" is for an agent: set \"agent\" to \"claude\" first"),
+                        ));
+                    };
+                    if key == "prompt" {
+                        claude.prompt = Some(value);
+                    } else {
+                        claude.version = Some(value);
+                    }
+                }
                 other => {
                     return Err(moat_error::plain(
                         moat_status::MOAT_ERR_INVALID_ARGUMENT,
-                        &format!("unknown run option \"{other}\" (expected image, name, policy, home, supervisor)"),
+                        &format!("unknown run option \"{other}\" (expected image, name, policy, runtime, home, supervisor, agent, prompt, claude_version)"),
                     ))
                 }
             }
@@ -146,19 +188,22 @@ pub unsafe extern "C" fn moat_run_options_add(
             let options = options.as_mut().ok_or_else(|| null_arg("options"))?;
             let key = arg_str(key, "key")?;
             let value = arg_str(value, "value")?.to_string();
-            let r = &mut options.request;
+            let r = &mut options.overrides;
             match key {
                 "grant" => r.grants.push(value),
                 "allow" => r.allow.push(value),
-                "arg" => r.command.get_or_insert_with(Vec::new).push(value),
+                "arg" => match options.claude.as_mut() {
+                    Some(claude) => claude.args.push(value),
+                    None => r.command.get_or_insert_with(Vec::new).push(value),
+                },
                 "env" => {
-                    let (k, v) = value.split_once('=').ok_or_else(|| {
-                        moat_error::plain(
+                    if !value.contains('=') {
+                        return Err(moat_error::plain(
                             moat_status::MOAT_ERR_INVALID_ARGUMENT,
                             &format!("env \"{value}\" must look like KEY=VALUE"),
-                        )
-                    })?;
-                    r.env.push((k.to_string(), v.to_string()));
+                        ));
+                    }
+                    r.env.push(value);
                 }
                 other => {
                     return Err(moat_error::plain(
@@ -201,19 +246,21 @@ pub unsafe extern "C" fn moat_run_start(
     unsafe {
         guard(out_error, "moat_run_start", || {
             let options = options.as_ref().ok_or_else(|| null_arg("options"))?;
-            if out_run.is_null() {
-                return Err(null_arg("out_run"));
-            }
+            let out_run = out_ptr(out_run, "out_run")?;
             let home = home_or_default(options.home.as_ref().and_then(|h| h.to_str()))?;
             let launcher = match &options.supervisor {
                 Some(p) => Launcher::new(vec![p.clone().into(), "_supervise".into()]),
-                None => Launcher::default(),
+                None => Launcher {
+                    fallbacks: crate::install::supervisors(),
+                    ..Launcher::default()
+                },
             };
-            let meta = options
-                .request
-                .spec()
-                .and_then(|spec| run::start(&home, &spec, &launcher, &mut |_| {}))
-                .map_err(|e| moat_error::from_error(&e))?;
+            let meta = match &options.claude {
+                Some(claude) => RunPlan::claude(&options.workspace, &options.overrides, claude),
+                None => RunPlan::new(&options.workspace, &options.overrides),
+            }
+            .and_then(|plan| run::start(&home, &plan, &launcher, &mut |_| {}))
+            .map_err(|e| moat_error::from_error(&e))?;
             *out_run = Box::into_raw(Box::new(handle(home, meta)));
             Ok(())
         })
@@ -235,9 +282,7 @@ pub unsafe extern "C" fn moat_run_open(
     // SAFETY: the caller's promises are forwarded.
     unsafe {
         guard(out_error, "moat_run_open", || {
-            if out_run.is_null() {
-                return Err(null_arg("out_run"));
-            }
+            let out_run = out_ptr(out_run, "out_run")?;
             let home = home_or_default(crate::opt_str(home, "home")?)?;
             let meta = run::find(&home, crate::opt_str(reference, "reference")?)
                 .map_err(|e| moat_error::from_error(&e))?;
@@ -253,8 +298,10 @@ pub unsafe extern "C" fn moat_run_open(
 /// `run` is NULL or a live handle.
 #[no_mangle]
 pub unsafe extern "C" fn moat_run_id(run: *const moat_run) -> *const c_char {
-    // SAFETY: NULL or live.
-    unsafe { run.as_ref() }.map_or(std::ptr::null(), |r| r.id.as_ptr())
+    shield("moat_run_id", ptr::null(), || {
+        // SAFETY: NULL or live.
+        unsafe { run.as_ref() }.map_or(std::ptr::null(), |r| r.id.as_ptr())
+    })
 }
 
 /// The run's name. NULL for a NULL handle.
@@ -263,8 +310,10 @@ pub unsafe extern "C" fn moat_run_id(run: *const moat_run) -> *const c_char {
 /// `run` is NULL or a live handle.
 #[no_mangle]
 pub unsafe extern "C" fn moat_run_name(run: *const moat_run) -> *const c_char {
-    // SAFETY: NULL or live.
-    unsafe { run.as_ref() }.map_or(std::ptr::null(), |r| r.name.as_ptr())
+    shield("moat_run_name", ptr::null(), || {
+        // SAFETY: NULL or live.
+        unsafe { run.as_ref() }.map_or(std::ptr::null(), |r| r.name.as_ptr())
+    })
 }
 
 /// The run's directory of artifacts (its audit log is there too: pass it to
@@ -274,8 +323,10 @@ pub unsafe extern "C" fn moat_run_name(run: *const moat_run) -> *const c_char {
 /// `run` is NULL or a live handle.
 #[no_mangle]
 pub unsafe extern "C" fn moat_run_dir(run: *const moat_run) -> *const c_char {
-    // SAFETY: NULL or live.
-    unsafe { run.as_ref() }.map_or(std::ptr::null(), |r| r.dir.as_ptr())
+    shield("moat_run_dir", ptr::null(), || {
+        // SAFETY: NULL or live.
+        unsafe { run.as_ref() }.map_or(std::ptr::null(), |r| r.dir.as_ptr())
+    })
 }
 
 /// Gives each chunk of the run's output, from the start, to `callback`
@@ -319,7 +370,8 @@ pub unsafe extern "C" fn moat_run_follow(
 }
 
 /// Waits for the run to end, at most `timeout_ms` milliseconds (negative:
-/// no limit). `*out_done` (when not NULL) is 1 when it ended, 0 on timeout;
+/// no limit). `*out_done` (when not NULL) is true when it ended, false on
+/// timeout;
 /// `*out_exit_code` (when not NULL) is its exit code, or -1 when none.
 ///
 /// # Safety
@@ -328,7 +380,7 @@ pub unsafe extern "C" fn moat_run_follow(
 pub unsafe extern "C" fn moat_run_wait(
     run: *mut moat_run,
     timeout_ms: i64,
-    out_done: *mut c_int,
+    out_done: *mut bool,
     out_exit_code: *mut i64,
     out_error: *mut *mut moat_error,
 ) -> moat_status {
@@ -340,7 +392,7 @@ pub unsafe extern "C" fn moat_run_wait(
             let meta = run::wait(&run.home, &run.meta.id, timeout)
                 .map_err(|e| moat_error::from_error(&e))?;
             if !out_done.is_null() {
-                *out_done = c_int::from(meta.state.is_terminal());
+                *out_done = meta.state.is_terminal();
             }
             if !out_exit_code.is_null() {
                 *out_exit_code = meta.exit_code.unwrap_or(-1);
@@ -366,7 +418,7 @@ pub unsafe extern "C" fn moat_run_stop(
     unsafe {
         guard(out_error, "moat_run_stop", || {
             let run = run.as_mut().ok_or_else(|| null_arg("run"))?;
-            run.meta = run::stop(&run.home, &run.meta.id, grace_secs)
+            run.meta = run::stop(&run.home, &run.meta, grace_secs)
                 .map_err(|e| moat_error::from_error(&e))?;
             Ok(())
         })
@@ -391,9 +443,7 @@ pub unsafe extern "C" fn moat_run_json(
     unsafe {
         guard(out_error, "moat_run_json", || {
             let run = run.as_mut().ok_or_else(|| null_arg("run"))?;
-            if out_json.is_null() {
-                return Err(null_arg("out_json"));
-            }
+            let out_json = out_ptr(out_json, "out_json")?;
             let doc = match doc {
                 0 => moat_run_doc::MOAT_RUN_INFO,
                 1 => moat_run_doc::MOAT_RUN_TRACE,
@@ -448,8 +498,10 @@ pub unsafe extern "C" fn moat_run_destroy(
 /// freed.
 #[no_mangle]
 pub unsafe extern "C" fn moat_run_free(run: *mut moat_run) {
-    if !run.is_null() {
-        // SAFETY: created by Box::into_raw, freed once.
-        drop(unsafe { Box::from_raw(run) });
-    }
+    shield("moat_run_free", (), || {
+        if !run.is_null() {
+            // SAFETY: created by Box::into_raw, freed once.
+            drop(unsafe { Box::from_raw(run) });
+        }
+    })
 }

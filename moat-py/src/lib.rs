@@ -11,78 +11,71 @@ use moat_core::credential;
 use moat_core::proxy::Credential as CoreCredential;
 use moat_core::secret::Secret;
 use moat_core::{Error, ErrorKind};
-use pyo3::create_exception;
-use pyo3::exceptions::PyException;
 use pyo3::prelude::*;
+use pyo3::types::{PyDict, PyList};
 
 mod run;
 
-create_exception!(
-    _moat,
-    MoatError,
-    PyException,
-    "Base class of every moat error."
-);
-create_exception!(
-    _moat,
-    ConfigError,
-    MoatError,
-    "An invalid configuration file; `path`, `line` and `column` locate the first problem, `errors` lists all."
-);
-create_exception!(
-    _moat,
-    MoatIOError,
-    MoatError,
-    "Reading or writing a file failed."
-);
-create_exception!(
-    _moat,
-    InvalidArgumentError,
-    MoatError,
-    "An argument passed to moat is invalid."
-);
-create_exception!(_moat, InternalError, MoatError, "A bug in moat.");
-create_exception!(
-    _moat,
-    ContainerRuntimeError,
-    MoatError,
-    "The container engine is unreachable or refused, or a run could not be set up."
-);
+/// The Python module that defines moat's exceptions (see `_errors.py`):
+/// defined in Python, so they pickle with their attributes and subclass
+/// the built-in exceptions they are kinds of.
+pub(crate) const ERRORS_MODULE: &str = "moat._errors";
 
-/// Converts a moat-core error into its Python exception, with location
-/// attributes (`path`, `line`, `column`, `errors`) on every kind.
+/// Converts a moat-core error into its Python exception (`moat.ConfigError`
+/// and its siblings), with every diagnostic as a `moat.Diagnostic`.
 pub(crate) fn to_py_err(py: Python<'_>, err: &Error) -> PyErr {
-    let message = err.to_string();
-    let exc = match err.kind() {
-        ErrorKind::Config => ConfigError::new_err(message),
-        ErrorKind::Io => MoatIOError::new_err(message),
-        ErrorKind::InvalidArgument => InvalidArgumentError::new_err(message),
-        ErrorKind::Internal => InternalError::new_err(message),
-        ErrorKind::Runtime => ContainerRuntimeError::new_err(message),
+    let class = match err.kind() {
+        ErrorKind::Config => "ConfigError",
+        ErrorKind::Io => "MoatIOError",
+        ErrorKind::InvalidArgument => "InvalidArgumentError",
+        ErrorKind::Internal => "InternalError",
+        ErrorKind::Runtime => "ContainerRuntimeError",
     };
-    let value = exc.value(py);
-    let loc = err.location();
-    let errors: Vec<String> = err.diagnostics().iter().map(ToString::to_string).collect();
-    let attrs = [
-        value.setattr("message", err.message()),
-        value.setattr("path", loc.map(|l| l.path.to_string_lossy().into_owned())),
-        value.setattr("line", loc.map(|l| l.line)),
-        value.setattr("column", loc.map(|l| l.column)),
-        value.setattr("errors", errors),
-    ];
-    match attrs.into_iter().find_map(Result::err) {
-        Some(e) => e,
-        None => exc,
+    match new_error(py, class, err) {
+        Ok(exc) => exc,
+        // moat._errors could not be imported (a broken install): that error.
+        Err(e) => e,
     }
 }
 
-/// The `network` section of a configuration.
+fn new_error(py: Python<'_>, class: &str, err: &Error) -> PyResult<PyErr> {
+    let module = py.import(ERRORS_MODULE)?;
+    let kwargs = PyDict::new(py);
+    kwargs.set_item("errors", diagnostics(py, err)?)?;
+    let exc = module
+        .getattr(class)?
+        .call((err.to_string(),), Some(&kwargs))?;
+    Ok(PyErr::from_value(exc))
+}
+
+/// An error's diagnostics as a list of `moat.Diagnostic(path, line, column,
+/// message)`.
+fn diagnostics<'py>(py: Python<'py>, err: &Error) -> PyResult<Bound<'py, PyList>> {
+    let class = py.import(ERRORS_MODULE)?.getattr("Diagnostic")?;
+    let list = PyList::empty(py);
+    for d in err.diagnostics() {
+        let loc = d.location.as_ref();
+        list.append(class.call1((
+            loc.map(|l| l.path.to_string_lossy().into_owned()),
+            loc.map(|l| l.line),
+            loc.map(|l| l.column),
+            d.message.as_str(),
+        ))?)?;
+    }
+    Ok(list)
+}
+
+/// The ``network`` section of a configuration (read-only).
+///
+/// Attributes:
+///     policy: ``"permissive"`` or ``"strict"``.
+///     allow: The allow-list's host patterns (``"*.github.com"``, ...).
 #[pyclass(module = "moat", frozen, get_all)]
 #[derive(Clone)]
 struct Network {
-    /// `"permissive"` or `"strict"`.
+    /// ``"permissive"`` or ``"strict"``.
     policy: String,
-    /// Allow-list host patterns.
+    /// The allow-list's host patterns.
     allow: Vec<String>,
 }
 
@@ -93,15 +86,20 @@ impl Network {
     }
 }
 
-/// A bind mount.
+/// A bind mount of a configuration (read-only).
+///
+/// Attributes:
+///     source: The absolute host path.
+///     target: The absolute container path.
+///     read_only: Whether it is mounted read-only.
 #[pyclass(module = "moat", frozen, get_all)]
 #[derive(Clone)]
 struct Mount {
-    /// Absolute host path.
+    /// The absolute host path.
     source: String,
-    /// Absolute container path.
+    /// The absolute container path.
     target: String,
-    /// Mounted read-only.
+    /// Whether it is mounted read-only.
     read_only: bool,
 }
 
@@ -117,7 +115,8 @@ impl Mount {
     }
 }
 
-/// A validated configuration with defaults filled in and the image resolved.
+/// A validated configuration (agent.yaml or moat.yaml) with defaults filled
+/// in and the image resolved. Made by `load_config`; read-only.
 #[pyclass(module = "moat", frozen)]
 struct Config {
     inner: CoreConfig,
@@ -125,10 +124,12 @@ struct Config {
 
 #[pymethods]
 impl Config {
+    /// The workspace directory.
     #[getter]
     fn workspace(&self) -> String {
         self.inner.workspace.to_string_lossy().into_owned()
     }
+    /// The configuration file read, or None when the workspace has none.
     #[getter]
     fn config_file(&self) -> Option<String> {
         self.inner
@@ -136,18 +137,23 @@ impl Config {
             .as_ref()
             .map(|p| p.to_string_lossy().into_owned())
     }
+    /// ``name:``, or None.
     #[getter]
     fn name(&self) -> Option<String> {
         self.inner.name.clone()
     }
+    /// ``version:``, or None.
     #[getter]
     fn version(&self) -> Option<String> {
         self.inner.version.clone()
     }
+    /// The image runs use: ``image:``, else the one ``dependencies:``
+    /// imply, else the default.
     #[getter]
     fn image(&self) -> String {
         self.inner.resolved_image().0
     }
+    /// ``dependencies:`` (``"node@20"``, ``"git"``, ...).
     #[getter]
     fn dependencies(&self) -> Vec<String> {
         self.inner
@@ -156,15 +162,18 @@ impl Config {
             .map(ToString::to_string)
             .collect()
     }
+    /// ``grants:`` (``"github"``, ``"ssh:github.com"``, ...).
     #[getter]
     fn grants(&self) -> Vec<String> {
         self.inner.grants.iter().map(ToString::to_string).collect()
     }
+    /// ``env:``, by variable name.
     #[getter]
     fn env(&self) -> BTreeMap<String, String> {
         self.inner.env.clone()
     }
-    /// Secret references (never values), by variable name.
+    /// ``secrets:``: references (``op://...``, ``ssm://...``), never
+    /// values, by variable name.
     #[getter]
     fn secrets(&self) -> BTreeMap<String, String> {
         self.inner
@@ -173,6 +182,7 @@ impl Config {
             .map(|(k, v)| (k.clone(), v.reference.clone()))
             .collect()
     }
+    /// ``network:``: its policy and allow-list.
     #[getter]
     fn network(&self) -> Network {
         Network {
@@ -186,6 +196,7 @@ impl Config {
                 .collect(),
         }
     }
+    /// ``mounts:``.
     #[getter]
     fn mounts(&self) -> Vec<Mount> {
         self.inner
@@ -198,21 +209,30 @@ impl Config {
             })
             .collect()
     }
+    /// ``ports:``: endpoint name → container port.
     #[getter]
     fn ports(&self) -> BTreeMap<String, u16> {
         self.inner.ports.clone()
     }
+    /// ``command:``, or None (the image's).
     #[getter]
     fn command(&self) -> Option<Vec<String>> {
         self.inner.command.clone()
     }
+    /// ``interactive:``.
     #[getter]
     fn interactive(&self) -> bool {
         self.inner.interactive
     }
-    /// Resolves `secrets:` on this host (op read, aws ssm get-parameter) and
-    /// returns {name: value}. Raises ConfigError naming the variable and
-    /// backend (never a value) when a lookup fails or its CLI is missing.
+    /// Resolves ``secrets:`` on this host (``op read``, ``aws ssm
+    /// get-parameter``).
+    ///
+    /// Returns:
+    ///     dict[str, str]: Each secret's value, by variable name.
+    ///
+    /// Raises:
+    ///     ConfigError: A lookup failed or its command is missing (the
+    ///         message names the variable and the backend, never a value).
     fn resolve_secrets(&self, py: Python<'_>) -> PyResult<BTreeMap<String, String>> {
         let secrets = self.inner.secrets.clone();
         let resolved = py
@@ -223,7 +243,11 @@ impl Config {
             .map(|(k, v)| (k, v.expose().clone()))
             .collect())
     }
-    /// The resolved configuration as JSON, as `moat config --json` prints it.
+    /// The resolved configuration as JSON, as ``moat config --json`` prints
+    /// it.
+    ///
+    /// Returns:
+    ///     str: A JSON object.
     fn to_json(&self, py: Python<'_>) -> PyResult<String> {
         serde_json::to_string(&self.inner.resolved()).map_err(|e| {
             to_py_err(
@@ -242,9 +266,19 @@ impl Config {
     }
 }
 
-/// A credential the proxy injects: `header: value` on requests to `host`
-/// (`api.github.com`, `*.example.com`, optionally `:port`; default 443).
-/// The value never appears in repr, traces or errors.
+/// A credential the proxy injects: the header ``header: value`` on
+/// requests to `host`. The value never appears in repr, traces or errors.
+///
+/// Args:
+///     host: The host it is for: ``api.github.com``, ``*.example.com``,
+///         optionally with ``:port`` (default 443).
+///     header: The header's name (``Authorization``, ``x-api-key``, ...).
+///     value: The header's value (``"Bearer " + token``).
+///     grant: The grant name the trace and audit log record for it;
+///         default ``custom``.
+///
+/// Raises:
+///     InvalidArgumentError: `host`, `header` or `value` is invalid.
 #[pyclass(module = "moat", frozen)]
 struct Credential {
     inner: CoreCredential,
@@ -269,14 +303,17 @@ impl Credential {
         };
         Ok(Credential { inner, host })
     }
+    /// The host (pattern) it is for.
     #[getter]
     fn host(&self) -> String {
         self.host.clone()
     }
+    /// The header's name, lowercase.
     #[getter]
     fn header(&self) -> String {
         self.inner.header().as_str().to_string()
     }
+    /// The grant name recorded for it.
     #[getter]
     fn grant(&self) -> String {
         self.inner.grant().to_string()
@@ -302,16 +339,91 @@ pub(crate) fn json_to_py<T: serde::Serialize>(py: Python<'_>, value: &T) -> PyRe
 }
 
 /// A credential-injecting proxy with one client, for running any subprocess
-/// through moat. Use as a context manager, or call close().
+/// through moat (no container). It starts when made; use it as a context
+/// manager, or call `close`. See docs/proxy.md.
+///
+/// Args:
+///     credentials: `Credential` objects to inject.
+///     policy: ``"permissive"`` (default) or ``"strict"`` (only `allow`'s
+///         hosts and the credentials' hosts are reachable).
+///     allow: Host patterns strict mode allows.
+///     listen: The address to listen on; default ``127.0.0.1:0`` (a free
+///         port).
+///     upstream_ca: A PEM file of extra CA certificates to trust upstream.
+///     resolve: Host → address overrides (``{"api.github.com":
+///         "127.0.0.1:8443"}``), as ``MOAT_RESOLVE``.
+///     home: The moat home (its CA and stored grants); default
+///         ``$MOAT_HOME``, else ``~/.moat``.
+///     name: The client's name in traces; default ``"client"``.
+///     capture_bodies: Bytes of text bodies to keep in trace records (0:
+///         none).
+///     grants: Stored grants to inject (``"github"``, ``"aws"``, ...), as
+///         runs do.
+///     audit_dir: A directory for a tamper-evident audit log of the
+///         proxy's decisions; None: none (events stay in memory).
+///     trace_limit: At most this many trace records (and audit events) in
+///         memory; the oldest are dropped (see `dropped`).
+///     trace_bytes: At most this many bytes of them in memory.
+///     rules: Request rules, as ``network.rules`` in agent.yaml: a list of
+///         hosts (``"pypi.org"``) and ``{host: ["allow GET /repos/**",
+///         ...]}`` dicts.
+///
+/// Raises:
+///     InvalidArgumentError: An argument is invalid (the message names it).
+///     ConfigError: A grant in `grants` is not stored.
+///     MoatIOError: `upstream_ca`, the CA or `audit_dir` cannot be read or
+///         written, or `listen` cannot be bound.
 #[pyclass(module = "moat")]
 struct Proxy {
     inner: BlockingProxy,
 }
 
+/// `rules=`: a list whose items are a host (`"pypi.org"`) or a dict of one
+/// host to its rules (`{"api.github.com": ["allow GET /repos/**"]}`), as
+/// `network.rules` in agent.yaml.
+fn rules_arg(
+    py: Python<'_>,
+    rules: Option<&Bound<'_, PyAny>>,
+) -> PyResult<Vec<(String, Vec<String>)>> {
+    let bad = |m: String| to_py_err(py, &Error::new(ErrorKind::InvalidArgument, m));
+    let Some(rules) = rules.filter(|r| !r.is_none()) else {
+        return Ok(Vec::new());
+    };
+    let items: Vec<Bound<'_, PyAny>> = rules
+        .extract()
+        .map_err(|_| bad("rules: give a list of hosts or {host: [rules]} dicts".into()))?;
+    let mut out = Vec::new();
+    for (i, item) in items.iter().enumerate() {
+        if let Ok(host) = item.extract::<String>() {
+            out.push((host, Vec::new()));
+            continue;
+        }
+        let dict = item
+            .cast::<pyo3::types::PyDict>()
+            .map_err(|_| bad(format!("rules[{i}]: a host, or {{host: [rules]}}")))?;
+        if dict.len() != 1 {
+            return Err(bad(format!("rules[{i}]: one host per entry")));
+        }
+        for (k, v) in dict.iter() {
+            let host: String = k
+                .extract()
+                .map_err(|_| bad(format!("rules[{i}]: the host must be a string")))?;
+            let list: Vec<String> = v
+                .extract()
+                .map_err(|_| bad(format!("rules[{i}]: the rules must be a list of strings")))?;
+            out.push((host, list));
+        }
+    }
+    Ok(out)
+}
+
 #[pymethods]
 impl Proxy {
     #[new]
-    #[pyo3(signature = (credentials=Vec::new(), policy=None, allow=Vec::new(), listen=None, upstream_ca=None, resolve=None, home=None, name=None, capture_bodies=0, grants=Vec::new(), audit_dir=None))]
+    #[pyo3(
+        signature = (credentials=Vec::new(), policy=None, allow=Vec::new(), listen=None, upstream_ca=None, resolve=None, home=None, name=None, capture_bodies=0, grants=Vec::new(), audit_dir=None, trace_limit=None, trace_bytes=None, rules=None),
+        text_signature = "(credentials=(), policy=None, allow=(), listen=None, upstream_ca=None, resolve=None, home=None, name=None, capture_bodies=0, grants=(), audit_dir=None, trace_limit=None, trace_bytes=None, rules=None)"
+    )]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -326,7 +438,12 @@ impl Proxy {
         capture_bodies: usize,
         grants: Vec<String>,
         audit_dir: Option<PathBuf>,
+        trace_limit: Option<usize>,
+        trace_bytes: Option<usize>,
+        rules: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<Self> {
+        let rules = rules_arg(py, rules)?;
+        let defaults = moat_core::trace::MemoryLimits::default();
         let options = ProxyOptions {
             listen,
             home,
@@ -335,49 +452,78 @@ impl Proxy {
             credentials: credentials.iter().map(|c| c.inner.clone()).collect(),
             policy,
             allow,
+            rules,
             name,
             capture_bodies,
             grants,
             audit_dir,
+            trace_limits: moat_core::trace::MemoryLimits {
+                max_records: trace_limit.unwrap_or(defaults.max_records),
+                max_bytes: trace_bytes.unwrap_or(defaults.max_bytes),
+            },
         };
         let inner = py
             .detach(|| BlockingProxy::start(options))
             .map_err(|e| to_py_err(py, &e))?;
         Ok(Proxy { inner })
     }
-    /// The proxy URL including this client's token.
+    /// The proxy's URL with this client's token
+    /// (``http://moat:TOKEN@127.0.0.1:PORT``).
     #[getter]
     fn url(&self) -> String {
         self.inner.url().to_string()
     }
-    /// The listen address, host:port.
+    /// The listen address, ``host:port``.
     #[getter]
     fn address(&self) -> String {
         self.inner.address().to_string()
     }
-    /// The moat CA certificate to trust.
+    /// The path of the moat CA certificate (PEM) a client must trust.
     #[getter]
     fn ca_cert_path(&self) -> String {
         self.inner.ca_cert_path().to_string_lossy().into_owned()
     }
-    /// Whether the proxy still serves.
+    /// Whether the proxy has been closed.
     #[getter]
     fn closed(&self) -> bool {
         !self.inner.is_open()
     }
-    /// The environment variables a child process needs.
+    /// The environment variables a child process needs to use the proxy
+    /// (``HTTPS_PROXY``, ``HTTP_PROXY``, the CA bundle variables, ...).
+    ///
+    /// Returns:
+    ///     dict[str, str]: Variables to add to the child's environment.
     fn env(&self) -> BTreeMap<String, String> {
         self.inner.env().iter().cloned().collect()
     }
-    /// Trace records (a list of dicts), one per request.
+    /// The trace: one dict per request (``method``, ``url``, ``status``,
+    /// ``decision``, ...; credential values redacted), oldest first.
+    ///
+    /// Returns:
+    ///     list[dict]: The records kept in memory.
     fn trace(&self, py: Python<'_>) -> PyResult<Py<PyAny>> {
-        json_to_py(py, &self.inner.trace())
+        let text = self.inner.trace_json();
+        Ok(py.import("json")?.call_method1("loads", (text,))?.unbind())
     }
-    /// Audit events (a list of dicts): policy decisions and injections.
+    /// The audit events: the policy's decisions and the credentials
+    /// injected, oldest first.
+    ///
+    /// Returns:
+    ///     list[dict]: The events kept in memory.
     fn audit_events(&self, py: Python<'_>) -> PyResult<Py<PyAny>> {
-        json_to_py(py, &self.inner.audit_events())
+        let text = self.inner.audit_json();
+        Ok(py.import("json")?.call_method1("loads", (text,))?.unbind())
     }
-    /// Stops the proxy. Safe to call twice.
+    /// How many trace records and audit events were dropped from memory to
+    /// stay within `trace_limit` and `trace_bytes`: ``(records, events)``.
+    #[getter]
+    fn dropped(&self) -> (u64, u64) {
+        self.inner.dropped()
+    }
+    /// Stops the proxy (open connections are cut). Safe to call twice.
+    ///
+    /// Raises:
+    ///     MoatIOError: The audit log could not be finished.
     fn close(&mut self, py: Python<'_>) -> PyResult<()> {
         let inner = &mut self.inner;
         py.detach(|| inner.close()).map_err(|e| to_py_err(py, &e))
@@ -385,13 +531,15 @@ impl Proxy {
     fn __enter__(slf: PyRef<'_, Self>) -> PyRef<'_, Self> {
         slf
     }
+    /// Leaving a `with` block closes the proxy; exceptions propagate.
     fn __exit__(
         &mut self,
         py: Python<'_>,
-        _exc_type: Option<Py<PyAny>>,
-        _exc: Option<Py<PyAny>>,
-        _tb: Option<Py<PyAny>>,
+        exc_type: Option<Py<PyAny>>,
+        exc: Option<Py<PyAny>>,
+        tb: Option<Py<PyAny>>,
     ) -> PyResult<bool> {
+        let _ = (exc_type, exc, tb);
         self.close(py)?;
         Ok(false)
     }
@@ -415,16 +563,40 @@ pub(crate) fn home_or_default(py: Python<'_>, home: Option<PathBuf>) -> PyResult
     }
 }
 
-/// Stores a credential for `provider` (never prompts): `token`, else the
-/// provider's environment variable (GITHUB_TOKEN, ANTHROPIC_API_KEY, ...).
-/// GitHub tokens are checked against api.github.com unless `validate=False`.
-/// Returns the stored grant without its token.
-/// For `ssh`, pass `host` (and optionally the agent key's `key`
-/// fingerprint): the key of the agent at SSH_AUTH_SOCK is recorded for it,
-/// with the host's keys from ~/.ssh/known_hosts (a UserWarning when there
-/// are none: runs need one to tell the host from another server).
-/// For `aws`, pass `role` (and optionally `region`, `session_duration` in
-/// seconds, `external_id`): the role configuration is stored.
+/// Stores a credential for `provider` in the moat home's encrypted store.
+/// Never prompts.
+///
+/// For a token provider (``github``, ``anthropic``, ``openai``, a custom
+/// provider), the token is `token`, else the provider's environment
+/// variable (``GITHUB_TOKEN``, ``ANTHROPIC_API_KEY``, ...). For ``ssh``,
+/// the key of the agent at ``SSH_AUTH_SOCK`` is recorded for `host`, with
+/// the host's keys from ~/.ssh/known_hosts (a UserWarning when there are
+/// none: runs need one to tell the host from another server). For
+/// ``aws``, the role configuration is stored.
+///
+/// Args:
+///     provider: ``"github"``, ``"anthropic"``, ``"openai"``, ``"ssh"``,
+///         ``"aws"`` or a custom provider's name.
+///     token: The token; default the provider's environment variable.
+///     validate: Check a GitHub token against api.github.com first.
+///     home: The moat home; default ``$MOAT_HOME``, else ``~/.moat``.
+///     host: For ``ssh``: the host the key is for.
+///     key: For ``ssh``: the agent key's fingerprint; default the agent's
+///         first key.
+///     role: For ``aws``: the role's ARN.
+///     region: For ``aws``: the STS region; default ``us-east-1``.
+///     session_duration: For ``aws``: session length in seconds (900 to
+///         43200); default 900.
+///     external_id: For ``aws``: the role's external id.
+///
+/// Returns:
+///     dict: The stored grant (``provider``, ``source``, ``hosts``, ...),
+///     never its token.
+///
+/// Raises:
+///     InvalidArgumentError: An unknown provider, a missing token, `host`
+///         or `role`, or a token GitHub refused.
+///     MoatIOError: The store cannot be written.
 #[pyfunction]
 #[pyo3(signature = (provider, token=None, validate=true, home=None, host=None, key=None, role=None, region=None, session_duration=None, external_id=None))]
 #[allow(clippy::too_many_arguments)]
@@ -499,7 +671,17 @@ fn grant(
     json_to_py(py, &outcome)
 }
 
-/// Removes the stored credential of `provider`; returns whether there was one.
+/// Removes the stored credential of a provider.
+///
+/// Args:
+///     provider: The provider (``"github"``, ``"ssh:HOST"``, ``"aws"``, ...).
+///     home: The moat home; default ``$MOAT_HOME``, else ``~/.moat``.
+///
+/// Returns:
+///     bool: Whether there was one.
+///
+/// Raises:
+///     MoatIOError: The store cannot be written.
 #[pyfunction]
 #[pyo3(signature = (provider, home=None))]
 fn revoke(py: Python<'_>, provider: String, home: Option<PathBuf>) -> PyResult<bool> {
@@ -508,8 +690,17 @@ fn revoke(py: Python<'_>, provider: String, home: Option<PathBuf>) -> PyResult<b
         .map_err(|e| to_py_err(py, &e))
 }
 
-/// The stored grants (provider, source, created, expires, hosts, ...),
-/// never the tokens.
+/// The stored grants, never their tokens.
+///
+/// Args:
+///     home: The moat home; default ``$MOAT_HOME``, else ``~/.moat``.
+///
+/// Returns:
+///     list[dict]: Each grant's ``provider``, ``source``, ``created``,
+///     ``expires``, ``hosts``, ...
+///
+/// Raises:
+///     MoatIOError: The store cannot be read.
 #[pyfunction]
 #[pyo3(signature = (home=None))]
 fn grants(py: Python<'_>, home: Option<PathBuf>) -> PyResult<Py<PyAny>> {
@@ -538,8 +729,14 @@ fn report_or_error(py: Python<'_>, what: &str, r: moat_core::audit::Report) -> P
     json_to_py(py, &r)
 }
 
-/// A tamper-evident audit log (a directory with audit.jsonl and
-/// checkpoints.jsonl).
+/// A tamper-evident audit log: a directory with audit.jsonl and
+/// checkpoints.jsonl (a run's directory, or a proxy's ``audit_dir``).
+/// Nothing is read until `verify` or `export`.
+///
+/// Args:
+///     path: The directory.
+///     home: The moat home whose signing key signed the checkpoints;
+///         default ``$MOAT_HOME``, else ``~/.moat``.
 #[pyclass(module = "moat", frozen)]
 pub(crate) struct AuditLog {
     dir: PathBuf,
@@ -553,8 +750,21 @@ impl AuditLog {
     pub(crate) fn new(path: PathBuf, home: Option<PathBuf>) -> Self {
         AuditLog { dir: path, home }
     }
-    /// Verifies the chain, the tree and the checkpoint signatures; returns
-    /// the report, or raises ConfigError naming the first bad entry.
+    /// Verifies the hash chain, the Merkle tree and the checkpoints'
+    /// signatures.
+    ///
+    /// Args:
+    ///     key: A verifier key the checkpoints must be signed by; default
+    ///         the home's own.
+    ///
+    /// Returns:
+    ///     dict: The report (``ok``, ``entries``, ``types``, ``checkpoints``,
+    ///     ``root``, ...).
+    ///
+    /// Raises:
+    ///     ConfigError: The log does not verify; ``errors`` has one
+    ///         `Diagnostic` per problem, the first bad entry first.
+    ///     MoatIOError: The log cannot be read.
     #[pyo3(signature = (key=None))]
     fn verify(&self, py: Python<'_>, key: Option<String>) -> PyResult<Py<PyAny>> {
         let home = home_or_default(py, self.home.clone())?;
@@ -564,7 +774,18 @@ impl AuditLog {
             .map_err(|e| to_py_err(py, &e))?;
         report_or_error(py, &format!("audit log {}", self.dir.display()), r)
     }
-    /// Writes a self-contained proof bundle to `path`.
+    /// Writes a self-contained proof bundle (verifiable offline with
+    /// `verify_bundle`).
+    ///
+    /// Args:
+    ///     path: The file to write.
+    ///
+    /// Returns:
+    ///     dict: The log's verification report, as `verify` returns it.
+    ///
+    /// Raises:
+    ///     ConfigError: The log does not verify.
+    ///     MoatIOError: The log cannot be read or `path` written.
     fn export(&self, py: Python<'_>, path: PathBuf) -> PyResult<Py<PyAny>> {
         let home = home_or_default(py, self.home.clone())?;
         let dir = self.dir.clone();
@@ -578,8 +799,20 @@ impl AuditLog {
     }
 }
 
-/// Verifies an exported proof bundle offline; with `key`, it must be signed
-/// by that verifier key. Returns the report or raises ConfigError.
+/// Verifies an exported proof bundle offline.
+///
+/// Args:
+///     path: The bundle (written by ``AuditLog.export``).
+///     key: A verifier key it must be signed by; None: the key the bundle
+///         names.
+///
+/// Returns:
+///     dict: The report (``ok``, ``entries``, ``types``, ``root``, ...).
+///
+/// Raises:
+///     ConfigError: The bundle does not verify, or is not signed by `key`.
+///     InvalidArgumentError: The file is not a bundle.
+///     MoatIOError: It cannot be read.
 #[pyfunction]
 #[pyo3(signature = (path, key=None))]
 fn verify_bundle(py: Python<'_>, path: PathBuf, key: Option<String>) -> PyResult<Py<PyAny>> {
@@ -589,8 +822,21 @@ fn verify_bundle(py: Python<'_>, path: PathBuf, key: Option<String>) -> PyResult
     json_to_py(py, &r)
 }
 
-/// Loads and validates the configuration of a workspace (a directory, or the
-/// path of its agent.yaml / moat.yaml). Raises ConfigError for an invalid file.
+/// Loads and validates a workspace's configuration, collecting every
+/// problem at once.
+///
+/// Args:
+///     path: The workspace directory (its agent.yaml or moat.yaml is read;
+///         neither is fine: the defaults), or the file itself.
+///
+/// Returns:
+///     Config: The validated configuration.
+///
+/// Raises:
+///     ConfigError: The file is invalid; ``path``, ``line`` and ``column``
+///         locate the first problem, ``errors`` lists every one as a
+///         `Diagnostic`.
+///     MoatIOError: The workspace or the file cannot be read.
 #[pyfunction]
 fn load_config(py: Python<'_>, path: PathBuf) -> PyResult<Config> {
     let result = py.detach(|| config::load(&path));
@@ -600,22 +846,10 @@ fn load_config(py: Python<'_>, path: PathBuf) -> PyResult<Config> {
     }
 }
 
+/// The native part of the ``moat`` package; import ``moat`` instead.
 #[pymodule]
 fn _moat(m: &Bound<'_, PyModule>) -> PyResult<()> {
-    let py = m.py();
     m.add("__version__", moat_core::VERSION)?;
-    m.add("MoatError", py.get_type::<MoatError>())?;
-    m.add("ConfigError", py.get_type::<ConfigError>())?;
-    m.add("MoatIOError", py.get_type::<MoatIOError>())?;
-    m.add(
-        "InvalidArgumentError",
-        py.get_type::<InvalidArgumentError>(),
-    )?;
-    m.add("InternalError", py.get_type::<InternalError>())?;
-    m.add(
-        "ContainerRuntimeError",
-        py.get_type::<ContainerRuntimeError>(),
-    )?;
     m.add_class::<Config>()?;
     m.add_class::<Network>()?;
     m.add_class::<Mount>()?;
@@ -630,8 +864,16 @@ fn _moat(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<run::Run>()?;
     m.add_class::<run::LogStream>()?;
     m.add_function(wrap_pyfunction!(run::run_fn, m)?)?;
+    m.add_function(wrap_pyfunction!(run::claude, m)?)?;
+    m.add_function(wrap_pyfunction!(run::policy_check, m)?)?;
+    m.add_function(wrap_pyfunction!(run::policy_suggest, m)?)?;
+    m.add_function(wrap_pyfunction!(run::trace_har, m)?)?;
     m.add_function(wrap_pyfunction!(run::runs, m)?)?;
     m.add_function(wrap_pyfunction!(run::clean, m)?)?;
+    m.add_function(wrap_pyfunction!(run::promote, m)?)?;
+    m.add_function(wrap_pyfunction!(run::system_images, m)?)?;
+    m.add_function(wrap_pyfunction!(run::system_containers, m)?)?;
+    m.add_function(wrap_pyfunction!(run::deps, m)?)?;
     m.add_function(wrap_pyfunction!(run::_supervise, m)?)?;
     m.add_function(wrap_pyfunction!(run::_router, m)?)?;
     Ok(())

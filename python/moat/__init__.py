@@ -17,38 +17,57 @@ Or use the credential-injecting proxy on its own (no container):
     >>> import moat, subprocess
     >>> cfg = moat.load_config("./my-project")
     >>> cfg.image
-    'node:20'
+    'node:20-bookworm'
     >>> cred = moat.Credential(host="api.github.com", header="Authorization",
     ...                        value="Bearer " + token)
     >>> with moat.Proxy(credentials=[cred], policy="strict") as proxy:
     ...     subprocess.run(["curl", "https://api.github.com/user"],
     ...                    env={**os.environ, **proxy.env()})
     ...     print(proxy.trace())
+
+Errors are `MoatError`s and also the built-in exception they are a kind of
+(`ConfigError` and `InvalidArgumentError` are `ValueError`s, `MoatIOError`
+an `OSError`, `ContainerRuntimeError` a `RuntimeError`, `RunTimeout` a
+`TimeoutError`); they pickle with their attributes. For asyncio, see
+`moat.aio`.
 """
 
-from moat._moat import (
-    AuditLog,
-    Config,
+from moat import aio
+from moat._errors import (
     ConfigError,
-    Credential,
-    InternalError,
     ContainerRuntimeError,
+    Diagnostic,
+    InternalError,
     InvalidArgumentError,
     MoatError,
     MoatIOError,
+    RunTimeout,
+)
+from moat._moat import (
+    AuditLog,
+    Config,
+    Credential,
+    LogStream,
     Mount,
     Network,
     Proxy,
     Run,
-    LogStream,
     __version__,
+    claude,
     clean,
-    run,
-    runs,
+    deps,
     grant,
     grants,
     load_config,
+    policy_check,
+    policy_suggest,
+    promote,
     revoke,
+    run,
+    runs,
+    system_containers,
+    system_images,
+    trace_har,
     verify_bundle,
 )
 
@@ -56,24 +75,35 @@ __all__ = [
     "AuditLog",
     "Config",
     "ConfigError",
-    "Credential",
-    "InternalError",
     "ContainerRuntimeError",
+    "Credential",
+    "Diagnostic",
+    "InternalError",
     "InvalidArgumentError",
+    "LogStream",
     "MoatError",
     "MoatIOError",
     "Mount",
     "Network",
     "Proxy",
     "Run",
-    "LogStream",
+    "RunTimeout",
     "__version__",
+    "aio",
+    "claude",
     "clean",
-    "run",
-    "runs",
+    "deps",
     "grant",
     "grants",
     "load_config",
+    "policy_check",
+    "policy_suggest",
+    "promote",
     "revoke",
+    "run",
+    "runs",
+    "system_containers",
+    "system_images",
+    "trace_har",
     "verify_bundle",
 ]

@@ -10,9 +10,15 @@ import sys
 
 from moat import _moat
 
-if __name__ == "__main__":
+
+def main() -> int:
+    """Parses the arguments and serves until SIGTERM; the exit status."""
     parser = argparse.ArgumentParser(prog="python -m moat._router")
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--manual", action="store_true")
     args = parser.parse_args()
-    sys.exit(_moat._router(args.port, args.manual))
+    return _moat._router(args.port, args.manual)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -6,6 +6,10 @@ root=$(cd "$(dirname "$0")/../.." && pwd)
 cd "$root"
 profile_dir="$root/target/debug"
 cargo build -q -p moat-ffi -p moat-cli
+# libmoat.so carries a versioned SONAME (moat-ffi/build.rs), by which the
+# programs linked to it here load it: the link the install would make.
+soname=$(readelf -d "$profile_dir/libmoat.so" | sed -n 's/.*Library soname: \[\(.*\)\]/\1/p')
+if [ -n "$soname" ]; then ln -sfn libmoat.so "$profile_dir/$soname"; fi
 out="$root/target/c-tests"
 mkdir -p "$out"
 scratch=$(mktemp -d)
@@ -18,6 +22,8 @@ gcc "${cflags[@]}" tests/c/test_config.c -o "$out/test_config_static" \
 gcc "${cflags[@]}" -D_POSIX_C_SOURCE=200809L tests/c/test_proxy.c -o "$out/test_proxy" \
   -L "$profile_dir" -lmoat -Wl,-rpath,"$profile_dir"
 gcc "${cflags[@]}" -D_POSIX_C_SOURCE=200809L tests/c/test_run.c -o "$out/test_run" \
+  -L "$profile_dir" -lmoat -Wl,-rpath,"$profile_dir"
+gcc "${cflags[@]}" -D_POSIX_C_SOURCE=200809L tests/c/test_claude.c -o "$out/test_claude" \
   -L "$profile_dir" -lmoat -Wl,-rpath,"$profile_dir"
 echo "c: config, shared library"
 mkdir -p "$scratch/shared" "$scratch/static" "$scratch/proxy" "$scratch/bin"
@@ -49,7 +55,7 @@ MOAT_KEYRING_BACKEND=file OPENAI_API_KEY= SSH_AUTH_SOCK="$scratch/agent.sock" \
   AWS_ACCESS_KEY_ID= AWS_SECRET_ACCESS_KEY= AWS_SHARED_CREDENTIALS_FILE=/nonexistent \
   "$out/test_proxy" "$scratch/proxy" "$port" "$ca" || status=$?
 kill "$agent_pid" 2>/dev/null || true
-echo "c: runs (Docker, ${MOAT_TEST_IMAGE:-moat-test:bookworm})"
+echo "c: runs (${MOAT_RUNTIME:-docker}, ${MOAT_TEST_IMAGE:-moat-test:bookworm})"
 mkdir -p "$scratch/run" "$scratch/run-ws"
 # For the ssh: grant in a run: an ssh-agent with two keys, and a real sshd on
 # loopback with its own host key, known to the run as git-c.test:22
@@ -76,6 +82,30 @@ HOME="$scratch/ssh-home" SSH_AUTH_SOCK="$scratch/run-agent.sock" MOAT_TEST_SSH_H
   MOAT_RESOLVE="git-c.test:22=127.0.0.1:$sshd_port" \
   "$out/test_run" "$scratch/run" "$profile_dir/moat" "${MOAT_TEST_IMAGE:-moat-test:bookworm}" "$scratch/run-ws" || status=$?
 kill "$(cat "$scratch/sshd/pid")" "$agent_pid" 2>/dev/null || true
+
+# Claude Code through the C ABI: the pinned build from the wheel setup.sh
+# downloaded, against a local stand-in for Anthropic's API.
+echo "c: claude (${MOAT_RUNTIME:-docker})"
+wheel=$(ls "$root"/target/claude/claude_agent_sdk-*.whl 2>/dev/null | tail -1 || true)
+if [ -z "$wheel" ]; then
+  echo "no claude-agent-sdk wheel in target/claude: run bash scripts/setup.sh"
+  status=1
+else
+  mkdir -p "$scratch/claude" "$scratch/claude-ws" "$scratch/standin"
+  claude_key=sk-ant-api03-c-test-REAL-key-9F
+  python3 tests/python/anthropic_standin.py --dir "$scratch/standin" --api-key "$claude_key" \
+    > "$scratch/standin.out" 2>&1 &
+  standin_pid=$!
+  for _ in $(seq 100); do [ -s "$scratch/standin.out" ] && break; sleep 0.1; done
+  # "listening on 127.0.0.1:PORT; CA ..."
+  sport=$(head -1 "$scratch/standin.out" | sed -n 's/^listening on [^:]*:\([0-9]*\);.*/\1/p')
+  MOAT_KEYRING_BACKEND=file MOAT_CLAUDE_WHEEL="$wheel" ANTHROPIC_API_KEY= \
+    MOAT_UPSTREAM_CA_FILE="$scratch/standin/ca.pem" \
+    MOAT_RESOLVE="api.anthropic.com:443=127.0.0.1:$sport,platform.claude.com:443=127.0.0.1:$sport" \
+    "$out/test_claude" "$scratch/claude" "$profile_dir/moat" "${MOAT_TEST_IMAGE:-moat-test:bookworm}" \
+    "$scratch/claude-ws" "$claude_key" || status=$?
+  kill "$standin_pid" 2>/dev/null || true
+fi
 exec {UPSTREAM[1]}>&-
 wait "$UPSTREAM_PID" 2>/dev/null || true
 exit $status

@@ -1,5 +1,6 @@
 /* The C surface of libmoat, compiled against the committed include/moat.h.
  * Usage: test_config <scratch-dir>   (prints "N passed, M failed") */
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -33,6 +34,18 @@ static void test_version(void) {
   CHECK(strcmp(moat_version(), expected) == 0);
 }
 
+/* A closed connection must not end a C program: the first libmoat call
+   that can fail leaves SIGPIPE ignored (it was at its default). */
+static void test_sigpipe_ignored(const char *dir) {
+  void (*before)(int) = signal(SIGPIPE, SIG_DFL);
+  CHECK(before == SIG_DFL);
+  moat_config *cfg = NULL;
+  CHECK(moat_config_load(dir, &cfg, NULL) == MOAT_OK);
+  moat_config_free(cfg);
+  void (*after)(int) = signal(SIGPIPE, SIG_IGN);
+  CHECK(after == SIG_IGN);
+}
+
 static void test_valid(const char *dir) {
   char ws[512], file[600];
   snprintf(ws, sizeof ws, "%s/valid", dir);
@@ -48,12 +61,12 @@ static void test_valid(const char *dir) {
   CHECK(cfg != NULL);
   if (!cfg) return;
   CHECK(strcmp(moat_config_name(cfg), "c-agent") == 0);
-  CHECK(strcmp(moat_config_image(cfg), "golang:1.22") == 0);
+  CHECK(strcmp(moat_config_image(cfg), "golang:1.22-bookworm") == 0);
 
   char *json = NULL;
   CHECK(moat_config_to_json(cfg, &json, NULL) == MOAT_OK);
   CHECK(json != NULL && strstr(json, "\"web\":3000") != NULL);
-  CHECK(json != NULL && strstr(json, "\"image\":\"golang:1.22\"") != NULL);
+  CHECK(json != NULL && strstr(json, "\"image\":\"golang:1.22-bookworm\"") != NULL);
   moat_string_free(json);
   moat_config_free(cfg);
 }
@@ -90,6 +103,45 @@ static void test_invalid(const char *dir) {
   CHECK(strstr(moat_error_message(err), "port 70000 is out of range") != NULL);
   CHECK(strncmp(moat_error_message(err), file, strlen(file)) == 0);
   moat_error_free(err);
+}
+
+static void test_several_errors_with_their_parts(const char *dir) {
+  char ws[512], file[600];
+  snprintf(ws, sizeof ws, "%s/several", dir);
+  mkdir(ws, 0700);
+  snprintf(file, sizeof file, "%s/agent.yaml", ws);
+  write_file(file, "name: ok\nports:\n  web: 70000\nnetwork:\n  policy: sometimes\n");
+
+  moat_config *cfg = NULL;
+  moat_error *err = NULL;
+  CHECK(moat_config_load(ws, &cfg, &err) == MOAT_ERR_CONFIG);
+  CHECK(err != NULL);
+  if (!err) return;
+  CHECK(moat_error_count(err) == 2);
+  /* The parts: a message without the location, and the location apart. */
+  CHECK(strcmp(moat_error_item_path(err, 0), file) == 0);
+  CHECK(moat_error_item_line(err, 0) == 3 && moat_error_item_column(err, 0) == 8);
+  CHECK(strstr(moat_error_item_message(err, 0), "port 70000 is out of range") != NULL);
+  CHECK(strstr(moat_error_item_message(err, 0), file) == NULL);
+  CHECK(strcmp(moat_error_item_path(err, 1), file) == 0);
+  CHECK(moat_error_item_line(err, 1) == 5);
+  CHECK(strstr(moat_error_item_message(err, 1), "sometimes") != NULL);
+  /* Out of range: NULL and 0, never a crash. */
+  CHECK(moat_error_item_message(err, 2) == NULL && moat_error_item_path(err, 2) == NULL);
+  CHECK(moat_error_item_line(err, 99) == 0 && moat_error_item_column(err, 99) == 0);
+  /* The full message has both problems, one per line, each located. */
+  const char *all = moat_error_message(err);
+  CHECK(strstr(all, "out of range") != NULL && strstr(all, "sometimes") != NULL);
+  CHECK(strchr(all, '\n') != NULL);
+  moat_error_free(err);
+
+  /* An error without a location has one part, unlocated. */
+  err = NULL;
+  CHECK(moat_config_load(NULL, &cfg, &err) == MOAT_ERR_INVALID_ARGUMENT);
+  CHECK(moat_error_count(err) == 1 && moat_error_item_path(err, 0) == NULL);
+  CHECK(strcmp(moat_error_item_message(err, 0), "workspace is NULL") == 0);
+  moat_error_free(err);
+  CHECK(moat_error_count(NULL) == 0 && moat_error_item_message(NULL, 0) == NULL);
 }
 
 static void test_misuse(void) {
@@ -144,10 +196,12 @@ int main(int argc, char **argv) {
     fprintf(stderr, "usage: %s SCRATCH_DIR\n", argv[0]);
     return 2;
   }
+  test_sigpipe_ignored(argv[1]);
   test_version();
   test_valid(argv[1]);
   test_defaults(argv[1]);
   test_invalid(argv[1]);
+  test_several_errors_with_their_parts(argv[1]);
   test_misuse();
   test_secrets(argv[1]);
   printf("%d passed, %d failed\n", passed, failed);

@@ -126,6 +126,72 @@ static void test_injection(const char *home, const char *port, const char *ca) {
   moat_error_free(err2);
 }
 
+/* Request rules: a strict proxy judges each request to a host with rules by
+   method and path (normalised), inside the intercepted TLS. */
+static void test_rules(const char *home, const char *port, const char *ca) {
+  moat_proxy_options *o = options(home, port, ca);
+  CHECK(moat_proxy_options_set(o, "policy", "strict", NULL) == MOAT_OK);
+  CHECK(moat_proxy_options_add_rule(o, "other.test", "deny * /admin/**", NULL) == MOAT_OK);
+  CHECK(moat_proxy_options_add_rule(o, "other.test", "allow GET /**", NULL) == MOAT_OK);
+  moat_error *err = NULL;
+  CHECK(moat_proxy_options_add_rule(o, "other.test", "allow GET nope", &err) ==
+        MOAT_ERR_INVALID_ARGUMENT);
+  CHECK(err && strstr(moat_error_message(err), "must start with /"));
+  moat_error_free(err);
+  err = NULL;
+  CHECK(moat_proxy_options_add_rule(o, "bad host!", NULL, &err) == MOAT_ERR_INVALID_ARGUMENT);
+  moat_error_free(err);
+  moat_proxy *proxy = NULL;
+  CHECK(moat_proxy_start(o, &proxy, NULL) == MOAT_OK);
+  moat_proxy_options_free(o);
+  if (!proxy) return;
+  const char *url = moat_proxy_url(proxy), *mca = moat_proxy_ca_cert_path(proxy);
+  char *out = run_curl(url, mca, "https://other.test/ok");
+  CHECK(out && strstr(out, "\"path\": \"/ok\"") != NULL);
+  out = run_curl(url, mca, "https://other.test/x/../ADMIN/%2e/settings");
+  CHECK(out && strstr(out, "The rule \"deny * /admin/**\" for other.test denies it."));
+  char *json = NULL;
+  CHECK(moat_proxy_json(proxy, MOAT_PROXY_TRACE, &json, NULL) == MOAT_OK);
+  CHECK(json && strstr(json, "\"rule\":\"deny * /admin/**\""));
+  CHECK(json && strstr(json, "\"rule\":\"allow GET /**\""));
+  moat_string_free(json);
+  moat_proxy_free(proxy);
+}
+
+/* The in-memory trace keeps the newest records within trace_limit and says
+   how many it dropped. */
+static void test_bounded_trace(const char *home, const char *port, const char *ca) {
+  moat_proxy_options *o = options(home, port, ca);
+  CHECK(moat_proxy_options_set(o, "trace_limit", "2", NULL) == MOAT_OK);
+  CHECK(moat_proxy_options_set(o, "trace_bytes", "1048576", NULL) == MOAT_OK);
+  moat_error *err = NULL;
+  CHECK(moat_proxy_options_set(o, "trace_limit", "lots", &err) == MOAT_ERR_INVALID_ARGUMENT);
+  CHECK(err && strstr(moat_error_message(err), "trace_limit") != NULL);
+  moat_error_free(err);
+  moat_proxy *proxy = NULL;
+  CHECK(moat_proxy_start(o, &proxy, NULL) == MOAT_OK);
+  moat_proxy_options_free(o);
+  if (!proxy) return;
+  for (int i = 0; i < 5; i++) {
+    char target[128];
+    snprintf(target, sizeof target, "https://api.github.com/bounded-%d", i);
+    CHECK(run_curl(moat_proxy_url(proxy), moat_proxy_ca_cert_path(proxy), target) != NULL);
+  }
+  char *json = NULL;
+  CHECK(moat_proxy_json(proxy, MOAT_PROXY_TRACE, &json, NULL) == MOAT_OK);
+  CHECK(json && strstr(json, "bounded-4") && strstr(json, "bounded-3") && !strstr(json, "bounded-2"));
+  moat_string_free(json);
+  json = NULL;
+  CHECK(moat_proxy_json(proxy, MOAT_PROXY_STATS, &json, NULL) == MOAT_OK);
+  CHECK(json && strstr(json, "\"dropped_records\":3") != NULL);
+  moat_string_free(json);
+  json = NULL;
+  err = NULL;
+  CHECK(moat_proxy_json(proxy, 99, &json, &err) == MOAT_ERR_INVALID_ARGUMENT && json == NULL);
+  moat_error_free(err);
+  moat_proxy_free(proxy);
+}
+
 static void test_misuse(const char *home) {
   moat_proxy_options *o = moat_proxy_options_new();
   moat_error *err = NULL;
@@ -264,6 +330,8 @@ int main(int argc, char **argv) {
     return 2;
   }
   test_injection(argv[1], argv[2], argv[3]);
+  test_bounded_trace(argv[1], argv[2], argv[3]);
+  test_rules(argv[1], argv[2], argv[3]);
   test_misuse(argv[1]);
   test_grants(argv[1], argv[2], argv[3]);
   test_ssh_grant(argv[1]);

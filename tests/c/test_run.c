@@ -6,6 +6,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <unistd.h>
 
 #include "moat.h"
 
@@ -74,6 +75,10 @@ static void test_run(const char *home, const char *moat, const char *image,
   CHECK(moat_run_options_add(o, "arg", "-c", NULL) == MOAT_OK);
   CHECK(moat_run_options_add(o, "arg", "echo \"out $GREETING\"; echo err >&2; exit 5", NULL) == MOAT_OK);
   CHECK(moat_run_options_add(o, "env", "GREETING=from-c", NULL) == MOAT_OK);
+  /* The engine, named (the one the tests run on). */
+  const char *engine = getenv("MOAT_RUNTIME");
+  if (!engine || !*engine) engine = "docker";
+  CHECK(moat_run_options_set(o, "runtime", engine, NULL) == MOAT_OK);
   moat_run *run = start(o);
   if (!run) return;
   CHECK(strncmp(moat_run_id(run), "run_", 4) == 0 && strlen(moat_run_id(run)) == 16);
@@ -84,16 +89,19 @@ static void test_run(const char *home, const char *moat, const char *image,
   CHECK(strcmp(c.out, "out from-c\n") == 0);
   CHECK(strcmp(c.err, "err\n") == 0);
 
-  int done = 0;
+  bool done = false;
   int64_t code = 0;
   CHECK(moat_run_wait(run, -1, &done, &code, NULL) == MOAT_OK);
-  CHECK(done == 1);
+  CHECK(done);
   CHECK(code == 5);
 
   char *json = NULL;
   CHECK(moat_run_json(run, MOAT_RUN_INFO, &json, NULL) == MOAT_OK);
   CHECK(json && strstr(json, "\"state\":\"stopped\""));
   CHECK(json && strstr(json, "\"exit_code\":5"));
+  char want_engine[64];
+  snprintf(want_engine, sizeof want_engine, "\"engine\":\"%s\"", engine);
+  CHECK(json && strstr(json, want_engine));
   /* Environment values are never kept in run.json, only names. */
   CHECK(json && !strstr(json, "from-c"));
   moat_string_free(json);
@@ -107,6 +115,44 @@ static void test_run(const char *home, const char *moat, const char *image,
   CHECK(moat_audit_verify(moat_run_dir(run), home, NULL, &report, NULL) == MOAT_OK);
   CHECK(report && strstr(report, "run_stopped"));
   moat_string_free(report);
+
+  /* Promoted to a directory of ours, listed by system, found by a dry
+     clean (which removes nothing). */
+  char to[600];
+  snprintf(to, sizeof to, "%s/promoted-c", home);
+  json = NULL;
+  CHECK(moat_promote_json("c-run", to, home, &json, NULL) == MOAT_OK);
+  CHECK(json && strstr(json, "promoted-c") && strstr(json, "audit-bundle.json"));
+  moat_string_free(json);
+  char kept[700];
+  snprintf(kept, sizeof kept, "%s/promoted.json", to);
+  CHECK(access(kept, F_OK) == 0);
+  json = NULL;
+  CHECK(moat_system_json("containers", false, home, &json, NULL) == MOAT_OK);
+  CHECK(json && json[0] == '[');
+  moat_string_free(json);
+  err = NULL;
+  json = NULL;
+  CHECK(moat_system_json("volumes", false, home, &json, &err) == MOAT_ERR_INVALID_ARGUMENT);
+  CHECK(json == NULL && err && strstr(moat_error_message(err), "volumes"));
+  moat_error_free(err);
+  json = NULL;
+  CHECK(moat_clean_json(home, true, true, &json, NULL) == MOAT_OK);
+  CHECK(json && strstr(json, moat_run_id(run)) && strstr(json, "\"images\":[]"));
+  moat_string_free(json);
+  CHECK(access(moat_run_dir(run), F_OK) == 0);
+  json = NULL;
+  CHECK(moat_deps_json(NULL, &json, NULL) == MOAT_OK);
+  CHECK(json && strstr(json, "\"name\":\"node\"") && strstr(json, "\"name\":\"go\""));
+  moat_string_free(json);
+  json = NULL;
+  CHECK(moat_deps_json("go@1.22", &json, NULL) == MOAT_OK);
+  CHECK(json && strstr(json, "golang"));
+  moat_string_free(json);
+  err = NULL;
+  CHECK(moat_deps_json("nodejs", &json, &err) == MOAT_ERR_INVALID_ARGUMENT);
+  CHECK(err && strstr(moat_error_message(err), "node"));
+  moat_error_free(err);
 
   /* Reopened by name, then destroyed: the directory goes. */
   moat_run *again = NULL;
@@ -213,6 +259,13 @@ static void test_misuse(const char *home, const char *moat, const char *image,
   CHECK(err && strstr(moat_error_message(err), "KEY=VALUE"));
   moat_error_free(err);
   err = NULL;
+  CHECK(moat_run_options_set(o, "runtime", "kubernetes", NULL) == MOAT_OK);
+  CHECK(moat_run_start(o, &run, &err) == MOAT_ERR_INVALID_ARGUMENT);
+  CHECK(err && strstr(moat_error_message(err), "\"kubernetes\" is not a container engine"));
+  CHECK(run == NULL);
+  moat_error_free(err);
+  err = NULL;
+  CHECK(moat_run_options_set(o, "runtime", "docker", NULL) == MOAT_OK);
   CHECK(moat_run_options_set(o, "policy", "lenient", NULL) == MOAT_OK);
   CHECK(moat_run_start(o, &run, &err) == MOAT_ERR_INVALID_ARGUMENT);
   CHECK(err && strstr(moat_error_message(err), "lenient"));
@@ -224,17 +277,22 @@ static void test_misuse(const char *home, const char *moat, const char *image,
   moat_run_free(NULL);
   moat_run_options_free(NULL);
 
-  /* No engine at DOCKER_HOST: a runtime error that says what to start. */
+  /* No engine at DOCKER_HOST (or CONTAINER_HOST, for Podman): a runtime
+     error that says what to start. */
+  const char *engine = getenv("MOAT_RUNTIME");
+  int podman = engine && strcmp(engine, "podman") == 0;
   setenv("DOCKER_HOST", "unix:///nonexistent/docker.sock", 1);
+  setenv("CONTAINER_HOST", "unix:///nonexistent/podman.sock", 1);
   o = options(home, moat, image, workspace);
   CHECK(moat_run_options_add(o, "arg", "true", NULL) == MOAT_OK);
   err = NULL;
   CHECK(moat_run_start(o, &run, &err) == MOAT_ERR_RUNTIME);
-  CHECK(err && strstr(moat_error_message(err), "Docker engine"));
-  CHECK(err && strstr(moat_error_message(err), "Start Docker"));
+  CHECK(err && strstr(moat_error_message(err), podman ? "Podman engine" : "Docker engine"));
+  CHECK(err && strstr(moat_error_message(err), podman ? "Start Podman" : "Start Docker"));
   moat_error_free(err);
   moat_run_options_free(o);
   unsetenv("DOCKER_HOST");
+  unsetenv("CONTAINER_HOST");
 }
 
 int main(int argc, char **argv) {

@@ -460,10 +460,14 @@ def parse_checkpoint(body: str):
     if not body.endswith("\n"):
         raise VerifyError("checkpoint body does not end in a newline")
     lines = body[:-1].split("\n")
-    if len(lines) != 4:
-        # the document: origin, size, root, and exactly one extension line
-        raise VerifyError("checkpoint body has %d lines, expected 4" % len(lines))
-    origin, size_s, root_s, time_l = lines
+    # the document: origin, size, root, the time line, and a `final` line in
+    # the checkpoint that closes the log or `reopened` in one that opens it
+    final = len(lines) == 5 and lines[4] == "final"
+    reopened = len(lines) == 5 and lines[4] == "reopened"
+    if len(lines) != 4 and not (final or reopened):
+        raise VerifyError("checkpoint body has %d lines, expected 4 (or 5 ending in final "
+                          "or reopened)" % len(lines))
+    origin, size_s, root_s, time_l = lines[:4]
     if not origin.startswith("moat/") or len(origin) <= len("moat/"):
         raise VerifyError("checkpoint origin %r is not moat/<run>" % origin)
     if not re.fullmatch(r"0|[1-9][0-9]*", size_s):
@@ -473,7 +477,20 @@ def parse_checkpoint(body: str):
         raise VerifyError("tree head is not 32 bytes")
     if not time_l.startswith("time ") or not _RFC3339.fullmatch(time_l[5:]):
         raise VerifyError("bad time extension line %r" % time_l)
-    return {"origin": origin, "size": int(size_s), "root": root, "time": time_l[5:]}
+    return {"origin": origin, "size": int(size_s), "root": root, "time": time_l[5:],
+            "final": final, "reopened": reopened}
+
+
+def _instant(t: str):
+    """An RFC 3339 time as a comparable instant (nanoseconds kept)."""
+    m = re.fullmatch(r"(\d{4}-\d{2}-\d{2}[Tt]\d{2}:\d{2}:\d{2})(\.\d+)?([Zz]|[+-]\d{2}:\d{2})", t)
+    if not m:
+        raise VerifyError("bad time %r" % t)
+    import datetime
+    base = datetime.datetime.fromisoformat(m.group(1) + (
+        "+00:00" if m.group(3) in ("Z", "z") else m.group(3)))
+    frac = int((m.group(2) or ".0")[1:].ljust(9, "0")[:9])
+    return (int(base.timestamp()), frac)
 
 
 def verify_note(note: str, vkey: str):
@@ -660,7 +677,35 @@ def verify_log(dir, vkey) -> dict:
                 first_bad = _min(first_bad, n - 1)
             continue
         info["ok"] = True
+        info["final"] = cp["final"]
+        info["reopened"] = cp["reopened"]
+        info["note"] = obj["note"]
         covered = max(covered, n)
+    # step 5: the order of the checkpoints
+    good = [c for c in result["checkpoints"] if c.get("ok")]
+    if good and good[0]["reopened"]:
+        problems.append("checkpoint 1 reopens a log that was not closed")
+    for a, b in zip(good, good[1:]):
+        if b["origin"] != a["origin"]:
+            problems.append("checkpoints of two logs (%s, %s)" % (a["origin"], b["origin"]))
+        if (b["size"] < a["size"] or _instant(b["time"]) < _instant(a["time"])
+                or b["note"] == a["note"]):
+            problems.append("checkpoints go back (size %d at %s after size %d at %s)"
+                            % (b["size"], b["time"], a["size"], a["time"]))
+        if a["final"] and not (b["reopened"] and b["size"] == a["size"]):
+            problems.append("a checkpoint follows a final one without reopening the log")
+        if b["reopened"] and not a["final"]:
+            problems.append("a checkpoint reopens a log that was not closed")
+    # step 6: nothing after a final checkpoint (the last one, in file order)
+    last = result["checkpoints"][-1] if result["checkpoints"] else None
+    if last is not None and last.get("ok") and last.get("final") and len(lines) > last["size"]:
+        problems.append("%d entries follow the final checkpoint (size %d): added after the close"
+                        % (len(lines) - last["size"], last["size"]))
+        first_bad = _min(first_bad, last["size"])
+    # step 7
+    result["unsigned"] = len(lines) - covered
+    result["closed"] = bool(last is not None and last.get("ok") and last.get("final")
+                            and len(lines) == last["size"])
     result["covered"] = covered
     result["first_bad"] = first_bad
     result["ok"] = not problems

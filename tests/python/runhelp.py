@@ -26,22 +26,25 @@ from upstream import Upstream, make_ca
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 MOAT = ROOT / "target" / "debug" / "moat"
 IMAGE = "moat-test:bookworm"
+# The engine runs go on (MOAT_RUNTIME, as moat reads it), driven through its
+# own command line: `podman` takes the same arguments as `docker`.
+ENGINE = os.environ.get("MOAT_RUNTIME") or "docker"
 LABEL = "dev.moat.run"
 TOKEN = "ghp_E2EsecretRUNtoken0123456789abcdefXY"
 
 
 @functools.lru_cache(maxsize=None)
 def docker_problem() -> str | None:
-    """Why the Docker tests cannot run here, or None."""
-    if shutil.which("docker") is None:
-        return "the docker command is not installed"
+    """Why the engine's tests cannot run here, or None."""
+    if shutil.which(ENGINE) is None:
+        return f"the {ENGINE} command is not installed"
     try:
-        info = subprocess.run(["docker", "info"], capture_output=True, text=True, timeout=60)
+        info = subprocess.run([ENGINE, "info"], capture_output=True, text=True, timeout=60)
     except subprocess.TimeoutExpired:
-        return "the Docker engine did not answer `docker info` within 60 s"
+        return f"the {ENGINE} engine did not answer `{ENGINE} info` within 60 s"
     if info.returncode != 0:
-        return f"no Docker engine answers (`docker info`: {info.stderr.strip()[:200]})"
-    image = subprocess.run(["docker", "image", "inspect", IMAGE], capture_output=True, timeout=60)
+        return f"no {ENGINE} engine answers (`{ENGINE} info`: {info.stderr.strip()[:200]})"
+    image = subprocess.run([ENGINE, "image", "inspect", IMAGE], capture_output=True, timeout=60)
     if image.returncode != 0:
         return f"the image {IMAGE} is missing: build it with `bash scripts/build-test-image.sh`"
     if not MOAT.is_file():
@@ -53,6 +56,12 @@ def require_docker():
     problem = docker_problem()
     if problem:
         pytest.skip(problem, allow_module_level=True)
+
+
+def netfilter_rules(tool="iptables") -> str:
+    """Every rule of the tables moat uses (`filter` for the proxy's guard,
+    `mangle` for strict mode), as `iptables -S` prints them."""
+    return "".join(sh(tool, "-w", "-t", table, "-S").stdout for table in ("filter", "mangle"))
 
 
 def sh(*args, timeout=60, check=False, **kw):
@@ -169,20 +178,25 @@ class Moat:
             except subprocess.TimeoutExpired:
                 pass
         for run_id in ids:
-            subprocess.run(["docker", "rm", "-f", f"moat-{run_id}"], capture_output=True, timeout=60)
-            subprocess.run(["docker", "network", "rm", f"moat-{run_id}"], capture_output=True,
+            subprocess.run([ENGINE, "rm", "-f", f"moat-{run_id}"], capture_output=True, timeout=60)
+            subprocess.run([ENGINE, "network", "rm", f"moat-{run_id}"], capture_output=True,
                            timeout=60)
             chain = "MOAT-" + run_id[4:]
             for tool in ("iptables", "ip6tables"):
-                rules = subprocess.run([tool, "-w", "-S"], capture_output=True, text=True).stdout
-                for rule in rules.splitlines():
-                    if rule.startswith("-A ") and rule.endswith(f"-j {chain}"):
-                        subprocess.run([tool, "-w", "-D", *rule.split()[1:]], capture_output=True)
-                subprocess.run([tool, "-w", "-F", chain], capture_output=True)
-                subprocess.run([tool, "-w", "-X", chain], capture_output=True)
+                for table in ("filter", "mangle"):
+                    rules = subprocess.run([tool, "-w", "-t", table, "-S"], capture_output=True,
+                                           text=True).stdout
+                    for rule in rules.splitlines():
+                        if rule.startswith("-A ") and rule.endswith(f"-j {chain}"):
+                            subprocess.run([tool, "-w", "-t", table, "-D", *rule.split()[1:]],
+                                           capture_output=True)
+                    subprocess.run([tool, "-w", "-t", table, "-F", chain], capture_output=True)
+                    subprocess.run([tool, "-w", "-t", table, "-X", chain], capture_output=True)
         if not others_live(ids):
             try:
-                self("clean", "-f", timeout=60)
+                # Images stay: the next test's run reuses them (a Claude
+                # image takes half a minute to make).
+                self("clean", "-f", "--keep-images", timeout=60)
             except subprocess.TimeoutExpired:
                 pass
 
@@ -190,7 +204,7 @@ class Moat:
 def others_live(mine) -> bool:
     """Does the engine hold moat containers of runs other than `mine`?
     (`moat clean -f` would remove them, so we do not call it then.)"""
-    out = subprocess.run(["docker", "ps", "-a", "--filter", f"label={LABEL}",
+    out = subprocess.run([ENGINE, "ps", "-a", "--filter", f"label={LABEL}",
                           "--format", '{{.Label "dev.moat.run"}}'],
                          capture_output=True, text=True, timeout=60).stdout.split()
     return any(r not in mine for r in out)
@@ -198,13 +212,13 @@ def others_live(mine) -> bool:
 
 def docker_objects(run_id):
     """(containers, networks) Docker still holds for a run."""
-    c = sh("docker", "ps", "-a", "-q", "--filter", f"label={LABEL}={run_id}").stdout.split()
-    n = sh("docker", "network", "ls", "-q", "--filter", f"label={LABEL}={run_id}").stdout.split()
+    c = sh(ENGINE, "ps", "-a", "-q", "--filter", f"label={LABEL}={run_id}").stdout.split()
+    n = sh(ENGINE, "network", "ls", "-q", "--filter", f"label={LABEL}={run_id}").stdout.split()
     return c, n
 
 
 def container_alive(run_id) -> bool:
-    out = sh("docker", "inspect", "-f", "{{.State.Running}}", f"moat-{run_id}")
+    out = sh(ENGINE, "inspect", "-f", "{{.State.Running}}", f"moat-{run_id}")
     return out.returncode == 0 and out.stdout.strip() == "true"
 
 
@@ -218,7 +232,7 @@ def bridge_of(run_id) -> str:
 
 def pexec(run_id, script, timeout=60, privileged=True):
     """`docker exec --privileged -u 0` into a run's container."""
-    args = ["docker", "exec"] + (["--privileged"] if privileged else []) + \
+    args = [ENGINE, "exec"] + (["--privileged"] if privileged else []) + \
         ["-u", "0", f"moat-{run_id}", "sh", "-c", script]
     return sh(*args, timeout=timeout)
 
@@ -307,9 +321,9 @@ def helper_container(script="sleep 300"):
     """A container of ours on the default bridge (no moat involved); returns
     (name, ip). The caller removes it."""
     name = f"moat-e2e-helper-{os.getpid()}-{int(time.time() * 1000) % 100000}"
-    sh("docker", "run", "-d", "--rm", "--name", name, "--label", "moat-e2e=helper",
+    sh(ENGINE, "run", "-d", "--rm", "--name", name, "--label", "moat-e2e=helper",
        IMAGE, "sh", "-c", script, check=True)
-    ip = sh("docker", "inspect", "-f", "{{.NetworkSettings.IPAddress}}", name,
+    ip = sh(ENGINE, "inspect", "-f", "{{.NetworkSettings.IPAddress}}", name,
             check=True).stdout.strip()
     assert ip, "the helper container has no IP address on the default bridge"
     return name, ip

@@ -440,7 +440,10 @@ def test_tampered_bundles_are_rejected(produced_reopened, tmp_path):
         b["inclusion"].pop(0)
 
     def bad_consistency(b):
-        b["consistency"][0]["proof"][-1] = _flip_hex(b["consistency"][0]["proof"][-1])
+        # A reopened log has a trivial (empty) proof between its final and
+        # its reopening checkpoint, of one size: change a real one.
+        [first, *_] = [c for c in b["consistency"] if c["proof"]]
+        first["proof"][-1] = _flip_hex(first["proof"][-1])
 
     def forged_checkpoint(b):
         b["checkpoints"][0] = b["checkpoints"][0].replace("\n", "\n1", 1)
@@ -720,3 +723,52 @@ def test_a_key_from_another_moat_home(produced, tmp_path):
     assert other["vkey"] != produced["vkey"]
     assert not av.verify_log(produced["log"], other["vkey"])["ok"]
     assert av.verify_log(log, other["vkey"])["ok"]
+
+
+def test_closed_log_and_an_entry_forged_after_its_final_checkpoint(produced, copy):
+    """Step 5: a closed log (its last checkpoint final) takes no more
+    entries. One forged after the close, chained and canonical as a writer
+    would make it, is rejected by both verifiers; the clean log is closed."""
+    mine = av.verify_log(produced["log"], produced["vkey"])
+    assert mine["closed"] and mine["unsigned"] == 0
+    assert mine["checkpoints"][-1]["final"]
+    log = copy()
+    lines = read_lines(log)
+    forged = {"seq": len(lines), "time": "2026-11-29T00:00:00Z", "type": "request",
+              "prev": hashlib.sha256(lines[-1]).hexdigest(),
+              "data": {"host": "evil.example", "method": "GET"}}
+    lines.append(av.canonical_json(forged))
+    write_lines(log, lines)
+    mine, err, rep = _check_both_reject(log, produced["home"], produced["vkey"])
+    assert "added after the close" in " ".join(mine["problems"])
+    assert "added after the close" in err
+
+
+def test_reopened_log_is_not_taken_for_a_forgery(produced_reopened):
+    p = produced_reopened
+    mine = av.verify_log(p["log"], p["vkey"])
+    assert mine["ok"] and mine["closed"], mine["problems"]
+    finals = [c["final"] for c in mine["checkpoints"]]
+    # each run closed its own part; each reopening signed a plain one first
+    assert finals[-1] and finals.count(True) == 3 and finals.count(False) >= 2
+
+
+def test_a_copied_checkpoint_cannot_make_a_closed_log_look_open(produced_reopened, tmp_path):
+    """Step 5: after a forged entry, appending a copy of an earlier signed
+    checkpoint would make the log look open; the order of the checkpoints
+    gives it away, to both verifiers, with no witness (another home)."""
+    p = produced_reopened
+    log = tmp_path / "log"
+    shutil.copytree(p["log"], log)
+    lines = read_lines(log)
+    forged = {"seq": len(lines), "time": "2026-11-29T00:00:00Z", "type": "request",
+              "prev": hashlib.sha256(lines[-1]).hexdigest(), "data": {"host": "evil.example"}}
+    write_lines(log, lines + [av.canonical_json(forged)])
+    cps = (log / "checkpoints.jsonl").read_bytes().splitlines()
+    reopen = [c for c in cps if "\nreopened\n" in json.loads(c)["note"]]
+    assert reopen, "a reopened log has a reopened checkpoint"
+    (log / "checkpoints.jsonl").write_bytes(b"\n".join(cps + [reopen[0]]) + b"\n")
+    mine = av.verify_log(log, p["vkey"])
+    assert not mine["ok"], mine
+    out = cli(["audit", str(log), "--key", p["vkey"], "--json"], tmp_path / "other-home")
+    assert out.returncode != 0, out.stdout + out.stderr

@@ -20,6 +20,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 import moat
+from runhelp import ENGINE
 from upstream import make_ca
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -149,7 +150,7 @@ def test_only_the_granted_client_gets_credentials(sts, tmp_path):
         with pytest.raises(urllib.error.HTTPError) as info:
             fetch(proxy.url)
         assert info.value.code == 404
-        assert b"no aws grant" in info.value.read()
+        assert b"answers runs with an aws grant" in info.value.read()
     with moat.Proxy(grants=["aws"], home=home) as proxy:
         bare = "http://" + proxy.address
         with pytest.raises(urllib.error.HTTPError) as info:
@@ -197,7 +198,7 @@ def test_cli_grant_aws(sts, tmp_path):
 
 def _image_ready(image):
     try:
-        subprocess.run(["docker", "image", "inspect", image], check=True, capture_output=True, timeout=20)
+        subprocess.run([ENGINE, "image", "inspect", image], check=True, capture_output=True, timeout=20)
         return True
     except Exception:
         return False

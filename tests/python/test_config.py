@@ -27,7 +27,7 @@ def test_full_example_gives_typed_objects():
     assert isinstance(cfg, moat.Config)
     assert cfg.name == "my-agent"
     assert cfg.version == "1.0.0"
-    assert cfg.image == "node:20"
+    assert cfg.image == "node:20-bookworm"
     assert cfg.dependencies == ["node@20"]
     assert cfg.grants == ["github:repo"]
     assert cfg.env == {"NODE_ENV": "development"}
@@ -82,7 +82,8 @@ def test_config_error_carries_location(tmp_path):
     assert err.message == 'unknown field "grnats" (did you mean "grants"?)'
     assert str(err) == f'{ws / "agent.yaml"}:2:1: {err.message}'
     assert len(err.errors) == 2
-    assert err.errors[1].endswith(":5:8: ports.web: port 70000 is out of range (1-65535)")
+    assert str(err.errors[1]).endswith(":5:8: ports.web: port 70000 is out of range (1-65535)")
+    assert (err.errors[1].line, err.errors[1].column) == (5, 8)
 
 
 @pytest.mark.parametrize(

@@ -176,6 +176,18 @@ def test_cli_hidden_prompt_when_gh_is_declined(github, tmp_path):
     assert moat.grants(home=tmp_path / "h")[0]["source"] == "prompt"
 
 
+def test_the_hidden_prompt_never_echoes_a_token_typed_at_once(github, tmp_path):
+    """The token is typed the moment the prompt appears, many times over:
+    echo must already be off when the prompt is shown (it once was turned
+    off only after, and a fast typist's token was echoed)."""
+    env = {**os.environ, "PATH": "/usr/bin:/bin"}
+    for i in range(25):
+        env["MOAT_HOME"] = str(tmp_path / f"h{i}")
+        code, out = pty_run(["grant", "github"], env, [("GitHub personal access token: ", GOOD + "\n")])
+        assert code == 0, out
+        assert GOOD not in out, f"round {i}: the token was echoed: {out!r}"
+
+
 def test_cli_imports_claude_code_credentials(github, tmp_path):
     user = tmp_path / "user"
     (user / ".claude").mkdir(parents=True)
@@ -194,7 +206,15 @@ def test_cli_imports_claude_code_credentials(github, tmp_path):
     (user / ".claude" / ".credentials.json").write_text(json.dumps({"claudeAiOauth": {
         "accessToken": "sk-ant-oat01-OLD", "expiresAt": 1000}}))
     code, out = pty_run(["grant", "anthropic"], env, [("Use Claude Code credentials? [Y/n]:", "y\n")])
-    assert code == 1 and "expired" in out, out
+    assert code == 1 and "expired" in out and "no refresh token" in out, out
+    # An expired one that can be refreshed is taken: runs refresh it on the host.
+    (user / ".claude" / ".credentials.json").write_text(json.dumps({"claudeAiOauth": {
+        "accessToken": "sk-ant-oat01-OLD", "refreshToken": "sk-ant-ort01-R", "expiresAt": 1000}}))
+    code, out = pty_run(["grant", "anthropic"], env, [("Use Claude Code credentials? [Y/n]:", "y\n")])
+    assert code == 0, out
+    [g] = moat.grants(home=tmp_path / "h")
+    assert g["metadata"]["credentials_file"] == str(user / ".claude" / ".credentials.json"), g
+    assert files_hold(tmp_path / "h", "sk-ant-ort01-R") is None, "the refresh token stays in its file"
 
 
 def test_concurrent_grant_processes_never_corrupt_the_store(github, tmp_path):

@@ -218,3 +218,29 @@ def test_body_capture_is_off_by_default_and_bounded(upstream, tmp_path):
             assert len(record["response_body"]) == 16
         else:
             assert "response_body" not in record
+
+
+def test_the_in_memory_trace_is_bounded_and_says_what_it_dropped(upstream, tmp_path):
+    """A harness keeps one proxy open for hours: its in-memory trace keeps
+    the newest records within trace_limit and trace_bytes, and counts the
+    rest."""
+    with start(upstream, tmp_path, trace_limit=5) as proxy:
+        o = opener(proxy)
+        for i in range(12):
+            with o.open(f"https://api.github.com/n{i}", timeout=20) as resp:
+                resp.read()
+        trace = proxy.trace()
+        assert [r["url"].rsplit("/", 1)[1] for r in trace] == [f"n{i}" for i in range(7, 12)]
+        records, events = proxy.dropped
+        assert records == 7 and events > 0
+        assert len(proxy.audit_events()) == 5
+    with start(upstream, tmp_path / "b", trace_bytes=4096) as proxy:
+        o = opener(proxy)
+        for i in range(20):
+            with o.open(f"https://api.github.com/b{i}", timeout=20) as resp:
+                resp.read()
+        kept = proxy.trace()
+        assert 0 < len(kept) < 20 and kept[-1]["url"].endswith("/b19")
+        assert proxy.dropped[0] == 20 - len(kept)
+    with pytest.raises((OverflowError, TypeError)):
+        start(upstream, tmp_path / "c", trace_limit=-1)

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 import moat
+from runhelp import ENGINE
 
 ROOT = Path(__file__).resolve().parents[2]
 MOAT = ROOT / "target" / "debug" / "moat"
@@ -22,7 +23,7 @@ IMAGE = os.environ.get("MOAT_TEST_IMAGE", "moat-test:bookworm")
 
 def _ready():
     try:
-        subprocess.run(["docker", "image", "inspect", IMAGE], check=True, capture_output=True, timeout=20)
+        subprocess.run([ENGINE, "image", "inspect", IMAGE], check=True, capture_output=True, timeout=20)
         return MOAT.exists()
     except Exception:
         return False

@@ -10,6 +10,7 @@ import time
 import pytest
 
 import moat
+from runhelp import ENGINE
 from upstream import Upstream, make_ca
 
 IMAGE = os.environ.get("MOAT_TEST_IMAGE", "moat-test:bookworm")
@@ -18,7 +19,7 @@ TOKEN = "ghp_pyRunTokenABCDEFGHIJKLMNOPQRSTUVWXYZ01"
 
 def _docker_ready():
     try:
-        subprocess.run(["docker", "image", "inspect", IMAGE], check=True, capture_output=True, timeout=20)
+        subprocess.run([ENGINE, "image", "inspect", IMAGE], check=True, capture_output=True, timeout=20)
         return True
     except Exception:
         return False
@@ -89,15 +90,17 @@ def test_context_manager_stops_a_running_run(home, workspace):
         assert r.wait(timeout=0.2) is None
     assert r.state == "stopped"
     assert r.exit_code in (137, 143)
-    out = subprocess.run(["docker", "ps", "-aq", "--filter", f"label=dev.moat.run={r.run_id}"],
+    out = subprocess.run([ENGINE, "ps", "-aq", "--filter", f"label=dev.moat.run={r.run_id}"],
                          capture_output=True, text=True, check=True)
     assert out.stdout.strip() == ""
 
 
 def test_timeout_stops_the_run(home, workspace):
     t = time.monotonic()
-    r = moat.run(workspace, command=["sleep", "300"], image=IMAGE, timeout=0.5)
+    with pytest.raises(moat.RunTimeout) as info:
+        moat.run(workspace, command=["sleep", "300"], image=IMAGE, timeout=0.5)
     assert time.monotonic() - t < 30
+    r = info.value.run
     assert r.state == "stopped" and r.exit_code in (137, 143)
 
 
@@ -142,10 +145,23 @@ def test_grant_is_injected_and_traced_but_never_inside(home, workspace, tmp_path
         up.close()
 
 
+def test_the_engine_is_chosen_and_remembered(home, workspace, monkeypatch):
+    r = moat.run(workspace, image=IMAGE, runtime=ENGINE, command=["true"])
+    assert r.exit_code == 0 and r.info()["engine"] == ENGINE
+    # MOAT_RUNTIME is the default; a bad one is named.
+    monkeypatch.setenv("MOAT_RUNTIME", "lxc")
+    with pytest.raises(moat.InvalidArgumentError, match="MOAT_RUNTIME"):
+        moat.run(workspace, image=IMAGE, command=["true"])
+    # The argument wins over it.
+    r = moat.run(workspace, image=IMAGE, runtime=ENGINE, command=["true"])
+    assert r.info()["engine"] == ENGINE
+
+
 def test_strict_network_argument(home, workspace):
     r = moat.run(workspace, image=IMAGE, network={"policy": "strict", "allow": ["api.github.com"]},
-                 command=["sh", "-c", "curl -s -o /dev/null -w '%{http_connect}' https://blocked.test/"])
-    assert r.output == "403"
+                 command=["sh", "-c", "curl -s -o /dev/null -w '%{http_connect} %{http_code}' https://blocked.test/"])
+    # The CONNECT is answered; the refusal comes inside TLS.
+    assert r.output == "200 403"
     assert r.info()["policy"] == "strict"
 
 
@@ -155,6 +171,7 @@ def test_strict_network_argument(home, workspace):
     ({"network": {"policy": "strict", "allow": ["*"]}}, moat.InvalidArgumentError, "allow[0]"),
     ({"name": "Not A Name"}, moat.InvalidArgumentError, "invalid agent name"),
     ({"env": {"1BAD": "x"}}, moat.InvalidArgumentError, "1BAD"),
+    ({"runtime": "kubernetes"}, moat.InvalidArgumentError, '"kubernetes" is not a container engine'),
 ])
 def test_bad_arguments_name_what_is_wrong(home, workspace, kwargs, error, needle):
     with pytest.raises(error) as e:
@@ -170,10 +187,12 @@ def test_missing_workspace_is_an_io_error(home, tmp_path):
 def test_no_engine_is_a_container_runtime_error(home, workspace, monkeypatch):
     with monkeypatch.context() as m:
         m.setenv("DOCKER_HOST", "unix:///nonexistent/docker.sock")
-        with pytest.raises(moat.ContainerRuntimeError, match="Start Docker"):
+        m.setenv("CONTAINER_HOST", "unix:///nonexistent/podman.sock")
+        title = "Podman" if ENGINE == "podman" else "Docker"
+        with pytest.raises(moat.ContainerRuntimeError, match=f"Start {title}"):
             moat.run(workspace, image=IMAGE, command=["true"])
     [run] = moat.runs(home=home)
-    assert run["state"] == "failed" and "Docker engine" in run["error"]
+    assert run["state"] == "failed" and f"{title} engine" in run["error"]
 
 
 def test_an_image_that_cannot_be_pulled_is_a_clear_error(home, workspace):
@@ -216,12 +235,12 @@ def test_the_proxy_is_reachable_from_its_run_and_the_host_only(home, workspace, 
         # The host reaches it.
         socket.create_connection((host, int(port)), timeout=5).close()
         # The run's own container reaches it.
-        inside = subprocess.run(["docker", "exec", f"moat-{r.run_id}", "nc", "-z", "-w", "5", host, port],
+        inside = subprocess.run([ENGINE, "exec", f"moat-{r.run_id}", "nc", "-z", "-w", "5", host, port],
                                 capture_output=True, timeout=30)
         assert inside.returncode == 0, inside.stderr
         # A container of another network (the default bridge) does not,
         # though the host would route it there.
-        other = subprocess.run(["docker", "run", "--rm", IMAGE, "nc", "-z", "-w", "3", host, port],
+        other = subprocess.run([ENGINE, "run", "--rm", IMAGE, "nc", "-z", "-w", "3", host, port],
                                capture_output=True, timeout=60)
         assert other.returncode != 0
         audit = [json.loads(l) for l in open(os.path.join(r.dir, "audit.jsonl"))]

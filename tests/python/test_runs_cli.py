@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from runhelp import (IMAGE, LABEL, TOKEN, Moat, TcpListener, container_alive, docker_objects,
+from runhelp import (ENGINE, IMAGE, LABEL, TOKEN, Moat, TcpListener, container_alive, docker_objects,
                      files_holding, gateway_of, make_upstream, others_live, require_docker, sh)
 
 require_docker()
@@ -283,9 +283,9 @@ def test_detach_list_logs_stop_destroy_clean(m):
             assert docker_objects(rid) == ([], []), rid
     finally:
         m.cleanup()
-    ps = sh("docker", "ps", "-a", "--filter", f"label={LABEL}", "--format",
+    ps = sh(ENGINE, "ps", "-a", "--filter", f"label={LABEL}", "--format",
             '{{.Label "dev.moat.run"}}').stdout
-    nets = sh("docker", "network", "ls", "--filter", f"label={LABEL}", "--format",
+    nets = sh(ENGINE, "network", "ls", "--filter", f"label={LABEL}", "--format",
               "{{.Name}}").stdout
     assert run_id not in ps and run_id not in nets
 
@@ -372,11 +372,12 @@ def test_killing_the_supervisor_marks_the_run_failed_and_removes_it(m):
 def test_docker_not_running_is_a_clear_error(m):
     t0 = time.time()
     out = m("run", m.workspace(), "--image", IMAGE, "--", "true", timeout=30,
-            env={"DOCKER_HOST": "unix:///nonexistent.sock"})
+            env={"DOCKER_HOST": "unix:///nonexistent.sock",
+                 "CONTAINER_HOST": "unix:///nonexistent.sock"})
     assert time.time() - t0 < 30
     assert out.returncode != 0
     err = out.stderr.lower()
-    assert "docker" in err and "engine" in err, out.stderr
+    assert ENGINE in err and "engine" in err and "nonexistent.sock" in err, out.stderr
     assert "start" in err, out.stderr
     assert "panicked" not in err
 

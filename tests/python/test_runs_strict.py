@@ -20,9 +20,10 @@ import time
 
 import pytest
 
-from runhelp import (HELPER_SERVER, PROBE_SCRIPT, TOKEN, HostTargets, Moat, bridge_link_local,
+from runhelp import (ENGINE, HELPER_SERVER, PROBE_SCRIPT, TOKEN, HostTargets, Moat, bridge_link_local,
                      bridge_of, container_alive, docker_objects, escape_probes, gateway_of,
-                     helper_container, make_upstream, parse_probes, reached, require_docker, sh)
+                     helper_container, make_upstream, netfilter_rules, parse_probes, reached,
+                     require_docker, sh)
 
 require_docker()
 
@@ -67,7 +68,7 @@ def helper():
             pytest.fail("the helper container does not listen on 8080")
         yield name, ip
     finally:
-        sh("docker", "rm", "-f", name)
+        sh(ENGINE, "rm", "-f", name)
 
 
 @pytest.fixture
@@ -80,15 +81,13 @@ def m(tmp_path, upstream):
 
 def chains(run_id):
     chain = "MOAT-" + run_id[4:]
-    v4 = sh("iptables", "-w", "-S").stdout
-    v6 = sh("ip6tables", "-w", "-S").stdout
-    return chain in v4, chain in v6
+    return chain in netfilter_rules("iptables"), chain in netfilter_rules("ip6tables")
 
 
 def probe_in_container(run_id, probes, user=None):
     """Runs the probe script with the image's python3 via docker exec."""
     cfg = json.dumps({"probes": probes, "timeout": 2})
-    args = ["docker", "exec"] + (["-u", user] if user else []) + \
+    args = [ENGINE, "exec"] + (["-u", user] if user else []) + \
         [f"moat-{run_id}", "python3", "-c", PROBE_SCRIPT, cfg]
     out = sh(*args, timeout=60)
     assert out.returncode == 0, out.stdout + out.stderr
@@ -96,7 +95,7 @@ def probe_in_container(run_id, probes, user=None):
 
 
 def container_pid(run_id):
-    return sh("docker", "inspect", "-f", "{{.State.Pid}}", f"moat-{run_id}",
+    return sh(ENGINE, "inspect", "-f", "{{.State.Pid}}", f"moat-{run_id}",
               check=True).stdout.strip()
 
 
@@ -132,7 +131,7 @@ def test_strict_allows_only_the_allowed_host_through_the_proxy(m, upstream):
     script = (
         "curl -sS --max-time 20 https://api.github.com/user; echo; "
         "curl -s -o /dev/null -w 'http:%{http_code}\\n' --max-time 20 http://other.test/strict-x; "
-        "curl -s -o /dev/null -w 'connect:%{http_connect}\\n' --max-time 20 "
+        "curl -s -o /dev/null -w 'connect:%{http_connect} code:%{http_code}\\n' --max-time 20 "
         "https://other.test/strict-y; "
         "curl -s --max-time 20 http://other.test/strict-z"
     )
@@ -141,7 +140,8 @@ def test_strict_allows_only_the_allowed_host_through_the_proxy(m, upstream):
     lines = out.stdout.splitlines()
     assert json.loads(lines[0]) == {"login": "octocat"}
     assert "http:403" in lines
-    assert "connect:403" in lines
+    # HTTPS refusals are answered inside TLS, where the client reads them.
+    assert "connect:200 code:403" in lines
     assert "Moat: request blocked by network policy." in out.stdout
     assert 'Host "other.test" is not in the allow list.' in out.stdout
     assert not [r for r in upstream.seen if r["path"].startswith("/strict-")]
@@ -155,7 +155,10 @@ def test_strict_allows_only_the_allowed_host_through_the_proxy(m, upstream):
     assert denied and all(r.get("denied") for r in denied), trace
     audit = [json.loads(l) for l in (m.dir(run["id"]) / "audit.jsonl").read_text().splitlines()]
     [created] = [e["data"] for e in audit if e["type"] == "container_created"]
-    assert created["firewall"] is True and created["internal_network"] is True
+    # Podman's internal networks have no gateway for the proxy: there the
+    # host firewall alone keeps the run in (as it does on Docker anyway).
+    assert created["firewall"] is True
+    assert created["internal_network"] is (ENGINE == "docker")
     assert created["cap_drop"] == ["ALL"]
     assert any(e["type"] == "policy_decision" and not e["data"]["allowed"]
                and e["data"]["host"] == "other.test" for e in audit)
@@ -163,6 +166,39 @@ def test_strict_allows_only_the_allowed_host_through_the_proxy(m, upstream):
     m.wait_cleaned(run["id"])
     assert chains(run["id"]) == (False, False)
     assert docker_objects(run["id"]) == ([], [])
+
+
+def test_strict_refusals_explain_themselves_to_https_clients(m, upstream):
+    """curl, Python requests and git each show the seeds' message for a host
+    strict mode refuses, not a bare failed CONNECT; nothing reaches it."""
+    ws = m.workspace(agent_yaml=STRICT_YAML)
+    script = (
+        "curl -sS --max-time 20 https://other.test/refused-curl; echo \"curl-exit:$?\"; "
+        "python3 -c 'import requests; r = requests.get(\"https://other.test/refused-py\", "
+        "timeout=20); print(\"py-status:\", r.status_code); print(r.text)'; "
+        "git clone https://other.test/refused-git.git /tmp/r 2>&1; echo \"git-exit:$?\""
+    )
+    out = m.run(ws, "sh", "-c", script, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+    text = out.stdout
+    seeds = ("Moat: request blocked by network policy.\n"
+             "Host \"other.test\" is not in the allow list.\n"
+             "Add it to network.allow in agent.yaml or use policy: permissive.")
+    curl_part, rest = text.split("curl-exit:", 1)
+    py_part, git_part = rest.split("Cloning into", 1)
+    assert seeds in curl_part, text
+    assert "py-status: 403" in py_part and seeds in py_part, text
+    # git shows a text/plain refusal as the remote's message.
+    assert "remote: Moat: request blocked by network policy." in git_part, text
+    assert "CONNECT tunnel failed" not in text and "ProxyError" not in text, text
+    assert not [r for r in upstream.seen if r["path"].startswith("/refused")]
+    run_id = m.latest()["id"]
+    trace = [json.loads(l) for l in
+             m("trace", run_id, "--network", "--json", check=True).stdout.splitlines()]
+    refused = [r for r in trace if r.get("host") == "other.test"]
+    assert {r["url"] for r in refused} >= {"https://other.test/refused-curl",
+                                           "https://other.test/refused-py"}, refused
+    assert all(r["status"] == 403 and r["denied"] == "network policy" for r in refused), refused
 
 
 def test_strict_blocks_every_path_but_the_proxy(m, targets, helper):
@@ -175,11 +211,14 @@ def test_strict_blocks_every_path_but_the_proxy(m, targets, helper):
     # The proxy listens on the run's gateway only, not on every interface.
     listening = sh("ss", "-Hltn", f"sport = :{proxy_port}").stdout.split()
     assert f"{gw}:{proxy_port}" in listening, listening
-    # The network is internal.
-    net = json.loads(sh("docker", "network", "inspect", f"moat-{run_id}", check=True).stdout)[0]
-    assert net["Internal"] is True
+    # On Docker the network is internal too (a Podman network that is has
+    # no gateway: there the host firewall alone holds, as tested below).
+    if ENGINE == "docker":
+        net = json.loads(sh(ENGINE, "network", "inspect", f"moat-{run_id}",
+                            check=True).stdout)[0]
+        assert net["Internal"] is True
     # The allowed path works from this very container.
-    ok = sh("docker", "exec", f"moat-{run_id}", "curl", "-sS", "--max-time", "20",
+    ok = sh(ENGINE, "exec", f"moat-{run_id}", "curl", "-sS", "--max-time", "20",
             "https://api.github.com/user")
     assert json.loads(ok.stdout) == {"login": "octocat"}, ok.stderr
     probes = escape_probes(targets, gw, helper[1], bridge_link_local(bridge_of(run_id)))
@@ -221,10 +260,10 @@ def test_strict_holds_against_root_with_every_capability(m, targets, helper):
     # no-new-privileges and no capabilities. Either the engine refuses to
     # start the privileged process, or it starts and still gets nowhere.
     attack = ROOT_ATTACK.format(gw=gw)
-    priv = sh("docker", "exec", "--privileged", "-u", "0", f"moat-{run_id}", "sh", "-c",
+    priv = sh(ENGINE, "exec", "--privileged", "-u", "0", f"moat-{run_id}", "sh", "-c",
               attack + "; iptables -S; echo ATTACK-RAN")
     if "ATTACK-RAN" in priv.stdout:
-        results = parse_probes(sh("docker", "exec", "--privileged", "-u", "0", f"moat-{run_id}",
+        results = parse_probes(sh(ENGINE, "exec", "--privileged", "-u", "0", f"moat-{run_id}",
                                   "python3", "-c", PROBE_SCRIPT,
                                   json.dumps({"probes": probes, "timeout": 2})).stdout)
         assert_all_blocked(results, probes, targets, before)
@@ -279,8 +318,8 @@ def test_strict_chains_are_removed_when_a_run_ends_or_its_supervisor_dies(m):
     assert not container_alive(run_id)
     assert chains(run_id) == (False, False)
     assert docker_objects(run_id) == ([], [])
-    leftovers = [l for l in sh("iptables", "-w", "-S").stdout.splitlines()
-                 + sh("ip6tables", "-w", "-S").stdout.splitlines()
+    leftovers = [l for l in netfilter_rules("iptables").splitlines()
+                 + netfilter_rules("ip6tables").splitlines()
                  if run_id[4:] in l or done[4:] in l]
     assert leftovers == []
 

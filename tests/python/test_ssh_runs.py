@@ -25,7 +25,7 @@ import socket
 import pytest
 
 import moat
-from runhelp import IMAGE, Moat, gateway_of, require_docker, sh
+from runhelp import ENGINE, IMAGE, Moat, gateway_of, require_docker, sh
 from sshhelp import (Key, agent, fresh_agent, known_hosts_line, private_key_needles,  # noqa: F401
                      require_ssh, sshd, write_known_hosts)
 
@@ -814,16 +814,16 @@ def test_the_forwarder_is_reachable_from_its_run_and_the_host_only(m, servers, p
     ws = m.workspace(agent_yaml=f"network:\n  policy: {policy}\n")
     run_id = m.detach(ws, "sleep", "300", args=["--grant", "ssh:git-a.test"])
     assert m.wait_state(run_id, ("running",)) == "running"
-    conf = sh("docker", "exec", f"moat-{run_id}", "cat", "/etc/ssh/ssh_config.d/moat.conf",
+    conf = sh(ENGINE, "exec", f"moat-{run_id}", "cat", "/etc/ssh/ssh_config.d/moat.conf",
               check=True).stdout
     opts = ssh_g(conf.replace("    ", ""))
     gw, port = opts["hostname"][0], opts["port"][0]
     assert gw == gateway_of(m.meta(run_id)), conf
     # The host reaches it; so does the run's own container.
     socket.create_connection((gw, int(port)), timeout=5).close()
-    inside = sh("docker", "exec", f"moat-{run_id}", "nc", "-z", "-w", "5", gw, port)
+    inside = sh(ENGINE, "exec", f"moat-{run_id}", "nc", "-z", "-w", "5", gw, port)
     assert inside.returncode == 0, inside.stderr
-    other = sh("docker", "run", "--rm", IMAGE, "nc", "-z", "-w", "3", gw, port)
+    other = sh(ENGINE, "run", "--rm", IMAGE, "nc", "-z", "-w", "3", gw, port)
     assert other.returncode != 0, "a container of another network reached the forwarder"
     m("stop", run_id, check=True)
 

@@ -23,6 +23,9 @@ const KEY_NAME: &str = "moat";
 const MAX_BATCH: usize = 4096;
 /// A checkpoint is signed at least this often while entries arrive.
 const CHECKPOINT_EVERY: u64 = 1000;
+/// The most entries waiting for the writer; more make their senders wait
+/// (the proxy slows to the disk's pace rather than queue without bound).
+const MAX_QUEUED: usize = 16_384;
 
 fn hex(b: &[u8]) -> String {
     const DIGITS: &[u8; 16] = b"0123456789abcdef";
@@ -118,12 +121,31 @@ pub struct Checkpoint {
     pub root: String,
     /// When it was signed.
     pub time: String,
+    /// Signed when the log was closed: no entry may follow it (unless the
+    /// log was opened again, which signs a checkpoint that is not final).
+    #[serde(rename = "final")]
+    pub is_final: bool,
+    /// Signed when a closed log was opened again: it follows a final
+    /// checkpoint of the same size, and entries may follow it.
+    pub reopened: bool,
     /// The whole signed note.
     pub note: String,
 }
 
-fn sign_checkpoint(key: &SigningKey, origin: &str, size: u64, root: &Hash, time: &str) -> String {
-    let body = format!("{origin}\n{size}\n{}\ntime {time}\n", B64.encode(root));
+fn sign_checkpoint(
+    key: &SigningKey,
+    origin: &str,
+    size: u64,
+    root: &Hash,
+    time: &str,
+    why: Signing,
+) -> String {
+    let mut body = format!("{origin}\n{size}\n{}\ntime {time}\n", B64.encode(root));
+    match why {
+        Signing::Final => body.push_str("final\n"),
+        Signing::Reopened => body.push_str("reopened\n"),
+        Signing::Periodic => {}
+    }
     let sig = key.sign(body.as_bytes());
     let mut blob = key_hash(KEY_NAME, &key.verifying_key()).to_vec();
     blob.extend_from_slice(&sig.to_bytes());
@@ -170,7 +192,9 @@ fn open_checkpoint(note: &str, key: &VerifyingKey) -> std::result::Result<Checkp
         .and_then(|l| B64.decode(l).ok())
         .filter(|r| r.len() == 32)
         .ok_or("bad root line")?;
-    let time = lines
+    let extensions: Vec<&str> = lines.collect();
+    let time = extensions
+        .iter()
         .find_map(|l| l.strip_prefix("time "))
         .unwrap_or("")
         .to_string();
@@ -179,6 +203,8 @@ fn open_checkpoint(note: &str, key: &VerifyingKey) -> std::result::Result<Checkp
         size,
         root: hex(&root),
         time,
+        is_final: extensions.contains(&"final"),
+        reopened: extensions.contains(&"reopened"),
         note: note.to_string(),
     })
 }
@@ -207,7 +233,7 @@ enum Msg {
 /// If the log cannot be written, [`AuditWriter::healthy`] turns false and
 /// stays false: the proxy then stops injecting credentials.
 pub struct AuditWriter {
-    tx: Mutex<mpsc::Sender<Msg>>,
+    tx: mpsc::SyncSender<Msg>,
     failed: Arc<Mutex<Option<String>>>,
     thread: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
@@ -228,13 +254,27 @@ struct State {
     tree: merkle::Tree,
     prev: Hash,
     last_checkpoint: u64,
+    /// Bytes of `audit.jsonl` on disk and part of the log.
+    committed: u64,
     _lock: File,
 }
 
+/// Why a checkpoint is signed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Signing {
+    /// Entries came since the last one (skipped when none did).
+    Periodic,
+    /// A closed log was opened again: entries may follow its final one.
+    Reopened,
+    /// The log is closed: no entry may follow.
+    Final,
+}
+
 impl State {
-    fn checkpoint(&mut self) -> std::result::Result<(), String> {
+    /// Signs a checkpoint of the whole log.
+    fn checkpoint(&mut self, why: Signing) -> std::result::Result<(), String> {
         let size = self.tree.len() as u64;
-        if size == self.last_checkpoint && size > 0 {
+        if why == Signing::Periodic && size == self.last_checkpoint && size > 0 {
             return Ok(());
         }
         let root = self.tree.root(self.tree.len());
@@ -244,6 +284,7 @@ impl State {
             size,
             &root,
             &crate::trace::now_rfc3339(),
+            why,
         );
         let line = format!("{}\n", serde_json::json!({ "note": note }));
         self.checkpoints
@@ -257,7 +298,7 @@ impl State {
             })?;
         let witness = witness_path(&self.home, &self.dir);
         if let Some(parent) = witness.parent() {
-            let _ = std::fs::create_dir_all(parent);
+            paths::private_dir(parent).map_err(|e| e.to_string())?;
         }
         paths::write_private(&witness, note.as_bytes(), 0o600).map_err(|e| e.to_string())?;
         self.last_checkpoint = size;
@@ -271,12 +312,7 @@ impl AuditWriter {
     pub fn open(dir: &Path, home: &Path, name: &str) -> Result<AuditWriter> {
         paths::private_dir(dir)?;
         let lock_path = dir.join("audit.lock");
-        let lock = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&lock_path)
-            .map_err(|e| Error::io(&lock_path, "open", e))?;
+        let lock = paths::open_private(&lock_path, paths::Open::Keep)?;
         lock.try_lock().map_err(|_| {
             bad(
                 ErrorKind::InvalidArgument,
@@ -303,15 +339,15 @@ impl AuditWriter {
             f.set_len(valid)
                 .map_err(|e| Error::io(&log_path, "truncate", e))?;
         }
-        let open = |p: &Path| {
-            OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(p)
-                .map_err(|e| Error::io(p, "open", e))
-        };
-        let state = State {
-            file: open(&log_path)?,
+        let open = |p: &Path| paths::open_private(p, paths::Open::Append);
+        let file = open(&log_path)?;
+        let committed = file
+            .metadata()
+            .map_err(|e| Error::io(&log_path, "read", e))?
+            .len();
+        let mut state = State {
+            file,
+            committed,
             checkpoints: open(&dir.join("checkpoints.jsonl"))?,
             dir: dir.to_path_buf(),
             home: home.to_path_buf(),
@@ -322,7 +358,15 @@ impl AuditWriter {
             last_checkpoint: report.checkpoints.last().map_or(0, |c| c.size),
             _lock: lock,
         };
-        let (tx, rx) = mpsc::channel();
+        if report.checkpoints.last().is_some_and(|c| c.is_final) {
+            // Opened again after it was closed: a checkpoint that is not
+            // final says so, so the entries that follow are not taken for
+            // ones forged after the close.
+            state
+                .checkpoint(Signing::Reopened)
+                .map_err(|e| bad(ErrorKind::Io, e))?;
+        }
+        let (tx, rx) = mpsc::sync_channel(MAX_QUEUED);
         let failed: Arc<Mutex<Option<String>>> = Arc::default();
         let thread_failed = failed.clone();
         let thread = std::thread::Builder::new()
@@ -335,7 +379,7 @@ impl AuditWriter {
                 )
             })?;
         Ok(AuditWriter {
-            tx: Mutex::new(tx),
+            tx,
             failed,
             thread: Mutex::new(Some(thread)),
         })
@@ -343,8 +387,6 @@ impl AuditWriter {
 
     fn send(&self, msg: Msg) -> Result<()> {
         self.tx
-            .lock()
-            .map_err(|_| bad(ErrorKind::Internal, "audit writer lock poisoned".into()))?
             .send(msg)
             .map_err(|_| bad(ErrorKind::Io, "the audit writer has stopped".into()))
     }
@@ -360,6 +402,12 @@ impl AuditWriter {
         done.recv()
             .map_err(|_| bad(ErrorKind::Io, "the audit writer has stopped".into()))?
             .map_err(|e| bad(ErrorKind::Io, e))
+    }
+
+    /// Appends an event and waits until it is on disk; its sequence number.
+    pub fn record(&self, event: &crate::trace::AuditEvent) -> Result<u64> {
+        let (kind, data) = event.entry();
+        self.append(&kind, data)
     }
 
     /// Appends an entry without waiting (it is committed within 10 ms).
@@ -401,6 +449,86 @@ impl Drop for AuditWriter {
     }
 }
 
+/// The lines of `entries`, chained after `prev` from sequence number
+/// `seq`: (line, its hash, its leaf hash, its ack and sequence number).
+type Staged = (
+    String,
+    Hash,
+    Hash,
+    Option<mpsc::Sender<std::result::Result<u64, String>>>,
+    u64,
+);
+
+/// The proxy's audit events go to the log (without waiting for the disk).
+impl crate::trace::AuditSink for AuditWriter {
+    fn event(&self, event: crate::trace::AuditEvent) {
+        let (kind, data) = event.entry();
+        self.append_nowait(&kind, data);
+    }
+
+    fn healthy(&self) -> std::result::Result<(), String> {
+        AuditWriter::healthy(self)
+    }
+}
+
+impl State {
+    /// Chains and serializes `batch` without changing the log's state.
+    fn stage(&self, batch: Vec<Msg>) -> Vec<Staged> {
+        let mut prev = self.prev;
+        let mut seq = self.tree.len() as u64;
+        let mut out = Vec::new();
+        for msg in batch {
+            let Msg::Entry(v, ack) = msg else { continue };
+            let entry = serde_json::json!({
+                "seq": seq,
+                "time": crate::trace::now_rfc3339(),
+                "type": v["type"],
+                "prev": hex(&prev),
+                "data": v["data"],
+            });
+            let Some(line) = canonical(&entry) else {
+                if let Some(a) = ack {
+                    let _ = a.send(Err("audit data must not hold fractional numbers".into()));
+                }
+                continue;
+            };
+            prev = Sha256::digest(line.as_bytes()).into();
+            let leaf = merkle::leaf_hash(line.as_bytes());
+            out.push((line, prev, leaf, ack, seq));
+            seq += 1;
+        }
+        out
+    }
+
+    /// Writes staged lines and, once they are on disk, makes them the log's.
+    /// A failed write leaves no part of them behind (the file is cut back to
+    /// its committed length) and the state as it was.
+    fn commit(&mut self, staged: &[Staged]) -> std::result::Result<(), String> {
+        let mut buf = String::new();
+        for (line, ..) in staged {
+            buf.push_str(line);
+            buf.push('\n');
+        }
+        let written = self
+            .file
+            .write_all(buf.as_bytes())
+            .and_then(|()| self.file.sync_data());
+        if let Err(e) = written {
+            let _ = self.file.set_len(self.committed);
+            return Err(format!(
+                "cannot write the audit log {}: {e}",
+                self.dir.join("audit.jsonl").display()
+            ));
+        }
+        self.committed += buf.len() as u64;
+        for (_, hash, leaf, ..) in staged {
+            self.prev = *hash;
+            self.tree.push(*leaf);
+        }
+        Ok(())
+    }
+}
+
 fn writer_loop(mut st: State, rx: mpsc::Receiver<Msg>, failed: Arc<Mutex<Option<String>>>) {
     let fail = |why: String| {
         if let Ok(mut f) = failed.lock() {
@@ -408,6 +536,8 @@ fn writer_loop(mut st: State, rx: mpsc::Receiver<Msg>, failed: Arc<Mutex<Option<
         }
         why
     };
+    // Entries that could not be written, and why the first could not.
+    let mut lost: u64 = 0;
     while let Ok(first) = rx.recv() {
         // Group commit: take what is queued now (entries pile up while the
         // previous fsync runs), never waiting for more, up to a batch limit,
@@ -425,68 +555,61 @@ fn writer_loop(mut st: State, rx: mpsc::Receiver<Msg>, failed: Arc<Mutex<Option<
             closing = Some(ack.clone());
             batch.clear();
         }
-        let mut buf = String::new();
-        let mut acks = Vec::new();
+        let staged = st.stage(batch);
         let broken = failed.lock().map(|f| f.clone()).unwrap_or(None);
-        for msg in batch {
-            let Msg::Entry(v, ack) = msg else { continue };
-            let seq = st.tree.len() as u64;
-            let entry = serde_json::json!({
-                "seq": seq,
-                "time": crate::trace::now_rfc3339(),
-                "type": v["type"],
-                "prev": hex(&st.prev),
-                "data": v["data"],
-            });
-            let Some(line) = canonical(&entry) else {
-                if let Some(a) = ack {
-                    let _ = a.send(Err("audit data must not hold fractional numbers".into()));
-                }
-                continue;
-            };
-            st.prev = Sha256::digest(line.as_bytes()).into();
-            st.tree.push(merkle::leaf_hash(line.as_bytes()));
-            buf.push_str(&line);
-            buf.push('\n');
-            acks.push((ack, seq));
-        }
         let result = match &broken {
+            // Once the log could not be written, the proxy fails closed
+            // (`healthy`); entries meanwhile are counted, not written.
             Some(why) => Err(why.clone()),
-            None => st
-                .file
-                .write_all(buf.as_bytes())
-                .and_then(|()| st.file.sync_data())
-                .map_err(|e| {
-                    fail(format!(
-                        "cannot write the audit log {}: {e}",
-                        st.dir.join("audit.jsonl").display()
-                    ))
-                }),
+            None if staged.is_empty() => Ok(()),
+            None => st.commit(&staged).map_err(&fail),
         };
+        if result.is_err() {
+            lost += staged.len() as u64;
+        }
         if result.is_ok() && st.tree.len() as u64 >= st.last_checkpoint + CHECKPOINT_EVERY {
-            if let Err(e) = st.checkpoint() {
+            if let Err(e) = st.checkpoint(Signing::Periodic) {
                 fail(e);
             }
         }
-        for (ack, seq) in acks {
+        for (_, _, _, ack, seq) in staged {
             if let Some(a) = ack {
                 let _ = a.send(result.clone().map(|()| seq));
             }
         }
         if let Some(ack) = closing {
-            let r = if failed.lock().map(|f| f.is_some()).unwrap_or(true) {
-                Err(failed
-                    .lock()
-                    .ok()
-                    .and_then(|f| f.clone())
-                    .unwrap_or_default())
-            } else {
-                st.checkpoint().map_err(&fail)
-            };
-            let _ = ack.send(r);
+            let _ = ack.send(close_log(&mut st, lost, &failed));
             return;
         }
     }
+}
+
+/// Closes the log: when entries were lost (a full disk), first an entry
+/// saying how many and why (there may be room again: a run gives back its
+/// reserve before closing), then the final checkpoint over what is on disk.
+fn close_log(
+    st: &mut State,
+    lost: u64,
+    failed: &Mutex<Option<String>>,
+) -> std::result::Result<(), String> {
+    let why = failed.lock().ok().and_then(|f| f.clone());
+    if lost > 0 || why.is_some() {
+        let note = serde_json::json!({
+            "type": "entries_lost",
+            "data": {
+                "entries": lost,
+                "error": why.clone().unwrap_or_default(),
+            },
+        });
+        let staged = st.stage(vec![Msg::Entry(note, None)]);
+        st.commit(&staged).map_err(|e| {
+            format!(
+                "{lost} audit entries could not be written ({}), nor a note of it: {e}",
+                why.as_deref().unwrap_or("")
+            )
+        })?;
+    }
+    st.checkpoint(Signing::Final)
 }
 
 impl Report {
@@ -501,6 +624,8 @@ impl Report {
             vkey,
             root: String::new(),
             torn_tail: None,
+            unsigned: 0,
+            closed: false,
             problems: Vec::new(),
             tree: merkle::Tree::new(),
             last_hash: [0u8; 32],
@@ -531,6 +656,13 @@ pub struct Report {
     pub root: String,
     /// A torn last line (a crash while writing), reported, not hidden.
     pub torn_tail: Option<String>,
+    /// Entries past the last signed checkpoint: the chain links them, but no
+    /// signature covers them, so a cut or rewrite there would not show. All
+    /// of them when there is no checkpoint at all.
+    pub unsigned: u64,
+    /// The last checkpoint is final and covers every entry: the log was
+    /// closed by its writer.
+    pub closed: bool,
     /// Every problem, the first bad entry first.
     pub problems: Vec<String>,
     #[serde(skip)]
@@ -710,10 +842,92 @@ fn verify_with(dir: &Path, home: &Path, key: &VerifyingKey) -> Result<Report> {
                     "this log is older than, or differs from, the one moat signed last here (size {} at {}): a log was swapped in or cut",
                     w.size, w.time
                 ));
+            } else if w.is_final
+                && r.entries > w.size
+                && !bad_entry
+                && !r
+                    .checkpoints
+                    .iter()
+                    .any(|c| c.reopened && c.size == w.size && later(&c.time, &w.time))
+            {
+                r.ok = false;
+                r.problems.push(format!(
+                    "{} entries follow the final checkpoint moat signed here when the log was closed (size {} at {}): they were added after the close",
+                    r.entries - w.size,
+                    w.size,
+                    w.time
+                ));
             }
         }
     }
+    if !bad_entry {
+        r.problems.extend(order_problems(&r.checkpoints));
+        r.ok &= r.problems.is_empty();
+    }
+    let signed = r.checkpoints.iter().map(|c| c.size).max().unwrap_or(0);
+    r.unsigned = r.entries.saturating_sub(signed);
+    if let Some(last) = r.checkpoints.last() {
+        if last.is_final && r.entries > last.size && !bad_entry {
+            r.ok = false;
+            r.problems.push(format!(
+                "{} entries follow the final checkpoint (size {} at {}), which closed the log: they were added after the close",
+                r.entries - last.size,
+                last.size,
+                last.time
+            ));
+        }
+        r.closed = last.is_final && r.entries == last.size;
+    }
     Ok(r)
+}
+
+/// Is RFC 3339 time `a` later than `b`? (Parsed: the texts need not have
+/// as many digits.)
+fn later(a: &str, b: &str) -> bool {
+    use time::format_description::well_known::Rfc3339;
+    match (
+        time::OffsetDateTime::parse(a, &Rfc3339),
+        time::OffsetDateTime::parse(b, &Rfc3339),
+    ) {
+        (Ok(a), Ok(b)) => a > b,
+        _ => false,
+    }
+}
+
+/// What is wrong with the order of a log's checkpoints: one origin; sizes
+/// and times never going back; after a final checkpoint, only one that
+/// reopened the log at the same size; nothing repeated.
+fn order_problems(cps: &[Checkpoint]) -> Vec<String> {
+    let mut problems = Vec::new();
+    if cps.first().is_some_and(|c| c.reopened) {
+        problems.push("checkpoint 1 reopens a log that was not closed".to_string());
+    }
+    for (i, pair) in cps.windows(2).enumerate() {
+        let (a, b) = (&pair[0], &pair[1]);
+        let n = i + 2;
+        if b.origin != a.origin {
+            problems.push(format!(
+                "checkpoint {n} is of another log ({}, not {})",
+                b.origin, a.origin
+            ));
+        }
+        if b.size < a.size || later(&a.time, &b.time) || a.note == b.note {
+            problems.push(format!(
+                "checkpoint {n} (size {} at {}) goes back from the one before it (size {} at {}): checkpoints were copied or reordered",
+                b.size, b.time, a.size, a.time
+            ));
+        }
+        if a.is_final && !(b.reopened && b.size == a.size) {
+            problems.push(format!(
+                "checkpoint {n} follows the final checkpoint {} but does not reopen the log at its size",
+                n - 1
+            ));
+        }
+        if b.reopened && !a.is_final {
+            problems.push(format!("checkpoint {n} reopens a log that was not closed"));
+        }
+    }
+    problems
 }
 
 /// A line, parsed and hashed (independently of the others).
@@ -912,6 +1126,9 @@ pub fn verify_bundle(path: &Path, vkey: Option<&str>) -> Result<Report> {
             .map_err(|e| fail(format!("checkpoint {}: {e}", i + 1)))?;
         r.checkpoints.push(cp);
     }
+    if let Some(problem) = order_problems(&r.checkpoints).into_iter().next() {
+        return Err(fail(problem));
+    }
     let last = r
         .checkpoints
         .last()
@@ -973,6 +1190,7 @@ pub fn verify_bundle(path: &Path, vkey: Option<&str>) -> Result<Report> {
             )));
         }
     }
+    r.closed = last.is_final;
     r.root = last.root;
     Ok(r)
 }

@@ -11,7 +11,7 @@ use std::collections::{BTreeMap, HashSet};
 use std::fmt;
 use std::path::{Component, Path, PathBuf};
 
-use serde::Serialize;
+use serde::{Deserialize, Deserializer, Serialize};
 
 use crate::error::{Diagnostic, Error, ErrorKind, Location, Result};
 use crate::policy::{HostPattern, PolicyMode};
@@ -29,10 +29,8 @@ pub const MAX_CONFIG_BYTES: u64 = 1024 * 1024;
 /// Grant providers moat knows, for validation and "did you mean".
 pub const BUILTIN_PROVIDERS: &[&str] = &["github", "anthropic", "openai", "aws", "ssh"];
 
-/// Runtimes that `dependencies` can name, and the image each maps to.
-const RUNTIMES: &[(&str, &str)] = &[("node", "node"), ("python", "python"), ("go", "golang")];
-
 const TOP_LEVEL_FIELDS: &[&str] = &[
+    "runtime",
     "name",
     "version",
     "dependencies",
@@ -45,9 +43,10 @@ const TOP_LEVEL_FIELDS: &[&str] = &[
     "ports",
     "command",
     "interactive",
+    "claude",
 ];
 
-const NETWORK_FIELDS: &[&str] = &["policy", "allow"];
+const NETWORK_FIELDS: &[&str] = &["policy", "allow", "rules"];
 
 /// Environment variables that moat sets in every container itself.
 const RESERVED_ENV: &[&str] = &[
@@ -92,36 +91,15 @@ pub struct Config {
     pub command: Option<Vec<String>>,
     /// Run with a TTY and stdin.
     pub interactive: bool,
+    /// The container engine (`runtime:`); `None` chooses the one present.
+    pub runtime: Option<crate::runtime::Engine>,
+    /// `claude.version`: the Claude Code version `moat claude` uses in this
+    /// workspace (`--claude-version` overrides it); `None`: the pinned one.
+    pub claude_version: Option<String>,
 }
 
-/// A runtime dependency such as `node@20`.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct Dependency {
-    /// The runtime (`node`, `python`, `go`).
-    pub name: String,
-    /// The version, if one was given (`20`, `3.11`).
-    pub version: Option<String>,
-}
-
-impl Dependency {
-    /// The image this dependency maps to (`node@20` → `node:20`).
-    pub fn image(&self) -> String {
-        let repo = RUNTIMES
-            .iter()
-            .find(|(n, _)| *n == self.name)
-            .map_or(self.name.as_str(), |(_, image)| image);
-        format!("{repo}:{}", self.version.as_deref().unwrap_or("latest"))
-    }
-}
-
-impl fmt::Display for Dependency {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match &self.version {
-            Some(v) => write!(f, "{}@{v}", self.name),
-            None => f.write_str(&self.name),
-        }
-    }
-}
+/// A dependency such as `node@20` or `git` (see [`crate::deps`]).
+pub use crate::deps::Dependency;
 
 /// A grant named in a configuration: a provider and an optional scope
 /// (`github:repo`, `ssh:github.com`).
@@ -134,8 +112,19 @@ pub struct GrantRef {
 }
 
 impl GrantRef {
-    /// Parses and validates `provider[:scope]`.
+    /// Parses and validates `provider[:scope]`, a built-in provider.
     pub fn parse(text: &str) -> std::result::Result<GrantRef, String> {
+        GrantRef::parse_with(text, false)
+    }
+
+    /// Like [`GrantRef::parse`], also taking a name that may be a custom
+    /// provider's (checked when the grant is bound, against the stored
+    /// providers): what a proxy is given.
+    pub fn parse_any(text: &str) -> std::result::Result<GrantRef, String> {
+        GrantRef::parse_with(text, true)
+    }
+
+    fn parse_with(text: &str, custom: bool) -> std::result::Result<GrantRef, String> {
         let text = text.trim();
         let (provider, scope) = match text.split_once(':') {
             Some((p, s)) => (p, Some(s)),
@@ -143,6 +132,19 @@ impl GrantRef {
         };
         if provider.is_empty() {
             return Err("empty grant name".to_string());
+        }
+        if custom && !BUILTIN_PROVIDERS.contains(&provider) {
+            let valid = provider
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_');
+            return match (valid, scope) {
+                (true, None) => Ok(GrantRef {
+                    provider: provider.to_string(),
+                    scope: None,
+                }),
+                (true, Some(_)) => Err(format!("grant \"{text}\": custom grants take no scope")),
+                (false, _) => Err(format!("\"{provider}\" is not a grant name")),
+            };
         }
         if !BUILTIN_PROVIDERS.contains(&provider) {
             return Err(format!(
@@ -201,6 +203,14 @@ impl fmt::Display for GrantRef {
 impl Serialize for GrantRef {
     fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
         s.collect_str(self)
+    }
+}
+
+/// Read back from its text, checked as when first parsed.
+impl<'de> Deserialize<'de> for GrantRef {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<GrantRef, D::Error> {
+        let text = String::deserialize(d)?;
+        GrantRef::parse(&text).map_err(serde::de::Error::custom)
     }
 }
 
@@ -281,17 +291,28 @@ impl Serialize for SecretRef {
     }
 }
 
+/// Read back from its text, checked as when first parsed.
+impl<'de> Deserialize<'de> for SecretRef {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<SecretRef, D::Error> {
+        let text = String::deserialize(d)?;
+        SecretRef::parse(&text).map_err(serde::de::Error::custom)
+    }
+}
+
 /// The `network` section.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Network {
     /// `permissive` (default) or `strict`.
     pub policy: PolicyMode,
     /// Hosts reachable in strict mode, besides the hosts of grants.
     pub allow: Vec<HostPattern>,
+    /// Request rules per host (`network.rules`; docs/policy.md).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub rules: Vec<crate::policy::rules::HostRules>,
 }
 
 /// A bind mount.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Mount {
     /// The host path; relative paths are resolved against the workspace.
     pub source: PathBuf,
@@ -389,10 +410,11 @@ fn normalize(path: &Path) -> PathBuf {
 }
 
 /// Where the resolved image came from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum ImageSource {
     /// `image:` in the file or `--image`.
+    #[default]
     Image,
     /// Mapped from `dependencies`.
     Dependencies,
@@ -434,6 +456,11 @@ pub struct Resolved<'a> {
     pub command: Option<&'a [String]>,
     /// See [`Config::interactive`].
     pub interactive: bool,
+    /// See [`Config::runtime`] (`null`: the engine present is chosen).
+    pub runtime: Option<crate::runtime::Engine>,
+    /// See [`Config::claude_version`].
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub claude_version: Option<&'a str>,
 }
 
 /// Command-line overrides, applied by [`Config::merge`].
@@ -451,6 +478,12 @@ pub struct Overrides {
     pub command: Option<Vec<String>>,
     /// `-i`: replaces the file's `interactive`.
     pub interactive: Option<bool>,
+    /// `--policy` (`permissive` or `strict`): replaces `network.policy`.
+    pub policy: Option<String>,
+    /// Host patterns added to `network.allow`.
+    pub allow: Vec<String>,
+    /// `--runtime` (`docker` or `podman`): replaces `runtime:`.
+    pub runtime: Option<String>,
 }
 
 impl Config {
@@ -471,6 +504,8 @@ impl Config {
             ports: BTreeMap::new(),
             command: None,
             interactive: false,
+            runtime: None,
+            claude_version: None,
         }
     }
 
@@ -479,10 +514,24 @@ impl Config {
         if let Some(image) = &self.image {
             return (image.clone(), ImageSource::Image);
         }
-        match self.dependencies.first() {
-            Some(dep) => (dep.image(), ImageSource::Dependencies),
+        match self.image_recipe() {
+            Some(recipe) => (recipe.image, ImageSource::Dependencies),
             None => (DEFAULT_IMAGE.to_string(), ImageSource::Default),
         }
+    }
+
+    /// How `dependencies` make the run's image (its runtime's image, or
+    /// one moat builds: [`crate::deps`]), with `MOAT_DEPS_REGISTRY` read
+    /// now; `None` when `image` is set or there are no dependencies.
+    pub fn image_recipe(&self) -> Option<crate::deps::Recipe> {
+        if self.image.is_some() {
+            return None;
+        }
+        crate::deps::plan(
+            &self.dependencies,
+            &crate::deps::registry_from_env(),
+            DEFAULT_IMAGE,
+        )
     }
 
     /// A serializable view with defaults filled in and the image resolved.
@@ -504,6 +553,8 @@ impl Config {
             ports: &self.ports,
             command: self.command.as_deref(),
             interactive: self.interactive,
+            runtime: self.runtime,
+            claude_version: self.claude_version.as_deref(),
         }
     }
 
@@ -531,7 +582,13 @@ impl Config {
             }
         }
         for list in &overrides.grants {
-            for item in list.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+            for item in list.split(',').map(str::trim) {
+                if item.is_empty() {
+                    problem(format!(
+                        "--grant {list}: empty grant name (a stray comma?); name each grant, like --grant github,anthropic"
+                    ));
+                    continue;
+                }
                 match GrantRef::parse(item) {
                     Ok(grant) => {
                         if !self.grants.contains(&grant) {
@@ -564,6 +621,28 @@ impl Config {
         }
         if let Some(interactive) = overrides.interactive {
             self.interactive = interactive;
+        }
+        if let Some(policy) = &overrides.policy {
+            match policy.parse() {
+                Ok(mode) => self.network.policy = mode,
+                Err(e) => problem(format!("--policy: {e}")),
+            }
+        }
+        for (i, pattern) in overrides.allow.iter().enumerate() {
+            match HostPattern::parse(pattern) {
+                Ok(p) => {
+                    if !self.network.allow.contains(&p) {
+                        self.network.allow.push(p);
+                    }
+                }
+                Err(e) => problem(format!("--allow {pattern} (allow[{i}]): {e}")),
+            }
+        }
+        if let Some(runtime) = &overrides.runtime {
+            match runtime.parse() {
+                Ok(engine) => self.runtime = Some(engine),
+                Err(e) => problem(format!("--runtime: {e}")),
+            }
         }
         if problems.is_empty() {
             Ok(self)
@@ -603,18 +682,23 @@ pub fn find_config_file(workspace: &Path) -> Result<(PathBuf, Option<PathBuf>)> 
         return Ok((dir, Some(workspace.to_path_buf())));
     }
     // In the current directory, name the file as the user would: agent.yaml.
+    // A name that is there at all counts, whatever it is (a dangling or
+    // looping link, a FIFO, a file we may not read): load then says why it
+    // cannot be read, never takes it for "no configuration".
     let here = workspace == Path::new(".") || workspace.as_os_str().is_empty();
-    let found: Vec<PathBuf> = CONFIG_FILE_NAMES
-        .iter()
-        .map(|n| {
-            if here {
-                PathBuf::from(n)
-            } else {
-                workspace.join(n)
-            }
-        })
-        .filter(|p| p.is_file())
-        .collect();
+    let mut found: Vec<PathBuf> = Vec::new();
+    for n in CONFIG_FILE_NAMES {
+        let p = if here {
+            PathBuf::from(n)
+        } else {
+            workspace.join(n)
+        };
+        match std::fs::symlink_metadata(&p) {
+            Ok(_) => found.push(p),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(Error::io(&p, "read", e)),
+        }
+    }
     match found.as_slice() {
         [] => Ok((workspace.to_path_buf(), None)),
         [one] => Ok((workspace.to_path_buf(), Some(one.clone()))),
@@ -637,18 +721,7 @@ pub fn load(workspace: &Path) -> Result<Config> {
     let Some(file) = file else {
         return Ok(Config::defaults(abs_dir));
     };
-    let meta = std::fs::metadata(&file).map_err(|e| Error::io(&file, "read", e))?;
-    if meta.len() > MAX_CONFIG_BYTES {
-        return Err(Error::new(
-            ErrorKind::Config,
-            format!(
-                "{}: file is {} bytes; a configuration may be at most {MAX_CONFIG_BYTES}",
-                file.display(),
-                meta.len()
-            ),
-        ));
-    }
-    let bytes = std::fs::read(&file).map_err(|e| Error::io(&file, "read", e))?;
+    let bytes = read_config_file(&file)?;
     let text = String::from_utf8(bytes).map_err(|e| {
         let valid = &e.as_bytes()[..e.utf8_error().valid_up_to()];
         let line = valid.iter().filter(|b| **b == b'\n').count() + 1;
@@ -670,6 +743,54 @@ pub fn load(workspace: &Path) -> Result<Config> {
         ),
     );
     Ok(config)
+}
+
+/// Reads a configuration file that must be there: a regular file (after
+/// links) of at most [`MAX_CONFIG_BYTES`]. Opened without blocking, so a
+/// FIFO in its place is refused rather than waited on.
+fn read_config_file(file: &Path) -> Result<Vec<u8>> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(file)
+        .map_err(|e| Error::io(file, "read", e))?;
+    let meta = f.metadata().map_err(|e| Error::io(file, "read", e))?;
+    if !meta.is_file() {
+        return Err(Error::new(
+            ErrorKind::Config,
+            format!(
+                "{}: cannot read: not a regular file; a configuration must be a file",
+                file.display()
+            ),
+        ));
+    }
+    if meta.len() > MAX_CONFIG_BYTES {
+        return Err(Error::new(
+            ErrorKind::Config,
+            format!(
+                "{}: file is {} bytes; a configuration may be at most {MAX_CONFIG_BYTES}",
+                file.display(),
+                meta.len()
+            ),
+        ));
+    }
+    let mut bytes = Vec::new();
+    f.by_ref()
+        .take(MAX_CONFIG_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| Error::io(file, "read", e))?;
+    if bytes.len() as u64 > MAX_CONFIG_BYTES {
+        return Err(Error::new(
+            ErrorKind::Config,
+            format!(
+                "{}: file grew past {MAX_CONFIG_BYTES} bytes while being read",
+                file.display()
+            ),
+        ));
+    }
+    Ok(bytes)
 }
 
 /// Parses and validates configuration text. `path` is only used in error
@@ -782,6 +903,38 @@ impl Validator<'_> {
         }
     }
 
+    /// `claude: {version: "2.1.332"}`.
+    fn read_claude(&mut self, node: &Node, c: &mut Config) {
+        let Value::Map(entries) = &node.value else {
+            self.type_error(node, "claude", "a mapping (version: ...)");
+            return;
+        };
+        for (key, value) in entries {
+            match key_str(key) {
+                "version" => {
+                    if let Some(v) = self.string(value, "claude.version", true) {
+                        let plausible = !v.is_empty()
+                            && v.chars().all(|ch| {
+                                ch.is_ascii_alphanumeric() || matches!(ch, '.' | '-' | '+')
+                            });
+                        if plausible {
+                            c.claude_version = Some(v.to_string());
+                        } else {
+                            self.problem(
+                                value.pos,
+                                format!("claude.version: \"{v}\" is not a version (like 2.1.332)"),
+                            );
+                        }
+                    }
+                }
+                other => {
+                    let hint = did_you_mean(other, &["version"]);
+                    self.problem(key.pos, format!("unknown field \"claude.{other}\"{hint}"));
+                }
+            }
+        }
+    }
+
     fn read_root(&mut self, root: &Node, c: &mut Config) {
         let Value::Map(entries) = &root.value else {
             let found = root.describe();
@@ -791,7 +944,6 @@ impl Validator<'_> {
             );
             return;
         };
-        let mut deps_node = None;
         let mut secrets_node = None;
         for (key, value) in entries {
             let name = key_str(key);
@@ -809,10 +961,7 @@ impl Validator<'_> {
                         c.version = Some(s.to_string());
                     }
                 }
-                "dependencies" => {
-                    deps_node = Some(value);
-                    self.read_dependencies(value, c);
-                }
+                "dependencies" => self.read_dependencies(value, c),
                 "image" => {
                     if let Some(s) = self.string(value, "image", false) {
                         match check_image(s) {
@@ -831,6 +980,13 @@ impl Validator<'_> {
                 "mounts" => self.read_mounts(value, c),
                 "ports" => self.read_ports(value, c),
                 "command" => self.read_command(value, c),
+                "runtime" => match &value.value {
+                    Value::Scalar { text, .. } => match text.parse() {
+                        Ok(engine) => c.runtime = Some(engine),
+                        Err(e) => self.problem(value.pos, format!("runtime: {e}")),
+                    },
+                    _ => self.type_error(value, "runtime", "docker or podman"),
+                },
                 "interactive" => match &value.value {
                     Value::Scalar {
                         text,
@@ -838,6 +994,7 @@ impl Validator<'_> {
                     } => c.interactive = text.eq_ignore_ascii_case("true"),
                     _ => self.type_error(value, "interactive", "true or false"),
                 },
+                "claude" => self.read_claude(value, c),
                 other => {
                     let hint = did_you_mean(other, TOP_LEVEL_FIELDS);
                     self.problem(key.pos, format!("unknown field \"{other}\"{hint}"));
@@ -858,68 +1015,25 @@ impl Validator<'_> {
                 }
             }
         }
-        // Several runtimes cannot be combined into one image yet.
-        if c.image.is_none() && c.dependencies.len() > 1 {
-            if let Some(Value::Seq(items)) = deps_node.map(|n| &n.value) {
-                if let Some(second) = items.get(1) {
-                    let list: Vec<String> =
-                        c.dependencies.iter().map(ToString::to_string).collect();
-                    self.problem(
-                        second.pos,
-                        format!(
-                            "dependencies: moat cannot combine several runtimes ({}) into one image yet; keep one, or set image: to an image that has them all",
-                            list.join(", ")
-                        ),
-                    );
-                }
-            }
-        }
     }
 
     fn read_dependencies(&mut self, node: &Node, c: &mut Config) {
         let Some(items) = self.seq(node, "dependencies") else {
             return;
         };
-        let names: Vec<&str> = RUNTIMES.iter().map(|(n, _)| *n).collect();
         for item in items {
             let Some(text) = self.string(item, "dependencies", false) else {
                 continue;
             };
-            let (name, version) = match text.split_once('@') {
-                Some((n, v)) => (n, Some(v)),
-                None => (text, None),
-            };
-            if !names.contains(&name) {
-                let hint = did_you_mean(name, &names);
-                self.problem(
-                    item.pos,
-                    format!(
-                        "unknown dependency \"{name}\"{hint}; moat knows {}; for anything else set image:",
-                        names.join(", ")
-                    ),
-                );
-                continue;
-            }
-            if let Some(v) = version {
-                let ok = !v.is_empty()
-                    && v.len() <= 128
-                    && v.chars()
-                        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_'));
-                if !ok {
-                    self.problem(
-                        item.pos,
-                        format!(
-                            "dependency \"{text}\": \"{v}\" is not a version (such as 20 or 3.11)"
-                        ),
-                    );
+            let dep = match crate::deps::parse(text) {
+                Ok((_, dep)) => dep,
+                Err(e) => {
+                    self.problem(item.pos, e);
                     continue;
                 }
-            }
-            let dep = Dependency {
-                name: name.to_string(),
-                version: version.map(str::to_string),
             };
             if c.dependencies.iter().any(|d| d.name == dep.name) {
+                let name = &dep.name;
                 self.problem(item.pos, format!("dependency \"{name}\" is listed twice"));
                 continue;
             }
@@ -1035,6 +1149,7 @@ impl Validator<'_> {
                         }
                     }
                 }
+                "rules" => self.read_rules(value, c),
                 other => {
                     let full: Vec<String> = NETWORK_FIELDS
                         .iter()
@@ -1045,6 +1160,54 @@ impl Validator<'_> {
                     self.problem(key.pos, format!("unknown field \"network.{other}\"{hint}"));
                 }
             }
+        }
+    }
+
+    /// `network.rules`: each entry a host, or `{host: [rule, ...]}`.
+    fn read_rules(&mut self, node: &Node, c: &mut Config) {
+        use crate::policy::rules::{HostRules, Rule};
+        let Some(items) = self.seq(node, "network.rules") else {
+            return;
+        };
+        for item in items {
+            let (host_node, rule_nodes): (&Node, &[Node]) = match &item.value {
+                Value::Scalar { .. } => (item, &[]),
+                Value::Map(entries) if entries.len() == 1 => {
+                    let (host, rules) = &entries[0];
+                    let Some(list) = self.seq(rules, "network.rules") else {
+                        continue;
+                    };
+                    (host, list)
+                }
+                _ => {
+                    self.problem(
+                        item.pos,
+                        "network.rules: each entry is a host, or a host with its rules ({host: [\"allow GET /path\", ...]})",
+                    );
+                    continue;
+                }
+            };
+            let Some(host_text) = self.string(host_node, "network.rules", false) else {
+                continue;
+            };
+            let host = match HostPattern::parse(host_text) {
+                Ok(h) => h,
+                Err(e) => {
+                    self.problem(host_node.pos, format!("network.rules: {e}"));
+                    continue;
+                }
+            };
+            let mut rules = Vec::new();
+            for r in rule_nodes {
+                let Some(text) = self.string(r, "network.rules", false) else {
+                    continue;
+                };
+                match Rule::parse(text) {
+                    Ok(rule) => rules.push(rule),
+                    Err(e) => self.problem(r.pos, format!("network.rules: {e}")),
+                }
+            }
+            c.network.rules.push(HostRules { host, rules });
         }
     }
 

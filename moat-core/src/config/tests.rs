@@ -67,7 +67,7 @@ fn seed_readme_example() {
     assert_eq!(c.version.as_deref(), Some("1.0.0"));
     assert_eq!(
         c.resolved_image(),
-        ("node:20".to_string(), ImageSource::Dependencies)
+        ("node:20-bookworm".to_string(), ImageSource::Dependencies)
     );
     assert_eq!(c.grants[0].to_string(), "github:repo");
     assert_eq!(c.env["NODE_ENV"], "development");
@@ -99,7 +99,7 @@ fn seed_readme_example() {
 #[test]
 fn seed_exposing_ports_example() {
     let c = ok("name: my-app\n\ndependencies:\n  - node@22\n\nports:\n  web: 3000\n\ncommand: [\"npm\", \"start\"]\n");
-    assert_eq!(c.resolved_image().0, "node:22");
+    assert_eq!(c.resolved_image().0, "node:22-bookworm");
     let c = ok("ports:\n  web: 3000\n  api: 8080\n  docs: 4000\n");
     assert_eq!(c.ports.len(), 3);
 }
@@ -132,14 +132,24 @@ fn seed_small_examples() {
 #[test]
 fn dependency_images() {
     for (dep, image) in [
-        ("node@20", "node:20"),
-        ("python@3.11", "python:3.11"),
-        ("go@1.22", "golang:1.22"),
-        ("node", "node:latest"),
+        ("node@20", "node:20-bookworm"),
+        ("python@3.11", "python:3.11-bookworm"),
+        ("go@1.22", "golang:1.22-bookworm"),
+        ("node", "node:bookworm"),
     ] {
         let c = ok(&format!("dependencies: [\"{dep}\"]\n"));
         assert_eq!(c.resolved_image().0, image, "{dep}");
+        assert!(c.image_recipe().is_some_and(|r| !r.is_built()), "{dep}");
     }
+    // Several runtimes, or tools: one image moat builds, its tag a hash
+    // of what goes into it (see deps::tests).
+    let c = ok("dependencies: [node@20, python@3.11, go@1.22, git]\n");
+    let (image, source) = c.resolved_image();
+    assert!(image.starts_with("moat-deps:"), "{image}");
+    assert_eq!(source, ImageSource::Dependencies);
+    assert_eq!(c.image_recipe().map(|r| r.image), Some(image.clone()));
+    let other = ok("dependencies: [node@20, python@3.12, go@1.22, git]\n");
+    assert_ne!(other.resolved_image().0, image);
     assert_eq!(
         ok("").resolved_image(),
         ("ubuntu:22.04".to_string(), ImageSource::Default)
@@ -464,12 +474,12 @@ const INVALID: &[(&str, u32, u32, &str)] = &[
         5,
         "dependency \"node@\": \"\" is not a version",
     ),
-    // 45. two runtimes without image
+    // 45. a tool with a version
     (
-        "dependencies:\n  - node@20\n  - python@3.11\n",
+        "dependencies:\n  - node@20\n  - git@2.40\n",
         3,
         5,
-        "cannot combine several runtimes (node@20, python@3.11)",
+        "dependency \"git@2.40\": git is a tool, installed from the base image's Debian packages; it takes no version",
     ),
     // 46. invalid env key
     (
@@ -515,6 +525,23 @@ const INVALID: &[(&str, u32, u32, &str)] = &[
         3,
         "mapping keys must be plain strings",
     ),
+    // 53. a NUL byte, which yaml-rust2 takes for the end of the document:
+    // the rest of the file (a grant here) would be lost without a word.
+    (
+        "name: a\0b\ngrants: [github]\n",
+        1,
+        8,
+        "a NUL byte (U+0000), which yaml does not allow",
+    ),
+    // 54. other control characters, anywhere
+    (
+        "name: ok\nenv:\n  A: \"x\u{7}y\"\n",
+        3,
+        8,
+        "control character U+0007",
+    ),
+    // 55. a C1 control character in a comment
+    ("name: ok # \u{9b}\n", 1, 12, "control character U+009B"),
 ];
 
 #[test]
@@ -573,6 +600,7 @@ fn merge_cli_over_file_over_defaults() {
             env: vec!["B=cli".into(), "C=x=y".into()],
             command: Some(vec!["npm".into(), "test".into()]),
             interactive: Some(true),
+            ..Overrides::default()
         })
         .unwrap();
     assert_eq!(merged.name.as_deref(), Some("from-cli"));
@@ -640,7 +668,7 @@ fn merge_errors_name_the_flag_and_never_echo_values() {
 fn resolved_view_serializes() {
     let c = ok(SEED_README);
     let json = serde_json::to_value(c.resolved()).unwrap();
-    assert_eq!(json["image"], "node:20");
+    assert_eq!(json["image"], "node:20-bookworm");
     assert_eq!(json["image_source"], "dependencies");
     assert_eq!(json["network"]["policy"], "strict");
     assert_eq!(json["network"]["allow"][1], "*.amazonaws.com");
@@ -706,6 +734,89 @@ fn load_refuses_non_utf8_and_huge_files_with_location() {
 }
 
 #[test]
+fn load_refuses_a_config_file_it_cannot_read() {
+    use std::os::unix::fs::{symlink, PermissionsExt};
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("agent.yaml");
+    // A symlink loop, a dangling symlink, a FIFO (which would block a read)
+    // and a directory: each is there, so none may be taken for "no file".
+    type Make<'a> = Box<dyn Fn() + 'a>;
+    let cases: Vec<(&str, Make<'_>)> = vec![
+        (
+            "symbolic links",
+            Box::new(|| {
+                symlink(dir.path().join("loop2"), dir.path().join("agent.yaml")).unwrap();
+                symlink(dir.path().join("agent.yaml"), dir.path().join("loop2")).unwrap();
+            }),
+        ),
+        (
+            "no such file",
+            Box::new(|| symlink(dir.path().join("gone"), dir.path().join("agent.yaml")).unwrap()),
+        ),
+        (
+            "not a regular file",
+            Box::new(|| {
+                let c = std::ffi::CString::new(file.to_str().unwrap()).unwrap();
+                assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o644) }, 0);
+            }),
+        ),
+        (
+            "not a regular file",
+            Box::new(|| std::fs::create_dir(dir.path().join("agent.yaml")).unwrap()),
+        ),
+    ];
+    for (want, make) in cases {
+        let _ = std::fs::remove_file(dir.path().join("loop2"));
+        let _ = std::fs::remove_file(&file);
+        let _ = std::fs::remove_dir(&file);
+        make();
+        let started = std::time::Instant::now();
+        let err = load(dir.path()).unwrap_err();
+        assert!(started.elapsed() < std::time::Duration::from_secs(5));
+        let text = err.to_string();
+        assert!(text.contains("agent.yaml"), "{text}");
+        assert!(text.contains(want), "want {want:?}: {text}");
+        assert!(text.contains("cannot read"), "{text}");
+    }
+    // No permission (root reads anything, so only as another user).
+    let _ = std::fs::remove_dir(&file);
+    std::fs::write(&file, "name: secret\nnetwork: {policy: strict}\n").unwrap();
+    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o000)).unwrap();
+    if std::fs::read(&file).is_err() {
+        let err = load(dir.path()).unwrap_err();
+        assert!(err.to_string().contains("permission denied"), "{err}");
+    }
+    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).unwrap();
+    assert_eq!(load(dir.path()).unwrap().name.as_deref(), Some("secret"));
+}
+
+#[test]
+fn empty_items_in_override_lists_are_refused() {
+    let base = Config::defaults(Path::new("/ws"));
+    for grants in [
+        vec!["github,,".to_string()],
+        vec![",github".into()],
+        vec!["".into()],
+    ] {
+        let err = base
+            .clone()
+            .merge(&Overrides {
+                grants: grants.clone(),
+                ..Overrides::default()
+            })
+            .unwrap_err();
+        assert!(err.to_string().contains("empty grant"), "{grants:?}: {err}");
+    }
+    let ok = base
+        .merge(&Overrides {
+            grants: vec!["github, anthropic".into()],
+            ..Overrides::default()
+        })
+        .unwrap();
+    assert_eq!(ok.grants.len(), 2);
+}
+
+#[test]
 fn load_missing_workspace_is_io_error() {
     let err = load(Path::new("/nonexistent/moat-ws")).unwrap_err();
     assert!(err.is_io());
@@ -724,4 +835,62 @@ fn an_empty_value_at_the_end_is_located_inside_the_file() {
     }
     let err = parse("name:").unwrap_err();
     assert_eq!(err.location().unwrap().line, 1, "{err}");
+}
+
+#[test]
+fn claude_version_is_read_and_checked_where_it_is() {
+    let c = ok("claude:\n  version: 2.1.332\n");
+    assert_eq!(c.claude_version.as_deref(), Some("2.1.332"));
+    assert_eq!(c.resolved().claude_version, Some("2.1.332"));
+    let err = parse("claude:\n  version: \"1; rm -rf /\"\n")
+        .map(|_| ())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("agent.yaml:2:12")
+            && err.contains("claude.version")
+            && err.contains("not a version"),
+        "{err}"
+    );
+    let err = parse("claude:\n  verison: 1\n")
+        .map(|_| ())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("agent.yaml:2:3") && err.contains("claude.verison") && err.contains("version"),
+        "{err}"
+    );
+    let err = parse("claude: 2\n").map(|_| ()).unwrap_err().to_string();
+    assert!(err.contains("claude"), "{err}");
+}
+
+#[test]
+fn network_rules_are_read_with_their_places() {
+    let c = ok("network:\n  policy: strict\n  rules:\n    - pypi.org\n    - api.github.com:\n        - allow GET /repos/**\n        - deny git-push refs/heads/main\n");
+    assert_eq!(c.network.rules.len(), 2);
+    assert!(c.network.rules[0].rules.is_empty());
+    assert_eq!(
+        c.network.rules[1].rules[1].text,
+        "deny git-push refs/heads/main"
+    );
+    // Round trip through the plan's JSON.
+    let json = serde_json::to_string(&c.network).unwrap_or_default();
+    let back: Network = serde_json::from_str(&json).unwrap_or_else(|e| panic!("{e}: {json}"));
+    assert_eq!(back, c.network);
+    let err = parse("network:\n  rules:\n    - api.github.com:\n        - allow GET repos\n")
+        .map(|_| ())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("agent.yaml:4:11") && err.contains("must start with /"),
+        "{err}"
+    );
+    let err = parse("network:\n  rules:\n    - {a.test: [], b.test: []}\n")
+        .map(|_| ())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("agent.yaml:3:7") && err.contains("a host with its rules"),
+        "{err}"
+    );
 }

@@ -73,9 +73,48 @@ pub(crate) struct ParseError {
     pub message: String,
 }
 
+/// The first character YAML 1.2 does not allow in a document (C0 controls
+/// but tab, line feed and carriage return; DEL; C1 controls but NEL;
+/// U+FFFE and U+FFFF), as an error at its place.
+fn unprintable(text: &str) -> Option<ParseError> {
+    let (mut line, mut column) = (1u32, 1u32);
+    for c in text.chars() {
+        let allowed = match c {
+            '\t' | '\n' | '\r' | '\u{85}' => true,
+            '\u{0}'..='\u{1f}' | '\u{7f}'..='\u{9f}' | '\u{fffe}' | '\u{ffff}' => false,
+            _ => true,
+        };
+        if !allowed {
+            let what = if c == '\0' {
+                "a NUL byte (U+0000)".to_string()
+            } else {
+                format!("control character U+{:04X}", u32::from(c))
+            };
+            return Some(ParseError {
+                pos: Pos { line, column },
+                message: format!(
+                    "the file holds {what}, which yaml does not allow (is it a text file?); nothing after it would be read"
+                ),
+            });
+        }
+        if c == '\n' {
+            line = line.saturating_add(1);
+            column = 1;
+        } else {
+            column = column.saturating_add(1);
+        }
+    }
+    None
+}
+
 /// Parses `text` into at most one document. `Ok(None)` for an empty stream.
 /// Duplicate keys in any mapping are reported with both positions.
 pub(crate) fn parse(text: &str) -> Result<Option<Node>, ParseError> {
+    // yaml-rust2 stops reading at some characters YAML does not allow (a NUL
+    // ends the document there): refuse them rather than lose what follows.
+    if let Some(err) = unprintable(text) {
+        return Err(err);
+    }
     let mut builder = Builder::default();
     let mut parser = Parser::new_from_str(text);
     if let Err(e) = parser.load(&mut builder, true) {

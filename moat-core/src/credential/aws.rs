@@ -23,7 +23,7 @@ use crate::paths;
 use crate::secret::Secret;
 
 /// The host a run's `credential_process` helper asks (through the proxy).
-pub const CREDENTIALS_HOST: &str = "moat.internal";
+pub const CREDENTIALS_HOST: &str = crate::proxy::phase::INTERNAL_HOST;
 /// The path it asks.
 pub const CREDENTIALS_PATH: &str = "/aws/credentials";
 
@@ -503,6 +503,56 @@ impl RoleSession {
             "Expiration": creds.expiration,
         })
         .to_string()
+    }
+}
+
+/// The proxy phase that serves `http://moat.internal/aws/credentials` to a
+/// client with an AWS grant: its role's session credentials in
+/// `credential_process` format, each issue audited (the key id and expiry,
+/// never the secret).
+#[derive(Debug)]
+pub struct AwsEndpoint(pub std::sync::Arc<RoleSession>);
+
+#[async_trait::async_trait]
+impl crate::proxy::Phase for AwsEndpoint {
+    async fn respond(
+        &self,
+        request: &crate::proxy::phase::RequestHead<'_>,
+    ) -> Option<crate::proxy::phase::Answer> {
+        use crate::proxy::phase::Answer;
+        use http::{Method, StatusCode};
+        let path = request.path.split('?').next().unwrap_or("");
+        if request.host != CREDENTIALS_HOST || path != CREDENTIALS_PATH {
+            return None;
+        }
+        if request.method != Method::GET {
+            let mut answer = Answer::text(
+                StatusCode::METHOD_NOT_ALLOWED,
+                format!("Moat: {CREDENTIALS_PATH} answers GET only\n"),
+            );
+            answer.denied = Some(format!("{} {CREDENTIALS_PATH}", request.method));
+            return Some(answer);
+        }
+        Some(match self.0.credentials().await {
+            Ok(creds) => Answer {
+                status: StatusCode::OK,
+                content_type: "application/json",
+                body: RoleSession::process_json(&creds).into(),
+                audit: Some(crate::trace::AuditEvent::AwsCredentialsIssued {
+                    client: request.client.to_string(),
+                    role_arn: self.0.role_arn().to_string(),
+                    access_key_id: creds.access_key_id.clone(),
+                    expiration: creds.expiration.clone(),
+                }),
+                denied: None,
+                error: None,
+            },
+            Err(e) => {
+                let mut answer = Answer::text(StatusCode::BAD_GATEWAY, format!("Moat: {e}\n"));
+                answer.error = Some(e.to_string());
+                answer
+            }
+        })
     }
 }
 

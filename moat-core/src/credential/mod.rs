@@ -4,6 +4,7 @@
 //! asks the user; this module finds, validates, stores and lists tokens.
 
 pub mod aws;
+pub mod oauth;
 pub mod providers;
 pub mod ssh;
 pub mod store;
@@ -15,9 +16,10 @@ use std::time::Duration;
 use http_body_util::BodyExt;
 use serde::Serialize;
 
-pub use providers::{lookup, Provider};
+pub use providers::{lookup, Provider, TokenSource};
 pub use store::{CredentialStore, KeySource, StoredGrant};
 
+use crate::config::GrantRef;
 use crate::error::{Error, ErrorKind, Result};
 use crate::proxy::Credential;
 use crate::secret::Secret;
@@ -307,23 +309,44 @@ pub struct Binding {
     /// The AWS role's region, when `aws` is granted.
     pub aws_region: Option<String>,
     /// The hosts of `ssh:` grants, for the run's filtering SSH agent.
-    pub ssh: Vec<crate::ssh_agent::HostGrant>,
+    pub ssh: Vec<crate::ssh::HostGrant>,
+    /// The broker of an OAuth login (an `anthropic` grant imported from
+    /// Claude Code), which refreshes it on the host.
+    pub oauth: Option<std::sync::Arc<oauth::OauthBroker>>,
+    /// The Claude subscription of that login (`max`, `pro`), if known.
+    pub subscription: Option<String>,
+}
+
+impl Binding {
+    /// The proxy phases these grants add beyond header credentials (the
+    /// AWS credential endpoint), taken out of the binding.
+    pub fn take_phases(&mut self) -> Vec<std::sync::Arc<dyn crate::proxy::Phase>> {
+        let mut phases: Vec<std::sync::Arc<dyn crate::proxy::Phase>> = Vec::new();
+        if let Some(session) = self.aws.take() {
+            phases.push(std::sync::Arc::new(aws::AwsEndpoint(session)));
+        }
+        if let Some(broker) = self.oauth.take() {
+            phases.push(broker);
+        }
+        phases
+    }
 }
 
 /// Binds grant names (`github`, `anthropic`, `aws`, custom providers) for a
 /// client called `session`: loads and decrypts every credential, failing
 /// with the grant's name when one is missing, expired or unusable.
-pub fn bind(home: &Path, grants: &[String], session: &str) -> Result<Binding> {
+pub fn bind(home: &Path, grants: &[GrantRef], session: &str) -> Result<Binding> {
     let mut binding = Binding::default();
     let mut store = None;
-    for name in grants {
-        if let Some(host) = name.strip_prefix("ssh:") {
+    for grant in grants {
+        let name = &grant.to_string();
+        if let ("ssh", Some(host)) = (grant.provider.as_str(), grant.scope.as_deref()) {
             let grant = ssh_host(home, host)?;
             binding.hosts.push((name.clone(), vec![grant.host.clone()]));
             binding.ssh.push(grant);
             continue;
         }
-        if name == "aws" {
+        if grant.provider == "aws" {
             let role = aws::load(home)?.ok_or_else(|| {
                 Error::new(
                     ErrorKind::Config,
@@ -338,6 +361,21 @@ pub fn bind(home: &Path, grants: &[String], session: &str) -> Result<Binding> {
             binding.aws = Some(std::sync::Arc::new(aws::RoleSession::new(
                 role, host, session,
             )));
+            continue;
+        }
+        if let Some((broker, placeholders, subscription)) =
+            oauth_grant(home, name, session, &mut store)?
+        {
+            binding.subscription = subscription;
+            binding.hosts.push((
+                name.clone(),
+                crate::proxy::Phase::hosts(broker.as_ref())
+                    .iter()
+                    .map(|(h, _)| h.to_string())
+                    .collect(),
+            ));
+            binding.env.extend(placeholders);
+            binding.oauth = Some(broker);
             continue;
         }
         let (creds, placeholders, hosts) = load_http_grant(home, name, &mut store)?;
@@ -356,15 +394,11 @@ pub fn bind(home: &Path, grants: &[String], session: &str) -> Result<Binding> {
 /// `known_hosts` holds now (removing a key there, as after a host key
 /// change, takes effect); only when it holds none, those recorded when it
 /// was granted. Keys marked `@revoked` never count.
-fn ssh_host(home: &Path, host: &str) -> Result<crate::ssh_agent::HostGrant> {
+fn ssh_host(home: &Path, host: &str) -> Result<crate::ssh::HostGrant> {
     ssh_host_in(home, host, &ssh::known_hosts_files())
 }
 
-fn ssh_host_in(
-    home: &Path,
-    host: &str,
-    known_hosts: &[PathBuf],
-) -> Result<crate::ssh_agent::HostGrant> {
+fn ssh_host_in(home: &Path, host: &str, known_hosts: &[PathBuf]) -> Result<crate::ssh::HostGrant> {
     let host = host.trim_end_matches('.').to_ascii_lowercase();
     let grant = ssh::list(home)?
         .into_iter()
@@ -388,7 +422,64 @@ fn ssh_host_in(
         known.keys
     };
     keys.retain(|k| !known.revoked.contains(k));
-    crate::ssh_agent::HostGrant::new(&host, &grant.key.fingerprint, &keys)
+    crate::ssh::HostGrant::new(&host, &grant.key.fingerprint, &keys)
+}
+
+/// An OAuth grant's broker, the container's placeholders, and the
+/// subscription.
+type OauthGrant = (
+    std::sync::Arc<oauth::OauthBroker>,
+    Vec<(String, String)>,
+    Option<String>,
+);
+
+/// An `anthropic` grant imported from Claude Code's OAuth login: its broker
+/// (which refreshes it on the host) and the container's placeholders.
+/// `None` for any other grant.
+fn oauth_grant(
+    home: &Path,
+    name: &str,
+    session: &str,
+    store: &mut Option<CredentialStore>,
+) -> Result<Option<OauthGrant>> {
+    if name != "anthropic" {
+        return Ok(None);
+    }
+    if store.is_none() {
+        *store = Some(CredentialStore::open(home)?);
+    }
+    let Some(store) = store.as_ref() else {
+        return Err(Error::new(ErrorKind::Internal, "credential store not open"));
+    };
+    let Some(grant) = store.load("anthropic")? else {
+        return Ok(None);
+    };
+    if grant.kind.as_deref() != Some("oauth") {
+        return Ok(None);
+    }
+    let file = match grant.metadata.get("credentials_file") {
+        Some(f) => PathBuf::from(f),
+        None => oauth::default_credentials_file().ok_or_else(|| {
+            Error::new(
+                ErrorKind::Config,
+                "grant \"anthropic\": cannot tell where Claude Code keeps its login (HOME is not set); run `moat grant anthropic` again",
+            )
+        })?,
+    };
+    let expires_ms = grant.expires.as_deref().and_then(|e| {
+        time::OffsetDateTime::parse(e, &time::format_description::well_known::Rfc3339)
+            .ok()
+            .map(|t| t.unix_timestamp() * 1000)
+    });
+    let subscription = grant.metadata.get("subscription").cloned();
+    let broker = oauth::OauthBroker::new(home, name, session, file, grant.token, expires_ms)
+        .margin(oauth::margin_from_env()?);
+    let spec = lookup(home, "anthropic")?;
+    Ok(Some((
+        std::sync::Arc::new(broker),
+        spec.placeholders(Some("oauth")),
+        subscription,
+    )))
 }
 
 type HttpGrant = (Vec<Credential>, Vec<(String, String)>, Vec<String>);
@@ -452,47 +543,38 @@ pub struct ClaudeOauth {
     pub subscription: Option<String>,
     /// When the access token expires (RFC 3339), if known.
     pub expires: Option<String>,
+    /// The file it was read from: runs refresh the login with it.
+    pub file: PathBuf,
+    /// Whether the file holds a refresh token.
+    pub refreshable: bool,
 }
 
 /// Reads Claude Code's OAuth credentials from `<user_home>/.claude/.credentials.json`.
 /// `Ok(None)` when the file does not exist.
 pub fn claude_code_credentials(user_home: &Path) -> Result<Option<ClaudeOauth>> {
-    let path = user_home.join(".claude").join(".credentials.json");
-    let text = match std::fs::read_to_string(&path) {
-        Ok(t) => t,
+    claude_code_credentials_at(&user_home.join(".claude").join(".credentials.json"))
+}
+
+/// Reads Claude Code's OAuth credentials from `path`. `Ok(None)` when the
+/// file does not exist.
+pub fn claude_code_credentials_at(path: &Path) -> Result<Option<ClaudeOauth>> {
+    match std::fs::metadata(path) {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(Error::io(&path, "read", e)),
-    };
-    let bad = || {
-        Error::new(
-            ErrorKind::Config,
-            format!(
-                "{}: not Claude Code credentials (no claudeAiOauth.accessToken)",
-                path.display()
-            ),
-        )
-    };
-    let json: serde_json::Value = serde_json::from_str(&text).map_err(|_| bad())?;
-    let oauth = json.get("claudeAiOauth").ok_or_else(bad)?;
-    let token = oauth
-        .get("accessToken")
-        .and_then(|t| t.as_str())
-        .filter(|t| !t.is_empty())
-        .ok_or_else(bad)?;
-    let expires = oauth
-        .get("expiresAt")
-        .and_then(|v| v.as_i64())
+        _ => {}
+    }
+    let login = oauth::read_login(path)?;
+    let expires = login
+        .expires_ms
         .and_then(|ms| time::OffsetDateTime::from_unix_timestamp(ms / 1000).ok())
         .and_then(|t| {
             t.format(&time::format_description::well_known::Rfc3339)
                 .ok()
         });
     Ok(Some(ClaudeOauth {
-        access_token: Secret::new(token.to_string()),
-        subscription: oauth
-            .get("subscriptionType")
-            .and_then(|s| s.as_str())
-            .map(str::to_string),
+        file: path.to_path_buf(),
+        refreshable: login.refresh.is_some(),
+        access_token: Secret::new(login.access),
+        subscription: login.subscription,
         expires,
     }))
 }
@@ -567,16 +649,22 @@ pub fn grant(
             )
         }
         TokenInput::ClaudeCode(oauth) => {
-            if expired(oauth.expires.as_deref()) {
+            if expired(oauth.expires.as_deref()) && !oauth.refreshable {
                 return Err(Error::new(
                     ErrorKind::Config,
                     format!(
-                        "the Claude Code credentials expired at {}; log in to Claude Code again (moat cannot refresh them yet)",
+                        "the Claude Code credentials expired at {} and hold no refresh token; log in with `claude` again",
                         oauth.expires.as_deref().unwrap_or("?")
                     ),
                 ));
             }
             let mut metadata = BTreeMap::new();
+            // Runs refresh the login with this file and write the new
+            // tokens back to it; the refresh token is never copied.
+            metadata.insert(
+                "credentials_file".into(),
+                oauth.file.to_string_lossy().into_owned(),
+            );
             if let Some(s) = &oauth.subscription {
                 metadata.insert("subscription".into(), s.clone());
             }
@@ -595,7 +683,7 @@ pub fn grant(
         meta.kind = Some("api_key".into());
     }
     if provider == "github" && validate {
-        let login = crate::blocking::block_on(github_login(&token))??;
+        let login = crate::rt::block_on(github_login(&token))??;
         meta.metadata.insert("login".into(), login);
     }
     let (path, key) = save(home, provider, token, meta)?;

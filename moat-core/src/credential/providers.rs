@@ -52,6 +52,10 @@ pub struct Injection {
 pub struct Provider {
     /// The name (`github`).
     pub name: String,
+    /// How people write it (`GitHub`).
+    pub title: String,
+    /// Where `moat grant` looks for a token, in order.
+    pub sources: Vec<TokenSource>,
     /// Environment variables a token is read from at grant time, in order.
     pub env: Vec<String>,
     /// Headers to inject, per token kind (`None` = any kind).
@@ -64,6 +68,20 @@ pub struct Provider {
     pub stores_secret: bool,
     /// Where it came from: `builtin` or the YAML file.
     pub origin: String,
+}
+
+/// Where `moat grant <provider>` finds a token, tried in order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TokenSource {
+    /// The provider's environment variables ([`Provider::env`]).
+    Environment,
+    /// The `gh` CLI's login (`gh auth token`), confirmed by the user.
+    GhCli,
+    /// Claude Code's OAuth login (`~/.claude/.credentials.json`), confirmed
+    /// by the user.
+    ClaudeCode,
+    /// Asked for on the terminal (never echoed), with this label.
+    Prompt(String),
 }
 
 fn inj(host: &str, header: &str, format: ValueFormat) -> Injection {
@@ -79,8 +97,13 @@ pub const GITHUB_PLACEHOLDER: &str = "ghp_moatPLACEHOLDERxxxxxxxxxxxxxxxxxxxxxx"
 
 /// The built-in providers.
 pub fn builtin(name: &str) -> Option<Provider> {
-    let p = |name: &str, env: &[&str]| Provider {
+    let p = |name: &str, title: &str, env: &[&str]| Provider {
         name: name.into(),
+        title: title.into(),
+        sources: vec![
+            TokenSource::Environment,
+            TokenSource::Prompt(format!("{title} token")),
+        ],
         env: env.iter().map(|s| s.to_string()).collect(),
         injections: Vec::new(),
         extra_headers: Vec::new(),
@@ -112,7 +135,12 @@ pub fn builtin(name: &str) -> Option<Provider> {
                 (None, "GH_TOKEN".into(), GITHUB_PLACEHOLDER.into()),
                 (None, "GITHUB_TOKEN".into(), GITHUB_PLACEHOLDER.into()),
             ],
-            ..p("github", &["GITHUB_TOKEN", "GH_TOKEN"])
+            sources: vec![
+                TokenSource::Environment,
+                TokenSource::GhCli,
+                TokenSource::Prompt("GitHub personal access token".into()),
+            ],
+            ..p("github", "GitHub", &["GITHUB_TOKEN", "GH_TOKEN"])
         }),
         "anthropic" => Some(Provider {
             injections: vec![
@@ -142,7 +170,12 @@ pub fn builtin(name: &str) -> Option<Provider> {
                     "sk-ant-oat01-moat-placeholder".into(),
                 ),
             ],
-            ..p("anthropic", &["ANTHROPIC_API_KEY"])
+            sources: vec![
+                TokenSource::Environment,
+                TokenSource::ClaudeCode,
+                TokenSource::Prompt("Anthropic API key".into()),
+            ],
+            ..p("anthropic", "Anthropic", &["ANTHROPIC_API_KEY"])
         }),
         "openai" => Some(Provider {
             injections: vec![(
@@ -154,11 +187,21 @@ pub fn builtin(name: &str) -> Option<Provider> {
                 ),
             )],
             placeholders: vec![(None, "OPENAI_API_KEY".into(), "sk-moat-placeholder".into())],
-            ..p("openai", &["OPENAI_API_KEY"])
+            sources: vec![
+                TokenSource::Environment,
+                TokenSource::Prompt("OpenAI API key".into()),
+            ],
+            ..p("openai", "OpenAI", &["OPENAI_API_KEY"])
         }),
-        "aws" | "ssh" => Some(Provider {
+        "aws" => Some(Provider {
             stores_secret: false,
-            ..p(name, &[])
+            sources: Vec::new(),
+            ..p(name, "AWS", &[])
+        }),
+        "ssh" => Some(Provider {
+            stores_secret: false,
+            sources: Vec::new(),
+            ..p(name, "SSH", &[])
         }),
         _ => None,
     }
@@ -217,6 +260,11 @@ pub fn custom(home: &Path, name: &str) -> Result<Option<Provider>> {
     };
     Ok(Some(Provider {
         name: name.into(),
+        title: name.into(),
+        sources: vec![
+            TokenSource::Environment,
+            TokenSource::Prompt(format!("{name} token")),
+        ],
         env: vec![file.env.clone()],
         injections: file
             .hosts
@@ -303,5 +351,56 @@ impl Provider {
             .filter(|(w, _, _)| kind_matches(*w, kind))
             .map(|(_, k, v)| (k.clone(), v.clone()))
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn token_sources_follow_the_seeds_order() {
+        let sources = |name: &str| builtin(name).unwrap().sources;
+        assert_eq!(
+            sources("github"),
+            vec![
+                TokenSource::Environment,
+                TokenSource::GhCli,
+                TokenSource::Prompt("GitHub personal access token".into()),
+            ]
+        );
+        assert_eq!(
+            sources("anthropic"),
+            vec![
+                TokenSource::Environment,
+                TokenSource::ClaudeCode,
+                TokenSource::Prompt("Anthropic API key".into()),
+            ]
+        );
+        assert_eq!(sources("openai")[0], TokenSource::Environment);
+        // aws and ssh store configuration, not a token.
+        assert!(sources("aws").is_empty() && sources("ssh").is_empty());
+        let titles: Vec<String> = BUILTIN.iter().map(|n| builtin(n).unwrap().title).collect();
+        assert_eq!(titles, ["GitHub", "Anthropic", "OpenAI", "AWS", "SSH"]);
+    }
+
+    #[test]
+    fn a_custom_provider_is_titled_by_its_name_and_asks_env_then_terminal() {
+        let home = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(home.path().join("providers")).unwrap();
+        std::fs::write(
+            home.path().join("providers/acme.yaml"),
+            "hosts: [api.acme.test]\nheader: x-api-key\nenv: ACME_KEY\n",
+        )
+        .unwrap();
+        let p = lookup(home.path(), "acme").unwrap();
+        assert_eq!(p.title, "acme");
+        assert_eq!(
+            p.sources,
+            vec![
+                TokenSource::Environment,
+                TokenSource::Prompt("acme token".into())
+            ]
+        );
     }
 }

@@ -12,6 +12,8 @@ use http_body_util::{BodyExt, Empty, Full};
 use hyper::body::{Body, Frame, SizeHint};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
+use crate::trace::Fault;
+
 pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
 pub(crate) type ProxyBody = BoxBody<Bytes, BoxError>;
 
@@ -56,22 +58,22 @@ impl Capture {
     }
 }
 
+/// Called once when a body ends: with `None` when it reached its end, with
+/// why it stopped short otherwise.
+pub(crate) type OnEnd = Box<dyn FnOnce(Option<(Fault, String)>) + Send + Sync>;
+
 /// Streams `inner` frame by frame (nothing is buffered), adding the bytes of
-/// data frames to `counter`, and calls `on_end` once when the body ends or is
-/// dropped.
+/// data frames to `counter`, and calls `on_end` once when the body ends, fails
+/// or is dropped before its end.
 pub(crate) struct Counted {
     inner: ProxyBody,
     counter: Arc<AtomicU64>,
-    on_end: Option<Box<dyn FnOnce() + Send + Sync>>,
+    on_end: Option<OnEnd>,
     capture: Option<Capture>,
 }
 
 impl Counted {
-    pub(crate) fn new(
-        inner: ProxyBody,
-        counter: Arc<AtomicU64>,
-        on_end: Option<Box<dyn FnOnce() + Send + Sync>>,
-    ) -> Counted {
+    pub(crate) fn new(inner: ProxyBody, counter: Arc<AtomicU64>, on_end: Option<OnEnd>) -> Counted {
         Counted {
             inner,
             counter,
@@ -86,9 +88,9 @@ impl Counted {
         self
     }
 
-    fn finish(&mut self) {
+    fn finish(&mut self, short: Option<(Fault, String)>) {
         if let Some(f) = self.on_end.take() {
-            f();
+            f(short);
         }
     }
 }
@@ -110,8 +112,16 @@ impl Body for Counted {
                         capture.push(data);
                     }
                 }
+                // A body whose length is known may not be polled again.
+                if self.inner.is_end_stream() {
+                    self.finish(None);
+                }
             }
-            Poll::Ready(None) | Poll::Ready(Some(Err(_))) => self.finish(),
+            Poll::Ready(None) => self.finish(None),
+            Poll::Ready(Some(Err(e))) => {
+                let why = format!("the body stopped short: {e}");
+                self.finish(Some((Fault::Upstream, why)));
+            }
             Poll::Pending => {}
         }
         poll
@@ -128,7 +138,12 @@ impl Body for Counted {
 
 impl Drop for Counted {
     fn drop(&mut self) {
-        self.finish();
+        // Dropped before its end: its reader (the client) went away.
+        let short = (!self.inner.is_end_stream()).then(|| {
+            let why = "the body stopped short: the connection closed before its end";
+            (Fault::Client, why.to_string())
+        });
+        self.finish(short);
     }
 }
 
@@ -167,68 +182,6 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Prefixed<S> {
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
         Pin::new(&mut self.inner).poll_write(cx, buf)
-    }
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
-    }
-}
-
-/// A stream that counts the bytes read from it and written to it, so byte
-/// counts survive a relay that ends in an error.
-pub(crate) struct Metered<S> {
-    inner: S,
-    read: Arc<AtomicU64>,
-    written: Arc<AtomicU64>,
-}
-
-impl<S> Metered<S> {
-    pub(crate) fn new(inner: S) -> Metered<S> {
-        Metered {
-            inner,
-            read: Arc::default(),
-            written: Arc::default(),
-        }
-    }
-
-    /// Bytes read from the stream so far.
-    pub(crate) fn read_count(&self) -> Arc<AtomicU64> {
-        self.read.clone()
-    }
-
-    /// Bytes written to the stream so far.
-    pub(crate) fn written_count(&self) -> Arc<AtomicU64> {
-        self.written.clone()
-    }
-}
-
-impl<S: AsyncRead + Unpin> AsyncRead for Metered<S> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        let before = buf.filled().len();
-        let poll = Pin::new(&mut self.inner).poll_read(cx, buf);
-        let n = buf.filled().len().saturating_sub(before);
-        self.read.fetch_add(n as u64, Ordering::Relaxed);
-        poll
-    }
-}
-
-impl<S: AsyncWrite + Unpin> AsyncWrite for Metered<S> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        let poll = Pin::new(&mut self.inner).poll_write(cx, buf);
-        if let Poll::Ready(Ok(n)) = &poll {
-            self.written.fetch_add(*n as u64, Ordering::Relaxed);
-        }
-        poll
     }
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         Pin::new(&mut self.inner).poll_flush(cx)

@@ -28,6 +28,7 @@
 mod body;
 pub mod ca;
 pub mod dest;
+pub mod phase;
 mod server;
 pub mod upstream;
 
@@ -47,6 +48,9 @@ use crate::policy::{HostPattern, Policy, PolicyMode};
 use crate::secret::Secret;
 use crate::trace::{AuditSink, TraceSink};
 
+pub use phase::{Fault, HeaderCredentials, Phase};
+
+pub use crate::net::Listen;
 pub use ca::CertificateAuthority;
 pub use upstream::ResolveMap;
 
@@ -154,9 +158,12 @@ pub struct ClientSpec {
     /// Keep up to this many bytes of text request and response bodies in
     /// trace records; 0 (the default) keeps none.
     pub capture_bodies: usize,
-    /// An AWS role this client may get session credentials for, at
-    /// `http://moat.internal/aws/credentials`.
-    pub aws: Option<Arc<crate::credential::aws::RoleSession>>,
+    /// Extensions of this client's requests beyond its header credentials
+    /// (the AWS credential endpoint, say); see [`phase`].
+    pub phases: Vec<Arc<dyn Phase>>,
+    /// Request rules per host (`network.rules`): decided per request, with
+    /// git pushes judged by ref.
+    pub rules: Vec<crate::policy::rules::HostRules>,
 }
 
 impl std::fmt::Debug for ClientSpec {
@@ -181,7 +188,8 @@ impl ClientSpec {
             trace: None,
             audit: None,
             capture_bodies: 0,
-            aws: None,
+            phases: Vec::new(),
+            rules: Vec::new(),
         }
     }
 }
@@ -211,12 +219,12 @@ pub(crate) struct ClientCtx {
     id: u64,
     token: Vec<u8>,
     name: String,
-    credentials: Vec<Credential>,
     policy: Policy,
     trace: Option<Arc<dyn TraceSink>>,
     audit: Option<Arc<dyn AuditSink>>,
     capture_bodies: usize,
-    aws: Option<Arc<crate::credential::aws::RoleSession>>,
+    /// The client's phases: its header credentials first, then the rest.
+    phases: Vec<Arc<dyn Phase>>,
 }
 
 /// Limits on client connections, with their defaults.
@@ -232,6 +240,10 @@ pub struct Limits {
     pub handshake_timeout: Duration,
     /// Time to connect to an upstream, TLS included. Default 15 s.
     pub connect_timeout: Duration,
+    /// Time from sending a request upstream to its response head; longer
+    /// gets 504 (and a trace record saying so). Default 600 s, for model
+    /// APIs that answer slowly; `MOAT_RESPONSE_TIMEOUT` (seconds) sets it.
+    pub response_timeout: Duration,
     /// Concurrent client connections; more are closed at once. Default 4096.
     pub max_connections: usize,
 }
@@ -243,6 +255,7 @@ impl Default for Limits {
             header_timeout: Duration::from_secs(30),
             handshake_timeout: Duration::from_secs(10),
             connect_timeout: Duration::from_secs(15),
+            response_timeout: Duration::from_secs(600),
             max_connections: 4096,
         }
     }
@@ -252,6 +265,7 @@ impl Default for Limits {
 #[derive(Debug, Clone)]
 pub struct ProxyBuilder {
     listen: SocketAddr,
+    listen_at: Listen,
     home: Option<PathBuf>,
     extra_roots: Vec<CertificateDer<'static>>,
     resolve: ResolveMap,
@@ -270,6 +284,7 @@ impl ProxyBuilder {
     pub fn new() -> ProxyBuilder {
         ProxyBuilder {
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            listen_at: Listen::Now,
             home: None,
             extra_roots: Vec::new(),
             resolve: ResolveMap::new(),
@@ -278,19 +293,41 @@ impl ProxyBuilder {
     }
 
     /// Like [`ProxyBuilder::new`], plus the operator settings from the
-    /// environment: `MOAT_UPSTREAM_CA_FILE` (extra PEM roots) and
-    /// `MOAT_RESOLVE` (`host:port=addr:port,...`).
+    /// environment: `MOAT_UPSTREAM_CA_FILE` (extra PEM roots),
+    /// `MOAT_RESOLVE` (`host:port=addr:port,...`) and
+    /// `MOAT_RESPONSE_TIMEOUT` (seconds to wait for a response head).
     pub fn from_env() -> Result<ProxyBuilder> {
         let mut b = ProxyBuilder::new();
         let (roots, resolve) = upstream::env_settings()?;
         b.extra_roots = roots;
         b.resolve = resolve;
+        if let Some(text) = std::env::var_os("MOAT_RESPONSE_TIMEOUT").filter(|v| !v.is_empty()) {
+            let text = text.to_string_lossy();
+            let secs: u64 = text.trim().parse().ok().filter(|s| *s > 0).ok_or_else(|| {
+                Error::new(
+                    ErrorKind::InvalidArgument,
+                    format!(
+                        "MOAT_RESPONSE_TIMEOUT: \"{text}\" is not a number of seconds (1 or more)"
+                    ),
+                )
+            })?;
+            b.limits.response_timeout = Duration::from_secs(secs);
+        }
         Ok(b)
     }
 
     /// The address to listen on.
     pub fn listen(mut self, addr: SocketAddr) -> ProxyBuilder {
         self.listen = addr;
+        self.listen_at = Listen::Now;
+        self
+    }
+
+    /// Listens on `addr`, which may appear on this host only later (a
+    /// Podman network's gateway, up once its first container starts).
+    pub fn listen_before_up(mut self, addr: SocketAddr) -> ProxyBuilder {
+        self.listen = addr;
+        self.listen_at = Listen::BeforeUp;
         self
     }
 
@@ -338,14 +375,12 @@ impl ProxyBuilder {
             None => crate::paths::moat_home()?,
         };
         let ca = CertificateAuthority::load_or_create(&home.join("proxy").join("ca"))?;
-        let listener = tokio::net::TcpListener::bind(self.listen)
-            .await
-            .map_err(|e| {
-                Error::new(
-                    ErrorKind::Io,
-                    format!("cannot listen on {}: {}", self.listen, e),
-                )
-            })?;
+        let listener = crate::net::listen(self.listen, self.listen_at).map_err(|e| {
+            Error::new(
+                ErrorKind::Io,
+                format!("cannot listen on {}: {}", self.listen, e),
+            )
+        })?;
         let addr = listener.local_addr().map_err(|e| {
             Error::new(
                 ErrorKind::Io,
@@ -423,26 +458,24 @@ impl Proxy {
             )
         })?;
         let token: String = raw.iter().map(|b| format!("{b:02x}")).collect();
-        let grant_hosts = spec
-            .credentials
-            .iter()
-            .map(|c| (c.host.clone(), c.grant.clone()))
-            .collect();
+        let mut phases: Vec<Arc<dyn Phase>> = vec![Arc::new(HeaderCredentials(spec.credentials))];
+        phases.extend(spec.phases);
+        let grant_hosts = phases.iter().flat_map(|p| p.hosts()).collect();
         let id = self.shared.next_id();
         let ctx = Arc::new(ClientCtx {
             id,
             token: token.as_bytes().to_vec(),
             name: spec.name.clone(),
-            credentials: spec.credentials,
             policy: Policy {
                 mode: spec.policy,
                 allow: spec.allow,
                 grant_hosts,
+                rules: spec.rules,
             },
             trace: spec.trace,
             audit: spec.audit,
             capture_bodies: spec.capture_bodies,
-            aws: spec.aws,
+            phases,
         });
         let key: [u8; 32] = Sha256::digest(token.as_bytes()).into();
         self.shared

@@ -1,7 +1,7 @@
 //! The proxy's connection handling; see the phases in `proxy/mod.rs`.
 
 use std::convert::Infallible;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -13,16 +13,18 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use tokio::io::AsyncReadExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_rustls::LazyConfigAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::body::{empty, full, BoxError, Capture, Counted, Metered, Prefixed, ProxyBody};
+use super::body::{empty, full, BoxError, Capture, Counted, OnEnd, Prefixed, ProxyBody};
+use super::phase::{Answer, Fault, RequestHead, INTERNAL_HOST};
 use super::upstream::{self, ConnectError, Connector, ResolveMap};
 use super::{CertificateAuthority, ClientCtx, ClientTable, Limits};
+use crate::net::{relay_upgraded, starts_tls, Metered, Relayed};
 use crate::policy::blocked_message;
 use crate::trace::{emit, now_rfc3339, AuditEvent, TraceRecord};
 
@@ -111,17 +113,21 @@ pub(crate) async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
         };
         let _ = tcp.set_nodelay(true);
         let conn_shared = shared.clone();
-        shared.tasks.spawn(async move {
-            let _permit = permit;
-            serve_client(tcp, conn_shared).await;
-        });
+        shared
+            .tasks
+            .spawn(serve_client(tcp, conn_shared, Arc::new(permit)));
     }
 }
 
-async fn serve_client(tcp: tokio::net::TcpStream, shared: Arc<Shared>) {
+/// The client connection's place under the connection limit: held by the
+/// connection and by a tunnel it became, until both end.
+type Permit = Arc<tokio::sync::OwnedSemaphorePermit>;
+
+async fn serve_client(tcp: tokio::net::TcpStream, shared: Arc<Shared>, permit: Permit) {
     let cancel = shared.cancel.clone();
     let svc_shared = shared.clone();
-    let service = service_fn(move |req| handle_proxy_request(svc_shared.clone(), req));
+    let service =
+        service_fn(move |req| handle_proxy_request(svc_shared.clone(), permit.clone(), req));
     let conn = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
         .header_read_timeout(shared.limits.header_timeout)
@@ -148,6 +154,54 @@ fn text_response(status: StatusCode, body: impl Into<Bytes>) -> Response<ProxyBo
         HeaderValue::from_static("text/plain; charset=utf-8"),
     );
     resp
+}
+
+/// Checks a destination named in a CONNECT: an IP address, or a DNS name
+/// of at most 253 bytes in labels of 1 to 63 letters, digits, `-` and `_`.
+/// (Anything else could not be reached, and a certificate for it would only
+/// cost memory.)
+fn check_host_name(host: &str) -> Result<(), &'static str> {
+    if super::dest::parse_ip(host).is_some() || host.parse::<std::net::IpAddr>().is_ok() {
+        return Ok(());
+    }
+    if host.len() > 253 {
+        return Err("a host name is at most 253 characters");
+    }
+    for label in host.split('.') {
+        if label.is_empty() || label.len() > 63 {
+            return Err("each label of a host name has 1 to 63 characters");
+        }
+        if !label
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        {
+            return Err("a host name has letters, digits, '-' and '_' only");
+        }
+    }
+    Ok(())
+}
+
+/// At most `max` characters of `text`, for messages.
+fn truncated(text: &str, max: usize) -> String {
+    match text.char_indices().nth(max) {
+        Some((i, _)) => format!("{}...", &text[..i]),
+        None => text.to_string(),
+    }
+}
+
+/// `host:port` as written in a URL: IPv6 addresses in brackets, the
+/// default port left out.
+fn url_authority(host: &str, port: u16, default: u16) -> String {
+    let host = if host.contains(':') {
+        format!("[{host}]")
+    } else {
+        host.to_string()
+    };
+    if port == default {
+        host
+    } else {
+        format!("{host}:{port}")
+    }
 }
 
 /// Splits `host[:port]` (IPv6 in brackets), lowercasing and dropping a
@@ -180,6 +234,10 @@ pub(crate) fn split_authority(text: &str) -> Option<(String, Option<u16>)> {
     Some((host, port))
 }
 
+/// One request's record keeping. Every request the proxy accepted leaves a
+/// trace record and an audit `request` event: if nothing recorded it by the
+/// time it is dropped (the client went away before the response, or the
+/// proxy shut down), the drop records that.
 struct Outcome<'a> {
     ctx: &'a ClientCtx,
     method: String,
@@ -188,6 +246,20 @@ struct Outcome<'a> {
     port: u16,
     started: Instant,
     time: String,
+    /// Recorded, or handed to something that records it (a response body).
+    done: AtomicBool,
+    /// Credentials in a request being sent: audited once it went out, or,
+    /// should the request be dropped while being sent, all the same.
+    sending: std::sync::Mutex<Option<Sending>>,
+    /// The request rule that decided, for the trace.
+    rule: std::sync::Mutex<Option<String>>,
+}
+
+/// A request with credentials on its way upstream.
+struct Sending {
+    method: String,
+    path: String,
+    injected: Vec<Injected>,
 }
 
 impl<'a> Outcome<'a> {
@@ -201,19 +273,60 @@ impl<'a> Outcome<'a> {
             port,
             started: Instant::now(),
             time: now_rfc3339(),
+            done: AtomicBool::new(false),
+            sending: std::sync::Mutex::new(None),
+            rule: std::sync::Mutex::new(None),
         }
     }
 
-    fn record(&self, status: Option<u16>, denied: Option<String>, error: Option<String>) {
+    /// The request is about to go upstream with these credentials.
+    fn sending(&self, method: &str, path: &str, injected: Vec<Injected>) {
+        if injected.is_empty() {
+            return;
+        }
+        if let Ok(mut s) = self.sending.lock() {
+            *s = Some(Sending {
+                method: method.to_string(),
+                path: path.to_string(),
+                injected,
+            });
+        }
+    }
+
+    /// The request went out (`true`), or was never sent (its connection
+    /// could not be made): its credentials are audited in the first case.
+    fn settle(&self, went_out: bool) {
+        let pending = self.sending.lock().ok().and_then(|mut s| s.take());
+        if let (true, Some(p)) = (went_out, pending) {
+            audit_injected(self, &p.method, &p.path, &p.injected);
+        }
+    }
+
+    /// Records the request with the proxy's own answer (`status`, or none
+    /// sent), and, if it was refused or failed, why and whose fault that was.
+    fn record(
+        &self,
+        status: Option<u16>,
+        fault: Option<Fault>,
+        denied: Option<String>,
+        error: Option<String>,
+    ) {
+        self.handed_off();
         emit(
             self.ctx.trace.as_ref(),
             self.ctx.audit.as_ref(),
-            &TraceRecord {
+            TraceRecord {
                 denied,
                 error,
+                fault,
                 ..self.trace_record(status)
             },
         );
+    }
+
+    /// Something else records this request from now on.
+    fn handed_off(&self) {
+        self.done.store(true, Ordering::Relaxed);
     }
 
     /// A trace record of this request with nothing measured yet.
@@ -227,7 +340,16 @@ impl<'a> Outcome<'a> {
             port: self.port,
             status,
             duration_ms: self.started.elapsed().as_secs_f64() * 1000.0,
+            rule: self.rule.lock().ok().and_then(|r| r.clone()),
             ..TraceRecord::default()
+        }
+    }
+
+    /// A request rule decided: audited now, and kept for the trace.
+    fn ruled(&self, allowed: bool, rule: &str) {
+        self.decision(allowed, &format!("rule:{rule}"));
+        if let Ok(mut r) = self.rule.lock() {
+            *r = Some(rule.to_string());
         }
     }
 
@@ -239,6 +361,7 @@ impl<'a> Outcome<'a> {
         }
         self.record(
             Some(status.as_u16()),
+            Some(Fault::of(status, denied)),
             denied.then(|| msg.clone()),
             (!denied).then(|| msg.clone()),
         );
@@ -247,7 +370,7 @@ impl<'a> Outcome<'a> {
 
     fn decision(&self, allowed: bool, rule: &str) {
         if let Some(audit) = &self.ctx.audit {
-            audit.event(&AuditEvent::PolicyDecision {
+            audit.event(AuditEvent::PolicyDecision {
                 client: self.ctx.name.clone(),
                 host: self.host.clone(),
                 port: self.port,
@@ -257,6 +380,38 @@ impl<'a> Outcome<'a> {
         }
     }
 }
+
+impl Drop for Outcome<'_> {
+    fn drop(&mut self) {
+        // Dropped while being sent (its client went away): the credential
+        // may have gone out, so its use is audited.
+        let pending = self.sending.lock().ok().and_then(|mut s| s.take());
+        let grant = pending
+            .as_ref()
+            .and_then(|p| p.injected.last().map(|i| i.grant.clone()));
+        if let Some(p) = &pending {
+            audit_injected(self, &p.method, &p.path, &p.injected);
+        }
+        if !self.done.load(Ordering::Relaxed) {
+            self.handed_off();
+            emit(
+                self.ctx.trace.as_ref(),
+                self.ctx.audit.as_ref(),
+                TraceRecord {
+                    grant,
+                    error: Some(ABANDONED.to_string()),
+                    fault: Some(Fault::Client),
+                    ..self.trace_record(None)
+                },
+            );
+        }
+    }
+}
+
+/// The error of a request that got no response: the client closed its
+/// connection first (or the proxy shut down).
+pub(crate) const ABANDONED: &str =
+    "no response was sent: the client closed the connection first (or the proxy shut down)";
 
 /// The size of a request head as sent: request line and header lines.
 fn head_size<B>(req: &Request<B>) -> usize {
@@ -277,6 +432,7 @@ fn too_large() -> Response<ProxyBody> {
 
 async fn handle_proxy_request(
     shared: Arc<Shared>,
+    permit: Permit,
     req: Request<Incoming>,
 ) -> Result<Response<ProxyBody>, Infallible> {
     if head_size(&req) > shared.limits.max_header_bytes {
@@ -294,12 +450,10 @@ async fn handle_proxy_request(
         return Ok(resp);
     };
     if req.method() == Method::CONNECT {
-        return Ok(handle_connect(shared, ctx, req));
+        return Ok(handle_connect(shared, ctx, permit, req));
     }
-    if req.uri().scheme_str() == Some("http")
-        && req.uri().host() == Some(crate::credential::aws::CREDENTIALS_HOST)
-    {
-        return Ok(aws_credentials(&ctx, &req).await);
+    if req.uri().scheme_str() == Some("http") && req.uri().host() == Some(INTERNAL_HOST) {
+        return Ok(internal(&ctx, &req).await);
     }
     if req.uri().scheme_str() == Some("http") && req.uri().authority().is_some() {
         return Ok(forward_plain(shared, ctx, req).await);
@@ -310,86 +464,175 @@ async fn handle_proxy_request(
     ))
 }
 
-/// Serves `http://moat.internal/aws/credentials` to a client with an AWS
-/// grant: its role's session credentials in `credential_process` format.
-async fn aws_credentials(ctx: &ClientCtx, req: &Request<Incoming>) -> Response<ProxyBody> {
-    use crate::credential::aws::{RoleSession, CREDENTIALS_PATH};
+/// A request for the proxy's own host: the client's phases answer it
+/// ([`Phase::respond`]), or it gets 404. It never leaves the proxy.
+async fn internal(ctx: &ClientCtx, req: &Request<Incoming>) -> Response<ProxyBody> {
+    let path = req.uri().path_and_query().map_or("/", |p| p.as_str());
     let out = Outcome::new(
         ctx,
         req.method().to_string(),
         req.uri().to_string(),
-        crate::credential::aws::CREDENTIALS_HOST,
+        INTERNAL_HOST,
         80,
     );
-    if req.uri().path() != CREDENTIALS_PATH || req.method() != Method::GET {
-        out.record(Some(404), Some("unknown moat endpoint".into()), None);
-        return text_response(StatusCode::NOT_FOUND, "Moat: no such moat endpoint\n");
-    }
-    let Some(session) = &ctx.aws else {
-        out.record(Some(404), Some("this client has no aws grant".into()), None);
-        return text_response(
-            StatusCode::NOT_FOUND,
-            "Moat: this run has no aws grant; run with --grant aws after `moat grant aws --role=ARN`\n",
-        );
+    let head = RequestHead {
+        client: &ctx.name,
+        method: req.method(),
+        host: INTERNAL_HOST,
+        port: 80,
+        path,
     };
-    match session.credentials().await {
-        Ok(creds) => {
-            if let Some(audit) = &ctx.audit {
-                audit.event(&AuditEvent::AwsCredentialsIssued {
-                    client: ctx.name.clone(),
-                    role_arn: session_role(session),
-                    access_key_id: creds.access_key_id.clone(),
-                    expiration: creds.expiration.clone(),
-                });
-            }
-            out.record(Some(200), None, None);
-            let mut resp = Response::new(full(RoleSession::process_json(&creds)));
-            resp.headers_mut().insert(
-                header::CONTENT_TYPE,
-                HeaderValue::from_static("application/json"),
-            );
-            resp.headers_mut()
-                .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-            resp
-        }
-        Err(e) => {
-            let msg = e.to_string();
-            out.record(Some(502), None, Some(msg.clone()));
-            text_response(StatusCode::BAD_GATEWAY, format!("Moat: {msg}\n"))
+    for phase in &ctx.phases {
+        if let Some(answer) = phase.respond(&head).await {
+            return answered(&out, answer);
         }
     }
+    out.record(
+        Some(404),
+        Some(Fault::Client),
+        Some(format!("no moat endpoint at {path} for this client")),
+        None,
+    );
+    text_response(
+        StatusCode::NOT_FOUND,
+        format!(
+            "Moat: nothing answers http://{INTERNAL_HOST}{path} for this run \
+             (/aws/credentials answers runs with an aws grant: moat grant aws --role=ARN, then --grant aws)\n"
+        ),
+    )
 }
 
-fn session_role(session: &crate::credential::aws::RoleSession) -> String {
-    session.role_arn().to_string()
+/// The request rules of `host:port`, if it has any, on a request: `None`
+/// when it may go on (a rule allowed it, or none matched in permissive
+/// mode, or it is a git push the ref rules will judge); else the refusal,
+/// recorded and audited with the rule that decided.
+fn judge_rules(
+    ctx: &ClientCtx,
+    out: &Outcome<'_>,
+    host: &str,
+    port: u16,
+    method: &Method,
+    path: &str,
+    shown: &str,
+) -> Option<Response<ProxyBody>> {
+    use crate::policy::rules::{self, Verdict};
+    let entry = rules::entry_for(&ctx.policy.rules, host, port)?;
+    let push = entry.has_git_rules() && rules::is_git_push(method.as_str(), path);
+    let (rule, why, fix) = match entry.judge(method.as_str(), path) {
+        Verdict::Allow(rule) => {
+            out.ruled(true, &rule);
+            return None;
+        }
+        Verdict::NoMatch if push => return None,
+        Verdict::NoMatch if ctx.policy.mode == crate::policy::PolicyMode::Permissive => {
+            out.decision(true, "permissive");
+            return None;
+        }
+        Verdict::Deny(rule) => (
+            rule.clone(),
+            format!("The rule \"{rule}\" for {} denies it.", entry.host),
+            "Change network.rules in agent.yaml to allow it.".to_string(),
+        ),
+        Verdict::NoMatch => (
+            "strict".to_string(),
+            format!(
+                "No rule for {} allows it, and strict mode denies what no rule allows.",
+                entry.host
+            ),
+            format!(
+                "Add a rule to network.rules in agent.yaml, like \"allow {} {}\".",
+                method,
+                path.split('?').next().unwrap_or("/")
+            ),
+        ),
+        Verdict::Ambiguous(why) => (
+            "ambiguous path".to_string(),
+            format!("It cannot be judged: {why}."),
+            "Send the path without encoded separators.".to_string(),
+        ),
+    };
+    out.ruled(false, &rule);
+    out.record(
+        Some(403),
+        Some(Fault::Policy),
+        Some(format!("rule: {rule}")),
+        None,
+    );
+    Some(text_response(
+        StatusCode::FORBIDDEN,
+        format!("Moat: request blocked by network policy.\n{method} {shown}: {why}\n{fix}\n"),
+    ))
+}
+
+/// A phase's own answer, recorded (and its audit event written) like any
+/// other response.
+fn answered(out: &Outcome<'_>, answer: Answer) -> Response<ProxyBody> {
+    if let (Some(audit), Some(event)) = (&out.ctx.audit, answer.audit) {
+        audit.event(event);
+    }
+    let fault = (answer.denied.is_some() || answer.error.is_some())
+        .then(|| Fault::of(answer.status, answer.denied.is_some()));
+    out.record(
+        Some(answer.status.as_u16()),
+        fault,
+        answer.denied,
+        answer.error,
+    );
+    let mut resp = Response::new(full(answer.body));
+    *resp.status_mut() = answer.status;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static(answer.content_type),
+    );
+    resp.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    resp
+}
+
+/// Why a tunnel's destination is refused, and what its client is told.
+#[derive(Debug, Clone)]
+struct Refusal {
+    /// The answer's body: the seeds' message and the fix.
+    message: String,
+    /// The trace record's `denied`.
+    denied: String,
 }
 
 fn handle_connect(
     shared: Arc<Shared>,
     ctx: Arc<ClientCtx>,
+    permit: Permit,
     req: Request<Incoming>,
 ) -> Response<ProxyBody> {
     let authority = req.uri().authority().map(|a| a.as_str().to_string());
     let Some((host, port)) = authority.as_deref().and_then(split_authority) else {
         return text_response(StatusCode::BAD_REQUEST, "Moat: CONNECT needs host:port\n");
     };
+    if let Err(why) = check_host_name(&host) {
+        return text_response(
+            StatusCode::BAD_REQUEST,
+            format!("Moat: CONNECT to \"{}\": {why}\n", truncated(&host, 80)),
+        );
+    }
     let port = port.unwrap_or(443);
     let out = Outcome::new(
         &ctx,
         "CONNECT".into(),
-        format!("{host}:{port}"),
+        url_authority(&host, port, 0),
         &host,
         port,
     );
     let decision = ctx.policy.decide(&host, port);
     let tunnel = ctx.policy.decide_tunnel(&host, port);
+    let mut refusal = None;
     if !decision.allowed && !tunnel.allowed {
         out.decision(false, &decision.rule);
-        out.record(Some(403), Some("network policy".into()), None);
-        return text_response(StatusCode::FORBIDDEN, blocked_message(&host));
-    }
-    // An IP literal is checked now; names are checked when dialled.
-    if !shared.overrides.contains_key(&(host.clone(), port)) {
+        refusal = Some(Refusal {
+            message: blocked_message(&host),
+            denied: "network policy".into(),
+        });
+    } else if !shared.overrides.contains_key(&(host.clone(), port)) {
+        // An IP literal is checked now; names are checked when dialled.
         if let Some(ip) = super::dest::parse_ip(&host) {
             if let Some(reason) = super::dest::forbidden_reason(ip) {
                 let msg = ConnectError::Refused {
@@ -399,25 +642,38 @@ fn handle_connect(
                 }
                 .to_string();
                 out.decision(false, "destination");
-                out.record(Some(403), Some(msg.clone()), None);
-                return text_response(StatusCode::FORBIDDEN, format!("Moat: {msg}\n"));
+                refusal = Some(Refusal {
+                    message: format!("Moat: {msg}\n"),
+                    denied: msg,
+                });
             }
         }
     }
-    // Audited once per tunnel, with the rule that let it through; a later
-    // refusal inside the tunnel (identity, destination) is audited too.
-    let rule = if decision.allowed {
-        &decision.rule
-    } else {
-        &tunnel.rule
-    };
-    out.decision(true, rule);
+    if refusal.is_none() {
+        // Audited once per tunnel, with the rule that let it through; a
+        // later refusal inside the tunnel (identity, destination) is
+        // audited too.
+        let rule = if decision.allowed {
+            &decision.rule
+        } else {
+            &tunnel.rule
+        };
+        out.decision(true, rule);
+    }
+    // The requests inside the tunnel are recorded one by one (a refused
+    // tunnel's too: its client is answered inside TLS, where it reads why).
+    out.handed_off();
+    drop(out);
     let task_shared = shared.clone();
     let cancel = shared.cancel.clone();
     shared.tasks.spawn(async move {
+        // The tunnel counts against the connection limit while it lasts.
+        let _permit = permit;
         let work = async {
             match hyper::upgrade::on(req).await {
-                Ok(upgraded) => handle_tunnel(task_shared, ctx, host, port, upgraded).await,
+                Ok(upgraded) => {
+                    handle_tunnel(task_shared, ctx, host, port, upgraded, refusal).await
+                }
                 Err(e) => tracing::debug!(error = %e, "CONNECT upgrade failed"),
             }
         };
@@ -435,31 +691,92 @@ async fn handle_tunnel(
     host: String,
     port: u16,
     upgraded: hyper::upgrade::Upgraded,
+    refusal: Option<Refusal>,
 ) {
+    // The tunnel itself is recorded only where said below (its requests
+    // are recorded one by one): a tunnel cut by the proxy's shutdown leaves
+    // no made-up record.
+    let out = Outcome::new(
+        &ctx,
+        "CONNECT".into(),
+        url_authority(&host, port, 0),
+        &host,
+        port,
+    );
+    out.handed_off();
     let mut io = TokioIo::new(upgraded);
     let mut first = [0u8; 1];
     let n = match tokio::time::timeout(shared.limits.handshake_timeout, io.read(&mut first)).await {
         Ok(Ok(n)) => n,
-        _ => return,
+        _ => 0,
     };
     if n == 0 {
+        // Nothing was asked through the tunnel.
+        if let Some(r) = &refusal {
+            out.record(None, Some(Fault::Policy), Some(r.denied.clone()), None);
+        }
         return;
     }
     let io = Prefixed::new(Bytes::copy_from_slice(&first[..n]), io);
-    let out = Outcome::new(
-        &ctx,
-        "CONNECT".into(),
-        format!("{host}:{port}"),
-        &host,
-        port,
-    );
-    if first[0] == 0x16 {
-        if !ctx.policy.decide(&host, port).allowed {
-            out.decision(false, "strict");
-            out.record(None, Some("network policy".into()), None);
-            return;
+    let tls = starts_tls(first[0]);
+    let refusal = match refusal {
+        Some(r) => Some(r),
+        // Rules judge HTTP requests; a tunnel that is not TLS (which moat
+        // intercepts) could carry requests they never see.
+        None if !tls
+            && crate::policy::rules::entry_for(&ctx.policy.rules, &host, port).is_some() =>
+        {
+            out.decision(false, "rules: raw tunnel");
+            Some(Refusal {
+                message: format!(
+                    "Moat: request blocked by network policy.\n{host} has request rules, which moat applies to HTTPS it intercepts and to plain HTTP sent to the proxy, not to a raw tunnel.\nSend HTTP to the proxy as http://{host}/... instead of through CONNECT.\n"
+                ),
+                denied: "rules: raw tunnel".into(),
+            })
         }
-        intercept(shared, ctx.clone(), host, port, io).await;
+        None if tls && !ctx.policy.decide(&host, port).allowed => {
+            // A raw tunnel's allow entry does not let TLS through.
+            out.decision(false, "strict");
+            Some(Refusal {
+                message: blocked_message(&host),
+                denied: "network policy".into(),
+            })
+        }
+        None => None,
+    };
+    if tls {
+        let answered = intercept(shared, ctx.clone(), host, port, io, refusal.clone()).await;
+        if let Some(r) = refusal {
+            // A refused client that never got an answer (its TLS did not
+            // complete, or it asked nothing) leaves one record.
+            if answered == 0 {
+                out.record(
+                    None,
+                    Some(Fault::Policy),
+                    Some(r.denied),
+                    Some("no answer was given inside TLS (the client did not trust the moat CA, or sent no request)".into()),
+                );
+            }
+        }
+        return;
+    }
+    if let Some(r) = refusal {
+        // Plain HTTP through a refused tunnel reads the message too.
+        if first[0].is_ascii_alphabetic() {
+            let mut io = io;
+            let body = r.message.as_bytes();
+            let head = format!(
+                "HTTP/1.1 403 Forbidden\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+                body.len()
+            );
+            let _ = tokio::time::timeout(shared.limits.handshake_timeout, async {
+                io.write_all(head.as_bytes()).await?;
+                io.write_all(body).await?;
+                io.shutdown().await
+            })
+            .await;
+        }
+        out.record(None, Some(Fault::Policy), Some(r.denied), None);
         return;
     }
     // Not TLS: a raw tunnel (ssh over CONNECT, say). No credentials, ever.
@@ -468,6 +785,7 @@ async fn handle_tunnel(
         out.decision(false, &decision.rule);
         out.record(
             None,
+            Some(Fault::Policy),
             Some("raw tunnels in strict mode need an allow entry with this port".into()),
             None,
         );
@@ -482,19 +800,15 @@ async fn handle_tunnel(
     .await
     {
         Ok(mut tcp) => {
-            let mut io = Metered::new(io);
+            let counts = Relayed::default();
+            let mut io = Metered::new(io, counts.up.clone(), counts.down.clone());
+            let mut relay = RelayRecord {
+                out: &out,
+                counts,
+                ended: false,
+            };
             let _ = tokio::io::copy_bidirectional(&mut io, &mut tcp).await;
-            let up = io.read_count().load(Ordering::Relaxed);
-            let down = io.written_count().load(Ordering::Relaxed);
-            emit(
-                ctx.trace.as_ref(),
-                ctx.audit.as_ref(),
-                &TraceRecord {
-                    request_bytes: up,
-                    response_bytes: down,
-                    ..out.trace_record(None)
-                },
-            );
+            relay.ended = true;
         }
         Err(e) => {
             let denied = matches!(e, ConnectError::Refused { .. });
@@ -502,8 +816,45 @@ async fn handle_tunnel(
                 out.decision(false, "destination");
             }
             let msg = e.to_string();
-            out.record(None, denied.then(|| msg.clone()), (!denied).then_some(msg));
+            let fault = if denied {
+                Fault::Policy
+            } else {
+                Fault::Upstream
+            };
+            out.record(
+                None,
+                Some(fault),
+                denied.then(|| msg.clone()),
+                (!denied).then_some(msg),
+            );
         }
+    }
+}
+
+/// The record of a raw tunnel's relay, written when it is dropped: at the
+/// relay's end, or, cut by the proxy's shutdown, with what was relayed so
+/// far and saying so.
+struct RelayRecord<'a> {
+    out: &'a Outcome<'a>,
+    counts: Relayed,
+    ended: bool,
+}
+
+impl Drop for RelayRecord<'_> {
+    fn drop(&mut self) {
+        let out = self.out;
+        let (up, down) = self.counts.now();
+        emit(
+            out.ctx.trace.as_ref(),
+            out.ctx.audit.as_ref(),
+            TraceRecord {
+                request_bytes: up,
+                response_bytes: down,
+                error: (!self.ended).then(|| "the tunnel was cut: the proxy shut down".to_string()),
+                fault: (!self.ended).then_some(Fault::Internal),
+                ..out.trace_record(None)
+            },
+        );
     }
 }
 
@@ -530,14 +881,25 @@ fn same_host(a: &str, b: &str) -> bool {
     norm(a) == norm(b)
 }
 
-async fn intercept<S>(shared: Arc<Shared>, ctx: Arc<ClientCtx>, host: String, port: u16, io: S)
+/// Completes the client's TLS with a leaf of the moat CA for `host` and
+/// serves the requests inside: forwarded, or, with a refusal, each answered
+/// 403 with its message (nothing goes upstream). Returns how many requests
+/// were refused this way.
+async fn intercept<S>(
+    shared: Arc<Shared>,
+    ctx: Arc<ClientCtx>,
+    host: String,
+    port: u16,
+    io: S,
+    refusal: Option<Refusal>,
+) -> u64
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let limit = shared.limits.handshake_timeout;
     let acceptor = LazyConfigAcceptor::new(rustls::server::Acceptor::default(), io);
     let Ok(Ok(start)) = tokio::time::timeout(limit, acceptor).await else {
-        return;
+        return 0;
     };
     let sni = start.client_hello().server_name().map(str::to_string);
     if let Some(sni) = &sni {
@@ -545,33 +907,35 @@ where
             let out = Outcome::new(
                 &ctx,
                 "CONNECT".into(),
-                format!("{host}:{port}"),
+                url_authority(&host, port, 0),
                 &host,
                 port,
             );
             out.decision(false, "identity");
             out.record(
                 None,
+                Some(Fault::Client),
                 Some(format!(
                     "tls server name \"{sni}\" differs from the CONNECT host \"{host}\""
                 )),
                 None,
             );
-            return;
+            // Recorded: the caller must not record the tunnel again.
+            return 1;
         }
     }
     let leaf = match shared.ca.leaf(&host) {
         Ok(leaf) => leaf,
         Err(e) => {
             tracing::warn!(%host, error = %e, "cannot mint a leaf certificate");
-            return;
+            return 0;
         }
     };
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let Ok(builder) =
         rustls::ServerConfig::builder_with_provider(provider).with_safe_default_protocol_versions()
     else {
-        return;
+        return 0;
     };
     let mut config = builder
         .with_no_client_auth()
@@ -584,12 +948,8 @@ where
         config.ticketer = ticketer.clone();
     }
     let Ok(Ok(tls)) = tokio::time::timeout(limit, start.into_stream(Arc::new(config))).await else {
-        return;
+        return 0;
     };
-    let svc_shared = shared.clone();
-    let service = service_fn(move |req| {
-        handle_intercepted(svc_shared.clone(), ctx.clone(), host.clone(), port, req)
-    });
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
@@ -599,13 +959,73 @@ where
     builder
         .http2()
         .timer(TokioTimer::new())
+        // A peer that stopped answering is let go.
+        .keep_alive_interval(Some(std::time::Duration::from_secs(30)))
+        .keep_alive_timeout(std::time::Duration::from_secs(20))
         .max_header_list_size(u32::try_from(shared.limits.max_header_bytes).unwrap_or(u32::MAX));
-    if let Err(e) = builder
-        .serve_connection_with_upgrades(TokioIo::new(tls), service)
-        .await
-    {
+    let answered = Arc::new(AtomicU64::new(0));
+    let served = match refusal {
+        None => {
+            let svc_shared = shared.clone();
+            let service = service_fn(move |req| {
+                handle_intercepted(svc_shared.clone(), ctx.clone(), host.clone(), port, req)
+            });
+            builder
+                .serve_connection_with_upgrades(TokioIo::new(tls), service)
+                .await
+        }
+        Some(refusal) => {
+            let count = answered.clone();
+            let service = service_fn(move |req: Request<Incoming>| {
+                count.fetch_add(1, Ordering::Relaxed);
+                let (ctx, host, refusal) = (ctx.clone(), host.clone(), refusal.clone());
+                async move {
+                    let out = Outcome::new(
+                        &ctx,
+                        req.method().to_string(),
+                        intercepted_url(&host, port, &req),
+                        &host,
+                        port,
+                    );
+                    out.record(
+                        Some(403),
+                        Some(Fault::Policy),
+                        Some(refusal.denied.clone()),
+                        None,
+                    );
+                    // Read what the client sends (bounded), so that it reads
+                    // the answer rather than a reset.
+                    let drain = http_body_util::Limited::new(req.into_body(), 1 << 20).collect();
+                    let _ = tokio::time::timeout(std::time::Duration::from_secs(5), drain).await;
+                    Ok::<_, Infallible>(text_response(StatusCode::FORBIDDEN, refusal.message))
+                }
+            });
+            builder
+                .serve_connection_with_upgrades(TokioIo::new(tls), service)
+                .await
+        }
+    };
+    if let Err(e) = served {
         tracing::debug!(error = %e, "intercepted connection ended with an error");
     }
+    answered.load(Ordering::Relaxed)
+}
+
+/// The URL of a request inside a tunnel to `host:port`, for the trace.
+/// A target that is not a path (`*`, an authority) is left out: the error
+/// of its record names it.
+fn intercepted_url<B>(host: &str, port: u16, req: &Request<B>) -> String {
+    let path = req
+        .uri()
+        .path_and_query()
+        .map_or("", |p| p.as_str())
+        .to_string();
+    let path = if path.starts_with('/') {
+        path.as_str()
+    } else {
+        ""
+    };
+    format!("https://{}{path}", url_authority(host, port, 443))
 }
 
 /// Hop-by-hop headers, never forwarded.
@@ -661,24 +1081,15 @@ fn capture_for(ctx: &ClientCtx, headers: &HeaderMap) -> Option<Capture> {
     text.then(|| Capture::new(ctx.capture_bodies))
 }
 
-/// Header names whose values are never recorded.
-const REDACTED: &[&str] = &[
-    "authorization",
-    "proxy-authorization",
-    "cookie",
-    "set-cookie",
-    "x-api-key",
-    "api-key",
-];
-
 fn redacted(headers: &HeaderMap, also: &[HeaderName]) -> Vec<(String, String)> {
     headers
         .iter()
         .map(|(name, value)| {
-            let secret =
-                value.is_sensitive() || REDACTED.contains(&name.as_str()) || also.contains(name);
+            let secret = value.is_sensitive()
+                || crate::trace::SECRET_HEADERS.contains(&name.as_str())
+                || also.contains(name);
             let shown = if secret {
-                "[redacted]".to_string()
+                crate::trace::REDACTED.to_string()
             } else {
                 String::from_utf8_lossy(value.as_bytes()).into_owned()
             };
@@ -706,6 +1117,64 @@ fn upstream_error_response(err: &hyper_util::client::legacy::Error) -> (StatusCo
     )
 }
 
+/// A credential put into a request, audited once the request was sent.
+struct Injected {
+    grant: String,
+    header: String,
+}
+
+/// Audits the credentials injected into a request that was sent upstream.
+fn audit_injected(out: &Outcome<'_>, method: &str, path: &str, injected: &[Injected]) {
+    let Some(audit) = &out.ctx.audit else { return };
+    for i in injected {
+        audit.event(AuditEvent::CredentialInjected {
+            client: out.ctx.name.clone(),
+            host: out.host.clone(),
+            port: out.port,
+            grant: i.grant.clone(),
+            header: i.header.clone(),
+            method: method.to_string(),
+            path: path.to_string(),
+        });
+    }
+}
+
+/// Waits for `response`, at most the response timeout after the request
+/// body last made progress (`sent` counts its bytes), so a long upload is
+/// not cut while it moves. `None` when the head did not come in time.
+async fn head_within<T>(
+    shared: &Shared,
+    sent: &AtomicU64,
+    response: impl std::future::Future<Output = T>,
+) -> Option<T> {
+    let limit = shared.limits.response_timeout;
+    let mut response = std::pin::pin!(response);
+    let mut seen = sent.load(Ordering::Relaxed);
+    loop {
+        match tokio::time::timeout(limit, response.as_mut()).await {
+            Ok(result) => return Some(result),
+            Err(_) => {
+                let now = sent.load(Ordering::Relaxed);
+                if now == seen {
+                    return None;
+                }
+                seen = now;
+            }
+        }
+    }
+}
+
+fn response_timeout(shared: &Shared, out: &Outcome<'_>) -> Response<ProxyBody> {
+    out.fail(
+        StatusCode::GATEWAY_TIMEOUT,
+        format!(
+            "the upstream sent no response within {} s",
+            shared.limits.response_timeout.as_secs()
+        ),
+        false,
+    )
+}
+
 async fn handle_intercepted(
     shared: Arc<Shared>,
     ctx: Arc<ClientCtx>,
@@ -721,18 +1190,29 @@ async fn handle_intercepted(
         .path_and_query()
         .map_or("/", |p| p.as_str())
         .to_string();
-    let authority = if port == 443 {
-        host.clone()
-    } else {
-        format!("{host}:{port}")
-    };
+    let authority = url_authority(&host, port, 443);
     let out = Outcome::new(
         &ctx,
         req.method().to_string(),
-        format!("https://{authority}{path}"),
+        intercepted_url(&host, port, &req),
         &host,
         port,
     );
+
+    // Only requests for a resource: not `OPTIONS *`, not a CONNECT inside
+    // the tunnel (its target is not a path of this host).
+    if req.method() == Method::CONNECT || !path.starts_with('/') {
+        let msg = format!(
+            "request target \"{}\" with method {} is not supported inside a tunnel (only a path, like /index.html)",
+            req.uri(),
+            req.method()
+        );
+        out.record(Some(400), Some(Fault::Client), Some(msg.clone()), None);
+        return Ok(text_response(
+            StatusCode::BAD_REQUEST,
+            format!("Moat: {msg}; nothing was sent\n"),
+        ));
+    }
 
     // Identity: the URI authority (HTTP/2, absolute-form) and the Host header
     // must both name the CONNECT host and port.
@@ -744,7 +1224,12 @@ async fn handle_intercepted(
         named.push(String::from_utf8_lossy(h.as_bytes()).into_owned());
     }
     if named.is_empty() {
-        out.record(Some(400), Some("no host in the request".into()), None);
+        out.record(
+            Some(400),
+            Some(Fault::Client),
+            Some("no host in the request".into()),
+            None,
+        );
         return Ok(text_response(
             StatusCode::BAD_REQUEST,
             "Moat: the request names no host\n",
@@ -757,11 +1242,65 @@ async fn handle_intercepted(
             let msg =
                 format!("request host \"{name}\" does not match the tunnel's host \"{authority}\"");
             out.decision(false, "identity");
-            out.record(Some(421), Some(msg.clone()), None);
+            out.record(Some(421), Some(Fault::Client), Some(msg.clone()), None);
             return Ok(text_response(
                 StatusCode::MISDIRECTED_REQUEST,
                 format!("Moat: {msg}; nothing was sent\n"),
             ));
+        }
+    }
+    let uri: Uri = match format!("https://{authority}{path}").parse() {
+        Ok(uri) => uri,
+        Err(_) => {
+            out.record(
+                Some(400),
+                Some(Fault::Client),
+                Some("bad request target".into()),
+                None,
+            );
+            return Ok(text_response(
+                StatusCode::BAD_REQUEST,
+                "Moat: bad request target\n",
+            ));
+        }
+    };
+
+    // Request rules, on what the client asked for (before any phase).
+    let shown = intercepted_url(&host, port, &req);
+    if let Some(refused) = judge_rules(&ctx, &out, &host, port, req.method(), &path, &shown) {
+        return Ok(refused);
+    }
+    let push_rules = crate::policy::rules::entry_for(&ctx.policy.rules, &host, port)
+        .filter(|e| {
+            e.has_git_rules() && crate::policy::rules::is_git_push(req.method().as_str(), &path)
+        })
+        .cloned();
+
+    // A phase may answer on the host (Claude Code's token endpoint): the
+    // request never leaves the proxy.
+    let head = RequestHead {
+        client: &ctx.name,
+        method: req.method(),
+        host: &host,
+        port,
+        path: &path,
+    };
+    for phase in &ctx.phases {
+        if let Some(answer) = phase.respond(&head).await {
+            // Read what the client sends first (a small body: a token
+            // request), so that no client sees its request cut short.
+            let mut body = req.into_body();
+            let drain = async {
+                let mut read = 0usize;
+                while let Some(Ok(frame)) = body.frame().await {
+                    read += frame.data_ref().map_or(0, |d| d.len());
+                    if read > 1 << 20 {
+                        break;
+                    }
+                }
+            };
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(10), drain).await;
+            return Ok(answered(&out, answer));
         }
     }
 
@@ -773,12 +1312,14 @@ async fn handle_intercepted(
     parts.headers.remove(header::HOST);
     let mut grant = None;
     let mut injected_headers = Vec::new();
-    let wants_credential = ctx.credentials.iter().any(|c| c.matches(&host, port));
+    let mut injected = Vec::new();
+    let wants_credential = ctx.phases.iter().any(|p| p.injects_for(&host, port));
     if wants_credential {
         // Fail closed: no credential is used that the audit log cannot record.
         if let Some(Err(why)) = ctx.audit.as_ref().map(|a| a.healthy()) {
             out.record(
                 Some(503),
+                Some(Fault::Internal),
                 Some(format!("audit log unavailable: {why}")),
                 None,
             );
@@ -790,37 +1331,29 @@ async fn handle_intercepted(
             ));
         }
     }
-    for cred in ctx.credentials.iter().filter(|c| c.matches(&host, port)) {
-        // The one injection site: the value replaces any client-sent header
-        // of that name (placeholders) and is never duplicated.
-        parts.headers.remove(cred.header());
-        parts
-            .headers
-            .insert(cred.header().clone(), cred.value.expose().clone());
-        injected_headers.push(cred.header().clone());
-        grant = Some(cred.grant().to_string());
+    // The phases that inject (credentials in headers): each value replaces
+    // any client-sent header of that name (placeholders), once.
+    for phase in &ctx.phases {
+        let done = match phase.inject(&host, port, &mut parts.headers).await {
+            Ok(done) => done,
+            Err(answer) => return Ok(answered(&out, answer)),
+        };
         if let Some(audit) = &ctx.audit {
-            audit.event(&AuditEvent::CredentialInjected {
-                client: ctx.name.clone(),
-                host: host.clone(),
-                port,
-                grant: cred.grant().to_string(),
-                header: cred.header().as_str().to_string(),
-                method: parts.method.to_string(),
-                path: parts.uri.path().to_string(),
+            for event in done.audit {
+                audit.event(event);
+            }
+        }
+        for injection in done.injections {
+            grant = Some(injection.grant.clone());
+            injected_headers.push(injection.header.clone());
+            injected.push(Injected {
+                grant: injection.grant,
+                header: injection.header.as_str().to_string(),
             });
         }
     }
-    let uri: Uri = match format!("https://{authority}{path}").parse() {
-        Ok(uri) => uri,
-        Err(_) => {
-            out.record(Some(400), Some("bad request target".into()), None);
-            return Ok(text_response(
-                StatusCode::BAD_REQUEST,
-                "Moat: bad request target\n",
-            ));
-        }
-    };
+    let method = parts.method.to_string();
+    let uri_path = uri.path().to_string();
     parts.uri = uri;
     parts.version = http::Version::HTTP_11;
     let request_headers = redacted(&parts.headers, &injected_headers);
@@ -836,19 +1369,41 @@ async fn handle_intercepted(
         let path_only: Uri = path.parse().unwrap_or_else(|_| Uri::from_static("/"));
         parts.uri = path_only;
         let req = Request::from_parts(parts, body);
+        out.sending(&method, &uri_path, injected);
         return Ok(
             forward_upgrade(&shared, &out, req, client_upgrade, grant, request_headers).await,
         );
     }
     let sent = Arc::new(AtomicU64::new(0));
     let req_capture = capture_for(&ctx, &parts.headers);
-    let body = Counted::new(body.map_err(Into::into).boxed(), sent.clone(), None)
+    let body: ProxyBody = match push_rules {
+        Some(entry) => match judge_push(&entry, &out, &parts.headers, body).await {
+            Ok(body) => body,
+            Err(refusal) => return Ok(refusal),
+        },
+        None => body.map_err(Into::into).boxed(),
+    };
+    let body = Counted::new(body, sent.clone(), None)
         .capturing(req_capture.clone())
         .boxed();
     let upstream_req = Request::from_parts(parts, body);
 
-    match shared.https.request(upstream_req).await {
-        Ok(resp) => Ok(stream_back(
+    out.sending(&method, &uri_path, injected);
+    let result = head_within(&shared, &sent, shared.https.request(upstream_req))
+        .await
+        .transpose();
+    // A credential left the proxy unless the connection was never made.
+    out.settle(match &result {
+        Ok(_) => true,
+        Err(e) => !e.is_connect(),
+    });
+    if let Ok(Some(resp)) = &result {
+        for phase in &ctx.phases {
+            phase.observe(&host, port, resp.status());
+        }
+    }
+    match result {
+        Ok(Some(resp)) => Ok(stream_back(
             &out,
             resp,
             grant,
@@ -856,11 +1411,126 @@ async fn handle_intercepted(
             sent,
             req_capture,
         )),
+        Ok(None) => Ok(response_timeout(&shared, &out)),
         Err(e) => {
             let (status, msg, denied) = upstream_error_response(&e);
             Ok(out.fail(status, msg, denied))
         }
     }
+}
+
+/// The most of a push's start read to find its ref updates.
+const PUSH_COMMANDS_LIMIT: usize = 1 << 20;
+
+/// Judges a git push by its ref updates (read from the start of its body):
+/// the body to send on when every update is allowed; else git's own
+/// refusal of the whole push (nothing of it is sent), recorded and audited
+/// with the rules that decided.
+async fn judge_push(
+    entry: &crate::policy::rules::HostRules,
+    out: &Outcome<'_>,
+    headers: &HeaderMap,
+    body: Incoming,
+) -> Result<ProxyBody, Response<ProxyBody>> {
+    use crate::policy::rules::{parse_push, push_refusal};
+    let refuse = |out: &Outcome<'_>, why: String| {
+        out.ruled(false, "git");
+        out.record(
+            Some(403),
+            Some(Fault::Policy),
+            Some(format!("rule: {why}")),
+            None,
+        );
+        text_response(
+            StatusCode::FORBIDDEN,
+            format!("Moat: push blocked by network policy: {why}\n"),
+        )
+    };
+    if headers
+        .get(header::CONTENT_ENCODING)
+        .is_some_and(|v| !v.as_bytes().eq_ignore_ascii_case(b"identity"))
+    {
+        return Err(refuse(
+            out,
+            "a compressed push cannot be read for its refs".into(),
+        ));
+    }
+    let mut body = body;
+    let mut head = Vec::new();
+    let parsed = loop {
+        match parse_push(&head) {
+            Ok(Some(p)) => break p,
+            Ok(None) if head.len() < PUSH_COMMANDS_LIMIT => {}
+            Ok(None) => return Err(refuse(out, "the push's ref updates are too long".into())),
+            Err(e) => return Err(refuse(out, format!("the push cannot be read: {e}"))),
+        }
+        match body.frame().await {
+            Some(Ok(frame)) => {
+                if let Some(data) = frame.data_ref() {
+                    head.extend_from_slice(data);
+                }
+            }
+            Some(Err(e)) => return Err(refuse(out, format!("the push stopped short: {e}"))),
+            None => return Err(refuse(out, "the push ended before its ref updates".into())),
+        }
+    };
+    let (updates, caps) = parsed;
+    let mut verdicts = Vec::new();
+    let mut denied = Vec::new();
+    for u in &updates {
+        let (allowed, rule) = entry.judge_ref(u);
+        let rule = rule.unwrap_or_else(|| {
+            format!(
+                "no git-{} rule for {} matches it",
+                if u.is_delete() { "delete" } else { "push" },
+                entry.host
+            )
+        });
+        if !allowed {
+            denied.push(format!("{} ({rule})", u.name));
+        }
+        verdicts.push((u.clone(), allowed, rule));
+    }
+    if denied.is_empty() {
+        let rules: Vec<&str> = verdicts.iter().map(|(_, _, r)| r.as_str()).collect();
+        out.ruled(true, &rules.join("; "));
+        let rest = body.map_err(Into::into);
+        let first = futures_util::stream::once(async move {
+            Ok::<_, BoxError>(hyper::body::Frame::data(Bytes::from(head)))
+        });
+        let stream = futures_util::StreamExt::chain(first, http_body_util::BodyStream::new(rest));
+        return Ok(http_body_util::StreamBody::new(stream).boxed());
+    }
+    let why = format!("denied: {}", denied.join(", "));
+    out.ruled(false, &why);
+    // Read the rest of the push (and drop it) so that git hears the answer.
+    let drain = async { while let Some(Ok(_)) = body.frame().await {} };
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(60), drain).await;
+    let lines: Vec<_> = verdicts
+        .into_iter()
+        .map(|(u, allowed, rule)| {
+            let reason = if allowed {
+                "moat: the push is refused whole (another ref is denied)".to_string()
+            } else {
+                format!("moat: {rule}")
+            };
+            (u, reason)
+        })
+        .collect();
+    out.record(
+        Some(200),
+        Some(Fault::Policy),
+        Some(format!("rule: {why}")),
+        None,
+    );
+    let mut resp = Response::new(full(Bytes::from(push_refusal(&lines, &caps))));
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/x-git-receive-pack-result"),
+    );
+    resp.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    Err(resp)
 }
 
 /// The protocol of an HTTP/1.1 WebSocket upgrade request, if it is one.
@@ -892,7 +1562,11 @@ async fn forward_upgrade(
     grant: Option<String>,
     request_headers: Vec<(String, String)>,
 ) -> Response<ProxyBody> {
-    let fail = |status: StatusCode, msg: String, denied: bool| out.fail(status, msg, denied);
+    let fail = |status: StatusCode, msg: String, denied: bool| {
+        // Nothing was sent: no connection, or no TLS.
+        out.settle(false);
+        out.fail(status, msg, denied)
+    };
     let timeout = shared.limits.connect_timeout;
     let tcp = match upstream::dial(&out.host, out.port, &shared.overrides, timeout).await {
         Ok(tcp) => tcp,
@@ -923,9 +1597,19 @@ async fn forward_upgrade(
     let conn_task = shared.tasks.spawn(conn.with_upgrades());
     let (parts, body) = req.into_parts();
     let body = body.map_err(BoxError::from).boxed();
-    let mut resp = match sender.send_request(Request::from_parts(parts, body)).await {
-        Ok(resp) => resp,
-        Err(e) => {
+    let sent = tokio::time::timeout(
+        shared.limits.response_timeout,
+        sender.send_request(Request::from_parts(parts, body)),
+    )
+    .await;
+    out.settle(true);
+    let mut resp = match sent {
+        Ok(Ok(resp)) => resp,
+        Err(_) => {
+            conn_task.abort();
+            return response_timeout(shared, out);
+        }
+        Ok(Err(e)) => {
             conn_task.abort();
             return fail(
                 StatusCode::BAD_GATEWAY,
@@ -942,9 +1626,10 @@ async fn forward_upgrade(
         response_headers,
         ..out.trace_record(Some(status.as_u16()))
     };
+    out.handed_off();
     if status != StatusCode::SWITCHING_PROTOCOLS {
         // Refused by the upstream: pass its answer on as an ordinary response.
-        emit(out.ctx.trace.as_ref(), out.ctx.audit.as_ref(), &record);
+        emit(out.ctx.trace.as_ref(), out.ctx.audit.as_ref(), record);
         let (parts, body) = resp.into_parts();
         return Response::from_parts(parts, body.map_err(Into::into).boxed());
     }
@@ -954,26 +1639,21 @@ async fn forward_upgrade(
     let started = out.started;
     let cancel = shared.cancel.clone();
     shared.tasks.spawn(async move {
-        let relay = async {
-            let (Ok(client), Ok(server)) = tokio::join!(client_upgrade, upstream_upgrade) else {
-                return (0, 0);
-            };
-            let mut client = Metered::new(TokioIo::new(client));
-            let (up, down) = (client.read_count(), client.written_count());
-            let mut server = TokioIo::new(server);
-            // Ends when either side closes, cleanly or not.
-            let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
-            (up.load(Ordering::Relaxed), down.load(Ordering::Relaxed))
+        let counts = Relayed::default();
+        let cut = tokio::select! {
+            () = relay_upgraded(client_upgrade, upstream_upgrade, &counts) => false,
+            () = cancel.cancelled() => true,
         };
-        let (up, down) = tokio::select! {
-            bytes = relay => bytes,
-            () = cancel.cancelled() => (0, 0),
-        };
+        let (up, down) = counts.now();
         let mut record = record;
+        if cut {
+            record.error = Some("the connection was cut: the proxy shut down".into());
+            record.fault = Some(Fault::Internal);
+        }
         record.duration_ms = started.elapsed().as_secs_f64() * 1000.0;
         record.request_bytes = up;
         record.response_bytes = down;
-        emit(trace.as_ref(), audit.as_ref(), &record);
+        emit(trace.as_ref(), audit.as_ref(), record);
     });
     let (parts, _) = resp.into_parts();
     Response::from_parts(parts, empty())
@@ -994,7 +1674,8 @@ fn stream_back(
     let capture_for_record = resp_capture.clone();
     let (trace, audit) = (out.ctx.trace.clone(), out.ctx.audit.clone());
     let wanted = trace.is_some() || audit.is_some();
-    let on_end: Option<Box<dyn FnOnce() + Send + Sync>> = wanted.then(|| {
+    out.handed_off();
+    let on_end: Option<OnEnd> = wanted.then(|| {
         let record = TraceRecord {
             grant,
             request_headers,
@@ -1003,14 +1684,15 @@ fn stream_back(
         };
         let started = out.started;
         let received = received.clone();
-        let f: Box<dyn FnOnce() + Send + Sync> = Box::new(move || {
+        let f: OnEnd = Box::new(move |short: Option<(Fault, String)>| {
             let mut record = record;
+            (record.fault, record.error) = short.unzip();
             record.duration_ms = started.elapsed().as_secs_f64() * 1000.0;
             record.request_bytes = sent.load(Ordering::Relaxed);
             record.response_bytes = received.load(Ordering::Relaxed);
             record.request_body = req_capture.and_then(|c| c.text());
             record.response_body = capture_for_record.and_then(|c| c.text());
-            emit(trace.as_ref(), audit.as_ref(), &record);
+            emit(trace.as_ref(), audit.as_ref(), record);
         });
         f
     });
@@ -1046,8 +1728,37 @@ async fn forward_plain(
     let decision = ctx.policy.decide(&host, port);
     out.decision(decision.allowed, &decision.rule);
     if !decision.allowed {
-        out.record(Some(403), Some("network policy".into()), None);
+        out.record(
+            Some(403),
+            Some(Fault::Policy),
+            Some("network policy".into()),
+            None,
+        );
         return text_response(StatusCode::FORBIDDEN, blocked_message(&host));
+    }
+    let path = req
+        .uri()
+        .path_and_query()
+        .map_or("/", |p| p.as_str())
+        .to_string();
+    let shown = req.uri().to_string();
+    if let Some(refused) = judge_rules(&ctx, &out, &host, port, req.method(), &path, &shown) {
+        return refused;
+    }
+    if crate::policy::rules::entry_for(&ctx.policy.rules, &host, port).is_some_and(|e| {
+        e.has_git_rules() && crate::policy::rules::is_git_push(req.method().as_str(), &path)
+    }) {
+        out.ruled(false, "git over plain http");
+        out.record(
+            Some(403),
+            Some(Fault::Policy),
+            Some("rule: git push over plain http".into()),
+            None,
+        );
+        return text_response(
+            StatusCode::FORBIDDEN,
+            "Moat: push blocked by network policy: pushes to a host with git rules must use https\n",
+        );
     }
     let (mut parts, body) = req.into_parts();
     strip_hop_by_hop(&mut parts.headers);
@@ -1058,8 +1769,10 @@ async fn forward_plain(
     let body = Counted::new(body.map_err(Into::into).boxed(), sent.clone(), None)
         .capturing(req_capture.clone())
         .boxed();
-    match shared.http.request(Request::from_parts(parts, body)).await {
-        Ok(resp) => stream_back(&out, resp, None, request_headers, sent, req_capture),
+    let response = shared.http.request(Request::from_parts(parts, body));
+    match head_within(&shared, &sent, response).await.transpose() {
+        Ok(Some(resp)) => stream_back(&out, resp, None, request_headers, sent, req_capture),
+        Ok(None) => response_timeout(&shared, &out),
         Err(e) => {
             let (status, msg, denied) = upstream_error_response(&e);
             out.fail(status, msg, denied)

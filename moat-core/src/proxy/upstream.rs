@@ -76,7 +76,16 @@ pub(crate) fn own_client(
     timeout: Duration,
 ) -> Result<hyper_util::client::legacy::Client<Connector, http_body_util::Full<bytes::Bytes>>> {
     let (roots, resolve) = env_settings()?;
-    let tls = client_tls(&roots)?;
+    own_client_with(&roots, resolve, timeout)
+}
+
+/// [`own_client`] with the given extra roots and overrides.
+pub(crate) fn own_client_with(
+    roots: &[CertificateDer<'static>],
+    resolve: ResolveMap,
+    timeout: Duration,
+) -> Result<hyper_util::client::legacy::Client<Connector, http_body_util::Full<bytes::Bytes>>> {
+    let tls = client_tls(roots)?;
     Ok(
         hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build(
             Connector {

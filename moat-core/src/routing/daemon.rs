@@ -51,7 +51,7 @@ fn state_path(home: &Path) -> PathBuf {
 pub fn status(home: &Path) -> Option<RouterState> {
     let bytes = std::fs::read(state_path(home)).ok()?;
     let state: RouterState = serde_json::from_slice(&bytes).ok()?;
-    (crate::run::process_start_time(state.pid) == Some(state.start)).then_some(state)
+    (crate::process::process_start_time(state.pid) == Some(state.start)).then_some(state)
 }
 
 fn write_state(home: &Path, state: &RouterState) -> Result<()> {
@@ -73,7 +73,7 @@ pub fn ensure(
 ) -> Result<RouterState> {
     let dir = home.join("proxy");
     crate::paths::private_dir(&dir)?;
-    let _lock = crate::run::FileLock::acquire(&dir.join("router.lock"))?;
+    let _lock = crate::paths::FileLock::acquire(&dir.join("router.lock"))?;
     if let Some(mut state) = status(home) {
         if manual && !state.manual {
             state.manual = true;
@@ -85,7 +85,7 @@ pub fn ensure(
         .split_first()
         .ok_or_else(|| Error::new(ErrorKind::Internal, "no command to start the router with"))?;
     let log_path = dir.join("router.log");
-    let log = std::fs::File::create(&log_path).map_err(|e| Error::io(&log_path, "create", e))?;
+    let log = crate::paths::open_private(&log_path, crate::paths::Open::Truncate)?;
     let mut cmd = std::process::Command::new(program);
     cmd.args(args)
         .arg("--port")
@@ -97,7 +97,7 @@ pub fn ensure(
     if manual {
         cmd.arg("--manual");
     }
-    crate::run::detach(&mut cmd);
+    crate::process::detach(&mut cmd);
     let mut child = cmd.spawn().map_err(|e| {
         Error::new(
             ErrorKind::Runtime,
@@ -148,7 +148,7 @@ pub fn stop(home: &Path) -> Result<bool> {
     // SAFETY: signalling a process we checked is the router.
     unsafe { libc::kill(state.pid as i32, libc::SIGTERM) };
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while crate::run::process_start_time(state.pid) == Some(state.start) {
+    while crate::process::process_start_time(state.pid) == Some(state.start) {
         if std::time::Instant::now() > deadline {
             return Err(Error::new(
                 ErrorKind::Runtime,
@@ -175,14 +175,14 @@ pub fn stop_if_idle(home: &Path) -> Result<()> {
 /// The router process (`moat _router --port N [--manual]`): serves until
 /// SIGTERM or SIGINT. Returns the exit status.
 pub fn serve(home: &Path, port: u16, manual: bool) -> Result<()> {
-    crate::blocking::block_on(async {
+    crate::rt::block_on(async {
         let router = Router::start(home, SocketAddr::from(([127, 0, 0, 1], port))).await?;
         let pid = std::process::id();
         write_state(
             home,
             &RouterState {
                 pid,
-                start: crate::run::process_start_time(pid).unwrap_or(0),
+                start: crate::process::process_start_time(pid).unwrap_or(0),
                 port: router.local_addr().port(),
                 manual,
             },

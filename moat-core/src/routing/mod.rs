@@ -97,7 +97,22 @@ struct Shared {
     ca: CertificateAuthority,
     port: u16,
     routes: Mutex<(Option<SystemTime>, Arc<Routes>)>,
+    /// A router for one run's container: only this agent's endpoints, per
+    /// request, and never a listing ([`Router::serve_own`]).
+    only: Option<Own>,
 }
+
+/// The one agent, and its endpoints, a run's own router serves.
+#[derive(Debug, Clone)]
+struct Own {
+    agent: String,
+    endpoints: Vec<String>,
+    /// Connections open at once, at most.
+    slots: Arc<tokio::sync::Semaphore>,
+}
+
+/// Connections a run's own router holds open at once.
+const OWN_CONNECTIONS: usize = 64;
 
 impl Shared {
     /// The table, re-read when its file changed.
@@ -162,7 +177,7 @@ impl Router {
             Error::new(
                 ErrorKind::Io,
                 format!(
-                    "cannot listen on {listen}: {e} (is another router or server on that port?)"
+                    "cannot listen on {listen}: {e} (is another router or server on that port? Choose another port with MOAT_PROXY_PORT=PORT, or `moat proxy start --port PORT`)"
                 ),
             )
         })?;
@@ -174,7 +189,41 @@ impl Router {
             ca,
             port: addr.port(),
             routes: Mutex::new((None, Arc::default())),
+            only: None,
         });
+        Ok(Router::spawn(listener, addr, shared))
+    }
+
+    /// Serves, on `listener`, `agent`'s own `endpoints` and nothing else:
+    /// the router a run's container reaches its own URLs through (see
+    /// `run::supervisor::loopback`). Every request's Host must name one of
+    /// them (else 403, and never a listing of other agents); at most
+    /// [`OWN_CONNECTIONS`] connections at once.
+    pub fn serve_own(
+        home: &Path,
+        listener: TcpListener,
+        agent: &str,
+        endpoints: Vec<String>,
+    ) -> Result<Router> {
+        let ca = CertificateAuthority::load_or_create(&home.join("proxy").join("ca"))?;
+        let addr = listener
+            .local_addr()
+            .map_err(|e| Error::new(ErrorKind::Io, format!("listener address: {e}")))?;
+        let shared = Arc::new(Shared {
+            home: home.to_path_buf(),
+            ca,
+            port: addr.port(),
+            routes: Mutex::new((None, Arc::default())),
+            only: Some(Own {
+                agent: agent.to_ascii_lowercase(),
+                endpoints,
+                slots: Arc::new(tokio::sync::Semaphore::new(OWN_CONNECTIONS)),
+            }),
+        });
+        Ok(Router::spawn(listener, addr, shared))
+    }
+
+    fn spawn(listener: TcpListener, addr: SocketAddr, shared: Arc<Shared>) -> Router {
         let cancel = CancellationToken::new();
         let tasks = TaskTracker::new();
         let (c, t) = (cancel.clone(), tasks.clone());
@@ -184,7 +233,31 @@ impl Router {
                     _ = c.cancelled() => break,
                     a = listener.accept() => a,
                 };
-                let Ok((stream, _)) = accepted else { continue };
+                let stream = match accepted {
+                    Ok((stream, _)) => stream,
+                    Err(e) => {
+                        // Out of descriptors, say: wait a little rather
+                        // than spin on the error.
+                        tracing::debug!(error = %e, "router accept");
+                        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
+                // A run's own router holds a bounded number of connections:
+                // one more waits for a slot (closed at once when none frees
+                // within a while).
+                let slot = match &shared.only {
+                    Some(own) => match tokio::time::timeout(
+                        std::time::Duration::from_secs(5),
+                        own.slots.clone().acquire_owned(),
+                    )
+                    .await
+                    {
+                        Ok(Ok(slot)) => Some(slot),
+                        _ => continue,
+                    },
+                    None => None,
+                };
                 let shared = shared.clone();
                 let c2 = c.clone();
                 t.spawn(async move {
@@ -192,19 +265,25 @@ impl Router {
                         _ = c2.cancelled() => {}
                         _ = serve(shared, stream) => {}
                     }
+                    drop(slot);
                 });
             }
         });
-        Ok(Router {
+        Router {
             addr,
             cancel,
             tasks,
-        })
+        }
     }
 
     /// The address it listens on.
     pub fn local_addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// Stops accepting and cuts open connections, without waiting for them.
+    pub fn stop(&self) {
+        self.cancel.cancel();
     }
 
     /// Stops accepting and cuts open connections.
@@ -223,7 +302,7 @@ async fn serve(shared: Arc<Shared>, stream: TcpStream) {
     else {
         return;
     };
-    if n == 1 && first[0] == 0x16 {
+    if n == 1 && crate::net::starts_tls(first[0]) {
         let config = match tls_config(&shared) {
             Ok(c) => c,
             Err(e) => {
@@ -321,6 +400,34 @@ async fn route(
         .to_string();
     let routes = shared.routes();
     let html = "text/html; charset=utf-8";
+    if let Some(own) = &shared.only {
+        // Judged per request: a kept-alive connection may name another
+        // host in its next request.
+        return match target(&host) {
+            Target::Endpoint(endpoint, agent)
+                if agent == own.agent && own.endpoints.iter().any(|e| e.eq_ignore_ascii_case(&endpoint)) =>
+            {
+                match routes.agents.get(&agent).and_then(|r| r.endpoints.get(&endpoint)) {
+                    Some(addr) => forward(addr, &upstream, req, scheme).await,
+                    None => bad_gateway(format!(
+                        "moat: {endpoint}.{agent}.localhost is not routed yet (its container has no address)\n"
+                    )),
+                }
+            }
+            _ => text(
+                StatusCode::FORBIDDEN,
+                "text/plain; charset=utf-8",
+                format!(
+                    "moat: from inside this run, 127.0.0.1 at the routing port reaches only this run's own endpoints ({}), not \"{host}\"\n",
+                    own.endpoints
+                        .iter()
+                        .map(|e| format!("{e}.{}.localhost", own.agent))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            ),
+        };
+    }
     match target(&host) {
         Target::Foreign => text(
             StatusCode::MISDIRECTED_REQUEST,
@@ -430,11 +537,8 @@ async fn forward(
     if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
         let upstream_upgrade = hyper::upgrade::on(&mut resp);
         tokio::spawn(async move {
-            if let (Ok(client), Ok(upstream)) = (client_upgrade.await, upstream_upgrade.await) {
-                let mut client = TokioIo::new(client);
-                let mut upstream = TokioIo::new(upstream);
-                let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
-            }
+            let counts = crate::net::Relayed::default();
+            crate::net::relay_upgraded(client_upgrade, upstream_upgrade, &counts).await;
         });
     }
     resp.map(|b| {

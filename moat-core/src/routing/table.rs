@@ -49,7 +49,7 @@ pub fn load(home: &Path) -> Result<Routes> {
 fn change(home: &Path, f: impl FnOnce(&mut Routes)) -> Result<()> {
     let dir = home.join("proxy");
     crate::paths::private_dir(&dir)?;
-    let _lock = crate::run::FileLock::acquire(&dir.join("routes.lock"))?;
+    let _lock = crate::paths::FileLock::acquire(&dir.join("routes.lock"))?;
     let mut routes = load(home)?;
     f(&mut routes);
     let json = serde_json::to_vec_pretty(&routes)

@@ -12,7 +12,7 @@ use tokio::io::AsyncWriteExt;
 
 use super::{load_meta, run_dir, RunMeta};
 use crate::error::{Error, ErrorKind, Result};
-use crate::runtime::{Docker, Output, Runtime};
+use crate::runtime::Output;
 
 /// `Ctrl-/` (and `Ctrl-_`, the same byte).
 pub const ESCAPE: u8 = 0x1f;
@@ -118,6 +118,8 @@ pub fn attach_tty(
             ),
         ));
     }
+    let meta_for_stop = meta.clone();
+    let engine = meta.engine;
     let container = meta.container.clone().ok_or_else(|| {
         Error::new(
             ErrorKind::Runtime,
@@ -139,8 +141,8 @@ pub fn attach_tty(
             }
         }
     });
-    let end = super::run_async_local(async move {
-        let docker = Docker::connect().await?;
+    let end = crate::rt::run_async_local(async move {
+        let docker = crate::runtime::connect(engine).await?;
         let (mut out_stream, mut sink) = docker.attach_tty(&container).await?;
         if let Some((rows, cols)) = size() {
             let _ = docker.resize_tty(&container, rows, cols).await;
@@ -198,7 +200,7 @@ pub fn attach_tty(
             Some(Duration::from_secs(60)),
         )?)),
         Some(false) => Ok(AttachEnd::Detached),
-        Some(true) => Ok(AttachEnd::Stopped(super::stop(home, id, 10)?)),
+        Some(true) => Ok(AttachEnd::Stopped(super::stop(home, &meta_for_stop, 10)?)),
     }
 }
 

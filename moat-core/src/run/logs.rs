@@ -81,16 +81,15 @@ pub struct LogWriter {
     written: u64,
     limit: u64,
     full: bool,
+    /// Output could not be written (a full disk): why, and how many bytes
+    /// were lost since.
+    lost: Option<(String, u64)>,
 }
 
 impl LogWriter {
     /// Creates (or appends to) `path`.
     pub fn open(path: &Path, limit: u64) -> Result<LogWriter> {
-        let file = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(path)
-            .map_err(|e| Error::io(path, "open", e))?;
+        let file = crate::paths::open_private(path, crate::paths::Open::Append)?;
         let written = file.metadata().map(|m| m.len()).unwrap_or(0);
         Ok(LogWriter {
             file,
@@ -98,7 +97,22 @@ impl LogWriter {
             written,
             limit,
             full: false,
+            lost: None,
         })
+    }
+
+    /// Why output was lost and how many bytes, if it was.
+    pub fn lost(&self) -> Option<(&str, u64)> {
+        self.lost.as_ref().map(|(why, n)| (why.as_str(), *n))
+    }
+
+    /// Writes a note of moat's own (`moat: <text>`) on the `moat` stream,
+    /// also after output was lost (when the run is over and there is room
+    /// again): writing resumes with it.
+    pub fn note(&mut self, text: &str) -> Result<()> {
+        self.lost = None;
+        let time = crate::trace::now_rfc3339();
+        self.entry(&time, Stream::Moat, format!("moat: {text}\n").as_bytes())
     }
 
     /// Records output of `stream`, one entry per line.
@@ -112,6 +126,10 @@ impl LogWriter {
 
     fn entry(&mut self, time: &str, stream: Stream, piece: &[u8]) -> Result<()> {
         if self.full {
+            return Ok(());
+        }
+        if let Some((_, n)) = &mut self.lost {
+            *n += piece.len() as u64;
             return Ok(());
         }
         let line = match std::str::from_utf8(piece) {
@@ -149,9 +167,14 @@ impl LogWriter {
             bytes = serde_json::to_vec(&note).unwrap_or_default();
             bytes.push(b'\n');
         }
-        self.file
-            .write_all(&bytes)
-            .map_err(|e| Error::io(&self.path, "write", e))?;
+        if let Err(e) = self.file.write_all(&bytes) {
+            // No torn line is left behind (truncating needs no space); later
+            // output is counted, not written, until `note_lost`.
+            let _ = self.file.set_len(self.written);
+            let err = Error::io(&self.path, "write", e);
+            self.lost = Some((err.to_string(), piece.len() as u64));
+            return Err(err);
+        }
         self.written += bytes.len() as u64;
         Ok(())
     }
@@ -239,6 +262,28 @@ impl Follower {
         }
         Ok(out)
     }
+
+    /// Waits up to `within` for new chunks or for `done()`, polling the
+    /// file with a backoff from 2 to 20 ms: the chunks (perhaps none), and
+    /// whether `done()` was true before they were read (so a caller that
+    /// sees it true and gets nothing has read everything).
+    pub fn wait(
+        &mut self,
+        done: &mut dyn FnMut() -> bool,
+        within: Duration,
+    ) -> Result<(Vec<Chunk>, bool)> {
+        let started = std::time::Instant::now();
+        let mut delay = Duration::from_millis(2);
+        loop {
+            let finished = done();
+            let chunks = self.poll()?;
+            if !chunks.is_empty() || finished || started.elapsed() >= within {
+                return Ok((chunks, finished));
+            }
+            std::thread::sleep(delay);
+            delay = (delay * 2).min(Duration::from_millis(20));
+        }
+    }
 }
 
 /// Follows a log file from `offset`: gives each new chunk to `each` until
@@ -251,24 +296,15 @@ pub fn follow(
     each: &mut dyn FnMut(Chunk) -> bool,
 ) -> Result<u64> {
     let mut follower = Follower::new(path, offset);
-    let mut delay = Duration::from_millis(2);
     loop {
-        let finished = done();
-        let chunks = follower.poll()?;
-        let progressed = !chunks.is_empty();
+        let (chunks, finished) = follower.wait(done, Duration::MAX)?;
+        if finished && chunks.is_empty() {
+            return Ok(follower.offset());
+        }
         for chunk in chunks {
             if !each(chunk) {
                 return Ok(follower.offset());
             }
-        }
-        if finished && !progressed {
-            return Ok(follower.offset());
-        }
-        if progressed {
-            delay = Duration::from_millis(2);
-        } else {
-            std::thread::sleep(delay);
-            delay = (delay * 2).min(Duration::from_millis(20));
         }
     }
 }
@@ -276,6 +312,51 @@ pub fn follow(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_follower_waits_for_output_or_the_end_within_its_bound() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("logs.jsonl");
+        let mut follower = Follower::new(&path, 0);
+        // Nothing written, not over: back after the bound, empty-handed.
+        let started = std::time::Instant::now();
+        let (chunks, over) = follower
+            .wait(&mut || false, Duration::from_millis(60))
+            .unwrap();
+        assert!(chunks.is_empty() && !over);
+        assert!(started.elapsed() >= Duration::from_millis(60));
+        assert!(started.elapsed() < Duration::from_secs(2));
+        // Output written while it waits arrives without waiting the bound.
+        let writer = std::thread::spawn({
+            let path = path.clone();
+            move || {
+                std::thread::sleep(Duration::from_millis(30));
+                let mut w = LogWriter::open(&path, DEFAULT_LIMIT).unwrap();
+                w.write(Stream::Stdout, b"hello\n").unwrap();
+            }
+        });
+        let started = std::time::Instant::now();
+        let (chunks, _) = follower
+            .wait(&mut || false, Duration::from_secs(30))
+            .unwrap();
+        writer.join().unwrap();
+        assert_eq!(chunks.len(), 1);
+        assert_eq!(chunks[0].data, b"hello\n");
+        assert!(started.elapsed() < Duration::from_secs(5));
+        // Over: at once, and `follow` ends with everything read.
+        let (chunks, over) = follower
+            .wait(&mut || true, Duration::from_secs(30))
+            .unwrap();
+        assert!(chunks.is_empty() && over);
+        let mut seen = Vec::new();
+        let end = follow(&path, 0, &mut || true, &mut |c| {
+            seen.extend(c.data);
+            true
+        })
+        .unwrap();
+        assert_eq!(seen, b"hello\n");
+        assert_eq!(end, follower.offset());
+    }
 
     #[test]
     fn chunks_round_trip_bytes_and_split_lines() {

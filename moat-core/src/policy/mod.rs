@@ -18,13 +18,15 @@
 //! - A pattern with a port matches only that port; a pattern without one
 //!   matches ports 80 and 443.
 
+pub mod rules;
+
 use std::fmt;
 use std::str::FromStr;
 
-use serde::{Serialize, Serializer};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 /// The network policy of a run.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum PolicyMode {
     /// All outbound HTTP and HTTPS is allowed (the default).
@@ -189,6 +191,9 @@ pub struct Policy {
     pub allow: Vec<HostPattern>,
     /// Hosts of granted credentials, with the grant's name.
     pub grant_hosts: Vec<(HostPattern, String)>,
+    /// Request rules per host (`network.rules`); their hosts are
+    /// reachable in strict mode, each request then judged by them.
+    pub rules: Vec<rules::HostRules>,
 }
 
 /// The outcome of a policy check, with the rule that decided it.
@@ -219,6 +224,12 @@ impl Policy {
             return Decision {
                 allowed: true,
                 rule: format!("grant:{grant}"),
+            };
+        }
+        if let Some(entry) = rules::entry_for(&self.rules, host, port) {
+            return Decision {
+                allowed: true,
+                rule: format!("rules:{}", entry.host),
             };
         }
         Decision {
@@ -303,6 +314,14 @@ impl Serialize for HostPattern {
     }
 }
 
+/// Read back from its text, checked as when first parsed.
+impl<'de> Deserialize<'de> for HostPattern {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<HostPattern, D::Error> {
+        let text = String::deserialize(d)?;
+        HostPattern::parse(&text).map_err(serde::de::Error::custom)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -380,7 +399,13 @@ mod tests {
             mode: PolicyMode::Strict,
             allow: vec![p("*.github.com"), p("db.internal:5432")],
             grant_hosts: vec![(p("api.anthropic.com"), "anthropic".into())],
+            rules: vec![rules::HostRules {
+                host: p("git.test"),
+                rules: Vec::new(),
+            }],
         };
+        // A host with rules is reachable; its requests are judged later.
+        assert_eq!(policy.decide("git.test", 443).rule, "rules:git.test");
         assert_eq!(
             policy.decide("api.github.com", 443).rule,
             "allow:*.github.com"

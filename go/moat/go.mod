@@ -1,0 +1,3 @@
+module github.com/moat-dev/moat/go/moat
+
+go 1.19

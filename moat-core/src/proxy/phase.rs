@@ -1,0 +1,188 @@
+//! The phases of a request that a client can extend, after the proxy's own
+//! (authenticate the client, decide the policy, check that the CONNECT host,
+//! the TLS server name and the request's host agree, choose and dial the
+//! upstream). Each phase has a default that does nothing, so an extension
+//! names only what it does (pingora's shape):
+//!
+//! - [`Phase::respond`]: answer a request instead of any upstream: one to
+//!   the proxy's own host (`http://moat.internal/...`), or one inside an
+//!   intercepted tunnel. The AWS credential endpoint is one
+//!   ([`crate::credential::aws::AwsEndpoint`]); Claude Code's token
+//!   endpoint, answered on the host, another
+//!   ([`crate::credential::oauth::OauthBroker`]).
+//! - [`Phase::inject`]: change a request about to go upstream over verified
+//!   TLS, or refuse it. Credentials in headers are one
+//!   ([`HeaderCredentials`]); an OAuth login refreshed on the host another.
+//! - [`Phase::observe`]: see the status of an upstream's answer (a 401
+//!   tells the OAuth broker its token was refused).
+//!
+//! Failures say who failed ([`Fault`]), and every request is logged once,
+//! to the client's trace and audit sinks, by the proxy itself.
+
+use std::fmt;
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderName, Method, StatusCode};
+
+use super::Credential;
+use crate::policy::HostPattern;
+use crate::trace::AuditEvent;
+pub use crate::trace::Fault;
+
+/// The proxy's own host: requests for it are answered by [`Phase::respond`]
+/// and never leave the proxy.
+pub const INTERNAL_HOST: &str = "moat.internal";
+
+/// What a phase sees of a request.
+#[derive(Debug)]
+pub struct RequestHead<'a> {
+    /// The client's name (the run id).
+    pub client: &'a str,
+    /// The method.
+    pub method: &'a Method,
+    /// The host asked for ([`INTERNAL_HOST`], or a tunnel's host).
+    pub host: &'a str,
+    /// The port asked for.
+    pub port: u16,
+    /// The path (and query).
+    pub path: &'a str,
+}
+
+/// A phase's own answer to a request.
+#[derive(Debug)]
+pub struct Answer {
+    /// The status.
+    pub status: StatusCode,
+    /// `content-type`.
+    pub content_type: &'static str,
+    /// The body.
+    pub body: Bytes,
+    /// An event for the client's audit log (never a secret value).
+    pub audit: Option<AuditEvent>,
+    /// Why it was refused, for the trace, if it was.
+    pub denied: Option<String>,
+    /// What failed, for the trace, if something did.
+    pub error: Option<String>,
+}
+
+impl Answer {
+    /// A `text/plain` answer.
+    pub fn text(status: StatusCode, body: impl Into<Bytes>) -> Answer {
+        Answer {
+            status,
+            content_type: "text/plain; charset=utf-8",
+            body: body.into(),
+            audit: None,
+            denied: None,
+            error: None,
+        }
+    }
+}
+
+/// A credential put into a request (its header's name, never its value).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Injection {
+    /// The grant it came from.
+    pub grant: String,
+    /// The header that carries it.
+    pub header: HeaderName,
+}
+
+/// What [`Phase::inject`] did: the credentials it put in, and events for
+/// the client's audit log (never a secret value).
+#[derive(Debug, Default)]
+pub struct Injected {
+    /// The credentials put in.
+    pub injections: Vec<Injection>,
+    /// Events to record.
+    pub audit: Vec<AuditEvent>,
+}
+
+impl From<Vec<Injection>> for Injected {
+    fn from(injections: Vec<Injection>) -> Injected {
+        Injected {
+            injections,
+            audit: Vec::new(),
+        }
+    }
+}
+
+/// A client's extension of the proxy; every method has a default.
+#[async_trait::async_trait]
+pub trait Phase: Send + Sync + fmt::Debug {
+    /// Answers a request, or `None` to leave it to the next phase. Asked for
+    /// requests to [`INTERNAL_HOST`] (plain HTTP; when no phase answers, a
+    /// 404) and for requests inside an intercepted tunnel, before any
+    /// credential is injected (when none answers, the request goes
+    /// upstream). A phase must check `host` and `port`.
+    async fn respond(&self, _request: &RequestHead<'_>) -> Option<Answer> {
+        None
+    }
+
+    /// Will [`Phase::inject`] put anything into a request for `host:port`?
+    /// (Asked first, so that no credential goes out that the audit log
+    /// could not record.)
+    fn injects_for(&self, _host: &str, _port: u16) -> bool {
+        false
+    }
+
+    /// Changes a request about to go to `host:port` over verified TLS; what
+    /// it injected. An `Err` answers the client instead, and nothing is
+    /// sent (a credential that cannot be had).
+    async fn inject(
+        &self,
+        _host: &str,
+        _port: u16,
+        _headers: &mut HeaderMap,
+    ) -> Result<Injected, Answer> {
+        Ok(Injected::default())
+    }
+
+    /// Sees the status of an upstream's answer to a request for
+    /// `host:port` (before its body).
+    fn observe(&self, _host: &str, _port: u16, _status: StatusCode) {}
+
+    /// The hosts this phase's credentials are for: strict mode lets them
+    /// through (with the grant's name as the rule).
+    fn hosts(&self) -> Vec<(HostPattern, String)> {
+        Vec::new()
+    }
+}
+
+/// Credentials sent in headers: for each whose host matches, any header of
+/// that name the client sent (a placeholder) is removed and the credential
+/// set once. This is the one place a credential's value is read.
+#[derive(Debug, Clone, Default)]
+pub struct HeaderCredentials(pub Vec<Credential>);
+
+#[async_trait::async_trait]
+impl Phase for HeaderCredentials {
+    fn injects_for(&self, host: &str, port: u16) -> bool {
+        self.0.iter().any(|c| c.matches(host, port))
+    }
+
+    async fn inject(
+        &self,
+        host: &str,
+        port: u16,
+        headers: &mut HeaderMap,
+    ) -> Result<Injected, Answer> {
+        let mut done = Vec::new();
+        for cred in self.0.iter().filter(|c| c.matches(host, port)) {
+            headers.remove(cred.header());
+            headers.insert(cred.header().clone(), cred.value.expose().clone());
+            done.push(Injection {
+                grant: cred.grant().to_string(),
+                header: cred.header().clone(),
+            });
+        }
+        Ok(done.into())
+    }
+
+    fn hosts(&self) -> Vec<(HostPattern, String)> {
+        self.0
+            .iter()
+            .map(|c| (c.host.clone(), c.grant.clone()))
+            .collect()
+    }
+}

@@ -1,0 +1,244 @@
+//! What a run may not mount: moat's own home, the container engine's
+//! socket (wherever it listens), and the kernel's file systems.
+
+use std::path::{Path, PathBuf};
+
+use super::RunPlan;
+use crate::error::{Error, ErrorKind, Result};
+
+/// Refuses a workspace or mount that would hand the container moat's own
+/// files (the CA key, the credential store, other runs' artifacts) or the
+/// container engine's socket.
+pub(super) fn check_mounts(home: &Path, plan: &RunPlan) -> Result<()> {
+    let home = std::fs::canonicalize(home).unwrap_or_else(|_| home.to_path_buf());
+    let mut sources = vec![("workspace".to_string(), plan.workspace.clone())];
+    for m in &plan.mounts {
+        sources.push((format!("mount {}", m.target), m.source.clone()));
+    }
+    // The user's SSH keys and agent socket never enter a container: ssh:
+    // grants reach them through the run's filtering agent only.
+    let ssh_dir = std::env::var_os("HOME")
+        .filter(|h| !h.is_empty())
+        .map(|h| PathBuf::from(h).join(".ssh"));
+    let ssh_dir = ssh_dir.map(|d| std::fs::canonicalize(&d).unwrap_or(d));
+    let agent =
+        crate::credential::ssh::agent_socket().map(|a| std::fs::canonicalize(&a).unwrap_or(a));
+    let engines = engine_sockets();
+    for (what, source) in sources {
+        let real = std::fs::canonicalize(&source).unwrap_or(source.clone());
+        if let Some(dir) = &ssh_dir {
+            if dir.starts_with(&real) || real.starts_with(dir) {
+                return Err(Error::new(
+                    ErrorKind::InvalidArgument,
+                    format!(
+                        "{what} {} would give the container your SSH keys ({}); SSH reaches the agent only through `ssh:` grants",
+                        real.display(),
+                        dir.display()
+                    ),
+                ));
+            }
+        }
+        if let Some(agent) = &agent {
+            if agent.starts_with(&real) {
+                return Err(Error::new(
+                    ErrorKind::InvalidArgument,
+                    format!(
+                        "{what} {} would give the container your SSH agent's socket ({}); SSH reaches the agent only through `ssh:` grants",
+                        real.display(),
+                        agent.display()
+                    ),
+                ));
+            }
+        }
+        if home.starts_with(&real) || real.starts_with(&home) {
+            return Err(Error::new(
+                ErrorKind::InvalidArgument,
+                format!(
+                    "{what} {} would give the container moat's own files ({} holds the CA key and the credential store); choose a directory that neither holds nor lies inside it",
+                    real.display(),
+                    home.display()
+                ),
+            ));
+        }
+        let name = real
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        if is_engine_socket_name(&name) {
+            return Err(engine_socket_refused(&what, &real, &[&real]));
+        }
+        // The kernel's own file systems reach every process's files and
+        // sockets (/proc/<pid>/root): never a source.
+        if ["/proc", "/sys", "/dev"]
+            .iter()
+            .any(|p| real.starts_with(p))
+        {
+            return Err(Error::new(
+                ErrorKind::InvalidArgument,
+                format!(
+                    "{what} {} is part of the host's kernel file systems (/proc, /sys, /dev), which reach every process and socket of the host; it is never mounted",
+                    real.display()
+                ),
+            ));
+        }
+        // A directory that holds an engine's socket (`/run`, `/var`) hands
+        // it over as well.
+        let held: Vec<&PathBuf> = engines.iter().filter(|s| s.starts_with(&real)).collect();
+        if !held.is_empty() {
+            return Err(engine_socket_refused(&what, &real, &held));
+        }
+    }
+    Ok(())
+}
+
+/// Does this file name look like a container engine's socket?
+fn is_engine_socket_name(name: &str) -> bool {
+    name.ends_with(".sock")
+        && ["docker", "podman", "containerd", "crio", "buildkit"]
+            .iter()
+            .any(|e| name.contains(e))
+}
+
+fn engine_socket_refused(what: &str, source: &Path, sockets: &[&PathBuf]) -> Error {
+    let named: Vec<String> = sockets
+        .iter()
+        .take(4)
+        .map(|s| s.display().to_string())
+        .collect();
+    let what_it_is = if sockets.len() == 1 && sockets[0].as_path() == source {
+        "is a container engine's socket".to_string()
+    } else {
+        format!("holds a container engine's socket ({})", named.join(", "))
+    };
+    Error::new(
+        ErrorKind::InvalidArgument,
+        format!(
+            "{what} {} {what_it_is}: it would give the agent the host, so it is never mounted; mount a directory that does not hold it",
+            source.display()
+        ),
+    )
+}
+
+/// The sockets of container engines on this host (Docker, Podman,
+/// containerd, CRI-O; system-wide and the user's own; `DOCKER_HOST` and
+/// `CONTAINER_HOST` when they name a socket), those that exist, with links
+/// resolved.
+fn engine_sockets() -> Vec<PathBuf> {
+    let mut candidates: Vec<PathBuf> = [
+        "/var/run/docker.sock",
+        "/run/docker.sock",
+        "/run/podman/podman.sock",
+        "/run/containerd/containerd.sock",
+        "/run/crio/crio.sock",
+        "/run/buildkit/buildkitd.sock",
+    ]
+    .iter()
+    .map(PathBuf::from)
+    .collect();
+    // SAFETY: getuid cannot fail.
+    let uid = unsafe { libc::getuid() };
+    let mut runtime_dirs = vec![PathBuf::from(format!("/run/user/{uid}"))];
+    if let Some(dir) = std::env::var_os("XDG_RUNTIME_DIR").filter(|d| !d.is_empty()) {
+        runtime_dirs.push(PathBuf::from(dir));
+    }
+    for dir in runtime_dirs {
+        candidates.push(dir.join("docker.sock"));
+        candidates.push(dir.join("podman").join("podman.sock"));
+    }
+    // Every socket listening on this host that looks like an engine's
+    // (Docker Desktop, colima, rootless daemons, containerd under Docker).
+    if let Ok(table) = std::fs::read_to_string("/proc/net/unix") {
+        for line in table.lines().skip(1) {
+            let Some(path) = line.split_whitespace().nth(7) else {
+                continue;
+            };
+            let name = path.rsplit('/').next().unwrap_or("");
+            if path.starts_with('/') && is_engine_socket_name(name) {
+                candidates.push(PathBuf::from(path));
+            }
+        }
+    }
+    for var in ["DOCKER_HOST", "CONTAINER_HOST"] {
+        if let Some(path) = std::env::var(var)
+            .ok()
+            .and_then(|v| v.strip_prefix("unix://").map(PathBuf::from))
+        {
+            candidates.push(path);
+        }
+    }
+    let mut found: Vec<PathBuf> = candidates
+        .into_iter()
+        .filter_map(|p| std::fs::canonicalize(&p).ok())
+        .collect();
+    found.sort();
+    found.dedup();
+    // The engines' own sockets first, in messages.
+    found.sort_by_key(|p| {
+        let name = p.file_name().map(|n| n.to_string_lossy().into_owned());
+        !matches!(name.as_deref(), Some("docker.sock" | "podman.sock"))
+    });
+    found
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn mount(source: impl AsRef<Path>, target: &str) -> crate::config::Mount {
+        crate::config::Mount {
+            source: source.as_ref().to_path_buf(),
+            target: target.to_string(),
+            read_only: true,
+        }
+    }
+
+    #[test]
+    fn mounts_that_hold_an_engine_socket_are_refused() {
+        let docker = Path::new("/var/run/docker.sock");
+        assert!(
+            docker.exists(),
+            "this test needs a Docker engine's socket at {}",
+            docker.display()
+        );
+        let home = tempfile::tempdir().unwrap();
+        let ws = tempfile::tempdir().unwrap();
+        let mut spec = RunPlan::from_config(crate::config::Config::defaults(ws.path()));
+        // /var/run is a link to /run: both spellings, and the socket itself.
+        // (/var holds only the link, which a container resolves in its own
+        // file system.)
+        for source in ["/run", "/var/run", "/var/run/", "/run/docker.sock"] {
+            spec.mounts = vec![mount(source, "/hostrun")];
+            let err = check_mounts(home.path(), &spec).unwrap_err();
+            assert!(
+                err.to_string().contains("container engine's socket"),
+                "{source}: {err}"
+            );
+        }
+        // The kernel's file systems reach every socket (/proc/<pid>/root).
+        for source in ["/proc", "/proc/1/root", "/sys", "/dev"] {
+            spec.mounts = vec![mount(source, "/k")];
+            let err = check_mounts(home.path(), &spec).unwrap_err();
+            assert!(
+                err.to_string().contains("kernel file systems"),
+                "{source}: {err}"
+            );
+        }
+        // Any engine socket listening on this host, wherever it is (Docker
+        // Desktop's ~/.docker/run, colima, a rootless daemon's).
+        let desktop = tempfile::tempdir().unwrap();
+        let run = desktop.path().join(".docker").join("run");
+        std::fs::create_dir_all(&run).unwrap();
+        let _listener = std::os::unix::net::UnixListener::bind(run.join("docker.sock")).unwrap();
+        spec.mounts = vec![mount(desktop.path().join(".docker"), "/d")];
+        let err = check_mounts(home.path(), &spec).unwrap_err();
+        assert!(err.to_string().contains("docker.sock"), "{err}");
+        // A directory beside the socket is fine.
+        let beside = tempfile::tempdir().unwrap();
+        spec.mounts = vec![mount(beside.path(), "/data")];
+        check_mounts(home.path(), &spec).unwrap();
+        // A workspace that holds the socket too.
+        let mut spec = RunPlan::from_config(crate::config::Config::defaults(Path::new("/run")));
+        spec.workspace = PathBuf::from("/run");
+        assert!(check_mounts(home.path(), &spec).is_err());
+    }
+}

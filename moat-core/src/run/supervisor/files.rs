@@ -1,0 +1,362 @@
+//! The files a run's container gets: its user's entries, the CA bundle,
+//! AWS and SSH configuration. All are files of the run, mounted read-only:
+//! nothing is written into the image and no step runs as root.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use crate::error::{Error, Result};
+use crate::runtime::{ContainerSpec, Runtime, Tmpfs, HOME_LABEL, RUN_LABEL};
+
+/// Where the moat CA bundle is put inside a container.
+pub const CA_BUNDLE_PATH: &str = "/etc/moat/ca-bundle.pem";
+
+/// The AWS `credential_process` helper inside a container.
+pub(super) const AWS_HELPER_PATH: &str = "/etc/moat/aws-credentials";
+/// The AWS config file inside a container (`AWS_CONFIG_FILE`).
+pub(super) const AWS_CONFIG_PATH: &str = "/etc/moat/aws-config";
+/// Where the run's filtering SSH agent socket appears inside a container.
+pub(super) const SSH_AGENT_DIR: &str = "/run/moat/ssh";
+/// The SSH client configuration for granted hosts, inside a container
+/// (Debian's and Ubuntu's `/etc/ssh/ssh_config` include this directory).
+pub(super) const SSH_CONFIG_PATH: &str = "/etc/ssh/ssh_config.d/moat.conf";
+/// The granted hosts' keys, inside a container.
+pub(super) const SSH_KNOWN_HOSTS_PATH: &str = "/etc/moat/ssh_known_hosts";
+/// Fetches the run's role credentials from its proxy, with whatever HTTP
+/// client the image has; the proxy variables carry the run's token.
+pub(super) const AWS_HELPER: &str = r#"#!/bin/sh
+# moat: this run's AWS role credentials, from the run's proxy (credential_process).
+url=http://moat.internal/aws/credentials
+if command -v curl >/dev/null 2>&1; then exec curl -sSf "$url"; fi
+if command -v wget >/dev/null 2>&1; then exec wget -qO- "$url"; fi
+for py in python3 python; do
+  if command -v "$py" >/dev/null 2>&1; then
+    exec "$py" -c 'import sys, urllib.request; sys.stdout.write(urllib.request.urlopen(sys.argv[1]).read().decode())' "$url"
+  fi
+done
+echo "moat: this image has no curl, wget or python to fetch AWS credentials from $url" >&2
+exit 1
+"#;
+
+/// The user the agent runs as: the host user, so it reads and writes the
+/// workspace with that user's rights and files it writes are theirs. When
+/// moat itself runs as root, the workspace's owner, whoever that is: root
+/// included, for a root user's `mktemp -d` (0700) would otherwise be
+/// unreadable to the agent. Root in the container holds no capability and
+/// cannot gain one (every container drops all and sets no-new-privileges),
+/// so it has the rights of the owner of what it touches and nothing more;
+/// the firewall and the mounts are outside its reach. ARCHITECTURE.md
+/// ("The agent's user") says why this and not a fixed uid.
+pub(super) fn agent_user(workspace: &Path) -> Result<(u32, u32)> {
+    use std::os::unix::fs::MetadataExt;
+    // SAFETY: geteuid/getegid cannot fail.
+    let (uid, gid) = unsafe { (libc::geteuid(), libc::getegid()) };
+    if uid != 0 {
+        return Ok((uid, gid));
+    }
+    let m =
+        std::fs::metadata(workspace).map_err(|e| Error::io(workspace, "read the owner of", e))?;
+    Ok((m.uid(), m.gid()))
+}
+
+/// The most entries [`scrub_workspace`] looks at.
+const SCRUB_LIMIT: usize = 1_000_000;
+
+/// After a run whose agent was root: clears the set-user-ID and
+/// set-group-ID bits of every file in `workspace` changed since `since`
+/// (root in the container may set them on its own files, and a set-user-ID
+/// file of root's is a way to root for any user who can reach it), and
+/// gives the workspace back its mode `mode` if the agent changed it. One
+/// file system only, symbolic links never followed. What it did or could
+/// not do, one note each, for the run's output.
+pub(super) fn scrub_workspace(
+    workspace: &Path,
+    since: std::time::SystemTime,
+    mode: u32,
+) -> Vec<String> {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let mut notes = Vec::new();
+    let since = since
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    let changed = |m: &std::fs::Metadata| {
+        let ns = i128::from(m.ctime()) * 1_000_000_000 + i128::from(m.ctime_nsec());
+        ns >= i128::try_from(since).unwrap_or(i128::MAX)
+    };
+    let Ok(root) = std::fs::symlink_metadata(workspace) else {
+        return notes;
+    };
+    if root.mode() & 0o7777 != mode {
+        match std::fs::set_permissions(workspace, std::fs::Permissions::from_mode(mode)) {
+            Ok(()) => notes.push(format!(
+                "the agent changed the workspace's mode to {:o}; it is {:o} again",
+                root.mode() & 0o7777,
+                mode
+            )),
+            Err(e) => notes.push(format!(
+                "the agent changed the workspace's mode to {:o} and it cannot be set back to {:o}: {e}",
+                root.mode() & 0o7777,
+                mode
+            )),
+        }
+    }
+    let mut cleared = Vec::new();
+    let mut stack = vec![workspace.to_path_buf()];
+    let mut seen = 0usize;
+    let mut unread = Vec::new();
+    while let Some(dir) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            unread.push(dir.display().to_string());
+            continue;
+        };
+        for entry in entries {
+            let Ok(entry) = entry else {
+                unread.push(dir.display().to_string());
+                continue;
+            };
+            seen += 1;
+            if seen > SCRUB_LIMIT {
+                notes.push(format!(
+                    "the workspace has more than {SCRUB_LIMIT} entries; set-user-ID files past them were not looked for"
+                ));
+                stack.clear();
+                break;
+            }
+            let path = entry.path();
+            let Ok(m) = std::fs::symlink_metadata(&path) else {
+                unread.push(path.display().to_string());
+                continue;
+            };
+            if m.dev() != root.dev() {
+                continue;
+            }
+            if m.is_dir() {
+                stack.push(path);
+            } else if m.is_file() && m.mode() & 0o6000 != 0 && changed(&m) {
+                let plain = std::fs::Permissions::from_mode(m.mode() & 0o1777);
+                match std::fs::set_permissions(&path, plain) {
+                    Ok(()) => cleared.push(path.display().to_string()),
+                    Err(e) => notes.push(format!(
+                        "{} is set-user-ID or set-group-ID and cannot be cleared: {e}",
+                        path.display()
+                    )),
+                }
+            }
+        }
+    }
+    if !cleared.is_empty() {
+        notes.push(format!(
+            "the agent (root in its container) made set-user-ID or set-group-ID files; their bits are cleared: {}",
+            cleared.join(", ")
+        ));
+    }
+    if !unread.is_empty() {
+        unread.dedup();
+        notes.push(format!(
+            "these could not be read to look for set-user-ID files the agent made: {}",
+            unread.join(", ")
+        ));
+    }
+    notes
+}
+
+/// Writes a file the container mounts read-only: its owner is the agent's
+/// user, who alone may read (and, for a program, run) it; nobody on the host
+/// but that user and root can.
+pub(super) fn write_agent_file(
+    path: &Path,
+    content: &[u8],
+    program: bool,
+    uid: u32,
+    gid: u32,
+) -> Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::PermissionsExt;
+    let mut file = crate::paths::open_private(path, crate::paths::Open::Truncate)?;
+    file.write_all(content)
+        .and_then(|()| file.sync_all())
+        .map_err(|e| Error::io(path, "write", e))?;
+    // SAFETY: geteuid cannot fail.
+    if unsafe { libc::geteuid() } == 0 {
+        std::os::unix::fs::chown(path, Some(uid), Some(gid))
+            .map_err(|e| Error::io(path, "give the agent's user", e))?;
+    }
+    let mode = if program { 0o500 } else { 0o400 };
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+        .map_err(|e| Error::io(path, "set permissions of", e))
+}
+
+/// An image's `/etc/passwd` and `/etc/group`.
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+pub(super) struct ImageUsers {
+    passwd: String,
+    group: String,
+}
+
+/// Reads an image's user database, once per image id (images are
+/// immutable): from a container created for it and removed at once. Cached
+/// under `$MOAT_HOME/cache/images/`.
+pub(super) async fn image_users(
+    docker: &dyn Runtime,
+    home: &Path,
+    run_id: &str,
+    image: &str,
+    image_id: &str,
+) -> Result<ImageUsers> {
+    let key: String = image_id
+        .trim_start_matches("sha256:")
+        .chars()
+        .filter(char::is_ascii_alphanumeric)
+        .collect();
+    let cache = home
+        .join("cache")
+        .join("images")
+        .join(format!("{key}.json"));
+    if !key.is_empty() {
+        if let Ok(text) = std::fs::read_to_string(&cache) {
+            if let Ok(users) = serde_json::from_str(&text) {
+                return Ok(users);
+            }
+        }
+    }
+    let probe = ContainerSpec {
+        name: String::new(),
+        image: image.to_string(),
+        command: Some(vec!["true".into()]),
+        user: "0:0".into(),
+        workdir: "/".into(),
+        network: "none".into(),
+        // The run's labels: should this process die before removing it,
+        // the run's cleanup (by label) removes it.
+        labels: BTreeMap::from([
+            (RUN_LABEL.to_string(), run_id.to_string()),
+            (HOME_LABEL.to_string(), home.to_string_lossy().into_owned()),
+        ]),
+        ..ContainerSpec::default()
+    };
+    let id = docker.create_container(&probe).await?;
+    let read = async {
+        let passwd = docker
+            .read_file(&id, "/etc/passwd")
+            .await?
+            .unwrap_or_default();
+        let group = docker
+            .read_file(&id, "/etc/group")
+            .await?
+            .unwrap_or_default();
+        Ok::<_, Error>(ImageUsers {
+            passwd: String::from_utf8_lossy(&passwd).into_owned(),
+            group: String::from_utf8_lossy(&group).into_owned(),
+        })
+    }
+    .await;
+    let _ = docker.remove(&id).await;
+    let users = read?;
+    if !key.is_empty() {
+        if let Some(dir) = cache.parent() {
+            crate::paths::private_dir(dir)?;
+        }
+        if let Ok(json) = serde_json::to_vec(&users) {
+            crate::paths::write_private(&cache, &json, 0o600)?;
+        }
+    }
+    Ok(users)
+}
+
+/// A file mounted into the container: its path there, content and mode.
+pub(super) type FileMount = (String, Vec<u8>, u32);
+
+/// The files mounted into the container: a passwd and group with an entry
+/// for the agent's uid and gid (when the image has none), and the CA bundle
+/// (the moat CA and the host's roots). Also the tmpfs home directory of an
+/// agent user the image does not know (owned by the agent's uid and gid,
+/// which the container runs as).
+pub(super) fn container_files(
+    users: &ImageUsers,
+    uid: u32,
+    gid: u32,
+    ca_pem: &str,
+) -> (Vec<FileMount>, Vec<Tmpfs>) {
+    let mut files = Vec::new();
+    let mut tmpfs = Vec::new();
+    let has_uid = users
+        .passwd
+        .lines()
+        .any(|l| l.split(':').nth(2) == Some(uid.to_string().as_str()));
+    if !has_uid {
+        let mut text = users.passwd.clone();
+        if !text.is_empty() && !text.ends_with('\n') {
+            text.push('\n');
+        }
+        text.push_str(&format!(
+            "moat:x:{uid}:{gid}:moat agent:/home/moat:/bin/sh\n"
+        ));
+        files.push(("/etc/passwd".to_string(), text.into_bytes(), 0o644));
+        tmpfs.push(Tmpfs {
+            path: "/home/moat".to_string(),
+            mode: 0o755,
+        });
+    }
+    let has_gid = users
+        .group
+        .lines()
+        .any(|l| l.split(':').nth(2) == Some(gid.to_string().as_str()));
+    if !has_gid {
+        let mut text = users.group.clone();
+        if !text.is_empty() && !text.ends_with('\n') {
+            text.push('\n');
+        }
+        text.push_str(&format!("moat:x:{gid}:\n"));
+        files.push(("/etc/group".to_string(), text.into_bytes(), 0o644));
+    }
+    let mut bundle = ca_pem.to_string();
+    if !bundle.ends_with('\n') {
+        bundle.push('\n');
+    }
+    bundle.push_str(&host_roots_pem());
+    files.push((CA_BUNDLE_PATH.to_string(), bundle.into_bytes(), 0o644));
+    (files, tmpfs)
+}
+
+/// The host's trusted roots as PEM, so direct TLS (permissive mode) keeps
+/// working with the bundle in place of the image's own.
+pub(super) fn host_roots_pem() -> String {
+    use base64::Engine as _;
+    let certs = rustls_native_certs::load_native_certs();
+    let mut out = String::new();
+    for cert in certs.certs {
+        let b64 = base64::engine::general_purpose::STANDARD.encode(cert.as_ref());
+        out.push_str("-----BEGIN CERTIFICATE-----\n");
+        for chunk in b64.as_bytes().chunks(64) {
+            out.push_str(&String::from_utf8_lossy(chunk));
+            out.push('\n');
+        }
+        out.push_str("-----END CERTIFICATE-----\n");
+    }
+    out
+}
+
+/// The container's SSH client configuration (each granted host's name sent
+/// to its forwarder, its keys from the run's known hosts) and known hosts.
+pub(super) fn ssh_files(
+    hosts: &[(crate::ssh_agent::HostGrant, u16)],
+    gateway: std::net::IpAddr,
+) -> (String, String) {
+    let mut config = String::from(
+        "# moat: this run's SSH grants. Each granted host is reached through the run's\n\
+         # forwarder; the run's agent signs only for these hosts.\n",
+    );
+    let mut known = String::new();
+    for (g, port) in hosts {
+        config.push_str(&format!(
+            "Host {host}\n    HostName {gateway}\n    Port {port}\n    HostKeyAlias {host}\n    \
+             GlobalKnownHostsFile {SSH_KNOWN_HOSTS_PATH}\n    StrictHostKeyChecking yes\n    \
+             CheckHostIP no\n    UpdateHostKeys no\n",
+            host = g.host
+        ));
+        for line in &g.host_key_lines {
+            known.push_str(&format!("{} {line}\n", g.host));
+        }
+    }
+    (config, known)
+}
