@@ -396,7 +396,7 @@ func TestRunStop(t *testing.T) {
 	case <-time.After(time.Minute):
 		t.Fatal("Wait did not return after Stop")
 	}
-	if elapsed := time.Since(started); elapsed > 30*time.Second {
+	if elapsed := time.Since(started); elapsed > 60*time.Second {
 		t.Fatalf("Stop took %v", elapsed)
 	}
 	info, err := run.Info()

@@ -3,8 +3,9 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::Command;
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use moat_core::audit::{self, AuditWriter};
@@ -191,6 +192,9 @@ fn one_writer_per_log() {
     assert!(err.to_string().contains("already has a writer"), "{err}");
 }
 
+/// What `crash_child` prints once its first entry is on disk.
+const CRASH_READY: &str = "moat-audit-crash-child-ready";
+
 /// Not a test on its own: the child of `kill_dash_9_leaves_a_log_that_verifies`.
 #[test]
 fn crash_child() {
@@ -199,8 +203,20 @@ fn crash_child() {
     };
     let home = std::env::var("MOAT_AUDIT_CRASH_HOME").unwrap();
     let w = AuditWriter::open(Path::new(&dir), Path::new(&home), "crash").unwrap();
-    let end = std::time::Instant::now() + Duration::from_secs(20);
     let mut i = 0u64;
+    // One entry on disk, then say so (on a line of its own: the test
+    // harness prints around it); the parent kills this process after that,
+    // while it appends as fast as it can.
+    w.append("request", json!({"i": i, "pad": "x".repeat(200)}))
+        .unwrap();
+    i += 1;
+    {
+        use std::io::Write;
+        let mut out = std::io::stdout().lock();
+        writeln!(out, "\n{CRASH_READY}").unwrap();
+        out.flush().unwrap();
+    }
+    let end = std::time::Instant::now() + Duration::from_secs(20);
     while std::time::Instant::now() < end {
         w.append_nowait("request", json!({"i": i, "pad": "x".repeat(200)}));
         i += 1;
@@ -219,8 +235,21 @@ fn kill_dash_9_leaves_a_log_that_verifies() {
             .args(["crash_child", "--exact", "--nocapture", "--test-threads=1"])
             .env("MOAT_AUDIT_CRASH_DIR", &dir)
             .env("MOAT_AUDIT_CRASH_HOME", &home)
+            .stdout(Stdio::piped())
             .spawn()
             .unwrap();
+        // Once the child has an entry on disk, let it append a while, then
+        // kill it in the middle of its appends (the pipe stays open until
+        // the child is dead).
+        let mut out = BufReader::new(child.stdout.take().unwrap()).lines();
+        let ready = out
+            .by_ref()
+            .map_while(Result::ok)
+            .any(|line| line.trim() == CRASH_READY);
+        assert!(
+            ready,
+            "round {round}: the child ended before its first entry"
+        );
         std::thread::sleep(Duration::from_millis(400 + 150 * round));
         child.kill().unwrap(); // SIGKILL
         child.wait().unwrap();

@@ -293,18 +293,18 @@ fn no_token_in(run: &Run) {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_token_expiring_during_a_session_is_refreshed_on_the_host_and_written_back() {
     let stand = stand_in().await;
-    let file = login_file(stand.dir.path(), "REAL-access-0", "REAL-refresh-0", 4);
+    let file = login_file(stand.dir.path(), "REAL-access-0", "REAL-refresh-0", 20);
     let proxy = proxy(&stand).await;
-    let run = register(
-        &proxy,
-        "run_a",
-        broker(&stand, "run_a", &file, "REAL-access-0", 4),
-    );
+    // The token expires 20 s after the broker is made and is due for a
+    // refresh in its last 12 s: the first call has 8 s before that.
+    let oauth = broker(&stand, "run_a", &file, "REAL-access-0", 20).margin(Duration::from_secs(12));
+    let due = tokio::time::Instant::now() + Duration::from_secs(20 - 12);
+    let run = register(&proxy, "run_a", oauth);
     let (code, body) = call(&proxy, &run, MESSAGES).await;
     assert_eq!(code, 200, "{body}");
     assert_eq!(stand.auth.lock().unwrap().refreshes, 0, "not due yet");
-    // Within the 2 s margin of its expiry: the next request refreshes first.
-    tokio::time::sleep(Duration::from_millis(2500)).await;
+    // Within the 12 s margin of its expiry: the next request refreshes first.
+    tokio::time::sleep_until(due + Duration::from_millis(500)).await;
     let (code, body) = call(&proxy, &run, MESSAGES).await;
     assert_eq!(code, 200, "{body}");
     {

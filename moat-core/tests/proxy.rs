@@ -28,6 +28,11 @@ use tokio::net::{TcpListener, TcpStream};
 
 const TOKEN: &str = "ghp_REALsecretTOKENvalue0123456789";
 
+/// How long the upstream's `/sse` stream idles between its two events: long
+/// enough that a buffered first event, or a stream cut by the proxy's
+/// timeouts, shows even on a slow, loaded machine.
+const SSE_GAP: Duration = Duration::from_secs(5);
+
 /// A request the upstream saw.
 #[derive(Debug, Clone)]
 struct Seen {
@@ -159,11 +164,12 @@ async fn route(
             .header("location", "https://other.test/after-redirect")
             .body(full(String::new()))
             .unwrap()),
+        // Two events, SSE_GAP apart.
         "/sse" => {
             let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, Infallible>>(4);
             tokio::spawn(async move {
                 let _ = tx.send(Ok(Frame::data(Bytes::from("data: one\n\n")))).await;
-                tokio::time::sleep(Duration::from_millis(1500)).await;
+                tokio::time::sleep(SSE_GAP).await;
                 let _ = tx.send(Ok(Frame::data(Bytes::from("data: two\n\n")))).await;
             });
             let stream = tokio_stream::wrappers::ReceiverStream::new(rx);
@@ -772,8 +778,8 @@ async fn websockets_pass_through_with_the_credential_on_the_upgrade() {
     let seen = s.seen();
     assert_eq!(seen[0].path, "/ws");
     assert_eq!(seen[0].authorization, vec![format!("Bearer {TOKEN}")]);
-    // The trace record is written when the socket closes.
-    for _ in 0..50 {
+    // The trace record is written when the socket closes (within 10 s).
+    for _ in 0..500 {
         if s.sink.records().iter().any(|r| r.status == Some(101)) {
             break;
         }
@@ -933,8 +939,10 @@ async fn server_sent_events_arrive_event_by_event() {
     };
     let first_at = started.elapsed();
     assert_eq!(&first[..], b"data: one\n\n");
+    // The upstream sends the second event SSE_GAP (5 s) after the first:
+    // a first event held back until then would come later than this.
     assert!(
-        first_at < Duration::from_millis(1200),
+        first_at < Duration::from_secs(4),
         "first event took {first_at:?}: buffered?"
     );
     let second = loop {
@@ -943,8 +951,13 @@ async fn server_sent_events_arrive_event_by_event() {
             break data;
         }
     };
+    let second_at = started.elapsed();
     assert_eq!(&second[..], b"data: two\n\n");
-    assert!(started.elapsed() >= Duration::from_millis(1400));
+    // Not delivered together: the first came well before the second.
+    assert!(
+        second_at - first_at >= Duration::from_secs(1),
+        "first event at {first_at:?}, second at {second_at:?}: buffered?"
+    );
 }
 
 // ------------------------------------------------------------- destinations
@@ -1429,13 +1442,14 @@ async fn the_connection_cap_closes_extra_connections_at_once() {
 #[tokio::test(flavor = "multi_thread")]
 async fn timeouts_never_cut_an_established_stream() {
     let limits = Limits {
-        header_timeout: Duration::from_millis(300),
-        handshake_timeout: Duration::from_millis(300),
+        header_timeout: Duration::from_secs(1),
+        handshake_timeout: Duration::from_secs(1),
         ..Limits::default()
     };
     let s = setup_with(true, PolicyMode::Permissive, &[], limits).await;
     let mut send = h1_over_tunnel(&s, "api.github.com:443", "api.github.com").await;
-    // The SSE stream idles 1.5 s between events, five times the timeouts.
+    // The SSE stream idles SSE_GAP (5 s) between events, five times the
+    // timeouts.
     let resp = send
         .send_request(get("/sse", "api.github.com"))
         .await
@@ -1446,12 +1460,12 @@ async fn timeouts_never_cut_an_established_stream() {
 
 // ------------------------------------------------------- every request leaves a record
 
-/// Waits (up to 5 s) for a trace record whose URL ends with `path`.
+/// Waits (up to 15 s) for a trace record whose URL ends with `path`.
 async fn record_for(s: &Setup, path: &str) -> moat_core::trace::TraceRecord {
     record_where(&s.sink, |r| r.url.ends_with(path)).await
 }
 
-/// Waits (up to 5 s) for a trace record that `want` accepts. A client can
+/// Waits (up to 15 s) for a trace record that `want` accepts. A client can
 /// exit before the proxy has finished with its connection (a TLS handshake
 /// the client abandoned is recorded when the proxy sees it fail), so a test
 /// that reads the trace right after the client returns must wait for it.
@@ -1459,7 +1473,7 @@ async fn record_where(
     sink: &MemorySink,
     want: impl Fn(&moat_core::trace::TraceRecord) -> bool,
 ) -> moat_core::trace::TraceRecord {
-    for _ in 0..100 {
+    for _ in 0..300 {
         if let Some(r) = sink.records().into_iter().find(|r| want(r)) {
             return r;
         }
@@ -1478,17 +1492,24 @@ fn audited_request(s: &Setup, path: &str) -> Option<AuditEvent> {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_request_its_client_gives_up_on_is_recorded() {
     let s = setup().await;
-    // HTTPS, inside a tunnel: the client waits 300 ms, then closes.
+    // HTTPS, inside a tunnel: the client waits until the upstream has the
+    // request (so the credential has gone out), then closes.
     let mut send = h1_over_tunnel(&s, "api.github.com:443", "api.github.com").await;
     let req = Request::get("/hang")
         .header("host", "api.github.com")
         .body(Full::new(Bytes::new()))
         .unwrap();
-    assert!(
-        tokio::time::timeout(Duration::from_millis(300), send.send_request(req))
-            .await
-            .is_err()
-    );
+    {
+        let mut answer = Box::pin(send.send_request(req));
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !s.seen().iter().any(|r| r.path == "/hang") {
+            assert!(Instant::now() < deadline, "the upstream never got /hang");
+            tokio::select! {
+                r = &mut answer => panic!("/hang was answered: {r:?}"),
+                _ = tokio::time::sleep(Duration::from_millis(20)) => {}
+            }
+        }
+    }
     drop(send);
     let r = record_for(&s, "/hang").await;
     assert_eq!(r.status, None);
@@ -1513,11 +1534,11 @@ async fn a_request_its_client_gives_up_on_is_recorded() {
         "{:?}",
         s.sink.events()
     );
-    // Plain HTTP too, through curl giving up after a second.
+    // Plain HTTP too, through curl giving up after three seconds.
     let (code, _, _) = curl(
         &s.url(),
         s.ca(),
-        &["--max-time", "1", "http://other.test/hang"],
+        &["--max-time", "3", "http://other.test/hang"],
     )
     .await;
     assert_eq!(code, 0);

@@ -15,6 +15,13 @@ mkdir -p "$out"
 scratch=$(mktemp -d)
 trap 'rm -rf "$scratch"' EXIT
 cflags=(-std=c11 -Wall -Wextra -Werror -pedantic -I "$root/include")
+# Waits (up to 30 s, on a slow machine too) for an ssh-agent's socket; says
+# so and fails when it does not come.
+wait_for_socket() {
+  for _ in $(seq 300); do [ -S "$1" ] && return 0; sleep 0.1; done
+  echo "c: $2 did not make its socket $1 within 30 s" >&2
+  exit 1
+}
 gcc "${cflags[@]}" tests/c/test_config.c -o "$out/test_config_shared" \
   -L "$profile_dir" -lmoat -Wl,-rpath,"$profile_dir"
 gcc "${cflags[@]}" tests/c/test_config.c -o "$out/test_config_static" \
@@ -46,7 +53,7 @@ read -r port ca <&"${UPSTREAM[0]}"
 # A real ssh-agent holding one generated key, for the SSH grant test.
 ssh-agent -D -a "$scratch/agent.sock" >/dev/null 2>&1 &
 agent_pid=$!
-for _ in $(seq 50); do [ -S "$scratch/agent.sock" ] && break; sleep 0.1; done
+wait_for_socket "$scratch/agent.sock" ssh-agent
 ssh-keygen -q -t ed25519 -N "" -C c-test@moat -f "$scratch/id_test"
 SSH_AUTH_SOCK="$scratch/agent.sock" ssh-add -q "$scratch/id_test" 2>/dev/null
 status=0
@@ -62,7 +69,7 @@ mkdir -p "$scratch/run" "$scratch/run-ws"
 # (MOAT_RESOLVE) and through a known_hosts file in a HOME of its own.
 ssh-agent -D -a "$scratch/run-agent.sock" >/dev/null 2>&1 &
 agent_pid=$!
-for _ in $(seq 50); do [ -S "$scratch/run-agent.sock" ] && break; sleep 0.1; done
+wait_for_socket "$scratch/run-agent.sock" ssh-agent
 mkdir -p "$scratch/sshd" "$scratch/ssh-home/.ssh"
 [ -d /run/sshd ] || mkdir -p /run/sshd
 for k in granted other; do
@@ -71,17 +78,41 @@ for k in granted other; do
 done
 ssh-keygen -q -t ed25519 -N "" -f "$scratch/sshd/host_key"
 cat "$scratch/sshd/granted.pub" "$scratch/sshd/other.pub" > "$scratch/sshd/authorized_keys"
-sshd_port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-printf '%s\n' "ListenAddress 127.0.0.1:$sshd_port" "HostKey $scratch/sshd/host_key" \
-  "AuthorizedKeysFile $scratch/sshd/authorized_keys" "StrictModes no" \
-  "PasswordAuthentication no" "KbdInteractiveAuthentication no" "UsePAM no" \
-  "PidFile $scratch/sshd/pid" "ForceCommand echo hello from c-sshd" > "$scratch/sshd/config"
-/usr/sbin/sshd -f "$scratch/sshd/config" -E "$scratch/sshd/log"
+# sshd on a free loopback port. A port found free can be taken before sshd
+# binds it: then sshd exits, and another port is tried. sshd runs in the
+# foreground here (-D, in the background of this script) and writes its
+# PidFile once it listens: that is what is waited for (up to 30 s).
+sshd_up=
+for attempt in 1 2 3 4 5; do
+  sshd_port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+  rm -f "$scratch/sshd/pid" "$scratch/sshd/log"
+  printf '%s\n' "ListenAddress 127.0.0.1:$sshd_port" "HostKey $scratch/sshd/host_key" \
+    "AuthorizedKeysFile $scratch/sshd/authorized_keys" "StrictModes no" \
+    "PasswordAuthentication no" "KbdInteractiveAuthentication no" "UsePAM no" \
+    "PidFile $scratch/sshd/pid" "ForceCommand echo hello from c-sshd" > "$scratch/sshd/config"
+  /usr/sbin/sshd -D -f "$scratch/sshd/config" -E "$scratch/sshd/log" &
+  sshd_pid=$!
+  for _ in $(seq 300); do
+    if [ -s "$scratch/sshd/pid" ]; then sshd_up=1; break; fi
+    kill -0 "$sshd_pid" 2>/dev/null || break
+    sleep 0.1
+  done
+  [ -n "$sshd_up" ] && break
+  kill "$sshd_pid" 2>/dev/null || true
+  wait "$sshd_pid" 2>/dev/null || true
+  echo "c: sshd did not listen on 127.0.0.1:$sshd_port (attempt $attempt):" \
+    "$(cat "$scratch/sshd/log" 2>/dev/null)" >&2
+done
+if [ -z "$sshd_up" ]; then
+  echo "c: sshd would not start; see above" >&2
+  kill "$agent_pid" 2>/dev/null || true
+  exit 1
+fi
 echo "git-c.test $(cut -d' ' -f1,2 "$scratch/sshd/host_key.pub")" > "$scratch/ssh-home/.ssh/known_hosts"
 HOME="$scratch/ssh-home" SSH_AUTH_SOCK="$scratch/run-agent.sock" MOAT_TEST_SSH_HOST=git-c.test \
   MOAT_RESOLVE="git-c.test:22=127.0.0.1:$sshd_port" \
   "$out/test_run" "$scratch/run" "$profile_dir/moat" "${MOAT_TEST_IMAGE:-moat-test:bookworm}" "$scratch/run-ws" || status=$?
-kill "$(cat "$scratch/sshd/pid")" "$agent_pid" 2>/dev/null || true
+kill "$sshd_pid" "$agent_pid" 2>/dev/null || true
 
 # Claude Code through the C ABI: the pinned build from the wheel setup.sh
 # downloaded, against a local stand-in for Anthropic's API.
@@ -96,14 +127,28 @@ else
   python3 tests/python/anthropic_standin.py --dir "$scratch/standin" --api-key "$claude_key" \
     > "$scratch/standin.out" 2>&1 &
   standin_pid=$!
-  for _ in $(seq 100); do [ -s "$scratch/standin.out" ] && break; sleep 0.1; done
-  # "listening on 127.0.0.1:PORT; CA ..."
-  sport=$(head -1 "$scratch/standin.out" | sed -n 's/^listening on [^:]*:\([0-9]*\);.*/\1/p')
-  MOAT_KEYRING_BACKEND=file MOAT_CLAUDE_WHEEL="$wheel" ANTHROPIC_API_KEY= \
-    MOAT_UPSTREAM_CA_FILE="$scratch/standin/ca.pem" \
-    MOAT_RESOLVE="api.anthropic.com:443=127.0.0.1:$sport,platform.claude.com:443=127.0.0.1:$sport" \
-    "$out/test_claude" "$scratch/claude" "$profile_dir/moat" "${MOAT_TEST_IMAGE:-moat-test:bookworm}" \
-    "$scratch/claude-ws" "$claude_key" || status=$?
+  # Its first line, once it listens: "listening on 127.0.0.1:PORT; CA ...".
+  # Up to 60 s (a slow machine); it failing to start is said, not skipped.
+  sport=
+  for _ in $(seq 600); do
+    # (The file may not be there yet: the redirection is the job's own.)
+    sport=$(sed -n '1s/^listening on [^:]*:\([0-9]*\);.*/\1/p' "$scratch/standin.out" \
+      2>/dev/null || true)
+    [ -n "$sport" ] && break
+    kill -0 "$standin_pid" 2>/dev/null || break
+    sleep 0.1
+  done
+  if [ -z "$sport" ]; then
+    echo "c: the Anthropic stand-in did not start within 60 s; it said:" >&2
+    cat "$scratch/standin.out" >&2
+    status=1
+  else
+    MOAT_KEYRING_BACKEND=file MOAT_CLAUDE_WHEEL="$wheel" ANTHROPIC_API_KEY= \
+      MOAT_UPSTREAM_CA_FILE="$scratch/standin/ca.pem" \
+      MOAT_RESOLVE="api.anthropic.com:443=127.0.0.1:$sport,platform.claude.com:443=127.0.0.1:$sport" \
+      "$out/test_claude" "$scratch/claude" "$profile_dir/moat" "${MOAT_TEST_IMAGE:-moat-test:bookworm}" \
+      "$scratch/claude-ws" "$claude_key" || status=$?
+  fi
   kill "$standin_pid" 2>/dev/null || true
 fi
 exec {UPSTREAM[1]}>&-

@@ -191,6 +191,33 @@ static void test_secrets(const char *dir) {
   moat_config_free(cfg);
 }
 
+/* MOAT_DEPS_REGISTRY that is not UTF-8 is an error wherever it would
+   choose an image, never read as unset. */
+static void test_bad_deps_registry(const char *dir) {
+  char ws[512], file[600];
+  snprintf(ws, sizeof ws, "%s/badreg", dir);
+  mkdir(ws, 0700);
+  snprintf(file, sizeof file, "%s/agent.yaml", ws);
+  write_file(file, "dependencies: [node@20]\n");
+  setenv("MOAT_DEPS_REGISTRY", "mirror\xff/library", 1);
+  moat_config *cfg = NULL;
+  moat_error *err = NULL;
+  CHECK(moat_config_load(ws, &cfg, &err) == MOAT_ERR_INVALID_ARGUMENT);
+  CHECK(cfg == NULL);
+  CHECK(err && strstr(moat_error_message(err), "MOAT_DEPS_REGISTRY is not UTF-8"));
+  moat_error_free(err);
+  char *json = NULL;
+  err = NULL;
+  CHECK(moat_deps_json(NULL, &json, &err) == MOAT_ERR_INVALID_ARGUMENT);
+  CHECK(json == NULL);
+  CHECK(err && strstr(moat_error_message(err), "MOAT_DEPS_REGISTRY is not UTF-8"));
+  moat_error_free(err);
+  unsetenv("MOAT_DEPS_REGISTRY");
+  CHECK(moat_config_load(ws, &cfg, NULL) == MOAT_OK);
+  CHECK(cfg && strcmp(moat_config_image(cfg), "node:20-bookworm") == 0);
+  moat_config_free(cfg);
+}
+
 int main(int argc, char **argv) {
   if (argc != 2) {
     fprintf(stderr, "usage: %s SCRATCH_DIR\n", argv[0]);
@@ -204,6 +231,7 @@ int main(int argc, char **argv) {
   test_several_errors_with_their_parts(argv[1]);
   test_misuse();
   test_secrets(argv[1]);
+  test_bad_deps_registry(argv[1]);
   printf("%d passed, %d failed\n", passed, failed);
   return failed == 0 ? 0 : 1;
 }

@@ -137,7 +137,7 @@ class Moat:
     def latest(self):
         return self.runs()[0]
 
-    def wait_state(self, run_id, states, timeout=30):
+    def wait_state(self, run_id, states, timeout=60):
         deadline = time.time() + timeout
         while True:
             state = self.meta(run_id)["state"]
@@ -145,7 +145,7 @@ class Moat:
                 return state
             time.sleep(0.1)
 
-    def wait_cleaned(self, run_id, timeout=30):
+    def wait_cleaned(self, run_id, timeout=60):
         """Waits until the run's supervisor has removed what the run held
         (`cleaned` in run.json): `moat run` returns as soon as the exit code
         is known, and cleanup follows."""
@@ -199,6 +199,31 @@ class Moat:
                 self("clean", "-f", "--keep-images", timeout=60)
             except subprocess.TimeoutExpired:
                 pass
+
+
+def wait_until(what, check, timeout, show=None):
+    """Polls `check` until it returns something true (returned), failing
+    after `timeout` seconds with `what` (and `show()`, when given, to say
+    what was seen instead)."""
+    deadline = time.time() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.time() > deadline:
+            seen = f"; seen: {show()}" if show else ""
+            raise AssertionError(f"not within {timeout} s: {what}{seen}")
+        time.sleep(0.2)
+
+
+def process_gone(pid) -> bool:
+    """Has process `pid` exited? (A zombie that nobody reaps has.)"""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            stat = f.read()
+    except (FileNotFoundError, ProcessLookupError):
+        return True
+    return stat[stat.rfind(")") + 2:].split(" ", 1)[0] in ("Z", "X")
 
 
 def others_live(mine) -> bool:

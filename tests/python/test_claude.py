@@ -270,19 +270,36 @@ def test_interactive_claude_through_a_pty(m, standin):
     t = Terminal(["claude", str(ws), "--image", IMAGE], env)
     # No onboarding, login, trust or key question: straight to the prompt.
     t.expect(b"/workspace", timeout=90)
-    time.sleep(2)
     # One word: the terminal renderer moves the cursor between words.
     standin.reply = lambda body: "MOAT-INTERACTIVE-OK" if "hi" in json.dumps(body) else "?"
-    t.send(b"please say hi")
-    time.sleep(0.5)
-    t.send(b"\r")
-    t.expect(b"MOAT-INTERACTIVE-OK", timeout=90)
+    # Type until Claude Code shows the text in its input box (the terminal
+    # is raw, so only Claude Code draws it; keys it gets before its input
+    # box reads them may be lost). Typed again at worst: the same words.
+    t.send_until(b"please say hi moat-typed-7", b"moat-typed-7", timeout=90, every=5)
+    # Enter, and again every few seconds until the reply shows (an Enter on
+    # an empty input box, once the first went through, does nothing).
+    t.send_until(b"\r", b"MOAT-INTERACTIVE-OK", timeout=90, every=5)
     for question in (b"Do you want to use this API key", b"trust the files", b"Choose the text style"):
         assert question not in t.out
+    start = len(t.out)
     t.send(b"/exit")
-    time.sleep(0.5)
-    t.send(b"\r")
-    assert t.wait(60) == 0, t.out[-800:]
+    # Enter once the text is drawn, not in the same read as it (Claude Code
+    # would take it for part of a paste). Should the renderer draw the word
+    # in pieces, the cap keeps them apart anyway.
+    t.seen(b"exit", 15, start)
+    # Enter until Claude Code (and with it moat) exits: the first may only
+    # pick `/exit` from the command menu the slash opened.
+    deadline = time.time() + 60
+    code = None
+    while code is None and time.time() < deadline:
+        try:
+            t.send(b"\r")
+        except OSError:
+            pass  # moat has exited and closed the terminal
+        code = t.poll(5)
+    if code is None:
+        code = t.wait(1)
+    assert code == 0, t.out[-800:]
 
 
 def test_moat_claude_from_python_returns_a_run(m, standin, monkeypatch):

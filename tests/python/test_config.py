@@ -1,6 +1,7 @@
 """The Python surface of moat's configuration model."""
 
 import json
+import os
 import pathlib
 import threading
 
@@ -144,3 +145,20 @@ def test_typing_files_ship():
     pkg = pathlib.Path(moat.__file__).parent
     assert (pkg / "py.typed").exists()
     assert (pkg / "_moat.pyi").exists()
+
+
+def test_a_deps_registry_that_is_not_utf8_is_an_error_not_ignored(tmp_path, monkeypatch):
+    """MOAT_DEPS_REGISTRY that cannot be read is refused wherever it would
+    choose an image, never read as unset."""
+    ws = workspace(tmp_path, "dependencies: [node@20]\n")
+    cfg = moat.load_config(ws)
+    monkeypatch.setitem(os.environb, b"MOAT_DEPS_REGISTRY", b"mirror\xff/library")
+    with pytest.raises(moat.InvalidArgumentError, match="MOAT_DEPS_REGISTRY is not UTF-8"):
+        cfg.image
+    with pytest.raises(moat.InvalidArgumentError, match="MOAT_DEPS_REGISTRY is not UTF-8"):
+        cfg.to_json()
+    with pytest.raises(moat.InvalidArgumentError, match="MOAT_DEPS_REGISTRY is not UTF-8"):
+        moat.deps()
+    assert "not UTF-8" in repr(cfg)
+    monkeypatch.delitem(os.environb, b"MOAT_DEPS_REGISTRY")
+    assert cfg.image == "node:20-bookworm"

@@ -245,8 +245,12 @@ def test_three_runtimes_make_one_image_built_once_and_reused(m, registry):
     assert labels["dev.moat.deps"] == "node@20 python@3.11 go@1.22"
     assert labels["dev.moat.built"] == str(m.home)
     assert m.latest()["image"] == tag
-    # Nothing of the build is left: no container of it, none of its run.
-    left = sh(ENGINE, "ps", "-a", "-q", "--filter", f"label={LABEL}={m.latest()['id']}").stdout
+    # Nothing of the build is left: no container of it, none of its run
+    # (once the supervisor has cleaned up: `moat run` returns as soon as the
+    # exit code is known, and cleanup follows).
+    run_id = m.latest()["id"]
+    m.wait_cleaned(run_id)
+    left = sh(ENGINE, "ps", "-a", "-q", "--filter", f"label={LABEL}={run_id}").stdout
     assert left.split() == []
 
     t = time.time()

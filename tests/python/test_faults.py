@@ -82,12 +82,14 @@ def test_a_run_whose_supervisor_and_cli_are_killed_leaves_nothing_within_seconds
     cli.kill()
     cli.wait(timeout=10)
     started = time.time()
+    # "Within seconds": generous windows for a slow, loaded CI machine (the
+    # time it took is printed below).
     wait_until("the container and network are gone", lambda: docker_objects(run_id) == ([], []),
-               10)
-    wait_until("the firewall chains are gone", lambda: chains_of(run_id) == [], 10)
+               30)
+    wait_until("the firewall chains are gone", lambda: chains_of(run_id) == [], 30)
     took = time.time() - started
     meta = wait_until("run.json says failed", lambda: m.meta(run_id)
-                      if m.meta(run_id)["state"] == "failed" else None, 10)
+                      if m.meta(run_id)["state"] == "failed" else None, 30)
     assert "exited unexpectedly" in meta["error"], meta
     assert meta["cleaned"] is True
     print(f"cleaned up {took:.1f} s after the kill")
@@ -106,8 +108,8 @@ def test_a_supervisor_killed_during_setup_leaves_nothing(m):
     os.kill(m.meta(run_id)["supervisor"][0], signal.SIGKILL)
     proc.wait(timeout=30)
     wait_until("nothing is left", lambda: docker_objects(run_id) == ([], []) and
-               not chains_of(run_id), 10)
-    assert m.meta(run_id)["state"] == "failed"
+               not chains_of(run_id), 45)
+    wait_until("run.json says failed", lambda: m.meta(run_id)["state"] == "failed", 30)
 
 
 # ------------------------------------------------------------------ a full disk

@@ -257,7 +257,7 @@ SERVE_AND_CALL = r'''
 set -u
 cd /workspace && echo "served from $MOAT_RUN_NAME" > index.html
 python3 -m http.server 3000 --bind 0.0.0.0 >/dev/null 2>&1 &
-for i in $(seq 50); do curl -s -o /dev/null http://127.0.0.1:3000/ && break; sleep 0.1; done
+for i in $(seq 300); do curl -s -o /dev/null http://127.0.0.1:3000/ && break; sleep 0.1; done
 echo "own: $(curl -sS --max-time 10 "$MOAT_URL_WEB/index.html")"
 echo "python: $(python3 -c 'import os, urllib.request; print(urllib.request.urlopen(os.environ["MOAT_URL_WEB"] + "/index.html", timeout=10).read().decode().strip())')"
 echo "other: $(curl -s --max-time 10 -o /dev/null -w '%{http_code}' "http://web.someone-else.localhost:${MOAT_URL_WEB##*:}/")"

@@ -131,6 +131,15 @@ class GitHandler(BaseHTTPRequestHandler):
         }
         with server.lock:
             server.seen.append(record)
+        try:
+            self._serve(record, path, query, auth)
+        finally:
+            # Everything about the request is recorded: the client may have
+            # had the whole response (and exited) some time before this.
+            record["done"] = True
+
+    def _serve(self, record, path, query, auth):
+        server = self.server
         if auth != [server.expected_auth]:
             for _ in self._body_chunks():
                 pass
@@ -281,6 +290,23 @@ def start(server, tmp_path, **kw):
                       home=tmp_path / "home", name="git-test", **kw)
 
 
+def settled(proxy, server, timeout=30):
+    """(trace, audit events, the server's records) once every request is
+    finished on both ends: git can exit as soon as the last chunk of the
+    last response reaches it, before the server has recorded the backend's
+    exit status and the proxy its trace record."""
+    deadline = time.time() + timeout
+    while True:
+        seen = server.seen
+        trace = proxy.trace()
+        requests = [r for r in trace if r["method"] != "CONNECT"]
+        if all(r.get("done") for r in seen) and len(requests) >= len(seen):
+            return trace, proxy.audit_events(), seen
+        assert time.time() < deadline, \
+            f"requests not finished within {timeout} s: server saw {seen}, trace {trace}"
+        time.sleep(0.05)
+
+
 def clone(proxy, tmp_path, url, dest):
     env = {**clean_env(str(tmp_path / "client-home")), **proxy.env()}
     started = time.monotonic()
@@ -293,15 +319,13 @@ def test_git_clone_gets_the_injected_token(gitserver, tmp_path):
     dest = tmp_path / "clone"
     with start(gitserver, tmp_path, credentials=[github_cred()]) as proxy:
         out, _ = clone(proxy, tmp_path, "https://github.com/org/repo.git", dest)
-        trace = proxy.trace()
-        events = proxy.audit_events()
-    assert out.returncode == 0, f"git clone failed:\n{out.stderr}\nserver saw: {gitserver.seen}"
+        assert out.returncode == 0, f"git clone failed:\n{out.stderr}\nserver saw: {gitserver.seen}"
+        trace, events, seen = settled(proxy, gitserver)
     assert (dest / "README.txt").read_text() == FILE_TEXT
     head = subprocess.run(["git", "-C", str(dest), "rev-parse", "HEAD"], capture_output=True,
                           text=True, env=clean_env(str(tmp_path / "client-home")))
     assert head.stdout.strip() == gitserver.head
 
-    seen = gitserver.seen
     paths = [r["path"].partition("?")[0] for r in seen]
     assert "/org/repo.git/info/refs" in paths
     assert "/org/repo.git/git-upload-pack" in paths
@@ -386,7 +410,7 @@ def test_git_push_streams_a_chunked_body(gitserver, tmp_path):
         git("commit", "-q", "-m", "big", env=env, cwd=dest)
         pushed = git("rev-parse", "HEAD", env=env, cwd=dest).strip()
         git("push", "-q", "origin", "main", env=env, cwd=dest)
-        trace = proxy.trace()
+        trace, _, seen = settled(proxy, gitserver)
     bare = os.path.join(gitserver.server.project_root, "org", "repo.git")
     local = clean_env(str(tmp_path / "client-home"))
     assert git("--git-dir", bare, "rev-parse", "main", env=local).strip() == pushed
@@ -394,7 +418,6 @@ def test_git_push_streams_a_chunked_body(gitserver, tmp_path):
                             env=local, capture_output=True, timeout=CLONE_TIMEOUT).stdout
     assert stored == blob
 
-    seen = gitserver.seen
     packs = [r for r in seen if r["path"] == "/org/repo.git/git-receive-pack"
              and (r.get("body_bytes") or 0) > len(blob) // 2]
     assert len(packs) == 1, seen

@@ -73,7 +73,7 @@ def curl(env, url, *extra):
     return int(code or 0), body
 
 
-def wait_ok(env, url, timeout=20):
+def wait_ok(env, url, timeout=60):
     deadline = time.time() + timeout
     while True:
         code, body = curl(env, url)

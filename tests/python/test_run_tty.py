@@ -42,11 +42,13 @@ class Terminal:
     def send(self, data):
         os.write(self.fd, data)
 
-    def expect(self, needle, timeout=20):
-        deadline = time.time() + timeout
-        while needle not in self.out:
+    def _seen_by(self, needle, deadline, start=0):
+        """Reads until `needle` is in the output from offset `start` on
+        (True) or the deadline passes (False); fails at EOF."""
+        while needle not in self.out[start:]:
             left = deadline - time.time()
-            assert left > 0, f"{needle!r} not seen in {self.out[-800:]!r}"
+            if left <= 0:
+                return False
             r, _, _ = select.select([self.fd], [], [], left)
             if r:
                 try:
@@ -54,10 +56,40 @@ class Terminal:
                 except OSError:
                     chunk = b""
                 if not chunk:
-                    assert needle in self.out, f"{needle!r} not seen before EOF in {self.out[-800:]!r}"
+                    assert needle in self.out[start:], \
+                        f"{needle!r} not seen before EOF in {self.out[-800:]!r}"
                 self.out += chunk
+        return True
 
-    def wait(self, timeout=30):
+    def expect(self, needle, timeout=20, start=0):
+        """Waits for `needle` in the output (from offset `start` on)."""
+        assert self._seen_by(needle, time.time() + timeout, start), \
+            f"{needle!r} not seen in {self.out[-800:]!r}"
+
+    def seen(self, needle, timeout, start=0):
+        """Like expect, but says whether `needle` showed instead of failing."""
+        return self._seen_by(needle, time.time() + timeout, start)
+
+    def send_until(self, data, needle, timeout=30, every=1.0):
+        """Sends `data`, and again every `every` seconds, until `needle`
+        shows in what follows the first send. Keys can be lost before the
+        engine has wired the TTY's input (Podman wires it a moment after the
+        output), and a shell reattached to does not redraw its prompt, so
+        there is nothing else to wait for. `needle` must be what the command
+        prints, not what is typed (echo a computed value): the terminal
+        echoes the typed text too, and `moat attach` replays earlier output."""
+        start = len(self.out)
+        deadline = time.time() + timeout
+        while True:
+            self.send(data)
+            if self._seen_by(needle, min(deadline, time.time() + every), start):
+                return
+            assert time.time() < deadline, \
+                f"{needle!r} not seen within {timeout} s of sending {data!r}: {self.out[-800:]!r}"
+
+    def poll(self, timeout):
+        """moat's exit code once it exits within `timeout` seconds, else
+        None (it is left running)."""
         deadline = time.time() + timeout
         while time.time() < deadline:
             pid, status = os.waitpid(self.pid, os.WNOHANG)
@@ -70,8 +102,14 @@ class Terminal:
                     self.out += os.read(self.fd, 4096)
             except OSError:
                 time.sleep(0.05)
-        os.kill(self.pid, 9)
-        raise AssertionError(f"moat did not exit; output {self.out[-800:]!r}")
+        return None
+
+    def wait(self, timeout=60):
+        code = self.poll(timeout)
+        if code is None:
+            os.kill(self.pid, 9)
+            raise AssertionError(f"moat did not exit; output {self.out[-800:]!r}")
+        return code
 
     def _drain(self):
         # What moat wrote just before it exited is still in the terminal's
@@ -111,16 +149,24 @@ def runs(env):
 
 def test_interactive_shell_gets_a_tty_and_its_exit_code(env, ws):
     t = Terminal(["run", "-i", "--image", IMAGE, str(ws), "--", "bash", "--norc", "-i"], env)
-    t.expect(b"Ctrl-/ d detaches")
-    t.send(b"tty; echo tty-is-$((6*7))\r")
-    t.expect(b"tty-is-42")
+    # The whole start of the run (network, proxy, container) comes first.
+    t.expect(b"Ctrl-/ d detaches", timeout=90)
+    # Type at the prompt (`bash-5.2$ `, or `bash-5.2# ` when the agent runs
+    # as root), and again until the command is seen to run: Podman connects
+    # a TTY's input a moment after its output, and drops keys typed before.
+    t.expect(b"bash-", timeout=60)
+    t.send_until(b"tty; echo tty-is-$((6*7))\r", b"tty-is-42")
     assert b"/dev/pts/" in t.out
     # Ctrl+C belongs to the container: it interrupts the sleep, not moat.
-    t.send(b"sleep 30\r")
-    time.sleep(0.5)
+    # The foreground process says when it runs (it holds the terminal by
+    # then), the sleep is long and the wait for what follows well below it,
+    # and what is awaited is output, not the typed text the terminal echoes.
+    t.send(b"sh -c 'echo sleeping-$((6*7)); exec sleep 300'\r")
+    t.expect(b"sleeping-42")
     t.send(b"\x03")
-    t.send(b"echo after-interrupt\r")
-    t.expect(b"after-interrupt", timeout=10)
+    # (Sent again each second until it runs: had the sleep not been
+    # interrupted, none of them would run for another five minutes.)
+    t.send_until(b"echo after-interrupt-$((6*7))\r", b"after-interrupt-42", timeout=60)
     t.send(b"exit 7\r")
     assert t.wait() == 7
     [run] = runs(env)
@@ -129,13 +175,13 @@ def test_interactive_shell_gets_a_tty_and_its_exit_code(env, ws):
 
 def test_detach_and_reattach_then_stop_with_escapes(env, ws):
     t = Terminal(["run", "-i", "--image", IMAGE, str(ws), "--", "bash", "--norc", "-i"], env)
-    t.expect(b"Ctrl-/ d detaches")
+    t.expect(b"Ctrl-/ d detaches", timeout=90)
     # Type at the prompt: Podman connects a TTY's input a moment after its
     # output, and keys typed before that are not delivered. (The prompt is
-    # `bash-5.2$ `, or `# ` when the workspace is root's and so the agent.)
-    t.expect(b"bash-")
-    t.send(b"export MARK=still-here\r")
-    time.sleep(0.3)
+    # `bash-5.2$ `, or `bash-5.2# ` when the agent runs as root.) The export
+    # is seen to have run before detaching.
+    t.expect(b"bash-", timeout=60)
+    t.send_until(b"export MARK=still-here; echo marked-$((6*7))\r", b"marked-42")
     t.send(b"\x1fd")
     assert t.wait() == 0
     assert b"Detached" in t.out
@@ -143,11 +189,13 @@ def test_detach_and_reattach_then_stop_with_escapes(env, ws):
     assert run["state"] == "running"
 
     again = Terminal(["attach", "-i", run["id"]], env)
-    again.expect(b"Ctrl-/ k stops")
-    again.send(b"echo $MARK\r")
-    again.expect(b"still-here")
+    again.expect(b"Ctrl-/ k stops", timeout=60)
+    # The shell does not redraw its prompt, and the attach replays what the
+    # run printed before (`still-here` among it): send until the variable's
+    # value comes back with a computed suffix that only the command prints.
+    again.send_until(b"echo $MARK-$((6*7))\r", b"still-here-42")
     again.send(b"\x1fk")
-    code = again.wait(timeout=40)
+    code = again.wait(timeout=90)
     assert code in (137, 143, 130, 0), code
     [run] = runs(env)
     assert run["state"] == "stopped"
@@ -173,13 +221,11 @@ def set_size(fd, rows, cols):
 def test_the_terminal_size_is_passed_on_and_follows_resizes(env, ws):
     t = Terminal(["run", "-i", "--image", IMAGE, str(ws), "--", "bash", "--norc", "-i"], env)
     set_size(t.fd, 40, 100)
-    t.expect(b"Ctrl-/ d detaches")
-    time.sleep(0.5)
-    t.send(b"echo size=$(stty size)\r")
-    t.expect(b"size=40 100")
+    t.expect(b"Ctrl-/ d detaches", timeout=90)
+    t.expect(b"bash-", timeout=60)
+    # (The typed `$(stty size)` never matches a size: only the output does.)
+    t.send_until(b"echo size=$(stty size)\r", b"size=40 100")
     set_size(t.fd, 50, 120)  # the kernel sends moat SIGWINCH
-    time.sleep(0.5)
-    t.send(b"echo size=$(stty size)\r")
-    t.expect(b"size=50 120")
+    t.send_until(b"echo size=$(stty size)\r", b"size=50 120")
     t.send(b"exit\r")
     assert t.wait() == 0

@@ -22,8 +22,8 @@ import pytest
 
 from runhelp import (ENGINE, HELPER_SERVER, PROBE_SCRIPT, TOKEN, HostTargets, Moat, bridge_link_local,
                      bridge_of, container_alive, docker_objects, escape_probes, gateway_of,
-                     helper_container, make_upstream, netfilter_rules, parse_probes, reached,
-                     require_docker, sh)
+                     helper_container, make_upstream, netfilter_rules, parse_probes,
+                     process_gone, reached, require_docker, sh, wait_until)
 
 require_docker()
 
@@ -84,9 +84,16 @@ def chains(run_id):
     return chain in netfilter_rules("iptables"), chain in netfilter_rules("ip6tables")
 
 
-def probe_in_container(run_id, probes, user=None):
+# Each probe's time limit: 2 s where every probe should be blocked (a
+# blocked path stays blocked however long it is tried), longer where some
+# must get through, so a slow, loaded machine does not fail those.
+BLOCKED_T = 2
+REACH_T = 5
+
+
+def probe_in_container(run_id, probes, user=None, timeout=BLOCKED_T):
     """Runs the probe script with the image's python3 via docker exec."""
-    cfg = json.dumps({"probes": probes, "timeout": 2})
+    cfg = json.dumps({"probes": probes, "timeout": timeout})
     args = [ENGINE, "exec"] + (["-u", user] if user else []) + \
         [f"moat-{run_id}", "python3", "-c", PROBE_SCRIPT, cfg]
     out = sh(*args, timeout=60)
@@ -105,8 +112,8 @@ def in_netns(run_id, *cmd, timeout=60):
     return sh("nsenter", "-t", container_pid(run_id), "-n", *cmd, timeout=timeout)
 
 
-def probe_in_netns(run_id, probes, gw):
-    cfg = json.dumps({"probes": probes, "timeout": 2, "gw": gw})
+def probe_in_netns(run_id, probes, gw, timeout=BLOCKED_T):
+    cfg = json.dumps({"probes": probes, "timeout": timeout, "gw": gw})
     out = in_netns(run_id, "/usr/bin/python3", "-c", PROBE_SCRIPT, cfg)
     assert out.returncode == 0, out.stdout + out.stderr
     return parse_probes(out.stdout)
@@ -225,7 +232,7 @@ def test_strict_blocks_every_path_but_the_proxy(m, targets, helper):
     probes_ok = dict(probes, **{"tcp to the proxy": ["tcp", gw, proxy_port]})
     before = targets.received_anything()
     # As the agent (the image's default user is not used: moat's non-root uid).
-    results = probe_in_container(run_id, probes_ok)
+    results = probe_in_container(run_id, probes_ok, timeout=REACH_T)
     assert results["uid"] != 0
     assert results["gateway"] == gw
     assert results["tcp to the proxy"].startswith("reached"), results
@@ -265,7 +272,7 @@ def test_strict_holds_against_root_with_every_capability(m, targets, helper):
     if "ATTACK-RAN" in priv.stdout:
         results = parse_probes(sh(ENGINE, "exec", "--privileged", "-u", "0", f"moat-{run_id}",
                                   "python3", "-c", PROBE_SCRIPT,
-                                  json.dumps({"probes": probes, "timeout": 2})).stdout)
+                                  json.dumps({"probes": probes, "timeout": BLOCKED_T})).stdout)
         assert_all_blocked(results, probes, targets, before)
     else:
         assert priv.returncode != 0
@@ -287,7 +294,7 @@ def test_strict_holds_against_root_with_every_capability(m, targets, helper):
     assert f"default via {gw}" in out.stdout
     assert "fe80::beef" in out.stdout  # IPv6 is on in the container now
     probes_ok = dict(probes, **{"tcp to the proxy": ["tcp", gw, proxy_port]})
-    results = probe_in_netns(run_id, probes_ok, gw)
+    results = probe_in_netns(run_id, probes_ok, gw, timeout=REACH_T)
     assert results["uid"] == 0
     assert results["tcp to the proxy"].startswith("reached"), results
     assert_all_blocked(results, probes, targets, before)
@@ -312,7 +319,14 @@ def test_strict_chains_are_removed_when_a_run_ends_or_its_supervisor_dies(m):
     assert chains(run_id) == (True, True)
     pid = m.meta(run_id)["supervisor"][0]
     os.kill(pid, signal.SIGKILL)
-    time.sleep(0.5)
+    wait_until("the killed supervisor is gone", lambda: process_gone(pid), 30)
+
+    def state():
+        [run] = [r for r in m.runs() if r["id"] == run_id]
+        return run["state"], container_alive(run_id), chains(run_id), docker_objects(run_id)
+
+    wait_until("the run is failed and its container, network and chains are gone",
+               lambda: state() == ("failed", False, (False, False), ([], [])), 30, show=state)
     [run] = [r for r in m.runs() if r["id"] == run_id]
     assert run["state"] == "failed"
     assert not container_alive(run_id)
@@ -335,7 +349,7 @@ def test_control_the_probes_do_reach_the_host_in_permissive_mode(m, targets):
     link_local = bridge_link_local(bridge_of(run_id))
     probes = escape_probes(targets, gw, None, None)
     before = targets.received_anything()
-    results = probe_in_container(run_id, probes)
+    results = probe_in_container(run_id, probes, timeout=REACH_T)
     expect = ["tcp to host at gateway", "curl --noproxy to host at gateway",
               "udp to host at gateway", "dns to host at gateway", "icmp to gateway"]
     expect += [f"tcp to host at {a}" for a in targets.own_v4]
@@ -351,5 +365,5 @@ def test_control_the_probes_do_reach_the_host_in_permissive_mode(m, targets):
                  "ip -6 addr add fe80::beef/64 dev eth0 nodad")
         six = {"tcp6 to host link-local on the bridge":
                ["tcp6", f"{link_local}%eth0", targets.tcp6.port]}
-        results = probe_in_netns(run_id, six, gw)
+        results = probe_in_netns(run_id, six, gw, timeout=REACH_T)
         assert reached(results) == list(six), results

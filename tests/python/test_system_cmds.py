@@ -328,6 +328,10 @@ def test_python_has_clean_promote_system_and_deps_as_the_cli(m, tmp_path):
         ws = m.workspace()
         m.run(ws, "true")
         [run] = m.runs()
+        # `moat run` returns as soon as the exit code is known and the
+        # supervisor removes the container after: wait for that, or the
+        # two listings below could each see a different moment.
+        m.wait_cleaned(run["id"])
         # system: the same objects as the CLI's --json.
         images = moat.system_images(home=home)
         assert by_tag(images, unused) is not None
