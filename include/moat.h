@@ -100,7 +100,9 @@ const char *moat_version(void);
 // Loads and validates the configuration of `workspace` (a directory, or the
 // path of its `agent.yaml` / `moat.yaml`). On success writes a new handle to
 // `*out_config`; on failure writes an error to `*out_error` if it is not
-// NULL.
+// NULL. The image is resolved now: with `dependencies:`, a
+// `MOAT_DEPS_REGISTRY` that is not UTF-8 fails with
+// `MOAT_ERR_INVALID_ARGUMENT`.
 //
 // # Safety
 // `workspace` is a NUL-terminated string; `out_config` is valid for a write;

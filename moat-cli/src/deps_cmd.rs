@@ -49,10 +49,10 @@ fn json_text(value: &impl serde::Serialize) -> Result<String, Error> {
 }
 
 pub fn cmd_deps(args: &DepsArgs) -> Result<(), Error> {
-    let registry = deps::registry_from_env();
+    let registry = deps::registry_from_env()?;
     match &args.command {
         DepsCommand::List { json } => {
-            let all: Vec<Described> = deps::list();
+            let all: Vec<Described> = deps::list()?;
             if *json {
                 return write_stdout(&json_text(&all)?);
             }

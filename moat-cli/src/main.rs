@@ -392,7 +392,7 @@ fn cmd_config(args: &ConfigArgs) -> Result<(), Error> {
             args.path.display()
         );
     }
-    let resolved = config.resolved();
+    let resolved = config.resolved()?;
     let text = if args.json {
         serde_json::to_string_pretty(&resolved)
             .map(|s| s + "\n")

@@ -284,3 +284,61 @@ fn a_bad_engine_is_named_with_where_it_came_from() {
             || std::fs::read_dir(home.path().join("runs")).unwrap().count() == 0
     );
 }
+
+#[test]
+fn a_deps_registry_that_is_not_utf8_is_refused_where_it_matters() {
+    use std::os::unix::ffi::OsStrExt;
+    let bad = std::ffi::OsStr::from_bytes(b"mirror\xff/library");
+    let ws = workspace("dependencies: [node@20]\n");
+    let with_bad = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_moat"))
+            .args(args)
+            .current_dir(ws.path())
+            .env("MOAT_DEPS_REGISTRY", bad)
+            .output()
+            .expect("run moat")
+    };
+    for args in [
+        &["deps", "list"][..],
+        &["deps", "info", "node"],
+        &["config"],
+    ] {
+        let out = with_bad(args);
+        assert_eq!(
+            out.status.code(),
+            Some(1),
+            "{args:?}: {}",
+            text(&out.stderr)
+        );
+        let err = text(&out.stderr);
+        assert!(
+            err.contains("MOAT_DEPS_REGISTRY is not UTF-8"),
+            "{args:?}: {err}"
+        );
+        assert!(out.stdout.is_empty(), "{args:?}");
+    }
+    // A run is refused before anything starts: moat's own failure, 125.
+    let home = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_moat"))
+        .args(["run", "--", "true"])
+        .current_dir(ws.path())
+        .env("MOAT_HOME", home.path())
+        .env("MOAT_DEPS_REGISTRY", bad)
+        .output()
+        .expect("run moat");
+    assert_eq!(out.status.code(), Some(125), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("MOAT_DEPS_REGISTRY is not UTF-8"),
+        "{}",
+        text(&out.stderr)
+    );
+    // A workspace without dependencies does not need the variable.
+    let plain = workspace("name: plain\n");
+    let out = Command::new(env!("CARGO_BIN_EXE_moat"))
+        .arg("config")
+        .current_dir(plain.path())
+        .env("MOAT_DEPS_REGISTRY", bad)
+        .output()
+        .expect("run moat");
+    assert!(out.status.success(), "{}", text(&out.stderr));
+}

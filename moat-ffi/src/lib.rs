@@ -286,7 +286,9 @@ pub extern "C" fn moat_version() -> *const c_char {
 /// Loads and validates the configuration of `workspace` (a directory, or the
 /// path of its `agent.yaml` / `moat.yaml`). On success writes a new handle to
 /// `*out_config`; on failure writes an error to `*out_error` if it is not
-/// NULL.
+/// NULL. The image is resolved now: with `dependencies:`, a
+/// `MOAT_DEPS_REGISTRY` that is not UTF-8 fails with
+/// `MOAT_ERR_INVALID_ARGUMENT`.
 ///
 /// # Safety
 /// `workspace` is a NUL-terminated string; `out_config` is valid for a write;
@@ -304,9 +306,12 @@ pub unsafe extern "C" fn moat_config_load(
             let out_config = out_ptr(out_config, "out_config")?;
             let config = moat_core::blocking::load_config(&PathBuf::from(workspace))
                 .map_err(|e| moat_error::from_error(&e))?;
+            let (image, _) = config
+                .resolved_image()
+                .map_err(|e| moat_error::from_error(&e))?;
             let handle = moat_config {
                 name: config.name.as_deref().map(cstring),
-                image: cstring(&config.resolved_image().0),
+                image: cstring(&image),
                 inner: config,
             };
             *out_config = Box::into_raw(Box::new(handle));
@@ -364,7 +369,11 @@ pub unsafe extern "C" fn moat_config_to_json(
         guard(out_error, "moat_config_to_json", || {
             let config = config.as_ref().ok_or_else(|| null_arg("config"))?;
             let out_json = out_ptr(out_json, "out_json")?;
-            let json = serde_json::to_string(&config.inner.resolved()).map_err(|e| {
+            let resolved = config
+                .inner
+                .resolved()
+                .map_err(|e| moat_error::from_error(&e))?;
+            let json = serde_json::to_string(&resolved).map_err(|e| {
                 moat_error::plain(
                     moat_status::MOAT_ERR_INTERNAL,
                     &format!("cannot encode json: {e}"),
@@ -1543,7 +1552,7 @@ pub unsafe extern "C" fn moat_deps_json(
         guard(out_error, "moat_deps_json", || {
             let out_json = out_ptr(out_json, "out_json")?;
             let json = match opt_str(name, "name")? {
-                None => to_json(&moat_core::deps::list())?,
+                None => to_json(&moat_core::deps::list().map_err(|e| moat_error::from_error(&e))?)?,
                 Some(n) => {
                     to_json(&moat_core::deps::info(n).map_err(|e| moat_error::from_error(&e))?)?
                 }

@@ -149,9 +149,16 @@ impl Config {
     }
     /// The image runs use: ``image:``, else the one ``dependencies:``
     /// imply, else the default.
+    ///
+    /// Raises:
+    ///     InvalidArgumentError: ``dependencies:`` choose the image and
+    ///         ``MOAT_DEPS_REGISTRY`` is not UTF-8.
     #[getter]
-    fn image(&self) -> String {
-        self.inner.resolved_image().0
+    fn image(&self, py: Python<'_>) -> PyResult<String> {
+        self.inner
+            .resolved_image()
+            .map(|(image, _)| image)
+            .map_err(|e| to_py_err(py, &e))
     }
     /// ``dependencies:`` (``"node@20"``, ``"git"``, ...).
     #[getter]
@@ -249,7 +256,8 @@ impl Config {
     /// Returns:
     ///     str: A JSON object.
     fn to_json(&self, py: Python<'_>) -> PyResult<String> {
-        serde_json::to_string(&self.inner.resolved()).map_err(|e| {
+        let resolved = self.inner.resolved().map_err(|e| to_py_err(py, &e))?;
+        serde_json::to_string(&resolved).map_err(|e| {
             to_py_err(
                 py,
                 &Error::new(ErrorKind::Internal, format!("cannot encode json: {e}")),
@@ -260,7 +268,11 @@ impl Config {
         format!(
             "Config(name={:?}, image={:?}, workspace={:?})",
             self.inner.name,
-            self.inner.resolved_image().0,
+            // A repr does not raise: an image that cannot be worked out
+            // shows why.
+            self.inner
+                .resolved_image()
+                .map_or_else(|e| format!("<{e}>"), |(image, _)| image),
             self.inner.workspace
         )
     }

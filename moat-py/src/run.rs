@@ -1118,7 +1118,10 @@ pub(crate) fn system_containers(
 #[pyo3(signature = (name=None))]
 pub(crate) fn deps(py: Python<'_>, name: Option<String>) -> PyResult<Py<PyAny>> {
     match name {
-        None => json_to_py(py, &moat_core::deps::list()),
+        None => {
+            let all = moat_core::deps::list().map_err(|e| to_py_err(py, &e))?;
+            json_to_py(py, &all)
+        }
         Some(n) => {
             let d = moat_core::deps::info(&n).map_err(|e| to_py_err(py, &e))?;
             json_to_py(py, &d)

@@ -83,7 +83,7 @@ impl RunPlan {
             .version
             .clone()
             .or_else(|| config.claude_version.clone());
-        let mut plan = RunPlan::from_config(config);
+        let mut plan = RunPlan::from_config(config)?;
         let version = match &chosen {
             Some(v) => claude::check_version(v)?,
             None => claude::PINNED.version.to_string(),

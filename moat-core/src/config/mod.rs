@@ -509,35 +509,37 @@ impl Config {
         }
     }
 
-    /// The image a run will use, and what chose it.
-    pub fn resolved_image(&self) -> (String, ImageSource) {
+    /// The image a run will use, and what chose it. Fails only when
+    /// `dependencies` choose it and `MOAT_DEPS_REGISTRY` cannot be read.
+    pub fn resolved_image(&self) -> Result<(String, ImageSource)> {
         if let Some(image) = &self.image {
-            return (image.clone(), ImageSource::Image);
+            return Ok((image.clone(), ImageSource::Image));
         }
-        match self.image_recipe() {
+        Ok(match self.image_recipe()? {
             Some(recipe) => (recipe.image, ImageSource::Dependencies),
             None => (DEFAULT_IMAGE.to_string(), ImageSource::Default),
-        }
+        })
     }
 
     /// How `dependencies` make the run's image (its runtime's image, or
     /// one moat builds: [`crate::deps`]), with `MOAT_DEPS_REGISTRY` read
-    /// now; `None` when `image` is set or there are no dependencies.
-    pub fn image_recipe(&self) -> Option<crate::deps::Recipe> {
-        if self.image.is_some() {
-            return None;
+    /// now (an error when it is not UTF-8); `None` when `image` is set or
+    /// there are no dependencies.
+    pub fn image_recipe(&self) -> Result<Option<crate::deps::Recipe>> {
+        if self.image.is_some() || self.dependencies.is_empty() {
+            return Ok(None);
         }
-        crate::deps::plan(
+        Ok(crate::deps::plan(
             &self.dependencies,
-            &crate::deps::registry_from_env(),
+            &crate::deps::registry_from_env()?,
             DEFAULT_IMAGE,
-        )
+        ))
     }
 
     /// A serializable view with defaults filled in and the image resolved.
-    pub fn resolved(&self) -> Resolved<'_> {
-        let (image, image_source) = self.resolved_image();
-        Resolved {
+    pub fn resolved(&self) -> Result<Resolved<'_>> {
+        let (image, image_source) = self.resolved_image()?;
+        Ok(Resolved {
             workspace: &self.workspace,
             config_file: self.config_file.as_deref(),
             name: self.name.as_deref(),
@@ -555,7 +557,7 @@ impl Config {
             interactive: self.interactive,
             runtime: self.runtime,
             claude_version: self.claude_version.as_deref(),
-        }
+        })
     }
 
     /// Applies command-line overrides: CLI over file over defaults. `--grant`

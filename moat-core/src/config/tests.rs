@@ -66,7 +66,7 @@ fn seed_readme_example() {
     assert_eq!(c.name.as_deref(), Some("my-agent"));
     assert_eq!(c.version.as_deref(), Some("1.0.0"));
     assert_eq!(
-        c.resolved_image(),
+        c.resolved_image().unwrap(),
         ("node:20-bookworm".to_string(), ImageSource::Dependencies)
     );
     assert_eq!(c.grants[0].to_string(), "github:repo");
@@ -99,7 +99,7 @@ fn seed_readme_example() {
 #[test]
 fn seed_exposing_ports_example() {
     let c = ok("name: my-app\n\ndependencies:\n  - node@22\n\nports:\n  web: 3000\n\ncommand: [\"npm\", \"start\"]\n");
-    assert_eq!(c.resolved_image().0, "node:22-bookworm");
+    assert_eq!(c.resolved_image().unwrap().0, "node:22-bookworm");
     let c = ok("ports:\n  web: 3000\n  api: 8080\n  docs: 4000\n");
     assert_eq!(c.ports.len(), 3);
 }
@@ -138,25 +138,32 @@ fn dependency_images() {
         ("node", "node:bookworm"),
     ] {
         let c = ok(&format!("dependencies: [\"{dep}\"]\n"));
-        assert_eq!(c.resolved_image().0, image, "{dep}");
-        assert!(c.image_recipe().is_some_and(|r| !r.is_built()), "{dep}");
+        assert_eq!(c.resolved_image().unwrap().0, image, "{dep}");
+        assert!(
+            c.image_recipe().unwrap().is_some_and(|r| !r.is_built()),
+            "{dep}"
+        );
     }
     // Several runtimes, or tools: one image moat builds, its tag a hash
     // of what goes into it (see deps::tests).
     let c = ok("dependencies: [node@20, python@3.11, go@1.22, git]\n");
-    let (image, source) = c.resolved_image();
+    let (image, source) = c.resolved_image().unwrap();
     assert!(image.starts_with("moat-deps:"), "{image}");
     assert_eq!(source, ImageSource::Dependencies);
-    assert_eq!(c.image_recipe().map(|r| r.image), Some(image.clone()));
-    let other = ok("dependencies: [node@20, python@3.12, go@1.22, git]\n");
-    assert_ne!(other.resolved_image().0, image);
     assert_eq!(
-        ok("").resolved_image(),
+        c.image_recipe().unwrap().map(|r| r.image),
+        Some(image.clone())
+    );
+    let other = ok("dependencies: [node@20, python@3.12, go@1.22, git]\n");
+    assert_ne!(other.resolved_image().unwrap().0, image);
+    assert_eq!(
+        ok("").resolved_image().unwrap(),
         ("ubuntu:22.04".to_string(), ImageSource::Default)
     );
     assert_eq!(
         ok("image: registry.local/agents/base:1\ndependencies: [node@20, python@3.11]\n")
-            .resolved_image(),
+            .resolved_image()
+            .unwrap(),
         (
             "registry.local/agents/base:1".to_string(),
             ImageSource::Image
@@ -667,7 +674,7 @@ fn merge_errors_name_the_flag_and_never_echo_values() {
 #[test]
 fn resolved_view_serializes() {
     let c = ok(SEED_README);
-    let json = serde_json::to_value(c.resolved()).unwrap();
+    let json = serde_json::to_value(c.resolved().unwrap()).unwrap();
     assert_eq!(json["image"], "node:20-bookworm");
     assert_eq!(json["image_source"], "dependencies");
     assert_eq!(json["network"]["policy"], "strict");
@@ -679,7 +686,7 @@ fn resolved_view_serializes() {
         "ssm:///production/database/url"
     );
     assert_eq!(json["command"][1], "start");
-    let yaml = serde_yaml::to_string(&c.resolved()).unwrap();
+    let yaml = serde_yaml::to_string(&c.resolved().unwrap()).unwrap();
     assert!(yaml.contains("image: node:20"), "{yaml}");
 }
 
@@ -841,7 +848,7 @@ fn an_empty_value_at_the_end_is_located_inside_the_file() {
 fn claude_version_is_read_and_checked_where_it_is() {
     let c = ok("claude:\n  version: 2.1.332\n");
     assert_eq!(c.claude_version.as_deref(), Some("2.1.332"));
-    assert_eq!(c.resolved().claude_version, Some("2.1.332"));
+    assert_eq!(c.resolved().unwrap().claude_version, Some("2.1.332"));
     let err = parse("claude:\n  version: \"1; rm -rf /\"\n")
         .map(|_| ())
         .unwrap_err()

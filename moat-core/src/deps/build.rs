@@ -165,11 +165,11 @@ async fn pull(
             ),
             _ => String::new(),
         };
-        let registry = super::registry_from_env();
-        let from = if registry.is_empty() {
-            format!("its registry (Docker Hub unless {REGISTRY_ENV} names a mirror)")
-        } else {
-            format!("{registry} ({REGISTRY_ENV})")
+        // Planning the image read the variable already; here it only
+        // words the message.
+        let from = match super::registry_from_env() {
+            Ok(registry) if !registry.is_empty() => format!("{registry} ({REGISTRY_ENV})"),
+            _ => format!("its registry (Docker Hub unless {REGISTRY_ENV} names a mirror)"),
         };
         named(
             who,

@@ -413,9 +413,9 @@ pub fn parse(text: &str) -> std::result::Result<(&'static Known, Dependency), St
 
 /// Every known dependency, as `moat deps list` shows them (images named
 /// with the registry prefix of [`REGISTRY_ENV`]).
-pub fn list() -> Vec<Described> {
-    let registry = registry_from_env();
-    KNOWN.iter().map(|k| k.describe(None, &registry)).collect()
+pub fn list() -> crate::error::Result<Vec<Described>> {
+    let registry = registry_from_env()?;
+    Ok(KNOWN.iter().map(|k| k.describe(None, &registry)).collect())
 }
 
 /// One dependency (`name` or `name@version`), as `moat deps info` shows it;
@@ -423,14 +423,30 @@ pub fn list() -> Vec<Described> {
 pub fn info(text: &str) -> crate::error::Result<Described> {
     let (known, dep) = parse(text)
         .map_err(|e| crate::error::Error::new(crate::error::ErrorKind::InvalidArgument, e))?;
-    Ok(known.describe(dep.version.as_deref(), &registry_from_env()))
+    Ok(known.describe(dep.version.as_deref(), &registry_from_env()?))
 }
 
-/// The registry prefix from [`REGISTRY_ENV`], `""` when unset.
-pub fn registry_from_env() -> String {
-    std::env::var(REGISTRY_ENV)
-        .map(|v| v.trim().trim_end_matches('/').to_string())
-        .unwrap_or_default()
+/// The registry prefix from [`REGISTRY_ENV`], `""` when unset or empty;
+/// a value that is not UTF-8 is an error (read as unset, it would quietly
+/// send the pulls elsewhere than the user asked).
+pub fn registry_from_env() -> crate::error::Result<String> {
+    registry_from(std::env::var_os(REGISTRY_ENV).as_deref())
+}
+
+fn registry_from(value: Option<&std::ffi::OsStr>) -> crate::error::Result<String> {
+    let Some(value) = value else {
+        return Ok(String::new());
+    };
+    let text = value.to_str().ok_or_else(|| {
+        crate::error::Error::new(
+            crate::error::ErrorKind::InvalidArgument,
+            format!(
+                "{REGISTRY_ENV} is not UTF-8 ({}); set it to a registry such as localhost:5000/library, or unset it",
+                value.to_string_lossy()
+            ),
+        )
+    })?;
+    Ok(text.trim().trim_end_matches('/').to_string())
 }
 
 /// An image a recipe starts from or copies from.

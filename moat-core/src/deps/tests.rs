@@ -458,3 +458,19 @@ fn watch_reads_steps_progress_and_the_last_lines() {
     assert_eq!(watch.tail.back().map(String::as_str), Some("last words"));
     assert!(!watch.tail.iter().any(|l| l.starts_with("::moat")));
 }
+
+#[test]
+fn the_registry_variable_is_read_or_refused_never_ignored() {
+    use std::os::unix::ffi::OsStrExt;
+    assert_eq!(registry_from(None).unwrap(), "");
+    assert_eq!(
+        registry_from(Some(std::ffi::OsStr::new(" localhost:5000/library/ "))).unwrap(),
+        "localhost:5000/library"
+    );
+    // Not UTF-8: an error naming the variable, not a pull from elsewhere.
+    let e = registry_from(Some(std::ffi::OsStr::from_bytes(b"mirror\xff/lib"))).unwrap_err();
+    assert_eq!(e.kind(), crate::error::ErrorKind::InvalidArgument);
+    let e = e.to_string();
+    assert!(e.contains(REGISTRY_ENV), "{e}");
+    assert!(e.contains("not UTF-8"), "{e}");
+}

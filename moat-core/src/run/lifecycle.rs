@@ -17,6 +17,12 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::process::process_alive;
 use crate::rt::run_async;
 
+/// How long `stop`, `destroy` and `clean` wait for a run's supervisor to
+/// clean up once the container was asked to stop: stopping (the grace
+/// period included), removing the container, its rules and its network can
+/// take tens of seconds on a loaded machine or under Podman.
+const CLEANUP_WAIT: Duration = Duration::from_secs(60);
+
 /// Every run under `home`, newest first, with its state brought up to date
 /// (see [`refresh`]).
 pub fn list(home: &Path) -> Result<Vec<RunMeta>> {
@@ -331,13 +337,7 @@ pub fn stop(home: &Path, run: &RunMeta, grace_secs: u32) -> Result<RunMeta> {
     };
     let meta = refresh(home, meta);
     if meta.state.is_terminal() {
-        return wait_from(
-            home,
-            id,
-            Some(Duration::from_secs(30)),
-            cleaned_up,
-            Some(meta),
-        );
+        return wait_from(home, id, Some(CLEANUP_WAIT), cleaned_up, Some(meta));
     }
     if meta.state == RunState::Starting {
         // Still setting up: ask the supervisor to give up (it removes what
@@ -355,13 +355,7 @@ pub fn stop(home: &Path, run: &RunMeta, grace_secs: u32) -> Result<RunMeta> {
             runtime.stop(&container, grace_secs).await
         })?;
     }
-    wait_from(
-        home,
-        id,
-        Some(Duration::from_secs(30)),
-        cleaned_up,
-        Some(meta),
-    )
+    wait_from(home, id, Some(CLEANUP_WAIT), cleaned_up, Some(meta))
 }
 
 /// Removes a run and its artifacts; a running run is stopped first. A run
@@ -375,7 +369,10 @@ pub fn destroy(home: &Path, id: &str) -> Result<()> {
     if !meta.state.is_terminal() || !meta.cleaned {
         return Err(Error::new(
             ErrorKind::Runtime,
-            format!("run {id} did not stop and clean up within 30 s; not removed"),
+            format!(
+                "run {id} did not stop and clean up within {} s; not removed",
+                CLEANUP_WAIT.as_secs()
+            ),
         ));
     }
     remove_run_dir(&dir)
@@ -447,14 +444,14 @@ pub fn clean_with(home: &Path, options: CleanOptions) -> Result<Cleaned> {
     if !dry_run {
         for run in list(home)? {
             if run.state.is_terminal() && !run.cleaned {
-                wait_cleaned(home, &run.id, Some(Duration::from_secs(30)))?;
+                wait_cleaned(home, &run.id, Some(CLEANUP_WAIT))?;
             }
         }
     }
     for run in cleanable(home)? {
         if !dry_run {
             if !run.cleaned {
-                // Its supervisor did not finish within 30 s: it stays.
+                // Its supervisor did not finish within CLEANUP_WAIT: it stays.
                 continue;
             }
             // Should a chain have outlived the run, it goes with it.

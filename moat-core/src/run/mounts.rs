@@ -202,7 +202,7 @@ mod tests {
         );
         let home = tempfile::tempdir().unwrap();
         let ws = tempfile::tempdir().unwrap();
-        let mut spec = RunPlan::from_config(crate::config::Config::defaults(ws.path()));
+        let mut spec = RunPlan::from_config(crate::config::Config::defaults(ws.path())).unwrap();
         // /var/run is a link to /run: both spellings, and the socket itself.
         // (/var holds only the link, which a container resolves in its own
         // file system.)
@@ -237,7 +237,8 @@ mod tests {
         spec.mounts = vec![mount(beside.path(), "/data")];
         check_mounts(home.path(), &spec).unwrap();
         // A workspace that holds the socket too.
-        let mut spec = RunPlan::from_config(crate::config::Config::defaults(Path::new("/run")));
+        let mut spec =
+            RunPlan::from_config(crate::config::Config::defaults(Path::new("/run"))).unwrap();
         spec.workspace = PathBuf::from("/run");
         assert!(check_mounts(home.path(), &spec).is_err());
     }

@@ -63,14 +63,15 @@ impl RunPlan {
     /// the file, line and column, or the override.
     pub fn new(workspace: &Path, overrides: &Overrides) -> Result<RunPlan> {
         let config = config::load(workspace)?.merge(overrides)?;
-        Ok(RunPlan::from_config(config))
+        RunPlan::from_config(config)
     }
 
-    /// The plan of a validated configuration.
-    pub fn from_config(config: Config) -> RunPlan {
-        let (image, image_source) = config.resolved_image();
-        let deps = config.image_recipe();
-        RunPlan {
+    /// The plan of a validated configuration. Fails only when the image
+    /// comes from `dependencies` and `MOAT_DEPS_REGISTRY` cannot be read.
+    pub fn from_config(config: Config) -> Result<RunPlan> {
+        let (image, image_source) = config.resolved_image()?;
+        let deps = config.image_recipe()?;
+        Ok(RunPlan {
             name: config.name,
             workspace: config.workspace,
             image,
@@ -86,6 +87,6 @@ impl RunPlan {
             interactive: config.interactive,
             engine: config.runtime,
             agent: None,
-        }
+        })
     }
 }

@@ -314,7 +314,7 @@ mod tests {
     #[test]
     fn bad_names_are_refused_before_anything_is_created() {
         let home = tempfile::tempdir().unwrap();
-        let mut spec = RunPlan::from_config(crate::config::Config::defaults(home.path()));
+        let mut spec = RunPlan::from_config(crate::config::Config::defaults(home.path())).unwrap();
         spec.name = Some("Bad Name!".into());
         let err = start(
             home.path(),

@@ -209,6 +209,40 @@ impl Docker {
         })
     }
 
+    /// A container's inspection as the engine's JSON (Docker's and
+    /// Podman's agree on the fields moat reads), `None` when there is no
+    /// such container.
+    async fn inspect_container(&self, id: &str) -> Result<Option<serde_json::Value>> {
+        if let Some(socket) = &self.podman {
+            let path = format!("/containers/{}/json", urlencode(id));
+            return self
+                .podman_get(socket, "inspecting the container", &path)
+                .await;
+        }
+        let inspect = self.client.inspect_container(
+            id,
+            None::<bollard::query_parameters::InspectContainerOptions>,
+        );
+        let found = quick_or_none(
+            self.engine,
+            "inspecting the container",
+            QUICK,
+            &[404],
+            inspect,
+        )
+        .await?;
+        found
+            .map(|c| {
+                serde_json::to_value(c).map_err(|e| {
+                    Error::new(
+                        ErrorKind::Internal,
+                        format!("{}: reading the container's inspection: {e}", self.engine),
+                    )
+                })
+            })
+            .transpose()
+    }
+
     /// `GET path` on Podman's API, as JSON; `None` for a 404. Podman
     /// reports container states Docker's API has no name for (`stopped`),
     /// which bollard's typed answers refuse, so inspecting and listing
@@ -835,87 +869,24 @@ impl Runtime for Docker {
     }
 
     async fn container_pid(&self, id: &str) -> Result<Option<u32>> {
-        if let Some(socket) = &self.podman {
-            let path = format!("/containers/{}/json", urlencode(id));
-            let found = self
-                .podman_get(socket, "inspecting the container", &path)
-                .await?;
-            return Ok(found
-                .and_then(|c| c["State"]["Pid"].as_u64())
+        Ok(self.inspect_container(id).await?.and_then(|c| {
+            c["State"]["Pid"]
+                .as_u64()
                 .and_then(|p| u32::try_from(p).ok())
-                .filter(|p| *p > 0));
-        }
-        let c = quick(
-            self.engine,
-            "inspecting the container",
-            self.client.inspect_container(
-                id,
-                None::<bollard::query_parameters::InspectContainerOptions>,
-            ),
-        )
-        .await?;
-        Ok(c.state
-            .and_then(|s| s.pid)
-            .and_then(|p| u32::try_from(p).ok())
-            .filter(|p| *p > 0))
+                .filter(|p| *p > 0)
+        }))
     }
 
     async fn container_ip(&self, id: &str, network: &str) -> Result<Option<std::net::IpAddr>> {
-        if let Some(socket) = &self.podman {
-            let path = format!("/containers/{}/json", urlencode(id));
-            let found = self
-                .podman_get(socket, "inspecting the container", &path)
-                .await?;
-            return Ok(found.and_then(|c| {
-                c["NetworkSettings"]["Networks"][network]["IPAddress"]
-                    .as_str()
-                    .and_then(|ip| ip.parse().ok())
-            }));
-        }
-        let c = quick(
-            self.engine,
-            "inspecting the container",
-            self.client.inspect_container(
-                id,
-                None::<bollard::query_parameters::InspectContainerOptions>,
-            ),
-        )
-        .await?;
-        Ok(c.network_settings
-            .and_then(|n| n.networks)
-            .and_then(|mut n| n.remove(network))
-            .and_then(|e| e.ip_address)
-            .and_then(|ip| ip.parse().ok()))
+        Ok(self.inspect_container(id).await?.and_then(|c| {
+            c["NetworkSettings"]["Networks"][network]["IPAddress"]
+                .as_str()
+                .and_then(|ip| ip.parse().ok())
+        }))
     }
 
     async fn state(&self, id: &str) -> Result<Option<ContainerState>> {
-        if let Some(socket) = &self.podman {
-            let path = format!("/containers/{}/json", urlencode(id));
-            let found = self
-                .podman_get(socket, "inspecting the container", &path)
-                .await?;
-            return Ok(found.as_ref().map(state_of));
-        }
-        let inspect = self.client.inspect_container(
-            id,
-            None::<bollard::query_parameters::InspectContainerOptions>,
-        );
-        let found = quick_or_none(
-            self.engine,
-            "inspecting the container",
-            QUICK,
-            &[404],
-            inspect,
-        )
-        .await?;
-        Ok(found.map(|c| {
-            let state = c.state.unwrap_or_default();
-            let running = state.running.unwrap_or(false);
-            ContainerState {
-                running,
-                exit_code: if running { None } else { state.exit_code },
-            }
-        }))
+        Ok(self.inspect_container(id).await?.as_ref().map(state_of))
     }
 
     async fn containers_with_label(&self, label: &str) -> Result<Vec<(String, String)>> {

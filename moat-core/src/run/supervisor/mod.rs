@@ -126,7 +126,11 @@ fn guard(handoff: &Handoff) -> i32 {
 /// then appears with the run's label when nobody is left to remove it.
 /// The guard looks again a little later and removes what appeared.
 fn sweep_late_objects(handoff: &Handoff, meta: &RunMeta) {
-    for pause in [Duration::from_secs(1), Duration::from_secs(2), Duration::from_secs(4)] {
+    for pause in [
+        Duration::from_secs(1),
+        Duration::from_secs(2),
+        Duration::from_secs(4),
+    ] {
         std::thread::sleep(pause);
         if let Err(e) = super::cleanup_blocking(&handoff.home, meta) {
             tracing::error!(run = %handoff.id, error = %e, "sweeping the run's objects again failed");

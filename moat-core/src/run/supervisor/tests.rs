@@ -114,7 +114,7 @@ impl World {
     fn plan(&self, strict: bool, ports: bool) -> RunPlan {
         let ws = self.home.parent().unwrap().join("ws");
         std::fs::create_dir_all(&ws).unwrap();
-        let mut plan = RunPlan::from_config(Config::defaults(&ws));
+        let mut plan = RunPlan::from_config(Config::defaults(&ws)).unwrap();
         plan.image = IMAGE.into();
         plan.command = Some(vec!["true".into()]);
         plan.engine = Some(Engine::Docker);
