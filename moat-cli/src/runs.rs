@@ -343,13 +343,28 @@ fn terminal_size() -> Option<(u16, u16)> {
 }
 
 /// Wires this terminal to a run's TTY until it exits, or `Ctrl-/ d`
-/// detaches, or `Ctrl-/ k` stops it.
-fn interact(home: &Path, meta: &RunMeta) -> Result<ExitCode, Error> {
+/// detaches, or `Ctrl-/ k` stops it. A run just started (`held`) starts
+/// once this terminal is attached.
+fn interact(home: &Path, meta: &RunMeta, held: Option<run::Held>) -> Result<ExitCode, Error> {
     use moat_core::run::attach::{attach_tty, AttachEnd};
     eprint!(
         "Attached to {} ({}): Ctrl-/ d detaches, Ctrl-/ k stops.\r\n",
         meta.name, meta.id
     );
+    let release = held.map(|held| {
+        Box::new(move || {
+            // In raw mode by now: lines end in \r\n.
+            let meta = held.release(&mut |message| eprint!("{message}\r\n"))?;
+            if !meta.urls.is_empty() {
+                eprint!(
+                    "Endpoints of {}:\r\n{}",
+                    meta.name,
+                    endpoint_lines(&meta).replace('\n', "\r\n")
+                );
+            }
+            Ok(())
+        }) as Box<dyn FnOnce() -> Result<(), Error> + Send>
+    });
     let end = {
         let _raw = RawMode::enter();
         attach_tty(
@@ -358,6 +373,7 @@ fn interact(home: &Path, meta: &RunMeta) -> Result<ExitCode, Error> {
             Box::new(std::io::stdin()),
             Box::new(std::io::stdout()),
             &terminal_size,
+            release,
         )?
     };
     match end {
@@ -413,6 +429,15 @@ fn need_terminal(plan: &RunPlan, detach: bool) -> Result<(), Error> {
 fn start_and_follow(plan: &RunPlan, detach: bool, json: bool) -> Result<ExitCode, Error> {
     need_terminal(plan, detach)?;
     let home = home()?;
+    if plan.interactive && !detach {
+        // Attached before the container starts, as `docker run -it` is:
+        // what the command prints first (a shell's prompt) is not lost.
+        let held = run::start_held(&home, plan, &launcher(), &mut |message| {
+            eprintln!("{message}");
+        })?;
+        let meta = held.meta().clone();
+        return interact(&home, &meta, Some(held));
+    }
     let meta = run::start(&home, plan, &launcher(), &mut |message| {
         eprintln!("{message}");
     })?;
@@ -435,9 +460,6 @@ fn start_and_follow(plan: &RunPlan, detach: bool, json: bool) -> Result<ExitCode
     if !meta.urls.is_empty() {
         eprint!("Endpoints of {}:\n{}", meta.name, endpoint_lines(&meta));
     }
-    if meta.interactive {
-        return interact(&home, &meta);
-    }
     follow_run(&home, &meta, 0)
 }
 
@@ -454,7 +476,7 @@ pub fn cmd_attach(args: &AttachArgs) -> Result<ExitCode, Error> {
         ));
     }
     if args.interactive.unwrap_or(meta.interactive) {
-        return interact(&home, &meta);
+        return interact(&home, &meta, None);
     }
     let path = run::run_dir(&home, &meta.id).join("logs.jsonl");
     let offset = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);

@@ -133,3 +133,52 @@ fn no_engine_is_a_runtime_error_that_says_what_to_start() {
     let runs = run::list(home.path()).unwrap();
     assert_eq!(runs[0].state, RunState::Failed);
 }
+
+#[test]
+fn a_held_start_runs_nothing_until_released_and_fails_cleanly_when_dropped() {
+    let home = tempfile::tempdir().unwrap();
+    let ws = tempfile::tempdir().unwrap();
+    let spec = plan(
+        ws.path(),
+        &["sh", "-c", "echo started; touch /workspace/ran"],
+    )
+    .unwrap();
+
+    // Released: the container starts then, and its first output is there.
+    let held = run::start_held(home.path(), &spec, &launcher(), &mut |_| {}).unwrap();
+    let id = held.meta().id.clone();
+    assert_eq!(held.meta().state, RunState::Starting);
+    assert!(held.meta().container.is_some(), "created before the hold");
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        !ws.path().join("ran").exists(),
+        "the command ran before the release"
+    );
+    let meta = held.release(&mut |_| {}).unwrap();
+    assert_eq!(meta.id, id);
+    let end = run::wait_cleaned(home.path(), &id, Some(Duration::from_secs(60))).unwrap();
+    assert_eq!((end.state, end.exit_code), (RunState::Stopped, Some(0)));
+    assert!(ws.path().join("ran").exists());
+    assert_eq!(run::output(home.path(), &id).unwrap().0, b"started\n");
+    std::fs::remove_file(ws.path().join("ran")).unwrap();
+
+    // Dropped (the starter went away): the run fails, cleaned up, and the
+    // command never runs.
+    let held = run::start_held(home.path(), &spec, &launcher(), &mut |_| {}).unwrap();
+    let id = held.meta().id.clone();
+    drop(held);
+    let end = run::wait_cleaned(home.path(), &id, Some(Duration::from_secs(60))).unwrap();
+    assert_eq!(end.state, RunState::Failed);
+    assert!(
+        end.error
+            .as_deref()
+            .is_some_and(|e| e.contains("went away before attaching")),
+        "{:?}",
+        end.error
+    );
+    assert!(
+        !ws.path().join("ran").exists(),
+        "the command ran without a release"
+    );
+    assert!(!container_exists(&id), "the container outlived its run");
+}

@@ -229,3 +229,20 @@ def test_the_terminal_size_is_passed_on_and_follows_resizes(env, ws):
     t.send_until(b"echo size=$(stty size)\r", b"size=50 120")
     t.send(b"exit\r")
     assert t.wait() == 0
+
+
+def test_nothing_the_command_prints_at_once_is_lost(env, ws):
+    """An interactive run is attached before its container starts, as
+    `docker run -it` is: output written in the command's first instant (a
+    shell's prompt, a banner) reaches the terminal every time, and the
+    endpoints are still printed. Several runs, since a lost start is a race."""
+    (ws / "agent.yaml").write_text("ports:\n  web: 8000\n")
+    for i in range(4):
+        t = Terminal(["run", "-i", "--image", IMAGE, str(ws), "--",
+                      "sh", "-c", f"echo first-{i}-$((6*7)); echo second-{i}; exit 3"], env)
+        assert t.wait(120) == 3, t.out[-800:]
+        assert f"first-{i}-42".encode() in t.out, t.out[-800:]
+        assert f"second-{i}".encode() in t.out, t.out[-800:]
+        assert b"Endpoints of" in t.out and b"https://web." in t.out, t.out[-800:]
+        assert t.out.index(b"Ctrl-/ d detaches") < t.out.index(f"first-{i}-42".encode())
+

@@ -92,12 +92,18 @@ fn flush(out: &mut Vec<Input>, forward: &mut Vec<u8>) {
 /// exits or the user detaches or stops it. `size` gives the terminal's
 /// `(rows, cols)`; it is asked at once and again whenever the terminal is
 /// resized (SIGWINCH). Input is read on a thread of its own.
+///
+/// `attached`, when given, is called once the engine has attached and
+/// before anything is read: a run started with [`super::start_held`]
+/// releases its container there, so not a byte of its output is missed.
+/// An error from it ends the attach with that error.
 pub fn attach_tty(
     home: &Path,
     id: &str,
     input: Box<dyn Read + Send>,
     mut output: Box<dyn Write + Send>,
     size: &(dyn Fn() -> Option<(u16, u16)> + Send + Sync),
+    attached: Option<Box<dyn FnOnce() -> Result<()> + Send>>,
 ) -> Result<AttachEnd> {
     let meta = super::refresh(home, load_meta(&run_dir(home, id))?);
     if meta.state.is_terminal() {
@@ -144,6 +150,11 @@ pub fn attach_tty(
     let end = crate::rt::run_async_local(async move {
         let docker = crate::runtime::connect(engine).await?;
         let (mut out_stream, mut sink) = docker.attach_tty(&container).await?;
+        if let Some(attached) = attached {
+            tokio::task::spawn_blocking(attached)
+                .await
+                .map_err(|e| Error::new(ErrorKind::Internal, format!("attach task: {e}")))??;
+        }
         if let Some((rows, cols)) = size() {
             let _ = docker.resize_tty(&container, rows, cols).await;
         }

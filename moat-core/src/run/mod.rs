@@ -41,7 +41,7 @@ pub use meta::{
     check_name, is_run_id, load_meta, parse_time, run_dir, runs_dir, RunMeta, RunState,
 };
 pub use plan::RunPlan;
-pub use start::{start, Launcher};
+pub use start::{start, start_held, Held, Launcher};
 pub use status::{output, status, trace, Check, ImageUse, Status};
 pub use supervisor::supervise;
 
@@ -49,4 +49,4 @@ pub(crate) use lifecycle::{cleanup_blocking, release_routes};
 #[cfg(test)]
 pub(crate) use meta::save_meta;
 pub(crate) use meta::{now, release_reserve, update_meta};
-pub(crate) use start::{router_command, Event, Handoff};
+pub(crate) use start::{router_command, Event, Handoff, ATTACHED};

@@ -93,10 +93,23 @@ impl Launcher {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "event", rename_all = "lowercase")]
 pub(crate) enum Event {
-    Progress { message: String },
+    Progress {
+        message: String,
+    },
+    /// The container exists, its output is recorded, and the supervisor
+    /// waits for the starter to attach before starting it (a held start:
+    /// [`start_held`]).
+    Created,
     Ready,
-    Error { kind: String, message: String },
+    Error {
+        kind: String,
+        message: String,
+    },
 }
+
+/// What the starter of a held run writes to the supervisor once it has
+/// attached to the container.
+pub(crate) const ATTACHED: &str = "attached";
 
 /// What the starter hands the supervisor on its standard input.
 #[derive(Debug, Serialize, Deserialize)]
@@ -112,6 +125,10 @@ pub(crate) struct Handoff {
     /// Not the supervisor but its guard (see `supervisor::guard`).
     #[serde(default)]
     pub guard: bool,
+    /// Wait, once the container is created, until the starter says it has
+    /// attached ([`ATTACHED`] on standard input) before starting it.
+    #[serde(default)]
+    pub hold: bool,
 }
 
 /// The router's command, from the supervisor's: the last word
@@ -147,6 +164,127 @@ pub fn start(
     launcher: &Launcher,
     progress: &mut dyn FnMut(&str),
 ) -> Result<RunMeta> {
+    match launch(home, plan, launcher, progress, false)? {
+        Launched::Ready(meta) => Ok(meta),
+        Launched::Held(held) => held.release(progress),
+    }
+}
+
+/// Like [`start`], but returns once the container is created and before it
+/// starts, for a caller that attaches to it first (`moat run -i`): nothing
+/// the command prints at once is lost between its start and the attach,
+/// as with `docker run -it`. The run starts when [`Held::release`] is
+/// called; should the caller go away first, the run fails and is cleaned up.
+pub fn start_held(
+    home: &Path,
+    plan: &RunPlan,
+    launcher: &Launcher,
+    progress: &mut dyn FnMut(&str),
+) -> Result<Held> {
+    match launch(home, plan, launcher, progress, true)? {
+        Launched::Held(held) => Ok(held),
+        Launched::Ready(meta) => Err(Error::new(
+            ErrorKind::Internal,
+            format!(
+                "run {}: the supervisor started the container without waiting",
+                meta.id
+            ),
+        )),
+    }
+}
+
+/// A run whose container is created but not started (see [`start_held`]).
+#[derive(Debug)]
+pub struct Held {
+    meta: RunMeta,
+    dir: PathBuf,
+    home: PathBuf,
+    log_path: PathBuf,
+    stdin: std::process::ChildStdin,
+    events: std::io::Lines<std::io::BufReader<std::process::ChildStdout>>,
+}
+
+impl Held {
+    /// The run as it is now: `starting`, with its container.
+    pub fn meta(&self) -> &RunMeta {
+        &self.meta
+    }
+
+    /// Starts the container and waits until the run is up, as [`start`]
+    /// does (progress included).
+    pub fn release(mut self, progress: &mut dyn FnMut(&str)) -> Result<RunMeta> {
+        self.stdin
+            .write_all(format!("{ATTACHED}\n").as_bytes())
+            .and_then(|()| self.stdin.flush())
+            .map_err(|e| {
+                Error::new(
+                    ErrorKind::Runtime,
+                    format!("cannot tell the run's supervisor to start the container: {e}"),
+                )
+            })?;
+        match follow_events(
+            &mut self.events,
+            &self.home,
+            &self.dir,
+            &self.log_path,
+            progress,
+        )? {
+            Followed::Ready => load_meta(&self.dir),
+            Followed::Created => Err(Error::new(
+                ErrorKind::Internal,
+                "the run's supervisor said twice that the container was created",
+            )),
+        }
+    }
+}
+
+enum Launched {
+    Ready(RunMeta),
+    Held(Held),
+}
+
+enum Followed {
+    Created,
+    Ready,
+}
+
+/// Reads the supervisor's events until the container is created (held) or
+/// the run is up; an error event, or the supervisor's end, is an error.
+fn follow_events(
+    events: &mut std::io::Lines<std::io::BufReader<std::process::ChildStdout>>,
+    home: &Path,
+    dir: &Path,
+    log_path: &Path,
+    progress: &mut dyn FnMut(&str),
+) -> Result<Followed> {
+    for line in events.by_ref() {
+        let Ok(line) = line else { break };
+        match serde_json::from_str::<Event>(&line) {
+            Ok(Event::Progress { message }) => progress(&message),
+            Ok(Event::Created) => return Ok(Followed::Created),
+            Ok(Event::Ready) => return Ok(Followed::Ready),
+            Ok(Event::Error { kind, message }) => return Err(Error::new(kind_of(&kind), message)),
+            Err(_) => {}
+        }
+    }
+    let meta = refresh(home, load_meta(dir)?);
+    Err(Error::new(
+        ErrorKind::Runtime,
+        format!(
+            "the run's supervisor exited before the run started{}; see {}",
+            meta.error.map(|e| format!(" ({e})")).unwrap_or_default(),
+            log_path.display()
+        ),
+    ))
+}
+
+fn launch(
+    home: &Path,
+    plan: &RunPlan,
+    launcher: &Launcher,
+    progress: &mut dyn FnMut(&str),
+    hold: bool,
+) -> Result<Launched> {
     if let Some(name) = &plan.name {
         check_name(name)?;
     }
@@ -252,18 +390,22 @@ pub fn start(
             .map(|c| c.to_string_lossy().into_owned())
             .collect(),
         guard: false,
+        hold,
     };
-    let written = child.stdin.take().map(|mut stdin| {
-        serde_json::to_writer(&mut stdin, &handoff)
-            .map_err(std::io::Error::other)
-            .and_then(|()| stdin.write_all(b"\n"))
-    });
-    if let Some(Err(e)) = written {
-        return Err(Error::new(
-            ErrorKind::Runtime,
-            format!("cannot hand the run to its supervisor: {e}"),
-        ));
-    }
+    let mut stdin = child
+        .stdin
+        .take()
+        .ok_or_else(|| Error::new(ErrorKind::Internal, "the supervisor has no input pipe"))?;
+    serde_json::to_writer(&mut stdin, &handoff)
+        .map_err(std::io::Error::other)
+        .and_then(|()| stdin.write_all(b"\n"))
+        .and_then(|()| stdin.flush())
+        .map_err(|e| {
+            Error::new(
+                ErrorKind::Runtime,
+                format!("cannot hand the run to its supervisor: {e}"),
+            )
+        })?;
     let stdout = child
         .stdout
         .take()
@@ -273,24 +415,22 @@ pub fn start(
     std::thread::spawn(move || {
         let _ = child.wait();
     });
-    for line in std::io::BufReader::new(stdout).lines() {
-        let Ok(line) = line else { break };
-        match serde_json::from_str::<Event>(&line) {
-            Ok(Event::Progress { message }) => progress(&message),
-            Ok(Event::Ready) => return load_meta(&dir),
-            Ok(Event::Error { kind, message }) => return Err(Error::new(kind_of(&kind), message)),
-            Err(_) => {}
+    let mut events = std::io::BufReader::new(stdout).lines();
+    match follow_events(&mut events, home, &dir, &log_path, progress)? {
+        Followed::Ready => {
+            // Not held: the supervisor's input ends here.
+            drop(stdin);
+            Ok(Launched::Ready(load_meta(&dir)?))
         }
+        Followed::Created => Ok(Launched::Held(Held {
+            meta: load_meta(&dir)?,
+            dir,
+            home: home.to_path_buf(),
+            log_path,
+            stdin,
+            events,
+        })),
     }
-    let meta = refresh(home, load_meta(&dir)?);
-    Err(Error::new(
-        ErrorKind::Runtime,
-        format!(
-            "the run's supervisor exited before the run started{}; see {}",
-            meta.error.map(|e| format!(" ({e})")).unwrap_or_default(),
-            log_path.display()
-        ),
-    ))
 }
 
 /// A fallback `moat` program is run only when it, and the directory it is

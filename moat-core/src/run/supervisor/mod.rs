@@ -170,6 +170,7 @@ fn start_guard(handoff: &Handoff) -> Result<std::process::ChildStdin> {
         plan: handoff.plan.clone(),
         launcher: handoff.launcher.clone(),
         guard: true,
+        hold: false,
     })
     .map_err(|e| {
         Error::new(
@@ -290,6 +291,57 @@ pub(crate) struct Supervision {
     /// How long a gateway that comes up with the container (Podman's) may
     /// take to, after the container started.
     gateway_wait: std::time::Duration,
+    /// Awaited between creating the container (its output recorded) and
+    /// starting it, when the starter attaches first ([`Gate`]).
+    gate: Option<Gate>,
+}
+
+/// What a held start waits for before the container starts: the starter's
+/// word that it has attached (see `run::start_held`). An error fails the
+/// run, undoing what was set up.
+pub(crate) type Gate = std::pin::Pin<Box<dyn std::future::Future<Output = Result<()>> + Send>>;
+
+/// How long a held start waits for its starter to attach.
+const ATTACH_WAIT: Duration = Duration::from_secs(120);
+
+/// The gate of a held start: tells the starter the container is created,
+/// then waits for [`super::ATTACHED`] on standard input (after the
+/// handoff's line). The input's end first means the starter went away.
+fn attach_gate() -> Gate {
+    Box::pin(async {
+        emit(&Event::Created);
+        let read = tokio::task::spawn_blocking(|| {
+            let mut line = String::new();
+            std::io::stdin().lock().read_line(&mut line).map(|_| line)
+        });
+        let line = match tokio::time::timeout(ATTACH_WAIT, read).await {
+            Ok(Ok(Ok(line))) => line,
+            Ok(Ok(Err(e))) => {
+                return Err(Error::new(
+                    ErrorKind::Runtime,
+                    format!("reading the starter's word to start: {e}"),
+                ))
+            }
+            Ok(Err(e)) => return Err(Error::new(ErrorKind::Internal, format!("input task: {e}"))),
+            Err(_) => {
+                return Err(Error::new(
+                    ErrorKind::Runtime,
+                    format!(
+                        "the program that started this interactive run did not attach to it within {} s",
+                        ATTACH_WAIT.as_secs()
+                    ),
+                ))
+            }
+        };
+        if line.trim_end() == super::ATTACHED {
+            Ok(())
+        } else {
+            Err(Error::new(
+                ErrorKind::Runtime,
+                "the program that started this interactive run went away before attaching to it",
+            ))
+        }
+    })
 }
 
 impl Supervision {
@@ -306,6 +358,7 @@ impl Supervision {
     ) -> Supervision {
         Supervision {
             gateway_wait: std::time::Duration::from_secs(10),
+            gate: None,
             dir: run_dir(&home, &meta.id),
             home,
             id: meta.id.clone(),
@@ -382,6 +435,9 @@ async fn supervise_async(handoff: Handoff) -> Result<i32> {
         Services::real(runtime),
         progress,
     );
+    if handoff.hold {
+        run.gate = Some(attach_gate());
+    }
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(|e| Error::new(ErrorKind::Internal, format!("signal handler: {e}")))?;
     let stopped = async {

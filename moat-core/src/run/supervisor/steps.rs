@@ -733,6 +733,11 @@ impl Supervision {
                 })
                 .collect(),
         });
+        if let Some(gate) = self.gate.take() {
+            let t = Instant::now();
+            gate.await?;
+            self.phase("attach_wait", t);
+        }
         let t = Instant::now();
         runtime.start(&container).await?;
         if !network.up {

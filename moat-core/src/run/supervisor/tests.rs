@@ -529,3 +529,82 @@ fn the_agents_state_files_are_read_without_following_a_link() {
     std::fs::create_dir(&link).unwrap();
     assert_eq!(read_no_follow(&link).unwrap(), Some(None));
 }
+
+#[tokio::test]
+async fn a_held_start_starts_the_container_only_once_the_gate_opens() {
+    let w = World::new(
+        runtime_with_image(),
+        FakeFirewall::default(),
+        FakeRoutes::default(),
+    );
+    let mut run = w.supervision(w.plan(false, false));
+    let (open, opened) = tokio::sync::oneshot::channel::<()>();
+    let seen = Arc::new(Mutex::new(Vec::<String>::new()));
+    let (runtime, seen_at_gate) = (w.runtime.clone(), seen.clone());
+    run.gate = Some(Box::pin(async move {
+        // At the gate: created, its output followed, not started.
+        *seen_at_gate.lock().unwrap() = runtime.calls();
+        opened
+            .await
+            .map_err(|_| Error::new(ErrorKind::Runtime, "gate dropped"))
+    }));
+    let starting =
+        tokio::spawn(async move { run.start(std::future::pending()).await.map(|()| run) });
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    let at_gate = seen.lock().unwrap().clone();
+    assert!(
+        at_gate.iter().any(|c| c.starts_with("create_container")),
+        "{at_gate:?}"
+    );
+    assert!(
+        at_gate.iter().any(|c| c.starts_with("attach_output")),
+        "{at_gate:?}"
+    );
+    assert!(
+        !at_gate.iter().any(|c| c.starts_with("start ")),
+        "{at_gate:?}"
+    );
+    assert!(!w.runtime.calls().iter().any(|c| c.starts_with("start ")));
+    assert_eq!(w.meta().state, RunState::Starting);
+    assert!(
+        w.meta().container.is_some(),
+        "the attacher finds the container"
+    );
+    open.send(()).unwrap();
+    let mut run = starting.await.unwrap().unwrap();
+    assert!(w.runtime.calls().iter().any(|c| c.starts_with("start ")));
+    assert_eq!(w.meta().state, RunState::Running);
+    assert!(w.meta().phases.contains_key("attach_wait"));
+    let container = w.meta().container.unwrap();
+    w.runtime.exit(&container, 0);
+    run.finish(Ok(0)).await.unwrap();
+    w.assert_nothing_left("after the run");
+}
+
+#[tokio::test]
+async fn a_held_start_whose_starter_goes_away_fails_and_leaves_nothing() {
+    let w = World::new(
+        runtime_with_image(),
+        FakeFirewall::default(),
+        FakeRoutes::default(),
+    );
+    let mut run = w.supervision(w.plan(true, true));
+    run.gate = Some(Box::pin(async {
+        Err(Error::new(
+            ErrorKind::Runtime,
+            "the program that started this interactive run went away before attaching to it",
+        ))
+    }));
+    let e = run.start(std::future::pending()).await.unwrap_err();
+    assert!(e.to_string().contains("went away before attaching"), "{e}");
+    assert!(!w.runtime.calls().iter().any(|c| c.starts_with("start ")));
+    let meta = w.meta();
+    assert_eq!(meta.state, RunState::Failed);
+    assert!(
+        meta.error
+            .as_deref()
+            .is_some_and(|e| e.contains("went away")),
+        "{meta:?}"
+    );
+    w.assert_nothing_left("after a starter that went away");
+}
