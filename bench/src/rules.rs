@@ -37,7 +37,7 @@ pub async fn main(args: RulesArgs) -> Result<(), Box<dyn std::error::Error + Sen
     let entry = &entries[0];
     let paths = [
         "/repos/octo/hello/pulls?state=open&per_page=100",
-        "/repos/octo/hello/../hello/contents/src/main.rs",
+        "/repos/octo/hello//contents/src/main.rs/",
         "//repos/Octo/%68ello/issues/12/comments;x=1",
         "/repos/octo/hello/git/refs/heads/agent/feature/deep/branch/name",
     ];

@@ -22,9 +22,9 @@ wait_for_socket() {
   echo "c: $2 did not make its socket $1 within 30 s" >&2
   exit 1
 }
-gcc "${cflags[@]}" tests/c/test_config.c -o "$out/test_config_shared" \
+gcc "${cflags[@]}" -D_POSIX_C_SOURCE=200809L tests/c/test_config.c -o "$out/test_config_shared" \
   -L "$profile_dir" -lmoat -Wl,-rpath,"$profile_dir"
-gcc "${cflags[@]}" tests/c/test_config.c -o "$out/test_config_static" \
+gcc "${cflags[@]}" -D_POSIX_C_SOURCE=200809L tests/c/test_config.c -o "$out/test_config_static" \
   "$profile_dir/libmoat.a" -lpthread -ldl -lm
 gcc "${cflags[@]}" -D_POSIX_C_SOURCE=200809L tests/c/test_proxy.c -o "$out/test_proxy" \
   -L "$profile_dir" -lmoat -Wl,-rpath,"$profile_dir"

@@ -271,12 +271,13 @@ def test_a_denied_path_is_not_reached_through_a_spelling_the_server_reads_differ
     "/org/repo/admin%00/x",
     "/org/repo/%2E%2e/repo/ADMIN/x",
     "/org/repo/x/%2e/%2e%2e/admin/x",
-    "/org/repo/admin./x/..",                  # `admin.` is another segment (allowed)
+    "/org/repo/admin./x/..",                  # dot segments are refused, whatever the rest
+    "/org/repo/admin./x",                     # `admin.` is another segment (allowed)
 ])
 def test_encoded_spellings_of_admin_are_denied(https_up, tmp_path, path):
     with proxy_for(tmp_path, https_up.ca, https_up.port, policy="strict", rules=PATH_RULES) as p:
         [(status, body)] = send(p, "ruled.test", req("GET", path))
-    if path.startswith("/org/repo/admin./"):
+    if path == "/org/repo/admin./x":
         # `admin.` is not `admin` for the proxy nor for nginx: allowed, and
         # the server must see exactly that path.
         assert status == 200 and [r["path"] for r in https_up.seen] == [path]
@@ -574,10 +575,10 @@ def test_real_git_push_to_main_with_upgrade_headers_is_refused(gitsrv, tmp_path)
 
 
 def test_a_push_dripped_one_byte_at_a_time_costs_linear_time(https_up, tmp_path):
-    """The proxy re-parses the whole ref-update head from the start on every
-    body frame: a ~1 MiB head (long ref names) followed by a line sent in
-    1-byte chunks costs (frames x head) work, seconds of CPU per request
-    (tens of seconds at the 64 KiB line limit)."""
+    """A ~1 MiB ref-update head (long ref names) followed by a line sent in
+    1-byte chunks: reading a push as it arrives must cost time in proportion
+    to its length, not (frames x head) as re-reading it from the start on
+    every frame did (4.6 s here; tens of seconds at the 64 KiB line limit)."""
     a = "a" * 40
     line = f"{a} {a} refs/heads/agent/" + "x" * 60000 + "\n"
     head = b"".join(pkt(line) for _ in range(15)) + b"fff0"
@@ -596,4 +597,4 @@ def test_a_push_dripped_one_byte_at_a_time_costs_linear_time(https_up, tmp_path)
             answer = s.recv(100)
             took = time.monotonic() - started
     assert answer.startswith(b"HTTP/1.1 403"), answer
-    assert took < 1.5, f"{len(out)} bytes cost the proxy {took:.1f} s"
+    assert took < 3, f"{len(out)} bytes cost the proxy {took:.1f} s"

@@ -115,7 +115,12 @@ impl Rule {
     fn matches_request(&self, method: &str, path: &[String]) -> bool {
         match &self.kind {
             RuleKind::Http { method: m, path: p } => {
-                m.as_deref().is_none_or(|m| m.eq_ignore_ascii_case(method)) && glob(p, path)
+                // A GET rule covers HEAD too: servers answer HEAD with their
+                // GET handler, so `deny GET` must not be left by HEAD.
+                m.as_deref().is_none_or(|m| {
+                    m.eq_ignore_ascii_case(method)
+                        || (m.eq_ignore_ascii_case("GET") && method.eq_ignore_ascii_case("HEAD"))
+                }) && glob(p, path)
             }
             _ => false,
         }
@@ -146,6 +151,10 @@ fn ref_pattern(pattern: &str) -> Result<Vec<String>, String> {
 pub const AMBIGUOUS: &str =
     "the path holds an encoded / or \\, a backslash, a NUL or a bad %-escape, which servers read differently; it is refused on hosts with rules";
 
+/// Why a path with dot segments cannot be judged.
+pub const DOT_SEGMENTS: &str =
+    "the path holds a . or .. segment (perhaps %-encoded or with ;parameters), which servers resolve differently or not at all; it is refused on hosts with rules";
+
 /// Normalises a request path for matching: the query and fragment dropped;
 /// refused when it holds `%2F`, `%5C`, `\`, `%00` or a bad `%` escape;
 /// split on `/` with empty segments dropped (`//` and a trailing `/` do not
@@ -168,13 +177,14 @@ pub fn normalize_path(raw: &str) -> Result<Vec<String>, &'static str> {
             continue;
         }
         let decoded = percent_decode(segment).ok_or(AMBIGUOUS)?;
-        match decoded.as_str() {
-            "." => {}
-            ".." => {
-                out.pop();
-            }
-            _ => out.push(decoded.to_ascii_lowercase()),
+        // Not resolved but refused: one server resolves `..` before merging
+        // slashes and another after, Tomcat reads `..;` as `..`, a router
+        // matching the raw path not at all; the proxy cannot know which
+        // path the server ends up at.
+        if matches!(decoded.split(';').next(), Some("." | "..")) {
+            return Err(DOT_SEGMENTS);
         }
+        out.push(decoded.to_ascii_lowercase());
         if out.len() > MAX_SEGMENTS {
             return Err("the path has too many segments");
         }
@@ -381,13 +391,23 @@ pub fn entry_for<'a>(rules: &'a [HostRules], host: &str, port: u16) -> Option<&'
     rules.iter().find(|e| e.host.matches(host, port))
 }
 
-/// The request is a git push (`POST .../git-receive-pack`).
+/// The request is a git push (`POST .../git-receive-pack`), however the
+/// path is spelled: its last segment as normalised (`git-receive-p%61ck`,
+/// a trailing `/`, `;x`, any case); a path that cannot be normalised is one
+/// when it names `git-receive-pack` anywhere, so that no spelling a server
+/// might read as a push escapes the ref rules.
 pub fn is_git_push(method: &str, raw_path: &str) -> bool {
-    method.eq_ignore_ascii_case("POST")
-        && raw_path
-            .split('?')
-            .next()
-            .is_some_and(|p| p.ends_with("/git-receive-pack"))
+    if !method.eq_ignore_ascii_case("POST") {
+        return false;
+    }
+    match normalize_path(raw_path) {
+        Ok(segments) => segments.last().is_some_and(|s| s == "git-receive-pack"),
+        Err(_) => {
+            let lower = raw_path.to_ascii_lowercase();
+            lower.contains("git-receive-pack")
+                || percent_decode(&lower).is_some_and(|d| d.contains("git-receive-pack"))
+        }
+    }
 }
 
 /// A push's ref updates and the capabilities its client asked for.
@@ -398,61 +418,81 @@ pub type Push = (Vec<RefUpdate>, Vec<String>);
 /// are needed; an error when it is not a receive-pack request. The
 /// capabilities the client asked for come with them.
 pub fn parse_push(body: &[u8]) -> Result<Option<Push>, String> {
-    let mut at = 0;
-    let mut updates = Vec::new();
-    let mut caps = Vec::new();
-    loop {
-        let Some(len) = body.get(at..at + 4) else {
-            return Ok(None);
-        };
-        let len = std::str::from_utf8(len)
-            .ok()
-            .and_then(|l| usize::from_str_radix(l, 16).ok())
-            .ok_or("not git's pkt-line format")?;
-        if len == 0 {
-            return Ok(Some((updates, caps)));
-        }
-        if len < 4 {
-            return Err("a pkt-line shorter than its header".into());
-        }
-        let Some(line) = body.get(at + 4..at + len) else {
-            return Ok(None);
-        };
-        at += len;
-        let line = std::str::from_utf8(line).map_err(|_| "a ref update that is not text")?;
-        let line = line.trim_end_matches('\n');
-        let (command, capabilities) = match line.split_once('\0') {
-            Some((c, k)) => (c, Some(k)),
-            None => (line, None),
-        };
-        if let Some(k) = capabilities {
-            caps = k
-                .split(' ')
-                .filter(|c| !c.is_empty())
-                .map(str::to_string)
-                .collect();
-        }
-        if command.starts_with("shallow ") || command.starts_with("push-cert") {
-            return Err("shallow pushes and signed pushes are not read by moat".into());
-        }
-        let mut words = command.split(' ');
-        let (Some(old), Some(new), Some(name), None) =
-            (words.next(), words.next(), words.next(), words.next())
-        else {
-            return Err(format!("\"{command}\" is not a ref update"));
-        };
-        let hex =
-            |s: &str| (s.len() == 40 || s.len() == 64) && s.bytes().all(|b| b.is_ascii_hexdigit());
-        if !hex(old) || !hex(new) || !name.starts_with("refs/") {
-            return Err(format!("\"{command}\" is not a ref update"));
-        }
-        updates.push(RefUpdate {
-            old: old.into(),
-            new: new.into(),
-            name: name.into(),
-        });
-        if updates.len() > 10_000 {
-            return Err("more than 10000 ref updates".into());
+    PushReader::default().read(body)
+}
+
+/// [`parse_push`] as the body arrives: each call reads only the pkt-lines
+/// completed since the last, so a push sent a byte at a time costs time in
+/// proportion to its length.
+#[derive(Debug, Default)]
+pub struct PushReader {
+    at: usize,
+    updates: Vec<RefUpdate>,
+    caps: Vec<String>,
+}
+
+impl PushReader {
+    /// Reads on in `body` (everything received so far, of which the last
+    /// call saw a prefix): the push once its flush is there.
+    pub fn read(&mut self, body: &[u8]) -> Result<Option<Push>, String> {
+        loop {
+            let at = self.at;
+            let Some(len) = body.get(at..at + 4) else {
+                return Ok(None);
+            };
+            let len = std::str::from_utf8(len)
+                .ok()
+                .and_then(|l| usize::from_str_radix(l, 16).ok())
+                .ok_or("not git's pkt-line format")?;
+            if len == 0 {
+                return Ok(Some((
+                    std::mem::take(&mut self.updates),
+                    std::mem::take(&mut self.caps),
+                )));
+            }
+            if len < 4 {
+                return Err("a pkt-line shorter than its header".into());
+            }
+            let Some(line) = body.get(at + 4..at + len) else {
+                return Ok(None);
+            };
+            self.at = at + len;
+            let line = std::str::from_utf8(line).map_err(|_| "a ref update that is not text")?;
+            let line = line.trim_end_matches('\n');
+            let (command, capabilities) = match line.split_once('\0') {
+                Some((c, k)) => (c, Some(k)),
+                None => (line, None),
+            };
+            if let Some(k) = capabilities {
+                self.caps = k
+                    .split(' ')
+                    .filter(|c| !c.is_empty())
+                    .map(str::to_string)
+                    .collect();
+            }
+            if command.starts_with("shallow ") || command.starts_with("push-cert") {
+                return Err("shallow pushes and signed pushes are not read by moat".into());
+            }
+            let mut words = command.split(' ');
+            let (Some(old), Some(new), Some(name), None) =
+                (words.next(), words.next(), words.next(), words.next())
+            else {
+                return Err(format!("\"{command}\" is not a ref update"));
+            };
+            let hex = |s: &str| {
+                (s.len() == 40 || s.len() == 64) && s.bytes().all(|b| b.is_ascii_hexdigit())
+            };
+            if !hex(old) || !hex(new) || !name.starts_with("refs/") {
+                return Err(format!("\"{command}\" is not a ref update"));
+            }
+            self.updates.push(RefUpdate {
+                old: old.into(),
+                new: new.into(),
+                name: name.into(),
+            });
+            if self.updates.len() > 10_000 {
+                return Err("more than 10000 ref updates".into());
+            }
         }
     }
 }
@@ -531,12 +571,23 @@ mod tests {
     #[test]
     fn paths_are_normalised_one_way() {
         let n = |p: &str| normalize_path(p).map(|s| format!("/{}", s.join("/")));
-        assert_eq!(n("/repos/../admin"), Ok("/admin".into()));
-        assert_eq!(n("/repos/%2e%2e/admin"), Ok("/admin".into()));
-        assert_eq!(n("/repos/%2E%2E/admin"), Ok("/admin".into()));
+        // Dot segments, however spelled, are refused, not resolved.
+        for dots in [
+            "/repos/../admin",
+            "/repos/%2e%2e/admin",
+            "/repos/%2E%2E/admin",
+            "/repos/.%2E/admin",
+            "/a/./b",
+            "/../../a",
+            "/a/admin/..;/info",
+            "/a/admin//../info",
+            "/a/.;x/b",
+            "/a/..",
+        ] {
+            assert_eq!(n(dots), Err(DOT_SEGMENTS), "{dots}");
+        }
         assert_eq!(n("//a///b/"), Ok("/a/b".into()));
-        assert_eq!(n("/a/./b"), Ok("/a/b".into()));
-        assert_eq!(n("/../../a"), Ok("/a".into()));
+        assert_eq!(n("/a/.../b/.x/x."), Ok("/a/.../b/.x/x.".into()));
         assert_eq!(n("/Admin;jsessionid=1/x;y"), Ok("/admin/x".into()));
         assert_eq!(n("/a%41?x=/admin#f"), Ok("/aa".into()));
         for bad in [
@@ -567,7 +618,12 @@ mod tests {
         );
         assert_eq!(
             e.judge("GET", "/repos/o/r/x/../admin/y"),
-            Verdict::Deny("deny * /repos/*/*/admin/**".into())
+            Verdict::Ambiguous(DOT_SEGMENTS)
+        );
+        // HEAD is judged by the GET rules.
+        assert_eq!(
+            e.judge("HEAD", "/repos/o/r"),
+            Verdict::Allow("allow GET /repos/**".into())
         );
         assert_eq!(
             e.judge("GET", "/REPOS/o/r/%61dmin"),
@@ -666,6 +722,49 @@ mod tests {
             "{text}"
         );
         assert!(text.ends_with("0000"));
+
+        // Read a byte at a time, the push is the same, and each call reads
+        // on from where the last stopped.
+        let mut reader = PushReader::default();
+        let bytes = body.as_bytes();
+        let mut got = None;
+        for end in 1..=bytes.len() {
+            if let Some(push) = reader.read(&bytes[..end]).unwrap_or_else(|e| panic!("{e}")) {
+                got = Some((end, push));
+                break;
+            }
+        }
+        let (end, (again, caps_again)) = got.unwrap_or_else(|| panic!("never complete"));
+        assert_eq!(&bytes[end - 4..end], b"0000", "complete at its flush");
+        assert_eq!(again, updates);
+        assert_eq!(caps_again, caps);
+    }
+
+    #[test]
+    fn a_push_is_known_however_its_path_is_spelled() {
+        for path in [
+            "/o/r.git/git-receive-pack",
+            "/o/r.git/git-receive-pack?x=1",
+            "/o/r.git/git-receive-p%61ck",
+            "/o/r.git/git-receive-pack/",
+            "/o/r.git/GIT-RECEIVE-PACK",
+            "/o/r.git/git-receive-pack;x",
+            "//o/r.git//git-receive-pack",
+            "/o/r.git/git-receive-pack/.",
+            "/o/r.git/git-receive-pack/x/..",
+            "/o/r.git/git-receive-pack%2f",
+        ] {
+            assert!(is_git_push("POST", path), "{path}");
+            assert!(is_git_push("post", path), "{path}");
+            assert!(!is_git_push("GET", path), "{path}");
+        }
+        for path in [
+            "/o/r.git/info/refs",
+            "/o/r.git/git-upload-pack",
+            "/git-receive-pack-x",
+        ] {
+            assert!(!is_git_push("POST", path), "{path}");
+        }
     }
 
     #[test]

@@ -502,23 +502,52 @@ async fn internal(ctx: &ClientCtx, req: &Request<Incoming>) -> Response<ProxyBod
     )
 }
 
+/// The headers with which clients ask a server to take a request for
+/// another method (Google's APIs, Rails, many frameworks' middlewares).
+const METHOD_OVERRIDES: &[&str] = &[
+    "x-http-method-override",
+    "x-http-method",
+    "x-method-override",
+];
+
 /// The request rules of `host:port`, if it has any, on a request: `None`
 /// when it may go on (a rule allowed it, or none matched in permissive
 /// mode, or it is a git push the ref rules will judge); else the refusal,
 /// recorded and audited with the rule that decided.
+#[allow(clippy::too_many_arguments)]
 fn judge_rules(
     ctx: &ClientCtx,
     out: &Outcome<'_>,
     host: &str,
     port: u16,
     method: &Method,
+    headers: &HeaderMap,
     path: &str,
     shown: &str,
 ) -> Option<Response<ProxyBody>> {
     use crate::policy::rules::{self, Verdict};
     let entry = rules::entry_for(&ctx.policy.rules, host, port)?;
     let push = entry.has_git_rules() && rules::is_git_push(method.as_str(), path);
-    let (rule, why, fix) = match entry.judge(method.as_str(), path) {
+    // A method-override header (X-HTTP-Method-Override and its kin) makes
+    // many servers run another method's handler: the request goes only if
+    // the rules allow it under each method it names too.
+    let mut verdict = entry.judge(method.as_str(), path);
+    for name in METHOD_OVERRIDES {
+        for value in headers.get_all(*name) {
+            let other = String::from_utf8_lossy(value.as_bytes())
+                .trim()
+                .to_ascii_uppercase();
+            if matches!(verdict, Verdict::Allow(_) | Verdict::NoMatch) {
+                match entry.judge(&other, path) {
+                    Verdict::Allow(_) => {}
+                    Verdict::NoMatch if matches!(verdict, Verdict::NoMatch) => {}
+                    Verdict::NoMatch => verdict = Verdict::NoMatch,
+                    refused => verdict = refused,
+                }
+            }
+        }
+    }
+    let (rule, why, fix) = match verdict {
         Verdict::Allow(rule) => {
             out.ruled(true, &rule);
             return None;
@@ -1267,7 +1296,16 @@ async fn handle_intercepted(
 
     // Request rules, on what the client asked for (before any phase).
     let shown = intercepted_url(&host, port, &req);
-    if let Some(refused) = judge_rules(&ctx, &out, &host, port, req.method(), &path, &shown) {
+    if let Some(refused) = judge_rules(
+        &ctx,
+        &out,
+        &host,
+        port,
+        req.method(),
+        req.headers(),
+        &path,
+        &shown,
+    ) {
         return Ok(refused);
     }
     let push_rules = crate::policy::rules::entry_for(&ctx.policy.rules, &host, port)
@@ -1432,7 +1470,7 @@ async fn judge_push(
     headers: &HeaderMap,
     body: Incoming,
 ) -> Result<ProxyBody, Response<ProxyBody>> {
-    use crate::policy::rules::{parse_push, push_refusal};
+    use crate::policy::rules::{push_refusal, PushReader};
     let refuse = |out: &Outcome<'_>, why: String| {
         out.ruled(false, "git");
         out.record(
@@ -1457,8 +1495,9 @@ async fn judge_push(
     }
     let mut body = body;
     let mut head = Vec::new();
+    let mut reader = PushReader::default();
     let parsed = loop {
-        match parse_push(&head) {
+        match reader.read(&head) {
             Ok(Some(p)) => break p,
             Ok(None) if head.len() < PUSH_COMMANDS_LIMIT => {}
             Ok(None) => return Err(refuse(out, "the push's ref updates are too long".into())),
@@ -1533,9 +1572,12 @@ async fn judge_push(
     Err(resp)
 }
 
-/// The protocol of an HTTP/1.1 WebSocket upgrade request, if it is one.
+/// The protocol of an HTTP/1.1 WebSocket upgrade request, if it is one: a
+/// GET (RFC 6455). Upgrade headers on any other request are dropped as
+/// hop-by-hop and it is forwarded as it is, judged like any other (a git
+/// push with them is still read for its refs).
 fn websocket_upgrade<B>(req: &Request<B>) -> Option<HeaderValue> {
-    if req.version() != http::Version::HTTP_11 {
+    if req.version() != http::Version::HTTP_11 || req.method() != Method::GET {
         return None;
     }
     let connection_upgrade = req
@@ -1736,13 +1778,41 @@ async fn forward_plain(
         );
         return text_response(StatusCode::FORBIDDEN, blocked_message(&host));
     }
+    // The Host header must name what was judged, as inside a tunnel: a
+    // server behind a shared address (virtual hosts, a CDN) would answer
+    // for the host the header names.
+    for h in req.headers().get_all(header::HOST) {
+        let name = String::from_utf8_lossy(h.as_bytes()).into_owned();
+        let ok = split_authority(&name)
+            .is_some_and(|(h, p)| same_host(&h, &host) && p.unwrap_or(80) == port);
+        if !ok {
+            let msg = format!(
+                "request host \"{name}\" does not match the request target's host \"{authority}\""
+            );
+            out.decision(false, "identity");
+            out.record(Some(421), Some(Fault::Client), Some(msg.clone()), None);
+            return text_response(
+                StatusCode::MISDIRECTED_REQUEST,
+                format!("Moat: {msg}; nothing was sent\n"),
+            );
+        }
+    }
     let path = req
         .uri()
         .path_and_query()
         .map_or("/", |p| p.as_str())
         .to_string();
     let shown = req.uri().to_string();
-    if let Some(refused) = judge_rules(&ctx, &out, &host, port, req.method(), &path, &shown) {
+    if let Some(refused) = judge_rules(
+        &ctx,
+        &out,
+        &host,
+        port,
+        req.method(),
+        req.headers(),
+        &path,
+        &shown,
+    ) {
         return refused;
     }
     if crate::policy::rules::entry_for(&ctx.policy.rules, &host, port).is_some_and(|e| {
