@@ -324,6 +324,21 @@ def test_head_is_not_a_way_around_a_get_deny(https_up, tmp_path):
         f"HEAD on a GET-denied path reached the server ({status})"
 
 
+def test_an_allow_lets_through_only_the_case_it_names_and_a_deny_catches_every_case(
+        https_up, tmp_path):
+    """A case-sensitive server reads /PUBLIC/x as another path than
+    /public/x: `allow GET /public/**` must not let it through, while
+    `deny * /secret/**` refuses /SECRET/x (a server that ignores case would
+    serve the secret)."""
+    rules = [{"ruled.test": ["deny * /secret/**", "allow GET /public/**"]}]
+    with proxy_for(tmp_path, https_up.ca, https_up.port, policy="strict", rules=rules) as p:
+        results = {path: send(p, "ruled.test", req("GET", path))[0][0]
+                   for path in ("/public/x", "/PUBLIC/x", "/Public/x", "/SECRET/x", "/secret/x")}
+    assert results == {"/public/x": 200, "/PUBLIC/x": 403, "/Public/x": 403,
+                       "/SECRET/x": 403, "/secret/x": 403}, results
+    assert [r["path"] for r in https_up.seen] == ["/public/x"]
+
+
 # ========================================================== hosts
 
 def test_plain_http_host_header_must_name_the_judged_host(plain_up, certs, tmp_path):

@@ -76,6 +76,7 @@ impl Rule {
         let kind = match what {
             "git-push" | "git-delete" => {
                 let refs = ref_pattern(pattern).map_err(|e| format!("rule \"{text}\": {e}"))?;
+                let refs = if allow { refs } else { fold(refs) };
                 if what == "git-push" {
                     RuleKind::GitPush(refs)
                 } else {
@@ -98,6 +99,7 @@ impl Rule {
                     ));
                 }
                 let path = normalize_path(pattern).map_err(|e| format!("rule \"{text}\": {e}"))?;
+                let path = if allow { path } else { fold(path) };
                 RuleKind::Http { method, path }
             }
         };
@@ -134,6 +136,17 @@ impl fmt::Display for Rule {
 }
 
 /// A ref pattern's segments: `refs/heads/agent/**`.
+/// Segments with ASCII letters lowercased: `deny` rules match without case
+/// (a server may treat names without case, as GitHub's API does, so a deny
+/// must catch every spelling); `allow` rules match the case as written (so
+/// an allow lets through only the path it names).
+fn fold(segments: Vec<String>) -> Vec<String> {
+    segments
+        .into_iter()
+        .map(|s| s.to_ascii_lowercase())
+        .collect()
+}
+
 fn ref_pattern(pattern: &str) -> Result<Vec<String>, String> {
     if pattern == "**" {
         return Ok(vec!["**".into()]);
@@ -158,8 +171,9 @@ pub const DOT_SEGMENTS: &str =
 /// Normalises a request path for matching: the query and fragment dropped;
 /// refused when it holds `%2F`, `%5C`, `\`, `%00` or a bad `%` escape;
 /// split on `/` with empty segments dropped (`//` and a trailing `/` do not
-/// count); in each segment, `;parameters` dropped, `%XX` decoded and ASCII
-/// letters lowercased; then `.` and `..` resolved (never above the root).
+/// count); in each segment, `;parameters` dropped and `%XX` decoded, case
+/// kept (rules decide how case counts: [`fold`]); a `.` or `..` segment,
+/// however spelled, refused ([`DOT_SEGMENTS`]).
 pub fn normalize_path(raw: &str) -> Result<Vec<String>, &'static str> {
     let path = raw.split(['?', '#']).next().unwrap_or("");
     let lower = path.to_ascii_lowercase();
@@ -184,7 +198,7 @@ pub fn normalize_path(raw: &str) -> Result<Vec<String>, &'static str> {
         if matches!(decoded.split(';').next(), Some("." | "..")) {
             return Err(DOT_SEGMENTS);
         }
-        out.push(decoded.to_ascii_lowercase());
+        out.push(decoded);
         if out.len() > MAX_SEGMENTS {
             return Err("the path has too many segments");
         }
@@ -336,7 +350,12 @@ impl HostRules {
             Ok(p) => p,
             Err(why) => return Verdict::Ambiguous(why),
         };
-        match self.rules.iter().find(|r| r.matches_request(method, &path)) {
+        let folded = fold(path.clone());
+        match self
+            .rules
+            .iter()
+            .find(|r| r.matches_request(method, if r.allow { &path } else { &folded }))
+        {
             Some(r) if r.allow => Verdict::Allow(r.text.clone()),
             Some(r) => Verdict::Deny(r.text.clone()),
             None => Verdict::NoMatch,
@@ -355,11 +374,15 @@ impl HostRules {
     /// denied when none does. The rule that decided, if one did.
     pub fn judge_ref(&self, update: &RefUpdate) -> (bool, Option<String>) {
         let name: Vec<String> = update.name.split('/').map(str::to_string).collect();
+        let folded = fold(name.clone());
         let delete = update.is_delete();
-        let rule = self.rules.iter().find(|r| match &r.kind {
-            RuleKind::GitPush(p) => !delete && glob(p, &name),
-            RuleKind::GitDelete(p) => delete && glob(p, &name),
-            RuleKind::Http { .. } => false,
+        let rule = self.rules.iter().find(|r| {
+            let name = if r.allow { &name } else { &folded };
+            match &r.kind {
+                RuleKind::GitPush(p) => !delete && glob(p, name),
+                RuleKind::GitDelete(p) => delete && glob(p, name),
+                RuleKind::Http { .. } => false,
+            }
         });
         match rule {
             Some(r) => (r.allow, Some(r.text.clone())),
@@ -401,7 +424,9 @@ pub fn is_git_push(method: &str, raw_path: &str) -> bool {
         return false;
     }
     match normalize_path(raw_path) {
-        Ok(segments) => segments.last().is_some_and(|s| s == "git-receive-pack"),
+        Ok(segments) => segments
+            .last()
+            .is_some_and(|s| s.eq_ignore_ascii_case("git-receive-pack")),
         Err(_) => {
             let lower = raw_path.to_ascii_lowercase();
             lower.contains("git-receive-pack")
@@ -588,8 +613,8 @@ mod tests {
         }
         assert_eq!(n("//a///b/"), Ok("/a/b".into()));
         assert_eq!(n("/a/.../b/.x/x."), Ok("/a/.../b/.x/x.".into()));
-        assert_eq!(n("/Admin;jsessionid=1/x;y"), Ok("/admin/x".into()));
-        assert_eq!(n("/a%41?x=/admin#f"), Ok("/aa".into()));
+        assert_eq!(n("/Admin;jsessionid=1/x;y"), Ok("/Admin/x".into()));
+        assert_eq!(n("/a%41?x=/admin#f"), Ok("/aA".into()));
         for bad in [
             "/a%2fb", "/a%2Fb", "/a%5cb", "/a\\b", "/a%00", "/a%zz", "/a%4", "/%ff%fe",
         ] {
@@ -619,6 +644,12 @@ mod tests {
         assert_eq!(
             e.judge("GET", "/repos/o/r/x/../admin/y"),
             Verdict::Ambiguous(DOT_SEGMENTS)
+        );
+        // Deny rules match without case; allow rules as written, so an
+        // allow never lets through a spelling it does not name.
+        assert_eq!(
+            e.judge("GET", "/REPOS/o/r"),
+            Verdict::Deny("deny * /**".into())
         );
         // HEAD is judged by the GET rules.
         assert_eq!(
