@@ -232,8 +232,13 @@ def test_a_timeout_raises_run_timeout_after_stopping_the_run(home, workspace):
     assert moat.run(workspace, command=["sh", "-c", "exit 3"], image=IMAGE, timeout=60).exit_code == 3
 
 
+# The child restores Python's own Ctrl+C handling: Python installs it only
+# when SIGINT is not ignored at its start, and a job started in the
+# background by a non-interactive shell (a CI runner's) inherits SIGINT
+# ignored, so it would never hear the interrupt.
 CHILD = textwrap.dedent("""
-    import sys, moat
+    import signal, sys, moat
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         moat.run(sys.argv[1], command=["sleep", "60"], image=sys.argv[2])
     except KeyboardInterrupt:
