@@ -1264,19 +1264,8 @@ async fn handle_intercepted(
             "Moat: the request names no host\n",
         ));
     }
-    for name in &named {
-        let ok = split_authority(name)
-            .is_some_and(|(h, p)| same_host(&h, &host) && p.unwrap_or(443) == port);
-        if !ok {
-            let msg =
-                format!("request host \"{name}\" does not match the tunnel's host \"{authority}\"");
-            out.decision(false, "identity");
-            out.record(Some(421), Some(Fault::Client), Some(msg.clone()), None);
-            return Ok(text_response(
-                StatusCode::MISDIRECTED_REQUEST,
-                format!("Moat: {msg}; nothing was sent\n"),
-            ));
-        }
+    if let Some(refused) = misdirected(&out, &named, &host, port, 443, "the tunnel's host") {
+        return Ok(refused);
     }
     let uri: Uri = match format!("https://{authority}{path}").parse() {
         Ok(uri) => uri,
@@ -1744,6 +1733,33 @@ fn stream_back(
     Response::from_parts(parts, body)
 }
 
+/// `421` when any of `names` (Host headers, an `:authority`) is not
+/// `host:port` (`default_port` when a name has none), recorded; `what`
+/// says what they must match in the message.
+fn misdirected(
+    out: &Outcome<'_>,
+    names: &[String],
+    host: &str,
+    port: u16,
+    default_port: u16,
+    what: &str,
+) -> Option<Response<ProxyBody>> {
+    let name = names.iter().find(|name| {
+        !split_authority(name)
+            .is_some_and(|(h, p)| same_host(&h, host) && p.unwrap_or(default_port) == port)
+    })?;
+    let msg = format!(
+        "request host \"{name}\" does not match {what} \"{}\"",
+        url_authority(host, port, default_port)
+    );
+    out.decision(false, "identity");
+    out.record(Some(421), Some(Fault::Client), Some(msg.clone()), None);
+    Some(text_response(
+        StatusCode::MISDIRECTED_REQUEST,
+        format!("Moat: {msg}; nothing was sent\n"),
+    ))
+}
+
 /// An absolute-form `http://` request: forwarded without any credential
 /// (credentials never travel over plain HTTP).
 async fn forward_plain(
@@ -1781,21 +1797,14 @@ async fn forward_plain(
     // The Host header must name what was judged, as inside a tunnel: a
     // server behind a shared address (virtual hosts, a CDN) would answer
     // for the host the header names.
-    for h in req.headers().get_all(header::HOST) {
-        let name = String::from_utf8_lossy(h.as_bytes()).into_owned();
-        let ok = split_authority(&name)
-            .is_some_and(|(h, p)| same_host(&h, &host) && p.unwrap_or(80) == port);
-        if !ok {
-            let msg = format!(
-                "request host \"{name}\" does not match the request target's host \"{authority}\""
-            );
-            out.decision(false, "identity");
-            out.record(Some(421), Some(Fault::Client), Some(msg.clone()), None);
-            return text_response(
-                StatusCode::MISDIRECTED_REQUEST,
-                format!("Moat: {msg}; nothing was sent\n"),
-            );
-        }
+    let named: Vec<String> = req
+        .headers()
+        .get_all(header::HOST)
+        .iter()
+        .map(|h| String::from_utf8_lossy(h.as_bytes()).into_owned())
+        .collect();
+    if let Some(refused) = misdirected(&out, &named, &host, port, 80, "the request target's host") {
+        return refused;
     }
     let path = req
         .uri()
