@@ -192,6 +192,32 @@ fn one_writer_per_log() {
     assert!(err.to_string().contains("already has a writer"), "{err}");
 }
 
+/// A writer closed a moment ago can still look locked: a thread that spawns
+/// a child lends it the lock's descriptor until the child's exec closes it.
+/// `open` waits that out instead of calling it a second writer (this failed
+/// CI once, while `kill_dash_9_leaves_a_log_that_verifies` was spawning).
+#[test]
+fn a_lock_held_for_a_moment_is_waited_out() {
+    let t = tempfile::tempdir().unwrap();
+    let (dir, home) = (t.path().join("run"), t.path().join("home"));
+    write(&dir, &home, 3);
+    // Stand in for the child: another descriptor of the lock file, held
+    // for 300 ms.
+    let held = std::fs::File::open(dir.join("audit.lock")).unwrap();
+    held.lock().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let releaser = std::thread::spawn(move || {
+        tx.send(()).unwrap();
+        std::thread::sleep(Duration::from_millis(300));
+        drop(held);
+    });
+    rx.recv().unwrap();
+    write(&dir, &home, 2);
+    releaser.join().unwrap();
+    let r = audit::verify(&dir, &home, None).unwrap();
+    assert!(r.ok && r.entries == 5, "{r:?}");
+}
+
 /// What `crash_child` prints once its first entry is on disk.
 const CRASH_READY: &str = "moat-audit-crash-child-ready";
 

@@ -306,22 +306,44 @@ impl State {
     }
 }
 
+/// How long `open` waits for the writer's lock before it says another writer
+/// holds it. A process that forks (any thread spawning a child) lends the
+/// child its descriptors until the child's exec closes them, and an `flock`
+/// belongs to the descriptor, so a writer closed a moment ago can look held
+/// for that moment; a real second writer holds it for its whole life.
+const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Takes the exclusive lock of a log's one writer, waiting out `LOCK_WAIT`.
+fn take_writer_lock(lock: &File, lock_path: &Path, dir: &Path) -> Result<()> {
+    let deadline = std::time::Instant::now() + LOCK_WAIT;
+    loop {
+        match lock.try_lock() {
+            Ok(()) => return Ok(()),
+            Err(std::fs::TryLockError::Error(e)) => return Err(Error::io(lock_path, "lock", e)),
+            Err(std::fs::TryLockError::WouldBlock) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            Err(std::fs::TryLockError::WouldBlock) => {
+                return Err(bad(
+                    ErrorKind::InvalidArgument,
+                    format!(
+                        "{}: the audit log already has a writer (one writer per log)",
+                        dir.display()
+                    ),
+                ))
+            }
+        }
+    }
+}
+
 impl AuditWriter {
     /// Opens (or continues) the log in `dir` with origin `moat/<name>`. Fails
-    /// when another writer holds the log.
+    /// when another writer holds the log (after waiting up to 2 s for it).
     pub fn open(dir: &Path, home: &Path, name: &str) -> Result<AuditWriter> {
         paths::private_dir(dir)?;
         let lock_path = dir.join("audit.lock");
         let lock = paths::open_private(&lock_path, paths::Open::Keep)?;
-        lock.try_lock().map_err(|_| {
-            bad(
-                ErrorKind::InvalidArgument,
-                format!(
-                    "{}: the audit log already has a writer (one writer per log)",
-                    dir.display()
-                ),
-            )
-        })?;
+        take_writer_lock(&lock, &lock_path, dir)?;
         let key = signing_key(home)?;
         // Continue an existing log from its last complete entry.
         let report = require_ok(
