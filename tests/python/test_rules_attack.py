@@ -222,10 +222,15 @@ def server_view(path, model):
     raw:    routes on the raw path, no dot handling (Node/Express-style routers).
     nginx:  %-decodes, merges slashes, removes dot segments (';' is literal).
     rfc3986: removes dot segments per RFC 3986 5.2.4, keeps empty segments
-            (WHATWG URL; nginx/Apache with merge_slashes/MergeSlashes off)."""
+            (WHATWG URL; nginx/Apache with merge_slashes/MergeSlashes off).
+    double: %-decodes once more before reading it as nginx does (an app
+            behind a decoding front server, or one that unquotes its own
+            path again: the classic double-decoding bug)."""
     path = path.split("?")[0]
     if model == "raw":
         return path
+    if model == "double":
+        return server_view(urllib.parse.unquote(path), "nginx")
     if model == "nginx":
         p = re.sub("/+", "/", urllib.parse.unquote(path))
         out = posixpath.normpath(p)
@@ -254,6 +259,12 @@ def server_view(path, model):
     ("/org/repo/admin/../info", "raw"),
     ("/org/repo/admin/%2e%2e/info", "raw"),
     ("/org/repo/admin/.%2E/info", "raw"),
+    # Encoded twice: one decoding leaves `%2e%2e` (a plain segment), a
+    # second makes it `..` or `admin`.
+    ("/org/repo/x/%252e%252e/admin/info", "double"),
+    ("/org/repo/x/%252E%252e/admin/info", "double"),
+    ("/org/repo/%2561dmin/info", "double"),
+    ("/org/repo/admin%252fx", "double"),
 ])
 def test_a_denied_path_is_not_reached_through_a_spelling_the_server_reads_differently(
         https_up, tmp_path, path, model):

@@ -162,7 +162,7 @@ fn ref_pattern(pattern: &str) -> Result<Vec<String>, String> {
 
 /// Why a path cannot be judged.
 pub const AMBIGUOUS: &str =
-    "the path holds an encoded / or \\, a backslash, a NUL or a bad %-escape, which servers read differently; it is refused on hosts with rules";
+    "the path holds an encoded / or \\, a backslash, a NUL, a bad %-escape or one encoded twice (%25XX), which servers read differently; it is refused on hosts with rules";
 
 /// Why a path with dot segments cannot be judged.
 pub const DOT_SEGMENTS: &str =
@@ -172,8 +172,10 @@ pub const DOT_SEGMENTS: &str =
 /// refused when it holds `%2F`, `%5C`, `\`, `%00` or a bad `%` escape;
 /// split on `/` with empty segments dropped (`//` and a trailing `/` do not
 /// count); in each segment, `;parameters` dropped and `%XX` decoded, case
-/// kept (rules decide how case counts: [`fold`]); a `.` or `..` segment,
-/// however spelled, refused ([`DOT_SEGMENTS`]).
+/// kept (rules decide how case counts: [`fold`]); a segment that still holds
+/// a `%XX` escape once decoded (`%252e`: a server that decodes twice reads
+/// `.`) refused; a `.` or `..` segment, however spelled, refused
+/// ([`DOT_SEGMENTS`]).
 pub fn normalize_path(raw: &str) -> Result<Vec<String>, &'static str> {
     let path = raw.split(['?', '#']).next().unwrap_or("");
     let lower = path.to_ascii_lowercase();
@@ -191,6 +193,11 @@ pub fn normalize_path(raw: &str) -> Result<Vec<String>, &'static str> {
             continue;
         }
         let decoded = percent_decode(segment).ok_or(AMBIGUOUS)?;
+        // Encoded twice: the proxy judges `%2e`, a server that decodes
+        // once more routes on `.` (or `admin` for `%2561dmin`).
+        if holds_escape(&decoded) {
+            return Err(AMBIGUOUS);
+        }
         // Not resolved but refused: one server resolves `..` before merging
         // slashes and another after, Tomcat reads `..;` as `..`, a router
         // matching the raw path not at all; the proxy cannot know which
@@ -204,6 +211,13 @@ pub fn normalize_path(raw: &str) -> Result<Vec<String>, &'static str> {
         }
     }
     Ok(out)
+}
+
+/// Does `s` hold a `%XX` escape (`%` and two hex digits)?
+fn holds_escape(s: &str) -> bool {
+    s.as_bytes()
+        .windows(3)
+        .any(|w| w[0] == b'%' && w[1].is_ascii_hexdigit() && w[2].is_ascii_hexdigit())
 }
 
 fn percent_decode(s: &str) -> Option<String> {
@@ -615,8 +629,21 @@ mod tests {
         assert_eq!(n("/a/.../b/.x/x."), Ok("/a/.../b/.x/x.".into()));
         assert_eq!(n("/Admin;jsessionid=1/x;y"), Ok("/Admin/x".into()));
         assert_eq!(n("/a%41?x=/admin#f"), Ok("/aA".into()));
+        // A `%` left by decoding is refused only where it starts an escape.
+        assert_eq!(n("/off/100%25/x%25zz"), Ok("/off/100%/x%zz".into()));
         for bad in [
-            "/a%2fb", "/a%2Fb", "/a%5cb", "/a\\b", "/a%00", "/a%zz", "/a%4", "/%ff%fe",
+            "/a%2fb",
+            "/a%2Fb",
+            "/a%5cb",
+            "/a\\b",
+            "/a%00",
+            "/a%zz",
+            "/a%4",
+            "/%ff%fe",
+            "/x/%252e%252e/admin",
+            "/%2561dmin",
+            "/a%252fb",
+            "/a%25%32%65",
         ] {
             assert_eq!(n(bad), Err(AMBIGUOUS), "{bad}");
         }
