@@ -112,6 +112,25 @@ def test_a_supervisor_killed_during_setup_leaves_nothing(m):
     wait_until("run.json says failed", lambda: m.meta(run_id)["state"] == "failed", 30)
 
 
+def test_an_object_the_engine_makes_after_the_guard_cleaned_up_is_swept(m):
+    """A killed supervisor's last request to the engine (creating the
+    container, say) can finish after its guard cleaned up. The guard looks
+    for the run's label again 1, 3 and 7 s after cleaning up: an object
+    that appears then goes too."""
+    run_id = m.detach(m.workspace(), "sleep", "300")
+    wait_until("the container runs", lambda: container_alive(run_id), 60)
+    os.kill(m.meta(run_id)["supervisor"][0], signal.SIGKILL)
+    wait_until("the guard cleaned up", lambda: m.meta(run_id).get("cleaned"), 45)
+    # The late object: made now, as the engine would finish that request.
+    late = sh(ENGINE, "create", "--label", f"{LABEL}={run_id}", IMAGE, "true", check=True)
+    late_id = late.stdout.strip()
+    assert docker_objects(run_id)[0], "the late container exists"
+    try:
+        wait_until("the late container is swept", lambda: docker_objects(run_id)[0] == [], 30)
+    finally:
+        sh(ENGINE, "rm", "-f", late_id)
+
+
 # ------------------------------------------------------------------ a full disk
 
 @pytest.fixture
