@@ -1,7 +1,11 @@
 // Package moat runs AI agents in isolated containers from Go. It loads and
-// validates agent.yaml (LoadConfig), starts moat's credential-injecting
-// proxy on its own (StartProxy), and starts, follows, waits for, stops and
-// destroys runs (StartRun).
+// validates agent.yaml (LoadConfig, ResolveSecrets), starts moat's
+// credential-injecting proxy on its own (StartProxy), and starts, follows,
+// waits for, stops and destroys runs (StartRun). It stores and revokes the
+// grants runs use (Grant, GrantSSH, GrantAWS, Grants, Revoke), verifies and
+// exports audit logs (VerifyAudit, ExportAudit, VerifyBundle), reads a
+// run's trace against a policy (TraceHAR, CheckPolicy, SuggestPolicy), and
+// keeps a moat home (Promote, Clean, System, Deps).
 //
 // It is a thin layer over libmoat, the C ABI (include/moat.h), found with
 // pkg-config: install the library with
