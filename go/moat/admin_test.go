@@ -589,8 +589,8 @@ func TestAuditOfAProxy(t *testing.T) {
 	// no file; a home that signed nothing, a key that does not parse, no
 	// log; a log changed.
 	_, err = moat.VerifyBundle(bundle, "moat+00000000+AAAA")
-	if !errors.Is(err, moat.StatusConfig) || !strings.Contains(err.Error(), "is not the expected key") {
-		t.Fatalf("VerifyBundle with another key: %v", err)
+	if !errors.Is(err, moat.StatusInvalidArgument) || !strings.Contains(err.Error(), "is not a moat verifier key") {
+		t.Fatalf("VerifyBundle with a key that does not parse: %v", err)
 	}
 	data, err := os.ReadFile(bundle)
 	if err != nil {

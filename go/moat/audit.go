@@ -127,7 +127,8 @@ func ExportAudit(dir, home, path string) error {
 // VerifyBundle verifies a proof bundle offline, with the key it names;
 // when vkey is not "", that key must be vkey. A bundle that does not
 // verify, or is signed by another key, is an *Error with StatusConfig; a
-// file that is not a bundle is StatusInvalidArgument.
+// file that is not a bundle, or a vkey that is not a verifier key, is
+// StatusInvalidArgument.
 func VerifyBundle(path, vkey string) (*AuditReport, error) {
 	var cs cstrings
 	defer cs.free()

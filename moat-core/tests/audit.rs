@@ -323,6 +323,10 @@ fn bundles_verify_offline_and_tampering_fails() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("is not the expected key"), "{e}");
+    // A malformed expected key is an invalid argument, as for `verify`.
+    let e = audit::verify_bundle(&bundle, Some("moat+nothex+%%%")).unwrap_err();
+    assert_eq!(e.kind(), moat_core::ErrorKind::InvalidArgument, "{e}");
+    assert!(e.to_string().contains("is not a moat verifier key"), "{e}");
     let v: serde_json::Value = serde_json::from_str(&text).unwrap();
     let p0 = v["inclusion"][3]["proof"][0].as_str().unwrap().to_string();
     let e = mutate(&p0, &"0".repeat(64));

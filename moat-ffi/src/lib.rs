@@ -1073,8 +1073,13 @@ fn to_json<T: serde::Serialize>(value: &T) -> Result<CString, moat_error> {
 /// Stores a credential for `provider` without prompting: `token`, or when it
 /// is NULL the provider's environment variable (GITHUB_TOKEN, ...). GitHub
 /// tokens are checked against api.github.com when `validate` is true. `home`
-/// may be NULL (`$MOAT_HOME` or `~/.moat`). On success, when `out_json` is not
-/// NULL, writes the stored grant (never the token) as JSON; free it with
+/// may be NULL (`$MOAT_HOME` or `~/.moat`); `MOAT_RESOLVE` and
+/// `MOAT_UPSTREAM_CA_FILE` apply to the check as to the proxy. On success,
+/// when `out_json` is not NULL, writes what was stored (never the token) as
+/// JSON: `{"grant": {...}, "path", "key_file", "key_reason"}`, the grant
+/// (as `moat_grants_json` lists it), the file that holds the encrypted
+/// credential, and the key file with why it is used (both null when the
+/// key is in the system keyring); free it with
 /// `moat_string_free`.
 ///
 /// # Safety

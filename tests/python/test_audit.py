@@ -115,8 +115,13 @@ def test_bundles_export_and_verify_offline(upstream, tmp_path):
     other_vkey = moat.AuditLog(tmp_path / "log2", home=tmp_path / "h2").verify()["vkey"]
     with pytest.raises(moat.ConfigError, match="no valid signature"):
         moat.AuditLog(log, home=tmp_path / "home").verify(key=other_vkey)
-    out = cli(["verify-bundle", str(bundle), "--key", "moat+00000000+" + "A" * 44], tmp_path)
+    out = cli(["verify-bundle", str(bundle), "--key", other_vkey], tmp_path)
     assert out.returncode == 1 and "is not the expected key" in out.stderr
+    # A key that is no key is the caller's mistake, said as such.
+    out = cli(["verify-bundle", str(bundle), "--key", "moat+00000000+" + "A" * 44], tmp_path)
+    assert out.returncode != 0 and "is not a moat verifier key" in out.stderr, out.stderr
+    with pytest.raises(moat.InvalidArgumentError, match="is not a moat verifier key"):
+        moat.verify_bundle(bundle, key="moat+00000000+AAAA")
     # The Python export gives the same kind of bundle.
     moat.AuditLog(log, home=tmp_path / "home").export(tmp_path / "py.json")
     assert moat.verify_bundle(tmp_path / "py.json")["root"] == report["root"]

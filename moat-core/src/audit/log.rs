@@ -1092,6 +1092,11 @@ pub fn export_bundle(dir: &Path, home: &Path, out: &Path) -> Result<Report> {
 
 /// Verifies a bundle offline. With `vkey`, its key must be that one.
 pub fn verify_bundle(path: &Path, vkey: Option<&str>) -> Result<Report> {
+    // A malformed expected key is the caller's mistake, whatever the bundle
+    // holds (as for `verify`).
+    if let Some(want) = vkey {
+        parse_vkey(want)?;
+    }
     let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, "read", e))?;
     let b: Value = serde_json::from_str(&text).map_err(|e| {
         bad(
