@@ -384,6 +384,7 @@ fn cmd_config(args: &ConfigArgs) -> Result<(), Error> {
         env: args.env.clone(),
         command: None,
         interactive: args.interactive.then_some(true),
+        spelling: config::Spelling::Flags,
         ..Overrides::default()
     })?;
     if config.config_file.is_none() {

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use clap::Args;
-use moat_core::config::Overrides;
+use moat_core::config::{Overrides, Spelling};
 use moat_core::run::{self, logs, trace_view, Launcher, RunMeta, RunPlan};
 use moat_core::{paths, Error, ErrorKind};
 
@@ -60,6 +60,7 @@ impl RunArgs {
             command: (!self.command.is_empty()).then(|| self.command.clone()),
             interactive: self.interactive.then_some(true),
             runtime: self.runtime.clone(),
+            spelling: Spelling::Flags,
             ..Overrides::default()
         }
     }
@@ -871,6 +872,7 @@ pub fn cmd_claude(args: &ClaudeArgs) -> Result<ExitCode, Error> {
         grants: args.grants.clone(),
         env: args.env.clone(),
         runtime: args.runtime.clone(),
+        spelling: Spelling::Flags,
         ..Overrides::default()
     };
     let options = moat_core::agent::ClaudeOptions {

@@ -171,15 +171,21 @@ def test_strict_network_argument(home, workspace):
 @pytest.mark.parametrize("kwargs,error,needle", [
     ({"network": "lenient"}, moat.InvalidArgumentError, "lenient"),
     ({"network": {"mode": "strict"}}, moat.InvalidArgumentError, "unknown key \"mode\""),
-    ({"network": {"policy": "strict", "allow": ["*"]}}, moat.InvalidArgumentError, "allow[0]"),
-    ({"name": "Not A Name"}, moat.InvalidArgumentError, "invalid agent name"),
-    ({"env": {"1BAD": "x"}}, moat.InvalidArgumentError, "1BAD"),
-    ({"runtime": "kubernetes"}, moat.InvalidArgumentError, '"kubernetes" is not a container engine'),
+    ({"network": {"policy": "strict", "allow": ["*"]}}, moat.InvalidArgumentError,
+     'network.allow[0] "*"'),
+    ({"name": "Not A Name"}, moat.InvalidArgumentError, "name: invalid agent name"),
+    ({"env": {"1BAD": "x"}}, moat.InvalidArgumentError, "env.1BAD: "),
+    ({"runtime": "kubernetes"}, moat.InvalidArgumentError,
+     'runtime: "kubernetes" is not a container engine'),
+    ({"grants": ["githb"]}, moat.InvalidArgumentError, 'grants "githb": unknown grant provider'),
+    ({"image": ""}, moat.InvalidArgumentError, "image: empty image name"),
 ])
 def test_bad_arguments_name_what_is_wrong(home, workspace, kwargs, error, needle):
     with pytest.raises(error) as e:
-        moat.run(workspace, image=IMAGE, command=["true"], **kwargs)
+        moat.run(workspace, **{"image": IMAGE, "command": ["true"], **kwargs})
     assert needle in str(e.value)
+    # In the keywords' own words, never the CLI's flags.
+    assert "--" not in str(e.value) and "-e " not in str(e.value), str(e.value)
 
 
 def test_missing_workspace_is_an_io_error(home, tmp_path):

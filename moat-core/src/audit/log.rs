@@ -730,7 +730,7 @@ pub fn verify(dir: &Path, home: &Path, vkey: Option<&str>) -> Result<Report> {
                 return Err(bad(
                     ErrorKind::Config,
                     format!(
-                        "no audit signing key in {}: this host signed no logs; pass --key with the verifier key you trust",
+                        "no audit signing key in {}: this host signed no logs; verify with the verifier key you trust (`--key`; the key argument in Python and C)",
                         home.join("audit").display()
                     ),
                 ));

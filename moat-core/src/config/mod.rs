@@ -463,9 +463,52 @@ pub struct Resolved<'a> {
     pub claude_version: Option<&'a str>,
 }
 
-/// Command-line overrides, applied by [`Config::merge`].
+/// How override problems name the setting they are about: as the `moat`
+/// command's flags (`--name`, `-e KEY`) or, for the libraries, as the
+/// configuration's own fields (`name`, `env.KEY`), which is how Python's
+/// keywords and C's option keys are named too.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Spelling {
+    /// `name`, `image`, `grants`, `env.KEY`, `network.policy`,
+    /// `network.allow`, `runtime`.
+    #[default]
+    Fields,
+    /// `--name`, `--image`, `--grant`, `-e KEY`, `--policy`, `--allow`,
+    /// `--runtime`.
+    Flags,
+}
+
+/// The single-valued settings an override replaces.
+#[derive(Clone, Copy)]
+enum Setting {
+    Name,
+    Image,
+    Policy,
+    Runtime,
+}
+
+impl Spelling {
+    /// The name of `setting` in this spelling.
+    fn of(self, setting: Setting) -> &'static str {
+        match (self, setting) {
+            (Spelling::Flags, Setting::Name) => "--name",
+            (Spelling::Flags, Setting::Image) => "--image",
+            (Spelling::Flags, Setting::Policy) => "--policy",
+            (Spelling::Flags, Setting::Runtime) => "--runtime",
+            (Spelling::Fields, Setting::Name) => "name",
+            (Spelling::Fields, Setting::Image) => "image",
+            (Spelling::Fields, Setting::Policy) => "network.policy",
+            (Spelling::Fields, Setting::Runtime) => "runtime",
+        }
+    }
+}
+
+/// Overrides of a workspace's configuration (the command line's flags, or
+/// a library call's arguments), applied by [`Config::merge`].
 #[derive(Debug, Clone, Default)]
 pub struct Overrides {
+    /// How problems name the settings (the CLI: [`Spelling::Flags`]).
+    pub spelling: Spelling,
     /// `--name`: replaces the file's name.
     pub name: Option<String>,
     /// `--image`: replaces the file's image and dependencies.
@@ -560,9 +603,10 @@ impl Config {
         })
     }
 
-    /// Applies command-line overrides: CLI over file over defaults. `--grant`
-    /// and `-e` add to the file's lists. Every problem is reported, each
-    /// naming its flag; values given with `-e` are never echoed.
+    /// Applies overrides: overrides over file over defaults. Grants and
+    /// `env` add to the file's lists. Every problem is reported, each naming
+    /// its setting in the overrides' [`Spelling`]; `env` values are never
+    /// echoed.
     pub fn merge(mut self, overrides: &Overrides) -> Result<Config> {
         let mut problems = Vec::new();
         let mut problem = |message: String| {
@@ -571,24 +615,28 @@ impl Config {
                 message,
             })
         };
+        let flags = overrides.spelling == Spelling::Flags;
+        let say = |setting: Setting| overrides.spelling.of(setting);
         if let Some(name) = &overrides.name {
             match check_name(name, "agent name") {
                 Ok(()) => self.name = Some(name.clone()),
-                Err(e) => problem(format!("--name: {e}")),
+                Err(e) => problem(format!("{}: {e}", say(Setting::Name))),
             }
         }
         if let Some(image) = &overrides.image {
             match check_image(image) {
                 Ok(()) => self.image = Some(image.clone()),
-                Err(e) => problem(format!("--image: {e}")),
+                Err(e) => problem(format!("{}: {e}", say(Setting::Image))),
             }
         }
         for list in &overrides.grants {
             for item in list.split(',').map(str::trim) {
                 if item.is_empty() {
-                    problem(format!(
-                        "--grant {list}: empty grant name (a stray comma?); name each grant, like --grant github,anthropic"
-                    ));
+                    problem(if flags {
+                        format!("--grant {list}: empty grant name (a stray comma?); name each grant, like --grant github,anthropic")
+                    } else {
+                        format!("grants \"{list}\": empty grant name (a stray comma?); name each grant, like \"github\"")
+                    });
                     continue;
                 }
                 match GrantRef::parse(item) {
@@ -597,20 +645,33 @@ impl Config {
                             self.grants.push(grant);
                         }
                     }
-                    Err(e) => problem(format!("--grant {item}: {e}")),
+                    Err(e) => problem(if flags {
+                        format!("--grant {item}: {e}")
+                    } else {
+                        format!("grants \"{item}\": {e}")
+                    }),
                 }
             }
         }
+        // `-e KEY` on the command line, `env.KEY` for the libraries.
+        let env_key = |key: &str| {
+            if flags {
+                format!("-e {key}")
+            } else {
+                format!("env.{key}")
+            }
+        };
         for pair in &overrides.env {
             let Some((key, value)) = pair.split_once('=') else {
-                problem(format!("-e {pair}: expected KEY=VALUE"));
+                problem(format!("{}: expected KEY=VALUE", env_key(pair)));
                 continue;
             };
             if let Err(e) = check_env_key(key) {
-                problem(format!("-e {key}: {e}"));
+                problem(format!("{}: {e}", env_key(key)));
             } else if self.secrets.contains_key(key) {
                 problem(format!(
-                    "-e {key}: \"{key}\" is also a secret in the configuration; keep one"
+                    "{}: \"{key}\" is also a secret in the configuration; keep one",
+                    env_key(key)
                 ));
             } else {
                 self.env.insert(key.to_string(), value.to_string());
@@ -627,7 +688,7 @@ impl Config {
         if let Some(policy) = &overrides.policy {
             match policy.parse() {
                 Ok(mode) => self.network.policy = mode,
-                Err(e) => problem(format!("--policy: {e}")),
+                Err(e) => problem(format!("{}: {e}", say(Setting::Policy))),
             }
         }
         for (i, pattern) in overrides.allow.iter().enumerate() {
@@ -637,13 +698,17 @@ impl Config {
                         self.network.allow.push(p);
                     }
                 }
-                Err(e) => problem(format!("--allow {pattern} (allow[{i}]): {e}")),
+                Err(e) => problem(if flags {
+                    format!("--allow {pattern} (allow[{i}]): {e}")
+                } else {
+                    format!("network.allow[{i}] \"{pattern}\": {e}")
+                }),
             }
         }
         if let Some(runtime) = &overrides.runtime {
             match runtime.parse() {
                 Ok(engine) => self.runtime = Some(engine),
-                Err(e) => problem(format!("--runtime: {e}")),
+                Err(e) => problem(format!("{}: {e}", say(Setting::Runtime))),
             }
         }
         if problems.is_empty() {

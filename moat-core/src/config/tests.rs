@@ -632,18 +632,22 @@ fn merge_empty_command_keeps_file_command() {
     assert_eq!(merged.command.unwrap(), ["a"]);
 }
 
-#[test]
-fn merge_errors_name_the_flag_and_never_echo_values() {
+/// The merge problems of bad overrides, one per line, in `spelling`.
+fn merge_problems(spelling: Spelling) -> String {
     let err = ok("secrets:\n  TOKEN: op://a/b/c\n")
         .merge(&Overrides {
             name: Some("Bad_Name".into()),
-            grants: vec!["githb".into()],
+            grants: vec!["githb".into(), "github,".into()],
             env: vec![
                 "NOEQUALS".into(),
                 "TOKEN=supersecretvalue".into(),
                 "1X=alsosecret".into(),
             ],
             image: Some("".into()),
+            policy: Some("lax".into()),
+            allow: vec!["*".into()],
+            runtime: Some("lxc".into()),
+            spelling,
             ..Overrides::default()
         })
         .unwrap_err();
@@ -651,24 +655,52 @@ fn merge_errors_name_the_flag_and_never_echo_values() {
     let all: Vec<String> = err.diagnostics().iter().map(ToString::to_string).collect();
     let text = all.join("\n");
     assert!(
-        text.contains("--name: invalid agent name \"Bad_Name\""),
-        "{text}"
-    );
-    assert!(
-        text.contains("--grant githb: unknown grant provider \"githb\" (did you mean \"github\"?)"),
-        "{text}"
-    );
-    assert!(text.contains("-e NOEQUALS: expected KEY=VALUE"), "{text}");
-    assert!(
-        text.contains("-e TOKEN: \"TOKEN\" is also a secret"),
-        "{text}"
-    );
-    assert!(text.contains("-e 1X:"), "{text}");
-    assert!(text.contains("--image: empty image name"), "{text}");
-    assert!(
         !text.contains("supersecretvalue") && !text.contains("alsosecret"),
         "{text}"
     );
+    assert_eq!(all.len(), 10, "{text}");
+    text
+}
+
+#[test]
+fn merge_errors_name_the_flag_and_never_echo_values() {
+    let text = merge_problems(Spelling::Flags);
+    for want in [
+        "--name: invalid agent name \"Bad_Name\"",
+        "--grant githb: unknown grant provider \"githb\" (did you mean \"github\"?)",
+        "--grant github,: empty grant name",
+        "-e NOEQUALS: expected KEY=VALUE",
+        "-e TOKEN: \"TOKEN\" is also a secret",
+        "-e 1X:",
+        "--image: empty image name",
+        "--policy: ",
+        "--allow * (allow[0]): ",
+        "--runtime: ",
+    ] {
+        assert!(text.contains(want), "{want}\n{text}");
+    }
+}
+
+/// The libraries (Python's keywords, C's option keys) get the problems
+/// named by the configuration's fields, never by the CLI's flags.
+#[test]
+fn merge_errors_for_the_libraries_name_the_field() {
+    let text = merge_problems(Spelling::Fields);
+    for want in [
+        "name: invalid agent name \"Bad_Name\"",
+        "grants \"githb\": unknown grant provider \"githb\" (did you mean \"github\"?)",
+        "grants \"github,\": empty grant name",
+        "env.NOEQUALS: expected KEY=VALUE",
+        "env.TOKEN: \"TOKEN\" is also a secret",
+        "env.1X:",
+        "image: empty image name",
+        "network.policy: ",
+        "network.allow[0] \"*\": ",
+        "runtime: ",
+    ] {
+        assert!(text.contains(want), "{want}\n{text}");
+    }
+    assert!(!text.contains("--") && !text.contains("-e "), "{text}");
 }
 
 #[test]

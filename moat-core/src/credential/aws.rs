@@ -64,12 +64,12 @@ pub fn parse_duration(text: &str) -> Result<u32> {
         .and_then(|n| n.checked_mul(mult))
         .ok_or_else(|| {
             bad(format!(
-                "--session-duration: \"{text}\" is not a duration like 15m or 1h"
+                "session duration: \"{text}\" is not a duration like 15m or 1h"
             ))
         })?;
     if !(900..=43200).contains(&secs) {
         return Err(bad(format!(
-            "--session-duration: {secs} s is outside what STS allows (15m to 12h)"
+            "session duration: {secs} s is outside what STS allows (15m to 12h)"
         )));
     }
     Ok(secs)
@@ -95,7 +95,7 @@ pub fn grant(
             .is_some_and(|n| !n.is_empty());
     if !ok {
         return Err(bad(format!(
-            "--role: \"{role_arn}\" is not an IAM role ARN like arn:aws:iam::123456789012:role/AgentRole"
+            "role: \"{role_arn}\" is not an IAM role ARN like arn:aws:iam::123456789012:role/AgentRole"
         )));
     }
     let region = region.unwrap_or("us-east-1");
@@ -104,12 +104,12 @@ pub fn grant(
             .chars()
             .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
     {
-        return Err(bad(format!("--region: \"{region}\" is not an AWS region")));
+        return Err(bad(format!("region: \"{region}\" is not an AWS region")));
     }
     let session_duration = session_duration.unwrap_or(900);
     if !(900..=43200).contains(&session_duration) {
         return Err(bad(format!(
-            "--session-duration: {session_duration} s is outside what STS allows (15m to 12h)"
+            "session duration: {session_duration} s is outside what STS allows (15m to 12h)"
         )));
     }
     let role = AwsRole {

@@ -108,7 +108,7 @@ pub async fn github_login(token: &Secret<String>) -> Result<String> {
     if status == http::StatusCode::UNAUTHORIZED {
         return Err(Error::new(
             ErrorKind::InvalidArgument,
-            "GitHub rejected the token (401 Bad credentials); check it, or pass --no-validate",
+            "GitHub rejected the token (401 Bad credentials); check it, or store it unchecked (`moat grant --no-validate`; validate=False in Python, false in C)",
         ));
     }
     if !status.is_success() {

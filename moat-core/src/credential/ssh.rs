@@ -73,11 +73,11 @@ pub fn grant(
     fingerprint: Option<&str>,
 ) -> Result<SshGrant> {
     let pattern = crate::policy::HostPattern::parse(host)
-        .map_err(|e| Error::new(ErrorKind::InvalidArgument, format!("--host: {e}")))?;
+        .map_err(|e| Error::new(ErrorKind::InvalidArgument, format!("host: {e}")))?;
     if host.contains('*') || pattern.port().is_some() {
         return Err(Error::new(
             ErrorKind::InvalidArgument,
-            "--host: name one host, without wildcards or a port",
+            "host: name one host, without wildcards or a port",
         ));
     }
     let socket = socket.ok_or_else(|| {
@@ -112,7 +112,7 @@ pub fn grant(
                     Error::new(
                         ErrorKind::InvalidArgument,
                         format!(
-                            "--key {fp}: the ssh agent holds no such key; it holds {}",
+                            "key {fp}: the ssh agent holds no such key; it holds {}",
                             have.join(", ")
                         ),
                     )
