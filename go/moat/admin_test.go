@@ -601,9 +601,11 @@ func TestAuditOfAProxy(t *testing.T) {
 	if _, err := moat.VerifyBundle(changed, ""); !errors.Is(err, moat.StatusConfig) {
 		t.Fatalf("VerifyBundle of a changed bundle: %v", err)
 	}
-	write(t, changed, "not json")
-	if _, err := moat.VerifyBundle(changed, ""); !errors.Is(err, moat.StatusInvalidArgument) || !strings.Contains(err.Error(), "not a bundle") {
-		t.Fatalf("VerifyBundle of a file that is no bundle: %v", err)
+	for _, text := range []string{"not json", `{"format": "something else"}`} {
+		write(t, changed, text)
+		if _, err := moat.VerifyBundle(changed, ""); !errors.Is(err, moat.StatusInvalidArgument) || !strings.Contains(err.Error(), "not a bundle") {
+			t.Fatalf("VerifyBundle of a file that is no bundle (%s): %v", text, err)
+		}
 	}
 	if _, err := moat.VerifyBundle(filepath.Join(home, "missing.json"), ""); !errors.Is(err, moat.StatusIO) {
 		t.Fatalf("VerifyBundle of no file: %v", err)

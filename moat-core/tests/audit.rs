@@ -323,6 +323,13 @@ fn bundles_verify_offline_and_tampering_fails() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("is not the expected key"), "{e}");
+    // A file that is no bundle, JSON or not, is an invalid argument.
+    for text in ["not json", r#"{"format": "something else"}"#] {
+        std::fs::write(&bad, text).unwrap();
+        let e = audit::verify_bundle(&bad, None).unwrap_err();
+        assert_eq!(e.kind(), moat_core::ErrorKind::InvalidArgument, "{e}");
+        assert!(e.to_string().contains("not a bundle"), "{e}");
+    }
     // A malformed expected key is an invalid argument, as for `verify`.
     let e = audit::verify_bundle(&bundle, Some("moat+nothex+%%%")).unwrap_err();
     assert_eq!(e.kind(), moat_core::ErrorKind::InvalidArgument, "{e}");

@@ -1290,6 +1290,69 @@ async fn a_slow_client_does_not_hold_a_connection_forever() {
     assert!(closed.is_ok(), "a silent tunnel was kept open");
 }
 
+/// Plain HTTP on one keep-alive connection: every request is judged and
+/// recorded, an allowance is audited once per destination (as a tunnel's
+/// is), and every refusal is audited.
+#[tokio::test(flavor = "multi_thread")]
+async fn plain_http_allowances_are_audited_once_per_connection_and_destination() {
+    use base64::Engine;
+    let s = setup_with(true, PolicyMode::Strict, &["other.test"], Limits::default()).await;
+    let url = s.url();
+    let token = url
+        .trim_start_matches("http://moat:")
+        .split('@')
+        .next()
+        .unwrap();
+    let auth = format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode(format!("moat:{token}"))
+    );
+    let tcp = TcpStream::connect(s.proxy.local_addr()).await.unwrap();
+    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let targets = [
+        ("http://other.test/a", "other.test", 200),
+        ("http://other.test/b", "other.test", 200),
+        ("http://blocked.example.com/x", "blocked.example.com", 403),
+        ("http://other.test/c", "other.test", 200),
+        ("http://blocked.example.com/y", "blocked.example.com", 403),
+        ("http://other.test/d", "other.test", 200),
+    ];
+    for (target, host, want) in targets {
+        ready(&mut send).await;
+        let mut req = get(target, host);
+        req.headers_mut()
+            .insert("proxy-authorization", auth.parse().unwrap());
+        let resp = send.send_request(req).await.unwrap();
+        assert_eq!(resp.status().as_u16(), want, "{target}");
+        body_text(resp).await;
+    }
+    let events = s.sink.events();
+    let decisions = |allowed: bool, name: &str| {
+        events
+            .iter()
+            .filter(|e| {
+                matches!(e, AuditEvent::PolicyDecision { allowed: a, host, .. }
+                if *a == allowed && host == name)
+            })
+            .count()
+    };
+    // Four requests to other.test, with refusals between them: one
+    // allowance; each refusal on its own.
+    assert_eq!(decisions(false, "blocked.example.com"), 2, "{events:?}");
+    assert_eq!(decisions(true, "other.test"), 1, "{events:?}");
+    let requests = s
+        .sink
+        .records()
+        .into_iter()
+        .filter(|r| r.host == "other.test")
+        .count();
+    assert_eq!(requests, 4, "every request is recorded");
+    assert_eq!(s.seen_plain().len(), 4);
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn plain_http_never_carries_a_credential() {
     let env = env();

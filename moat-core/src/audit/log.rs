@@ -1106,7 +1106,14 @@ pub fn verify_bundle(path: &Path, vkey: Option<&str>) -> Result<Report> {
     })?;
     let fail = |m: String| bad(ErrorKind::Config, format!("{}: {m}", path.display()));
     if b["format"] != "moat-audit-bundle/1" {
-        return Err(fail("not a moat-audit-bundle/1".into()));
+        // JSON, but no bundle: as for a file that is not JSON.
+        return Err(bad(
+            ErrorKind::InvalidArgument,
+            format!(
+                "{}: not a bundle (no \"format\": \"moat-audit-bundle/1\")",
+                path.display()
+            ),
+        ));
     }
     let own = b["vkey"].as_str().ok_or_else(|| fail("no vkey".into()))?;
     if let Some(want) = vkey {

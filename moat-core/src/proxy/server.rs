@@ -123,11 +123,19 @@ pub(crate) async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
 /// connection and by a tunnel it became, until both end.
 type Permit = Arc<tokio::sync::OwnedSemaphorePermit>;
 
+/// What a client connection allowed last over plain HTTP: (client id,
+/// host, port, rule). A keep-alive connection's requests to one host are
+/// audited as one policy decision, as a tunnel's are (each request is still
+/// judged, and recorded as a request of its own).
+type LastAllowed = Arc<std::sync::Mutex<Option<(u64, String, u16, String)>>>;
+
 async fn serve_client(tcp: tokio::net::TcpStream, shared: Arc<Shared>, permit: Permit) {
     let cancel = shared.cancel.clone();
     let svc_shared = shared.clone();
-    let service =
-        service_fn(move |req| handle_proxy_request(svc_shared.clone(), permit.clone(), req));
+    let last: LastAllowed = Arc::default();
+    let service = service_fn(move |req| {
+        handle_proxy_request(svc_shared.clone(), permit.clone(), last.clone(), req)
+    });
     let conn = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
         .header_read_timeout(shared.limits.header_timeout)
@@ -415,7 +423,17 @@ pub(crate) const ABANDONED: &str =
 
 /// The size of a request head as sent: request line and header lines.
 fn head_size<B>(req: &Request<B>) -> usize {
-    let line = req.method().as_str().len() + req.uri().to_string().len() + 12;
+    /// Counts what is written (the URI's length without building it).
+    struct Count(usize);
+    impl std::fmt::Write for Count {
+        fn write_str(&mut self, s: &str) -> std::fmt::Result {
+            self.0 += s.len();
+            Ok(())
+        }
+    }
+    let mut uri = Count(0);
+    let _ = std::fmt::Write::write_fmt(&mut uri, format_args!("{}", req.uri()));
+    let line = req.method().as_str().len() + uri.0 + 12;
     line + req
         .headers()
         .iter()
@@ -433,6 +451,7 @@ fn too_large() -> Response<ProxyBody> {
 async fn handle_proxy_request(
     shared: Arc<Shared>,
     permit: Permit,
+    last: LastAllowed,
     req: Request<Incoming>,
 ) -> Result<Response<ProxyBody>, Infallible> {
     if head_size(&req) > shared.limits.max_header_bytes {
@@ -456,7 +475,7 @@ async fn handle_proxy_request(
         return Ok(internal(&ctx, &req).await);
     }
     if req.uri().scheme_str() == Some("http") && req.uri().authority().is_some() {
-        return Ok(forward_plain(shared, ctx, req).await);
+        return Ok(forward_plain(shared, ctx, &last, req).await);
     }
     Ok(text_response(
         StatusCode::BAD_REQUEST,
@@ -1058,16 +1077,17 @@ fn intercepted_url<B>(host: &str, port: u16, req: &Request<B>) -> String {
 }
 
 /// Hop-by-hop headers, never forwarded.
-const HOP_BY_HOP: &[&str] = &[
-    "connection",
-    "proxy-connection",
-    "keep-alive",
-    "proxy-authorization",
-    "proxy-authenticate",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
+/// The hop-by-hop headers, as names (removing by name needs no parsing).
+const HOP_BY_HOP: [HeaderName; 9] = [
+    header::CONNECTION,
+    HeaderName::from_static("proxy-connection"),
+    HeaderName::from_static("keep-alive"),
+    header::PROXY_AUTHORIZATION,
+    header::PROXY_AUTHENTICATE,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
 ];
 
 fn strip_hop_by_hop(headers: &mut HeaderMap) {
@@ -1081,8 +1101,8 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
     for name in listed {
         headers.remove(name);
     }
-    for name in HOP_BY_HOP {
-        headers.remove(*name);
+    for name in &HOP_BY_HOP {
+        headers.remove(name);
     }
 }
 
@@ -1765,6 +1785,7 @@ fn misdirected(
 async fn forward_plain(
     shared: Arc<Shared>,
     ctx: Arc<ClientCtx>,
+    last: &LastAllowed,
     req: Request<Incoming>,
 ) -> Response<ProxyBody> {
     let authority = req
@@ -1784,7 +1805,21 @@ async fn forward_plain(
         port,
     );
     let decision = ctx.policy.decide(&host, port);
-    out.decision(decision.allowed, &decision.rule);
+    // Refusals are audited every time; an allowance once per connection
+    // and destination (and again whenever the allowing rule changes).
+    let repeated = decision.allowed
+        && last.lock().is_ok_and(|mut last| {
+            let same = last.as_ref().is_some_and(|(id, h, p, rule)| {
+                (*id, h.as_str(), *p, rule.as_str()) == (ctx.id, &*host, port, &*decision.rule)
+            });
+            if !same {
+                *last = Some((ctx.id, host.clone(), port, decision.rule.clone()));
+            }
+            same
+        });
+    if !repeated {
+        out.decision(decision.allowed, &decision.rule);
+    }
     if !decision.allowed {
         out.record(
             Some(403),
