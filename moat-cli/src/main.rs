@@ -865,29 +865,65 @@ fn internal(e: impl std::fmt::Display) -> Error {
 
 /// Prints every problem of `err` on stderr; a located problem gets the line
 /// of source it points at, with a caret under the column.
+/// The most problems `report` prints; the rest are counted.
+const MAX_REPORTED: usize = 50;
+/// The most characters of a line a snippet shows, around its column.
+const SNIPPET_WIDTH: usize = 120;
+
+/// Prints every problem of `err` (up to [`MAX_REPORTED`]), each with the
+/// line it is on. Control characters in messages and lines are escaped: a
+/// configuration or a path may hold terminal escape sequences.
 fn report(err: &Error) {
-    for d in err.diagnostics() {
-        eprintln!("error: {d}");
+    let printable = moat_core::run::trace_view::printable;
+    // Each file is read once (by the same rules as `config::load`: bounded,
+    // never blocking, never out of its directory), not once per problem.
+    let mut sources: std::collections::HashMap<PathBuf, Option<String>> = Default::default();
+    let all = err.diagnostics();
+    for d in all.iter().take(MAX_REPORTED) {
+        eprintln!("error: {}", printable(&d.to_string()));
         if let Some(loc) = &d.location {
-            if let Some(snippet) = snippet(&loc.path, loc.line, loc.column) {
+            let text = sources
+                .entry(loc.path.clone())
+                .or_insert_with(|| config::read_config_source(&loc.path).ok());
+            if let Some(snippet) = text
+                .as_deref()
+                .and_then(|t| snippet(t, loc.line, loc.column))
+            {
                 eprintln!("{snippet}");
             }
         }
     }
+    if all.len() > MAX_REPORTED {
+        eprintln!("error: ... and {} more problems", all.len() - MAX_REPORTED);
+    }
 }
 
-fn snippet(path: &Path, line: u32, column: u32) -> Option<String> {
-    let text = std::fs::read_to_string(path).ok()?;
+/// Line `line` of `text` with a caret under `column`: at most
+/// [`SNIPPET_WIDTH`] characters of it, around the column, escaped.
+fn snippet(text: &str, line: u32, column: u32) -> Option<String> {
     let source = text
         .lines()
         .nth(usize::try_from(line).ok()?.checked_sub(1)?)?;
+    let column = usize::try_from(column).ok()?.saturating_sub(1);
+    let chars: Vec<char> = source.chars().collect();
+    let start = column.saturating_sub(SNIPPET_WIDTH / 2).min(chars.len());
+    let end = (start + SNIPPET_WIDTH).min(chars.len());
+    let escape =
+        |part: &[char]| moat_core::run::trace_view::printable(&part.iter().collect::<String>());
+    let before = escape(&chars[start..column.clamp(start, end)]);
+    let shown = format!(
+        "{}{}{}",
+        if start > 0 { "..." } else { "" },
+        escape(&chars[start..end]),
+        if end < chars.len() { "..." } else { "" }
+    );
     let number = line.to_string();
     let pad = " ".repeat(number.len());
     // Columns count characters; keep tabs so the caret lines up.
-    let lead: String = source
+    let lead: String = (if start > 0 { "..." } else { "" })
         .chars()
-        .take(usize::try_from(column).ok()?.saturating_sub(1))
+        .chain(before.chars())
         .map(|c| if c == '\t' { '\t' } else { ' ' })
         .collect();
-    Some(format!(" {number} | {source}\n {pad} | {lead}^"))
+    Some(format!(" {number} | {shown}\n {pad} | {lead}^"))
 }

@@ -13,9 +13,8 @@ regressions. The config-level tests need no container engine; those that
 start runs use the local test image (and are skipped without it).
 """
 
+import json
 import os
-import pathlib
-import shutil
 import subprocess
 import tempfile
 import threading
@@ -23,7 +22,7 @@ import time
 
 import pytest
 
-from runhelp import ENGINE, IMAGE, MOAT, Moat, docker_problem, wait_until
+from runhelp import IMAGE, MOAT, Moat, docker_problem
 
 SECRET = "ghp_HostileWorkspaceSECRET0123456789abcd"
 
@@ -32,7 +31,13 @@ SECRET = "ghp_HostileWorkspaceSECRET0123456789abcd"
 def m(tmp_path):
     moat = Moat(tmp_path)
     yield moat
-    moat.cleanup()
+    # A run whose supervisor never started (refused its handoff) holds
+    # nothing on the engine, and `moat stop` would wait 30 s for it.
+    runs = moat.home / "runs"
+    started = [p for p in runs.glob("run_*/run.json")
+               if json.loads(p.read_text()).get("supervisor")] if runs.is_dir() else []
+    if started:
+        moat.cleanup()
 
 
 def needs_engine():
@@ -98,14 +103,19 @@ def test_agent_yaml_linked_to_proc_environ_does_not_print_moats_environment(m):
 
 def test_agent_yaml_linked_outside_the_workspace_is_not_echoed(m, tmp_path):
     """Attack: agent.yaml is a committed link to a file outside the
-    workspace (/etc/shadow, ~/.aws/credentials, another user's file that
-    root may read). moat reads it as root and echoes its lines in the
-    errors' snippets. A link that leaves the workspace must not make moat
-    print another file's content."""
-    outside = tmp_path / "not-the-workspace.yaml"
-    outside.write_text(f"root:{SECRET}:20228:0:99999:7:::\n")
+    workspace that root may read: here Claude Code's login
+    (../../root/.claude/.credentials.json; JSON is YAML), elsewhere
+    /etc/shadow or ~/.aws/credentials. moat reads it as root and echoes its
+    lines in the errors' snippets (`unknown field "claudeAiOauth"` and the
+    line with both tokens): a pull request's CI run of `moat claude -p`
+    publishes them. A link that leaves the workspace must not make moat
+    print another file's content (invariant 7)."""
+    creds = tmp_path / "userhome" / ".claude" / ".credentials.json"
+    creds.parent.mkdir(parents=True)
+    creds.write_text('{"claudeAiOauth": {"accessToken": "sk-ant-oat01-%s", '
+                     '"refreshToken": "sk-ant-ort01-%s", "expiresAt": 1}}\n' % (SECRET, SECRET))
     ws = ws_with(m)
-    (ws / "agent.yaml").symlink_to(os.path.relpath(outside, ws))
+    (ws / "agent.yaml").symlink_to(os.path.relpath(creds, ws))
     out = m("config", ws)
     assert out.returncode != 0, "a file outside the workspace is not this workspace's config"
     assert SECRET not in out.stdout + out.stderr, out.stderr
@@ -160,13 +170,13 @@ def test_a_non_regular_agent_yaml_is_never_opened(m):
     time.sleep(0.2)
     out = m("config", ws, timeout=20)
     time.sleep(0.3)
-    if not released:
+    opened_by_moat = bool(released)
+    if not opened_by_moat:
         # Let the thread go.
-        fd = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
-        os.close(fd)
-        released.append(False)
+        os.close(os.open(fifo, os.O_RDONLY | os.O_NONBLOCK))
+    t.join(timeout=5)
     assert out.returncode != 0 and "not a regular file" in out.stderr, out.stderr
-    assert released == [False], "moat opened the FIFO (a device would have been opened too)"
+    assert not opened_by_moat, "moat opened the FIFO (a device would have been opened too)"
 
 
 def test_agent_yaml_over_the_size_limit_is_refused(m):
@@ -232,9 +242,9 @@ def test_a_one_mib_agent_yaml_of_distinct_entries_parses_at_once(m, section):
         i += 1
     ws = ws_with(m, head + "".join(lines))
     started = time.time()
-    rc, _, err = run_capped(m, ["config", ws, "--json"], timeout=15)
+    rc, _, err = run_capped(m, ["config", ws, "--json"], timeout=10)
     took = time.time() - started
-    assert rc is not None, f"moat config of a 1 MiB agent.yaml ({i} entries) ran for over 15 s"
+    assert rc is not None, f"moat config of a 1 MiB agent.yaml ({i} entries) ran for over 10 s"
     assert rc == 0, err[:300]
     print(f"{i} entries: {took:.1f} s")
 
@@ -251,52 +261,79 @@ def test_error_output_is_bounded_by_the_input(m):
     assert size < 20 * len(text) + 100_000, f"{len(text)} bytes of agent.yaml gave {size} bytes of errors"
 
 
+def inotify_watch(directory):
+    """An inotify descriptor watching `directory` for files closed after
+    reading (IN_CLOSE_NOWRITE)."""
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+    fd = libc.inotify_init1(0)
+    assert fd >= 0, "inotify_init1 failed"
+    IN_CLOSE_NOWRITE = 0x10
+    assert libc.inotify_add_watch(fd, str(directory).encode(), IN_CLOSE_NOWRITE) >= 0
+    return fd
+
+
+def closed_names(fd):
+    """Names of the files whose close one read() of `fd` reports."""
+    import struct
+    buf = os.read(fd, 65536)
+    names, i = [], 0
+    while i < len(buf):
+        _, _, _, length = struct.unpack_from("iIII", buf, i)
+        names.append(buf[i + 16:i + 16 + length].rstrip(b"\0").decode())
+        i += 16 + length
+    return names
+
+
 def test_the_error_snippet_is_not_read_again_from_the_workspace(m, tmp_path):
     """Attack (TOCTOU): between the read moat validates and the snippet it
     prints, agent.yaml is swapped for a link to a FIFO (or /dev/zero). The
-    CLI's `snippet` reads the path again with read_to_string: no size
-    limit, no O_NONBLOCK, no check that it is a file. A FIFO hangs moat for
-    ever; /dev/zero eats memory until the OOM killer comes. The swapper is
-    anything that can write the workspace: an agent of an earlier run of it
-    (`moat run -d`) that is still running."""
+    CLI's `snippet` (moat-cli main.rs) reads the path again with
+    read_to_string: no size limit, no O_NONBLOCK, no check that it is a
+    file. A FIFO hangs moat for ever; /dev/zero eats memory until the OOM
+    killer comes. The swapper is anything that can write the workspace: an
+    agent of an earlier run of it (`moat run -d`) that is still running. It
+    swaps as soon as moat has closed the file it read (inotify)."""
     ws = ws_with(m)
     fifo = tmp_path / "fifo"
     os.mkfifo(fifo)
-    stop = threading.Event()
-
-    def swapper():
+    # Long enough that validating it takes longer than the swap.
+    text = "# padding\n" * 20000 + "bogus: 1\n"
+    hung = 0
+    for attempt in range(5):
         a = ws / "agent.yaml"
-        while not stop.is_set():
-            link, plain = ws / ".l", ws / ".r"
-            try:
-                link.unlink()
-            except FileNotFoundError:
-                pass
+        if a.is_symlink() or a.exists():
+            a.unlink()
+        a.write_text(text)
+        fd = inotify_watch(ws)
+        stop = threading.Event()
+
+        def swapper():
+            while "agent.yaml" not in closed_names(fd):
+                if stop.is_set():
+                    return
+            link = ws / ".link"
             link.symlink_to(fifo)
             os.rename(link, a)
-            plain.write_text("bogus: 1\n")
-            os.rename(plain, a)
 
-    (ws / "agent.yaml").write_text("bogus: 1\n")
-    t = threading.Thread(target=swapper, daemon=True)
-    t.start()
-    hung = 0
-    try:
-        for _ in range(25):
-            rc, _, _ = run_capped(m, ["config", ws], timeout=3)
-            if rc is None:
-                hung += 1
-                break
-    finally:
+        t = threading.Thread(target=swapper, daemon=True)
+        t.start()
+        rc, _, err = run_capped(m, ["config", ws], timeout=5)
         stop.set()
+        (ws / ".wake").write_text("")
+        (ws / ".wake").read_text()
         t.join(timeout=5)
-        # Release any reader still blocked on the FIFO.
+        os.close(fd)
+        # Release a reader still blocked on the FIFO, if any.
         try:
-            fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
-            os.close(fd)
+            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
         except OSError:
             pass
-    assert hung == 0, "moat config hung on the FIFO swapped in after validation"
+        if rc is None:
+            hung += 1
+            break
+        assert rc != 0, err[:300]
+    assert hung == 0, f"moat config hung on the FIFO swapped in after validation (attempt {attempt + 1})"
 
 
 # ============================================ what moat prints to the terminal
@@ -355,6 +392,12 @@ def test_a_dotdot_mount_into_the_moat_home_is_refused(m):
     """Attack: `..` climbing to the moat home (regression guard)."""
     needs_engine()
     ws = ws_with(m, f"mounts:\n  - {os.path.relpath(m.home, m.tmp / 'ws')}/proxy:/p:ro\n")
+    out = run_true(m, ws)
+    # Refused as it is read: a relative source may not leave the workspace.
+    assert out.returncode != 0 and no_runs(m), out.stderr
+    assert "climbs out of the workspace" in out.stderr, out.stderr
+    # Written by its absolute path, it is refused as moat's own files.
+    ws = ws_with(m, f"mounts:\n  - {m.home}/proxy:/p:ro\n")
     out = run_true(m, ws)
     assert refused(out, m) and "moat's own files" in out.stderr, out.stderr
 
@@ -415,7 +458,9 @@ def test_the_users_credential_stores_are_never_mounted(m, tmp_path, store):
     f.parent.mkdir(parents=True)
     f.write_text(SECRET)
     ws = ws_with(m, f"mounts:\n  - {home / store}:/stolen:ro\n")
-    out = m("run", ws, "--image", IMAGE, "--", "true", env={"HOME": str(home)}, timeout=120)
+    out = m("run", ws, "--image", IMAGE, "--", "sh", "-c", "find /stolen -type f -exec cat {} +",
+            env={"HOME": str(home)}, timeout=120)
+    assert SECRET not in out.stdout, f"the agent read {files[store]}: {out.stdout}"
     assert refused(out, m), out.stderr
 
 
@@ -432,6 +477,26 @@ def test_a_mount_inside_the_workspace_works(m):
     (ws / "data" / "hello").write_text("mounted\n")
     out = m("run", ws, "--image", IMAGE, "--", "cat", "/data/hello", timeout=120)
     assert out.returncode == 0 and "mounted" in out.stdout, out.stderr
+
+
+def test_the_agent_cannot_rewrite_the_policy_of_the_next_run(m):
+    """Attack: the agent (prompt-injected by the repository, or its build
+    scripts) rewrites /workspace/agent.yaml, which the workspace mount
+    gives it read-write: the user's strict policy becomes permissive, and
+    `mounts:` (/etc, ~/.bashrc), `grants:` or `secrets:` are added for the
+    next `moat run` or `moat claude` of the workspace, which takes them
+    without a word. Safe: the file the run was planned from is out of the
+    agent's reach (a read-only bind over it), or moat says at the run's end
+    that it changed."""
+    needs_engine()
+    strict = "network:\n  policy: strict\n"
+    ws = ws_with(m, strict)
+    script = ("printf 'network:\\n  policy: permissive\\nmounts:\\n  - /etc:/hostetc\\n' "
+              "> /workspace/agent.yaml; echo rewritten")
+    out = m("run", ws, "--image", IMAGE, "--", "sh", "-c", script, timeout=120)
+    now = (ws / "agent.yaml").read_text()
+    assert now == strict or "agent.yaml" in out.stdout + out.stderr, (
+        f"agent.yaml is now {now!r}; moat said: {out.stderr[-500:]}")
 
 
 # ============================================ between the check and the mount
@@ -457,32 +522,35 @@ def swap_when_run_appears(m, path, target, timeout=60):
 
 
 def test_a_workspace_swapped_for_a_link_after_the_check_is_not_mounted(m, tmp_path):
-    """Attack (TOCTOU): the workspace lies in a directory an agent of
-    another run can write (a monorepo run with `moat run -d repo`, then
-    `moat run repo/pkg`). After moat's checks (run::start::launch ->
-    check_mounts) and before the supervisor creates the container, the
-    agent renames pkg and puts a link to the moat home in its place. The
-    engine follows the link: the new container gets the CA key, the
-    credential store and its key at /workspace. And when the run ends, the
-    root agent's workspace clean-up (scrub_workspace) chmods the link's
-    target to the old workspace's mode."""
+    """Attack (TOCTOU): the workspace lies in a directory its attacker can
+    write: another local user's home (root runs `moat run
+    /home/alice/repo` to review alice's code), or a monorepo an agent of
+    another run writes (`moat run -d repo`, then `moat run repo/pkg`).
+    After moat's checks (run::start::launch: canonicalize, check_mounts)
+    and before the supervisor creates the container, the attacker renames
+    the workspace and puts a link in its place, here to the moat home
+    (alice would choose /root). The engine follows the link, and the
+    supervisor takes the agent's uid from the link's target
+    (files.rs agent_user, at the files step): the container gets the CA
+    key, the credential store and its key at /workspace, and runs as root
+    instead of the workspace's owner (uid 1000)."""
     needs_engine()
     m.home.mkdir(parents=True, exist_ok=True)
     os.chmod(m.home, 0o700)
-    # Make sure the moat home holds its CA before the run.
     repo = tmp_path / "repo"
     pkg = repo / "pkg"
     pkg.mkdir(parents=True)
-    os.chmod(pkg, 0o755)
-    (pkg / "agent.yaml").write_text("name: pkg\n")
+    os.chown(pkg, 1000, 1000)
     proc = m.popen("run", pkg, "--image", IMAGE, "--", "sh", "-c",
-                   "ls -a /workspace; cat /workspace/proxy/ca/ca.key 2>/dev/null | head -1")
+                   "echo uid=$(id -u); ls -a /workspace; "
+                   "cat /workspace/proxy/ca/ca.key 2>/dev/null | head -1")
     swapped = swap_when_run_appears(m, pkg, m.home)
     out, err = proc.communicate(timeout=120)
     assert swapped, "the run never appeared"
     mode = os.stat(m.home).st_mode & 0o7777
     assert "PRIVATE KEY" not in out, "the agent read the moat CA key:\n" + out
-    assert "credentials" not in out.split() and "runs" not in out.split(), out
+    assert "runs" not in out.split(), "the agent saw the moat home:\n" + out
+    assert "uid=0" not in out, "the agent ran as root, not as the workspace's owner:\n" + out
     assert mode == 0o700, f"the moat home's mode became {oct(mode)}"
 
 
@@ -510,12 +578,14 @@ def test_a_mount_source_swapped_after_the_check_is_not_mounted(m):
 
 # ======================================================= the workspace's path
 
-@pytest.mark.parametrize("name", ["a:b", "a,b", "x:/etc:ro"])
-def test_a_workspace_path_with_a_colon_or_comma_is_mounted_as_itself(m, tmp_path, name):
+@pytest.mark.parametrize("name", ["a:b", "a,b", "x:ro", "y:rw,z"])
+def test_a_workspace_path_with_a_colon_or_comma_mounts_nothing_else(m, tmp_path, name):
     """Attack: a workspace whose path holds `:` (or `,`): the engine's bind
-    is the string `source:target:mode`, so a colon in the source splits it
-    (bind-mount syntax injection). The run must mount exactly the
-    workspace, or refuse with a clear error, never another path."""
+    is the string `source:target:mode` (docker.rs create_container), so a
+    colon in the source splits it (bind-mount syntax injection: `x:ro`
+    would read as source `x`, target `ro`). Docker and Podman refuse four
+    fields, so this fails closed; the run must mount exactly the workspace
+    or fail naming it, never mount another path."""
     needs_engine()
     ws = tmp_path / name
     ws.mkdir()
@@ -524,5 +594,4 @@ def test_a_workspace_path_with_a_colon_or_comma_is_mounted_as_itself(m, tmp_path
     if out.returncode == 0:
         assert "the workspace" in out.stdout
     else:
-        assert no_runs(m) or "workspace" in out.stderr, out.stderr
-        assert "invalid" not in out.stderr.lower() or "workspace" in out.stderr, out.stderr
+        assert str(ws) in out.stderr, out.stderr

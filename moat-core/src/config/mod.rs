@@ -319,12 +319,28 @@ pub struct Mount {
     /// The absolute path in the container.
     pub target: String,
     /// Mounted read-only.
-    #[serde(serialize_with = "serialize_mode", rename = "mode")]
+    #[serde(
+        serialize_with = "serialize_mode",
+        deserialize_with = "deserialize_mode",
+        rename = "mode"
+    )]
     pub read_only: bool,
 }
 
 fn serialize_mode<S: serde::Serializer>(ro: &bool, s: S) -> std::result::Result<S::Ok, S::Error> {
     s.serialize_str(if *ro { "ro" } else { "rw" })
+}
+
+/// Reads what [`serialize_mode`] writes (a run plan goes to the supervisor
+/// as JSON and must come back the same).
+fn deserialize_mode<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<bool, D::Error> {
+    match <String as Deserialize>::deserialize(d)?.as_str() {
+        "ro" => Ok(true),
+        "rw" => Ok(false),
+        other => Err(serde::de::Error::custom(format!(
+            "mount mode \"{other}\" is neither ro nor rw"
+        ))),
+    }
 }
 
 impl Mount {
@@ -384,6 +400,13 @@ impl Mount {
             .to_string());
         }
         let source = normalize(&workspace.join(src));
+        // A relative source is the workspace's: `..` may not take it out
+        // (a directory outside is written by its absolute path, visibly).
+        if !src.starts_with('/') && !source.starts_with(normalize(workspace)) {
+            return Err(format!(
+                "mount \"{text}\": source \"{src}\" climbs out of the workspace; a relative source must stay in it (write a directory outside by its absolute path)"
+            ));
+        }
         Ok(Mount {
             source,
             target: target.to_string(),
@@ -788,7 +811,7 @@ pub fn load(workspace: &Path) -> Result<Config> {
     let Some(file) = file else {
         return Ok(Config::defaults(abs_dir));
     };
-    let bytes = read_config_file(&file)?;
+    let bytes = read_config_file(&file, &abs_dir)?;
     let text = String::from_utf8(bytes).map_err(|e| {
         let valid = &e.as_bytes()[..e.utf8_error().valid_up_to()];
         let line = valid.iter().filter(|b| **b == b'\n').count() + 1;
@@ -815,23 +838,65 @@ pub fn load(workspace: &Path) -> Result<Config> {
 /// Reads a configuration file that must be there: a regular file (after
 /// links) of at most [`MAX_CONFIG_BYTES`]. Opened without blocking, so a
 /// FIFO in its place is refused rather than waited on.
-fn read_config_file(file: &Path) -> Result<Vec<u8>> {
+/// Reads a configuration file again the way [`load`] did (for showing the
+/// lines of its errors): a regular file of its own directory, bounded,
+/// never blocking, never through a link out of that directory.
+pub fn read_config_source(file: &Path) -> Result<String> {
+    let dir = file
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let dir = std::fs::canonicalize(dir).map_err(|e| Error::io(dir, "open", e))?;
+    let bytes = read_config_file(file, &dir)?;
+    String::from_utf8(bytes)
+        .map_err(|_| Error::new(ErrorKind::Config, format!("{}: not utf-8", file.display())))
+}
+
+/// Reads a workspace's configuration file: a regular file of the workspace
+/// (`workspace`, canonical), at most [`MAX_CONFIG_BYTES`]. A link that
+/// leads out of the workspace is refused before anything is opened: a
+/// cloned repository's `agent.yaml -> /proc/self/environ` or `-> ~/.aws/
+/// credentials` would otherwise be read, and echoed in error messages. So
+/// is anything but a regular file (a device acts when opened).
+fn read_config_file(file: &Path, workspace: &Path) -> Result<Vec<u8>> {
     use std::io::Read;
     use std::os::unix::fs::OpenOptionsExt;
-    let mut f = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NONBLOCK)
-        .open(file)
-        .map_err(|e| Error::io(file, "read", e))?;
-    let meta = f.metadata().map_err(|e| Error::io(file, "read", e))?;
-    if !meta.is_file() {
-        return Err(Error::new(
+    let not_a_file = || {
+        Error::new(
             ErrorKind::Config,
             format!(
                 "{}: cannot read: not a regular file; a configuration must be a file",
                 file.display()
             ),
+        )
+    };
+    let real = std::fs::canonicalize(file).map_err(|e| Error::io(file, "read", e))?;
+    if !real.starts_with(workspace) {
+        return Err(Error::new(
+            ErrorKind::Config,
+            format!(
+                "{}: is a link to {}, outside the workspace; a configuration must be a file of the workspace (a link a repository holds could read any file of yours)",
+                file.display(),
+                real.display()
+            ),
         ));
+    }
+    if !std::fs::metadata(&real)
+        .map_err(|e| Error::io(file, "read", e))?
+        .is_file()
+    {
+        return Err(not_a_file());
+    }
+    // The checked path, not followed again should its last part have been
+    // swapped for a link since; never blocking on what replaced it.
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOFOLLOW)
+        .open(&real)
+        .map_err(|e| Error::io(file, "read", e))?;
+    let meta = f.metadata().map_err(|e| Error::io(file, "read", e))?;
+    if !meta.is_file() {
+        return Err(not_a_file());
     }
     if meta.len() > MAX_CONFIG_BYTES {
         return Err(Error::new(
@@ -1202,13 +1267,15 @@ impl Validator<'_> {
                     let Some(items) = self.seq(value, "network.allow") else {
                         continue;
                     };
+                    let mut seen: std::collections::HashSet<HostPattern> =
+                        c.network.allow.iter().cloned().collect();
                     for item in items {
                         let Some(s) = self.string(item, "network.allow", false) else {
                             continue;
                         };
                         match HostPattern::parse(s) {
                             Ok(p) => {
-                                if !c.network.allow.contains(&p) {
+                                if seen.insert(p.clone()) {
                                     c.network.allow.push(p);
                                 }
                             }

@@ -189,11 +189,26 @@ fn scalars_are_taken_as_written_where_strings_are_meant() {
 
 #[test]
 fn relative_mounts_resolve_against_workspace() {
-    let c = ok("mounts:\n  - ../shared:/shared\n  - /abs/path:/abs:rw\n  - data/./x:/x:ro\n");
-    assert_eq!(c.mounts[0].source, PathBuf::from("/shared"));
+    let c = ok("mounts:\n  - sub/../shared:/shared\n  - /abs/path:/abs:rw\n  - data/./x:/x:ro\n");
+    assert_eq!(c.mounts[0].source, PathBuf::from("/ws/shared"));
     assert!(!c.mounts[0].read_only);
     assert_eq!(c.mounts[1].source, PathBuf::from("/abs/path"));
     assert_eq!(c.mounts[2].source, PathBuf::from("/ws/data/x"));
+    // A relative source may not climb out of the workspace: a directory
+    // outside is written by its absolute path.
+    for climb in ["../shared", "data/../../x", ".."] {
+        let err = parse_str(
+            &format!("mounts:\n  - {climb}:/m\n"),
+            Path::new("agent.yaml"),
+            Path::new("/ws"),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("climbs out of the workspace"),
+            "{climb}: {err}"
+        );
+    }
 }
 
 /// (yaml, line, column, message). Each file has exactly one problem.
@@ -932,4 +947,22 @@ fn network_rules_are_read_with_their_places() {
         err.contains("agent.yaml:3:7") && err.contains("a host with its rules"),
         "{err}"
     );
+}
+
+/// A mount goes to the supervisor inside the run plan as JSON and must come
+/// back as it was (it once came back as an error, and no run with `mounts:`
+/// could start).
+#[test]
+fn mounts_survive_a_round_trip_through_json() {
+    let ws = Path::new("/ws");
+    for text in ["./data:/data:ro", "/abs:/x", "/abs:/y:rw"] {
+        let m = Mount::parse(text, ws).unwrap();
+        let json = serde_json::to_string(&m).unwrap();
+        let back: Mount = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, m, "{text}: {json}");
+    }
+    let bad = serde_json::from_str::<Mount>(r#"{"source":"/a","target":"/b","mode":"rx"}"#)
+        .unwrap_err()
+        .to_string();
+    assert!(bad.contains("neither ro nor rw"), "{bad}");
 }

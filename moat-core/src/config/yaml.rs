@@ -198,6 +198,9 @@ enum Frame {
         anchor: usize,
         entries: Vec<(Node, Node)>,
         pending_key: Option<Node>,
+        /// Each scalar key's line, to find duplicates in constant time (a
+        /// megabyte of distinct keys must not take quadratic time).
+        keys: std::collections::HashMap<String, u32>,
     },
 }
 
@@ -229,21 +232,21 @@ impl Builder {
             Some(Frame::Map {
                 entries,
                 pending_key,
+                keys,
                 ..
             }) => match pending_key.take() {
                 None => {
                     if let Value::Scalar { .. } = node.value {
                         let key = key_text(&node);
-                        if let Some((first, _)) = entries.iter().find(|(k, _)| key_text(k) == key) {
-                            let message = format!(
-                                "duplicate key \"{key}\" (first defined at line {})",
-                                first.pos.line
-                            );
+                        if let Some(first) = keys.get(key) {
+                            let message =
+                                format!("duplicate key \"{key}\" (first defined at line {first})");
                             let pos = node.pos;
                             *pending_key = Some(node);
                             self.fail(pos, message);
                             return;
                         }
+                        keys.insert(key.to_string(), node.pos.line);
                         *pending_key = Some(node);
                     } else {
                         let pos = node.pos;
@@ -303,6 +306,7 @@ impl MarkedEventReceiver for Builder {
                 anchor,
                 entries: Vec::new(),
                 pending_key: None,
+                keys: Default::default(),
             }),
             Event::SequenceEnd | Event::MappingEnd => {
                 let (node, anchor) = match self.stack.pop() {

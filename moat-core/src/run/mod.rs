@@ -40,7 +40,7 @@ pub use lifecycle::{
 pub use meta::{
     check_name, is_run_id, load_meta, parse_time, run_dir, runs_dir, RunMeta, RunState,
 };
-pub use plan::RunPlan;
+pub use plan::{Pinned, RunPlan};
 pub use start::{start, start_held, Held, Launcher};
 pub use status::{output, status, trace, Check, ImageUse, Status};
 pub use supervisor::supervise;

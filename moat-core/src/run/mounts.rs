@@ -9,6 +9,23 @@ use crate::error::{Error, ErrorKind, Result};
 /// Refuses a workspace or mount that would hand the container moat's own
 /// files (the CA key, the credential store, other runs' artifacts) or the
 /// container engine's socket.
+/// Where tools keep the user's credentials, under the home directory:
+/// never mounted, nor a directory that holds one (besides `.ssh`, checked
+/// on its own).
+const CREDENTIAL_STORES: &[&str] = &[
+    ".claude",
+    ".claude.json",
+    ".aws",
+    ".config/gh",
+    ".config/gcloud",
+    ".docker",
+    ".kube",
+    ".netrc",
+    ".git-credentials",
+    ".npmrc",
+    ".pypirc",
+];
+
 pub(super) fn check_mounts(home: &Path, plan: &RunPlan) -> Result<()> {
     let home = std::fs::canonicalize(home).unwrap_or_else(|_| home.to_path_buf());
     let mut sources = vec![("workspace".to_string(), plan.workspace.clone())];
@@ -16,11 +33,19 @@ pub(super) fn check_mounts(home: &Path, plan: &RunPlan) -> Result<()> {
         sources.push((format!("mount {}", m.target), m.source.clone()));
     }
     // The user's SSH keys and agent socket never enter a container: ssh:
-    // grants reach them through the run's filtering agent only.
-    let ssh_dir = std::env::var_os("HOME")
+    // grants reach them through the run's filtering agent only. Nor do the
+    // other stores of the user's credentials: grants reach those through
+    // the proxy.
+    let user_home = std::env::var_os("HOME")
         .filter(|h| !h.is_empty())
-        .map(|h| PathBuf::from(h).join(".ssh"));
+        .map(PathBuf::from);
+    let ssh_dir = user_home.as_ref().map(|h| h.join(".ssh"));
     let ssh_dir = ssh_dir.map(|d| std::fs::canonicalize(&d).unwrap_or(d));
+    let stores: Vec<PathBuf> = user_home
+        .iter()
+        .flat_map(|h| CREDENTIAL_STORES.iter().map(move |s| h.join(s)))
+        .map(|d| std::fs::canonicalize(&d).unwrap_or(d))
+        .collect();
     let agent =
         crate::credential::ssh::agent_socket().map(|a| std::fs::canonicalize(&a).unwrap_or(a));
     let engines = engine_sockets();
@@ -37,6 +62,19 @@ pub(super) fn check_mounts(home: &Path, plan: &RunPlan) -> Result<()> {
                     ),
                 ));
             }
+        }
+        if let Some(store) = stores
+            .iter()
+            .find(|s| s.starts_with(&real) || real.starts_with(s))
+        {
+            return Err(Error::new(
+                ErrorKind::InvalidArgument,
+                format!(
+                    "{what} {} would give the container credentials of yours ({}); the agent gets credentials only through grants, injected by the proxy",
+                    real.display(),
+                    store.display()
+                ),
+            ));
         }
         if let Some(agent) = &agent {
             if agent.starts_with(&real) {

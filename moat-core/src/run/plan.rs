@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::config::{self, Config, GrantRef, Mount, Network, Overrides, SecretRef};
-use crate::error::Result;
+use crate::error::{Error, ErrorKind, Result};
 use crate::runtime::Engine;
 
 /// Everything a run needs.
@@ -55,6 +55,66 @@ pub struct RunPlan {
     /// ([`RunPlan::claude`]): its image is made from `image` at start.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub agent: Option<crate::agent::AgentPlan>,
+    /// The host directories the run mounts, as they were when the run's
+    /// mounts were checked (filled by `run::start`): the supervisor mounts
+    /// them only if each is still the same directory ([`Pinned::verify`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pinned: Vec<Pinned>,
+}
+
+/// A checked mount source: its canonical path and the identity (device,
+/// inode) of what was there.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Pinned {
+    /// The canonical path.
+    pub path: PathBuf,
+    /// The device of what was there.
+    pub dev: u64,
+    /// Its inode.
+    pub ino: u64,
+}
+
+impl Pinned {
+    /// Pins `path` (canonical) as it is now.
+    pub(crate) fn now(path: &Path) -> Result<Pinned> {
+        use std::os::unix::fs::MetadataExt;
+        let m = std::fs::symlink_metadata(path).map_err(|e| Error::io(path, "read", e))?;
+        Ok(Pinned {
+            path: path.to_path_buf(),
+            dev: m.dev(),
+            ino: m.ino(),
+        })
+    }
+
+    /// Fails unless `path` still names, without any link on the way, what
+    /// it named when pinned. Someone who can write the directory above a
+    /// workspace could otherwise swap it for a link (to the moat home, to
+    /// `/etc`) between the check and the mount, and a root run would mount
+    /// that, as its owner.
+    pub(crate) fn verify(&self) -> Result<()> {
+        use std::os::unix::fs::MetadataExt;
+        let changed = |why: &str| {
+            Error::new(
+                ErrorKind::InvalidArgument,
+                format!(
+                    "{} changed since the run's mounts were checked ({why}); nothing was mounted",
+                    self.path.display()
+                ),
+            )
+        };
+        let now = std::fs::symlink_metadata(&self.path).map_err(|e| changed(&e.to_string()))?;
+        if now.file_type().is_symlink() {
+            return Err(changed("it is a link now"));
+        }
+        if (now.dev(), now.ino()) != (self.dev, self.ino) {
+            return Err(changed("it is another file now"));
+        }
+        match std::fs::canonicalize(&self.path) {
+            Ok(real) if real == self.path => Ok(()),
+            Ok(real) => Err(changed(&format!("it leads to {} now", real.display()))),
+            Err(e) => Err(changed(&e.to_string())),
+        }
+    }
 }
 
 impl RunPlan {
@@ -87,6 +147,7 @@ impl RunPlan {
             interactive: config.interactive,
             engine: config.runtime,
             agent: None,
+            pinned: Vec::new(),
         })
     }
 }

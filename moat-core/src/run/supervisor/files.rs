@@ -59,6 +59,57 @@ pub(super) fn agent_user(workspace: &Path) -> Result<(u32, u32)> {
     Ok((m.uid(), m.gid()))
 }
 
+/// What a configuration file of the workspace held: its bytes (at most
+/// 1 MiB), or what stood there instead.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) enum Snapshot {
+    /// No such file.
+    Absent,
+    /// A regular file with these bytes.
+    File(Vec<u8>),
+    /// Something else (a link, a directory, a file too large or unreadable).
+    Other(String),
+}
+
+/// The names a workspace's configuration may have (`config::load`).
+const CONFIG_NAMES: [&str; 2] = ["agent.yaml", "moat.yaml"];
+
+fn snapshot(path: &Path) -> Snapshot {
+    match std::fs::symlink_metadata(path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Snapshot::Absent,
+        Err(e) => Snapshot::Other(e.to_string()),
+        Ok(m) if !m.is_file() => Snapshot::Other(format!("{:?}", m.file_type())),
+        Ok(m) if m.len() > 1 << 20 => Snapshot::Other(format!("{} bytes", m.len())),
+        Ok(_) => match std::fs::read(path) {
+            Ok(bytes) => Snapshot::File(bytes),
+            Err(e) => Snapshot::Other(e.to_string()),
+        },
+    }
+}
+
+/// The workspace's configuration files as they are now.
+pub(super) fn config_snapshot(workspace: &Path) -> Vec<(&'static str, Snapshot)> {
+    CONFIG_NAMES
+        .iter()
+        .map(|name| (*name, snapshot(&workspace.join(name))))
+        .collect()
+}
+
+/// A note for each configuration file that is not what it was at `before`
+/// (none when nothing was taken).
+pub(super) fn config_changes(workspace: &Path, before: &[(&'static str, Snapshot)]) -> Vec<String> {
+    before
+        .iter()
+        .filter(|(name, was)| snapshot(&workspace.join(name)) != *was)
+        .map(|(name, was)| {
+            let what = if *was == Snapshot::Absent { "created" } else { "changed" };
+            format!(
+                "moat: {name} was {what} in the workspace during this run; the next run of this workspace takes its policy, grants and mounts from it: read it first"
+            )
+        })
+        .collect()
+}
+
 /// The most entries [`scrub_workspace`] looks at.
 const SCRUB_LIMIT: usize = 1_000_000;
 

@@ -229,6 +229,9 @@ pub(crate) struct Built {
     /// step ran and the workspace's mode then, for the scrub at its end
     /// ([`files::scrub_workspace`]).
     root_agent: Option<(std::time::SystemTime, u32)>,
+    /// The workspace's configuration files as the run began
+    /// ([`files::config_snapshot`]): compared at its end.
+    config_files: Vec<(&'static str, files::Snapshot)>,
     ssh_hosts: Vec<(crate::ssh_agent::HostGrant, u16)>,
     guarded: bool,
     urls: BTreeMap<String, String>,
@@ -259,6 +262,7 @@ impl Built {
             ssh_cancel: None,
             loopback: None,
             root_agent: None,
+            config_files: Vec::new(),
             ssh_hosts: Vec::new(),
             guarded: false,
             urls: BTreeMap::new(),
@@ -574,6 +578,16 @@ impl Supervision {
                     if let Err(e) = w.note(&note) {
                         tracing::warn!(error = %e, "the run's output cannot be written");
                     }
+                }
+            }
+        }
+        // The agent could rewrite the file the next run is planned from (its
+        // policy, grants, mounts): said, for the user to read it first.
+        for note in files::config_changes(&self.plan.workspace, &self.built.config_files) {
+            tracing::warn!("{note}");
+            if let Some(w) = writer.as_mut() {
+                if let Err(e) = w.note(&note) {
+                    tracing::warn!(error = %e, "the run's output cannot be written");
                 }
             }
         }

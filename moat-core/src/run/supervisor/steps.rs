@@ -481,6 +481,9 @@ impl Supervision {
 
     /// The container's environment and the files it mounts.
     async fn files(&mut self) -> Result<()> {
+        // What is mounted, and whose it is, is what was checked.
+        self.plan.pinned.iter().try_for_each(|p| p.verify())?;
+        self.built.config_files = super::files::config_snapshot(&self.plan.workspace);
         let (uid, gid) = agent_user(&self.plan.workspace)?;
         if uid == 0 {
             use std::os::unix::fs::PermissionsExt;
@@ -640,6 +643,9 @@ impl Supervision {
         let strict = self.strict();
         let mut labels = self.labels();
         labels.insert("dev.moat.name".to_string(), self.name.clone());
+        // Again at the last moment: the engine follows the paths it is given
+        // when it creates the container.
+        self.plan.pinned.iter().try_for_each(|p| p.verify())?;
         let spec = ContainerSpec {
             name: format!("moat-{}", self.id),
             image: self.plan.image.clone(),
