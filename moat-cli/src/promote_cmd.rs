@@ -59,7 +59,7 @@ pub fn cmd_promote(args: &PromoteArgs) -> Result<(), Error> {
     }
     eprintln!(
         "Workspace changes are not copied: moat keeps no record of them (they are in {}).",
-        promoted.workspace.display()
+        moat_core::run::trace_view::printable(&promoted.workspace.display().to_string())
     );
     Ok(())
 }

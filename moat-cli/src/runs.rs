@@ -926,7 +926,8 @@ fn claude_sessions(args: &ListArgs) -> Result<(), Error> {
             r.id,
             state,
             age(&r.created_at),
-            r.workspace.display()
+            // A directory's name may hold control characters.
+            moat_core::run::trace_view::printable(&r.workspace.display().to_string())
         ));
     }
     write_stdout(&out)

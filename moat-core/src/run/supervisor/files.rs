@@ -125,7 +125,7 @@ pub(super) fn scrub_workspace(
     since: std::time::SystemTime,
     mode: u32,
 ) -> Vec<String> {
-    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    use std::os::unix::fs::MetadataExt;
     let mut notes = Vec::new();
     let since = since
         .duration_since(std::time::UNIX_EPOCH)
@@ -138,7 +138,7 @@ pub(super) fn scrub_workspace(
         return notes;
     };
     if root.mode() & 0o7777 != mode {
-        match std::fs::set_permissions(workspace, std::fs::Permissions::from_mode(mode)) {
+        match chmod_checked(workspace, &root, mode) {
             Ok(()) => notes.push(format!(
                 "the agent changed the workspace's mode to {:o}; it is {:o} again",
                 root.mode() & 0o7777,
@@ -184,8 +184,7 @@ pub(super) fn scrub_workspace(
             if m.is_dir() {
                 stack.push(path);
             } else if m.is_file() && m.mode() & 0o6000 != 0 && changed(&m) {
-                let plain = std::fs::Permissions::from_mode(m.mode() & 0o1777);
-                match std::fs::set_permissions(&path, plain) {
+                match chmod_checked(&path, &m, m.mode() & 0o1777) {
                     Ok(()) => cleared.push(path.display().to_string()),
                     Err(e) => notes.push(format!(
                         "{} is set-user-ID or set-group-ID and cannot be cleared: {e}",
@@ -198,17 +197,52 @@ pub(super) fn scrub_workspace(
     if !cleared.is_empty() {
         notes.push(format!(
             "the agent (root in its container) made set-user-ID or set-group-ID files; their bits are cleared: {}",
-            cleared.join(", ")
+            listed(&cleared)
         ));
     }
     if !unread.is_empty() {
         unread.dedup();
         notes.push(format!(
             "these could not be read to look for set-user-ID files the agent made: {}",
-            unread.join(", ")
+            listed(&unread)
         ));
     }
     notes
+}
+
+/// The first names of `names` (chosen by the agent: escaped), and how many
+/// more there are.
+fn listed(names: &[String]) -> String {
+    const SHOWN: usize = 20;
+    let mut text = names
+        .iter()
+        .take(SHOWN)
+        .map(|n| crate::run::trace_view::printable(n))
+        .collect::<Vec<_>>()
+        .join(", ");
+    if names.len() > SHOWN {
+        text.push_str(&format!(" and {} more", names.len() - SHOWN));
+    }
+    text
+}
+
+/// Sets the mode of `path` to `mode` if it is still what `seen` describes
+/// (same device and inode), through a descriptor opened without following
+/// a link: a name swapped for a link since it was looked at (to
+/// /etc/shadow, say) is not followed.
+fn chmod_checked(path: &Path, seen: &std::fs::Metadata, mode: u32) -> std::io::Result<()> {
+    use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(path)?;
+    let now = file.metadata()?;
+    if (now.dev(), now.ino()) != (seen.dev(), seen.ino()) {
+        return Err(std::io::Error::other(
+            "it was replaced while being looked at",
+        ));
+    }
+    file.set_permissions(std::fs::Permissions::from_mode(mode))
 }
 
 /// Writes a file the container mounts read-only: its owner is the agent's
@@ -410,4 +444,51 @@ pub(super) fn ssh_files(
         }
     }
     (config, known)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    /// A name swapped for a link (to a file of someone else's) between the
+    /// look and the chmod: the link's target keeps its mode.
+    #[test]
+    fn chmod_checked_follows_no_link_and_no_replacement() {
+        let t = tempfile::tempdir().unwrap();
+        let (victim, name) = (t.path().join("victim"), t.path().join("suid"));
+        std::fs::write(&victim, "x").unwrap();
+        std::fs::set_permissions(&victim, std::fs::Permissions::from_mode(0o600)).unwrap();
+        std::fs::write(&name, "x").unwrap();
+        std::fs::set_permissions(&name, std::fs::Permissions::from_mode(0o4755)).unwrap();
+        let seen = std::fs::symlink_metadata(&name).unwrap();
+        // Unchanged: cleared.
+        chmod_checked(&name, &seen, 0o755).unwrap();
+        assert_eq!(
+            std::fs::metadata(&name).unwrap().permissions().mode() & 0o7777,
+            0o755
+        );
+        // Swapped for a link: refused, the target untouched. (The first
+        // file is kept, so that its inode is not reused below.)
+        std::fs::rename(&name, t.path().join("first")).unwrap();
+        std::os::unix::fs::symlink(&victim, &name).unwrap();
+        assert!(chmod_checked(&name, &seen, 0o777).is_err());
+        // Swapped for another file: refused.
+        std::fs::remove_file(&name).unwrap();
+        std::fs::write(&name, "y").unwrap();
+        assert!(chmod_checked(&name, &seen, 0o777).is_err());
+        assert_eq!(
+            std::fs::metadata(&victim).unwrap().permissions().mode() & 0o7777,
+            0o600
+        );
+    }
+
+    #[test]
+    fn long_lists_of_agent_chosen_names_are_cut_and_escaped() {
+        let names: Vec<String> = (0..25).map(|i| format!("f{i}\u{1b}]52")).collect();
+        let text = listed(&names);
+        assert!(text.ends_with(" and 5 more"), "{text}");
+        assert!(!text.contains('\u{1b}'), "{text}");
+    }
 }
