@@ -112,6 +112,31 @@ def test_a_supervisor_killed_during_setup_leaves_nothing(m):
     wait_until("run.json says failed", lambda: m.meta(run_id)["state"] == "failed", 30)
 
 
+def test_a_run_whose_home_is_deleted_and_supervisor_killed_leaves_nothing(m):
+    """The moat home removed under a live strict run (`rm -rf`), then its
+    supervisor killed: run.json is gone, so nothing says what the run held.
+    The guard cleans up from the run's id alone: container, network and the
+    MOAT-* firewall chains go within seconds, without a later moat command."""
+    import shutil
+    run_id = m.detach(m.workspace(agent_yaml=STRICT), "sleep", "300")
+    wait_until("the container runs", lambda: container_alive(run_id), 60)
+    assert chains_of(run_id), "a strict run has its chains"
+    supervisor = m.meta(run_id)["supervisor"][0]
+    shutil.rmtree(m.home)
+    os.kill(supervisor, signal.SIGKILL)
+    started = time.time()
+    try:
+        wait_until("the container and network are gone",
+                   lambda: docker_objects(run_id) == ([], []), 30)
+        wait_until("the firewall chains are gone", lambda: chains_of(run_id) == [], 30)
+        print(f"cleaned up {time.time() - started:.1f} s after the kill")
+        assert not (m.home / "runs").exists(), "the guard does not make the home again"
+    finally:
+        # m.cleanup() finds no runs in a deleted home.
+        sh(ENGINE, "rm", "-f", f"moat-{run_id}")
+        sh(ENGINE, "network", "rm", f"moat-{run_id}")
+
+
 def test_an_object_the_engine_makes_after_the_guard_cleaned_up_is_swept(m):
     """A killed supervisor's last request to the engine (creating the
     container, say) can finish after its guard cleaned up. The guard looks

@@ -121,6 +121,47 @@ pub(super) fn docker() -> Engine {
     Engine::Docker
 }
 
+impl RunMeta {
+    /// A run as it is created from its plan: starting, on `engine`, nothing
+    /// of it on the host yet.
+    pub(crate) fn starting(
+        id: &str,
+        name: String,
+        plan: &super::RunPlan,
+        engine: Engine,
+    ) -> RunMeta {
+        RunMeta {
+            id: id.to_string(),
+            name,
+            state: RunState::Starting,
+            workspace: plan.workspace.clone(),
+            image: plan.image.clone(),
+            command: plan.command.clone(),
+            grants: plan.grants.iter().map(ToString::to_string).collect(),
+            env: plan.env.keys().cloned().collect(),
+            secrets: plan.secrets.keys().cloned().collect(),
+            policy: plan.network.policy,
+            ports: plan.ports.clone(),
+            engine,
+            agent: plan.agent.as_ref().map(|a| a.agent),
+            urls: BTreeMap::new(),
+            interactive: plan.interactive,
+            container: None,
+            network: None,
+            proxy: None,
+            user: None,
+            supervisor: None,
+            created_at: now(),
+            started_at: None,
+            stopped_at: None,
+            exit_code: None,
+            error: None,
+            phases: BTreeMap::new(),
+            cleaned: false,
+        }
+    }
+}
+
 #[cfg(test)]
 impl RunMeta {
     /// A run for tests: `id`, `name` and `state`, stopped by nobody, on

@@ -1,7 +1,6 @@
 //! Starting a run: creating it on disk and handing it to its supervisor
 //! process, whose progress is read until the container starts.
 
-use std::collections::BTreeMap;
 use std::io::{BufRead, Write};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -9,8 +8,8 @@ use std::process::Stdio;
 use serde::{Deserialize, Serialize};
 
 use super::meta::{
-    check_name, generated_name, load_meta, new_run_id, now, run_dir, runs_dir, save_meta,
-    update_meta, RESERVE,
+    check_name, generated_name, load_meta, new_run_id, run_dir, runs_dir, save_meta, update_meta,
+    RESERVE,
 };
 use super::mounts::check_mounts;
 use super::{list, refresh, RunMeta, RunPlan, RunState};
@@ -344,35 +343,7 @@ fn launch(
                 format!("Name already in use: \"{name}\" is the name of running run {}; choose another with --name or stop that run", other.id),
             ));
         }
-        let meta = RunMeta {
-            id: id.clone(),
-            name,
-            state: RunState::Starting,
-            workspace: plan.workspace.clone(),
-            image: plan.image.clone(),
-            command: plan.command.clone(),
-            grants: plan.grants.iter().map(ToString::to_string).collect(),
-            env: plan.env.keys().cloned().collect(),
-            secrets: plan.secrets.keys().cloned().collect(),
-            policy: plan.network.policy,
-            ports: plan.ports.clone(),
-            engine,
-            agent: plan.agent.as_ref().map(|a| a.agent),
-            urls: BTreeMap::new(),
-            interactive: plan.interactive,
-            container: None,
-            network: None,
-            proxy: None,
-            user: None,
-            supervisor: None,
-            created_at: now(),
-            started_at: None,
-            stopped_at: None,
-            exit_code: None,
-            error: None,
-            phases: BTreeMap::new(),
-            cleaned: false,
-        };
+        let meta = RunMeta::starting(&id, name, &plan, engine);
         let dir = run_dir(home, &id);
         let created = crate::paths::private_dir(&dir)
             .and_then(|()| save_meta(&dir, &meta))

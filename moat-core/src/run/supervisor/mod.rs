@@ -91,7 +91,11 @@ fn guard(handoff: &Handoff) -> i32 {
     let give_up = Instant::now() + Duration::from_secs(60);
     loop {
         let Ok(meta) = super::load_meta(&dir) else {
-            // Removed (destroyed) already: nothing is left to clean.
+            // Gone: removed by `moat destroy`, which cleaned up first, or
+            // with the whole moat home (`rm -rf`), which did not. Either
+            // way, what carries the run's label and the run's firewall
+            // chains go; the run's id and engine are all that takes.
+            orphaned(handoff);
             return 0;
         };
         if meta.state.is_terminal() && meta.cleaned {
@@ -118,6 +122,26 @@ fn guard(handoff: &Handoff) -> i32 {
         std::thread::sleep(pause);
         pause = (pause * 2).min(Duration::from_secs(1));
     }
+}
+
+/// Cleans up after a run whose `run.json` is gone, from what the guard was
+/// handed: everything labelled with the run's id, and its firewall chains.
+fn orphaned(handoff: &Handoff) {
+    let engine = match handoff.plan.engine {
+        Some(engine) => engine,
+        None => match crate::runtime::choose(None) {
+            Ok(engine) => engine,
+            Err(e) => {
+                tracing::error!(run = %handoff.id, error = %e, "no engine to clean up on");
+                return;
+            }
+        },
+    };
+    let meta = RunMeta::starting(&handoff.id, String::new(), &handoff.plan, engine);
+    if let Err(e) = super::cleanup_blocking(&handoff.home, &meta) {
+        tracing::warn!(run = %handoff.id, error = %e, "cleaning up after a run whose run.json is gone");
+    }
+    sweep_late_objects(handoff, &meta);
 }
 
 /// A supervisor killed in the middle of a request to the engine (creating
