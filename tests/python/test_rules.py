@@ -136,7 +136,7 @@ def curl(proxy, *args):
     return int(out.stdout or 0), out.stderr
 
 
-@pytest.mark.parametrize("path", [
+TRICKS = [
     "/org/repo.git/admin/x",
     "/org/repo.git/x/../admin/y",
     "/org/repo.git/%2e%2e/repo.git/admin/z",
@@ -145,11 +145,31 @@ def curl(proxy, *args):
     "/org//repo.git///admin/",
     "/org/repo.git/admin;jsessionid=1/x",
     "/org/repo.git/admin%2fx",
-])
+    "/org/repo.git/admin/",
+    "/org/repo.git/%252e%252e/admin/x",
+]
+
+
+@pytest.mark.parametrize("path", TRICKS)
 def test_paths_an_agent_would_try_are_denied(paths_proxy, path):
     code, body = curl(paths_proxy, "--path-as-is", "https://github.com" + path)
     assert code == 403, (path, body)
     assert body.startswith("Moat: request blocked by network policy."), body
+
+
+@pytest.mark.parametrize("path", TRICKS)
+def test_the_same_tricks_over_http2_are_denied(paths_proxy, path):
+    """Inside the intercepted TLS the client speaks HTTP/2 (ALPN h2): the
+    path comes in :path, and is judged as over HTTP/1.1."""
+    env = {**os.environ, **paths_proxy.env()}
+    out = subprocess.run(["curl", "-sS", "--max-time", "20", "--http2", "--path-as-is",
+                          "-o", "/dev/stderr", "-w", "%{http_code} %{http_version}",
+                          "https://github.com" + path], env=env, capture_output=True,
+                         text=True, timeout=30)
+    code, version = out.stdout.split()
+    assert version == "2", f"curl spoke HTTP/{version}, not HTTP/2: {out.stderr}"
+    assert code == "403", (path, out.stderr)
+    assert out.stderr.startswith("Moat: request blocked by network policy."), out.stderr
 
 
 def test_http2_and_absolute_form_are_judged_alike(paths_proxy, gitserver):
@@ -172,6 +192,27 @@ def test_methods_are_judged_and_no_match_falls_back_to_strict(paths_proxy):
     judged = [r for r in trace if r["method"] in ("DELETE", "POST")]
     assert judged[0]["rule"] == "strict" and judged[0]["denied"] == "rule: strict", judged[0]
     assert judged[1]["rule"] == "allow POST /org/*/issues", judged[1]
+
+
+def test_every_decision_is_in_the_trace_and_the_audit_log_with_its_rule(gitserver, tmp_path):
+    """Permissive mode on a host with rules: a request a deny rule matches
+    is refused, one an allow rule matches goes, and one no rule matches
+    falls back to the policy; the trace record and the audit entry of each
+    name what decided."""
+    with start(gitserver, tmp_path, rules=PATH_RULES) as proxy:
+        assert curl(proxy, "https://github.com/org/repo.git/admin/x")[0] == 403
+        assert curl(proxy, "https://github.com/org/repo.git/info/refs")[0] != 403
+        assert curl(proxy, "-X", "DELETE", "https://github.com/org/repo.git/x")[0] != 403
+        trace = [r for r in proxy.trace() if r["method"] != "CONNECT"]
+        assert [(r["method"], r.get("rule")) for r in trace] == [
+            ("GET", "deny * /org/*/admin/**"),
+            ("GET", "allow GET /org/**"),
+            ("DELETE", "permissive"),
+        ], trace
+        decisions = [(e["rule"], e["allowed"]) for e in proxy.audit_events()
+                     if e.get("type") == "policy_decision"]
+        assert ("rule:deny * /org/*/admin/**", False) in decisions, decisions
+        assert ("rule:allow GET /org/**", True) in decisions, decisions
 
 
 def test_python_clients_see_the_same(paths_proxy):
@@ -291,6 +332,44 @@ def test_policy_check_and_suggest_from_a_runs_trace(tmp_path):
         assert moat.policy_suggest(run_id, home=str(m.home)) == suggestion
         with pytest.raises(moat.InvalidArgumentError, match="no run matches"):
             moat.policy_check("nope", home=str(m.home))
+    finally:
+        m.cleanup()
+        upstream.close()
+
+
+def test_policy_check_lists_what_would_now_be_allowed(tmp_path):
+    """A strict run whose POST a rule denied, replayed after agent.yaml
+    allows it: the CLI, Python and its --json say it would now be allowed,
+    and by which rule."""
+    from runhelp import Moat, make_upstream, require_docker
+    require_docker()
+    (tmp_path / "up").mkdir()
+    upstream = make_upstream(tmp_path / "up")
+    m = Moat(tmp_path / "moat", upstream)
+    try:
+        ws = m.workspace(agent_yaml=(
+            "network:\n  policy: strict\n  rules:\n"
+            "    - other.test:\n        - allow GET /**\n"))
+        script = ("curl -s -o /dev/null https://other.test/items/1; "
+                  "curl -s -o /dev/null -X POST https://other.test/items")
+        out = m.run(ws, "sh", "-c", script)
+        assert out.returncode == 0, out.stderr
+        run_id = m.latest()["id"]
+        out = m("policy", "check", run_id)
+        assert out.returncode == 0, (out.stdout, out.stderr)
+        (ws / "agent.yaml").write_text(
+            "network:\n  policy: strict\n  rules:\n"
+            "    - other.test:\n        - allow GET /**\n        - allow POST /items\n")
+        out = m("policy", "check", run_id)
+        # Listed, and exit 0: nothing the run did would now be denied.
+        assert out.returncode == 0, out.stderr
+        assert "1 of 2 requests" in out.stderr, out.stderr
+        line = [x for x in out.stdout.splitlines() if "POST" in x]
+        assert line and line[0].split()[:2] == ["denied", "allowed"], out.stdout
+        report = json.loads(m("policy", "check", run_id, "--json").stdout)
+        assert [(c["method"], c["then"], c["now"], c["rule"]) for c in report["changes"]] == [
+            ("POST", "denied", "allowed", "allow POST /items")], report
+        assert moat.policy_check(run_id, home=str(m.home))["changes"] == report["changes"]
     finally:
         m.cleanup()
         upstream.close()

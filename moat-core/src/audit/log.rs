@@ -26,6 +26,80 @@ const CHECKPOINT_EVERY: u64 = 1000;
 /// The most entries waiting for the writer; more make their senders wait
 /// (the proxy slows to the disk's pace rather than queue without bound).
 const MAX_QUEUED: usize = 16_384;
+/// The most bytes of entries waiting for the writer (about: the size of
+/// their JSON); an entry's path can be 64 KiB, so the count alone would let
+/// a full queue hold a gigabyte. One entry bigger than this still goes, alone.
+const MAX_QUEUED_BYTES: usize = 32 << 20;
+
+/// The bytes of entries queued for the writer, and whether it is gone.
+/// Senders wait while the queue holds [`MAX_QUEUED_BYTES`] (as they wait
+/// while it holds [`MAX_QUEUED`] entries); the writer gives back what it
+/// took off the queue.
+#[derive(Debug)]
+struct Budget {
+    limit: usize,
+    state: Mutex<(usize, bool)>,
+    freed: std::sync::Condvar,
+}
+
+impl Budget {
+    fn new(limit: usize) -> Budget {
+        Budget {
+            limit,
+            state: Mutex::new((0, false)),
+            freed: std::sync::Condvar::new(),
+        }
+    }
+
+    /// Waits until `n` more bytes fit (or nothing is queued, or the writer
+    /// is gone), then counts them.
+    fn take(&self, n: usize) {
+        let Ok(mut st) = self.state.lock() else {
+            return;
+        };
+        while !st.1 && st.0 > 0 && st.0.saturating_add(n) > self.limit {
+            st = match self
+                .freed
+                .wait_timeout(st, std::time::Duration::from_millis(100))
+            {
+                Ok((st, _)) => st,
+                Err(_) => return,
+            };
+        }
+        st.0 = st.0.saturating_add(n);
+    }
+
+    /// `n` bytes left the queue.
+    fn give(&self, n: usize) {
+        if let Ok(mut st) = self.state.lock() {
+            st.0 = st.0.saturating_sub(n);
+        }
+        self.freed.notify_all();
+    }
+
+    /// The writer is gone: nobody waits any more.
+    fn close(&self) {
+        if let Ok(mut st) = self.state.lock() {
+            st.1 = true;
+        }
+        self.freed.notify_all();
+    }
+}
+
+/// About the size of `v` as JSON, without writing it.
+fn approx_size(v: &Value) -> usize {
+    match v {
+        Value::String(s) => s.len() + 2,
+        Value::Array(a) => a.iter().map(approx_size).sum::<usize>() + 2,
+        Value::Object(o) => {
+            o.iter()
+                .map(|(k, v)| k.len() + 4 + approx_size(v))
+                .sum::<usize>()
+                + 2
+        }
+        _ => 8,
+    }
+}
 
 fn hex(b: &[u8]) -> String {
     const DIGITS: &[u8; 16] = b"0123456789abcdef";
@@ -224,6 +298,8 @@ enum Msg {
     Entry(
         Value,
         Option<mpsc::Sender<std::result::Result<u64, String>>>,
+        /// Its bytes in the [`Budget`].
+        usize,
     ),
     Close(mpsc::Sender<std::result::Result<(), String>>),
 }
@@ -234,6 +310,7 @@ enum Msg {
 /// stays false: the proxy then stops injecting credentials.
 pub struct AuditWriter {
     tx: mpsc::SyncSender<Msg>,
+    budget: Arc<Budget>,
     failed: Arc<Mutex<Option<String>>>,
     thread: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
@@ -251,7 +328,8 @@ struct State {
     key: SigningKey,
     file: File,
     checkpoints: File,
-    tree: merkle::Tree,
+    /// The tree's right edge: the writer needs only the head.
+    tree: merkle::Frontier,
     prev: Hash,
     last_checkpoint: u64,
     /// Bytes of `audit.jsonl` on disk and part of the log.
@@ -273,11 +351,11 @@ enum Signing {
 impl State {
     /// Signs a checkpoint of the whole log.
     fn checkpoint(&mut self, why: Signing) -> std::result::Result<(), String> {
-        let size = self.tree.len() as u64;
+        let size = self.tree.len();
         if why == Signing::Periodic && size == self.last_checkpoint && size > 0 {
             return Ok(());
         }
-        let root = self.tree.root(self.tree.len());
+        let root = self.tree.root();
         let note = sign_checkpoint(
             &self.key,
             &self.origin,
@@ -375,7 +453,7 @@ impl AuditWriter {
             home: home.to_path_buf(),
             origin: format!("moat/{name}"),
             key,
-            tree: report.tree,
+            tree: merkle::Frontier::from(&report.tree),
             prev: report.last_hash,
             last_checkpoint: report.checkpoints.last().map_or(0, |c| c.size),
             _lock: lock,
@@ -391,9 +469,11 @@ impl AuditWriter {
         let (tx, rx) = mpsc::sync_channel(MAX_QUEUED);
         let failed: Arc<Mutex<Option<String>>> = Arc::default();
         let thread_failed = failed.clone();
+        let budget = Arc::new(Budget::new(MAX_QUEUED_BYTES));
+        let thread_budget = budget.clone();
         let thread = std::thread::Builder::new()
             .name("moat-audit".into())
-            .spawn(move || writer_loop(state, rx, thread_failed))
+            .spawn(move || writer_loop(state, rx, thread_failed, &thread_budget))
             .map_err(|e| {
                 bad(
                     ErrorKind::Internal,
@@ -402,25 +482,39 @@ impl AuditWriter {
             })?;
         Ok(AuditWriter {
             tx,
+            budget,
             failed,
             thread: Mutex::new(Some(thread)),
         })
     }
 
     fn send(&self, msg: Msg) -> Result<()> {
-        self.tx
-            .send(msg)
-            .map_err(|_| bad(ErrorKind::Io, "the audit writer has stopped".into()))
+        let size = match &msg {
+            Msg::Entry(_, _, size) => *size,
+            Msg::Close(_) => 0,
+        };
+        self.budget.take(size);
+        self.tx.send(msg).map_err(|_| {
+            self.budget.give(size);
+            bad(ErrorKind::Io, "the audit writer has stopped".into())
+        })
+    }
+
+    /// An entry for the queue, its size counted.
+    fn entry(
+        kind: &str,
+        data: Value,
+        ack: Option<mpsc::Sender<std::result::Result<u64, String>>>,
+    ) -> Msg {
+        let size = kind.len() + approx_size(&data) + 200;
+        Msg::Entry(serde_json::json!({"type": kind, "data": data}), ack, size)
     }
 
     /// Appends an entry and waits until it is on disk; returns its sequence
     /// number.
     pub fn append(&self, kind: &str, data: Value) -> Result<u64> {
         let (ack, done) = mpsc::channel();
-        self.send(Msg::Entry(
-            serde_json::json!({"type": kind, "data": data}),
-            Some(ack),
-        ))?;
+        self.send(Self::entry(kind, data, Some(ack)))?;
         done.recv()
             .map_err(|_| bad(ErrorKind::Io, "the audit writer has stopped".into()))?
             .map_err(|e| bad(ErrorKind::Io, e))
@@ -434,10 +528,7 @@ impl AuditWriter {
 
     /// Appends an entry without waiting (it is committed within 10 ms).
     pub fn append_nowait(&self, kind: &str, data: Value) {
-        let _ = self.send(Msg::Entry(
-            serde_json::json!({"type": kind, "data": data}),
-            None,
-        ));
+        let _ = self.send(Self::entry(kind, data, None));
     }
 
     /// False once the log could not be written; then why.
@@ -497,10 +588,10 @@ impl State {
     /// Chains and serializes `batch` without changing the log's state.
     fn stage(&self, batch: Vec<Msg>) -> Vec<Staged> {
         let mut prev = self.prev;
-        let mut seq = self.tree.len() as u64;
+        let mut seq = self.tree.len();
         let mut out = Vec::new();
         for msg in batch {
-            let Msg::Entry(v, ack) = msg else { continue };
+            let Msg::Entry(v, ack, _) = msg else { continue };
             let entry = serde_json::json!({
                 "seq": seq,
                 "time": crate::trace::now_rfc3339(),
@@ -551,7 +642,22 @@ impl State {
     }
 }
 
-fn writer_loop(mut st: State, rx: mpsc::Receiver<Msg>, failed: Arc<Mutex<Option<String>>>) {
+fn writer_loop(
+    st: State,
+    rx: mpsc::Receiver<Msg>,
+    failed: Arc<Mutex<Option<String>>>,
+    budget: &Budget,
+) {
+    write_entries(st, rx, failed, budget);
+    budget.close();
+}
+
+fn write_entries(
+    mut st: State,
+    rx: mpsc::Receiver<Msg>,
+    failed: Arc<Mutex<Option<String>>>,
+    budget: &Budget,
+) {
     let fail = |why: String| {
         if let Ok(mut f) = failed.lock() {
             f.get_or_insert(why.clone());
@@ -577,6 +683,15 @@ fn writer_loop(mut st: State, rx: mpsc::Receiver<Msg>, failed: Arc<Mutex<Option<
             closing = Some(ack.clone());
             batch.clear();
         }
+        budget.give(
+            batch
+                .iter()
+                .map(|m| match m {
+                    Msg::Entry(_, _, size) => *size,
+                    Msg::Close(_) => 0,
+                })
+                .sum(),
+        );
         let staged = st.stage(batch);
         let broken = failed.lock().map(|f| f.clone()).unwrap_or(None);
         let result = match &broken {
@@ -589,7 +704,7 @@ fn writer_loop(mut st: State, rx: mpsc::Receiver<Msg>, failed: Arc<Mutex<Option<
         if result.is_err() {
             lost += staged.len() as u64;
         }
-        if result.is_ok() && st.tree.len() as u64 >= st.last_checkpoint + CHECKPOINT_EVERY {
+        if result.is_ok() && st.tree.len() >= st.last_checkpoint + CHECKPOINT_EVERY {
             if let Err(e) = st.checkpoint(Signing::Periodic) {
                 fail(e);
             }
@@ -623,7 +738,7 @@ fn close_log(
                 "error": why.clone().unwrap_or_default(),
             },
         });
-        let staged = st.stage(vec![Msg::Entry(note, None)]);
+        let staged = st.stage(vec![Msg::Entry(note, None, 0)]);
         st.commit(&staged).map_err(|e| {
             format!(
                 "{lost} audit entries could not be written ({}), nor a note of it: {e}",
@@ -1227,4 +1342,56 @@ pub fn verify_bundle(path: &Path, vkey: Option<&str>) -> Result<Report> {
     r.closed = last.is_final;
     r.root = last.root;
     Ok(r)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::{Duration, Instant};
+
+    #[test]
+    fn the_queue_is_bounded_by_bytes_and_a_big_entry_still_goes_alone() {
+        let budget = Arc::new(Budget::new(1000));
+        // Alone, an entry bigger than the budget goes.
+        budget.take(5000);
+        budget.give(5000);
+        budget.take(600);
+        // 600 + 600 > 1000: the second sender waits until the writer took
+        // the first off the queue.
+        let waiter = {
+            let budget = budget.clone();
+            std::thread::spawn(move || {
+                let t = Instant::now();
+                budget.take(600);
+                t.elapsed()
+            })
+        };
+        std::thread::sleep(Duration::from_millis(300));
+        assert!(
+            !waiter.is_finished(),
+            "the sender waits while the queue is full"
+        );
+        budget.give(600);
+        let waited = waiter.join().unwrap();
+        assert!(waited >= Duration::from_millis(250), "{waited:?}");
+        // A writer that is gone makes nobody wait.
+        let blocked = {
+            let budget = budget.clone();
+            std::thread::spawn(move || budget.take(900))
+        };
+        std::thread::sleep(Duration::from_millis(100));
+        budget.close();
+        blocked.join().unwrap();
+    }
+
+    #[test]
+    fn an_entrys_size_is_about_its_json() {
+        let v = serde_json::json!({"path": "/".repeat(65536), "method": "GET", "n": [1, 2]});
+        let exact = v.to_string().len();
+        let approx = approx_size(&v);
+        assert!(
+            approx >= exact && approx < exact + 100,
+            "{approx} vs {exact}"
+        );
+    }
 }

@@ -212,6 +212,73 @@ impl Tree {
     }
 }
 
+/// The right edge of an append-only tree: the heads of its perfect
+/// subtrees, largest first (one per set bit of its size). It gives the head
+/// of the whole tree in O(log n) memory, which is all a log's writer needs:
+/// the writer of a run that lasts a day keeps 64 hashes, not every node.
+#[derive(Debug, Clone, Default)]
+pub struct Frontier {
+    size: u64,
+    peaks: Vec<Hash>,
+}
+
+impl Frontier {
+    /// Appends a leaf hash.
+    pub fn push(&mut self, leaf: Hash) {
+        let mut node = leaf;
+        let mut size = self.size;
+        // Each trailing one bit of the size is a subtree as big as the
+        // one being carried: they merge, as in binary addition.
+        while size & 1 == 1 {
+            let Some(left) = self.peaks.pop() else { break };
+            node = node_hash(&left, &node);
+            size >>= 1;
+        }
+        self.peaks.push(node);
+        self.size += 1;
+    }
+
+    /// The number of leaves.
+    pub fn len(&self) -> u64 {
+        self.size
+    }
+
+    /// Whether the tree has no leaves.
+    pub fn is_empty(&self) -> bool {
+        self.size == 0
+    }
+
+    /// The head of the whole tree: MTH splits at the largest power of two
+    /// below the size, which is the first peak, and so on down.
+    pub fn root(&self) -> Hash {
+        let mut peaks = self.peaks.iter().rev();
+        match peaks.next() {
+            None => Sha256::digest([]).into(),
+            Some(last) => peaks.fold(*last, |right, left| node_hash(left, &right)),
+        }
+    }
+}
+
+impl From<&Tree> for Frontier {
+    fn from(tree: &Tree) -> Frontier {
+        let n = tree.len();
+        let mut peaks = Vec::new();
+        let mut lo = 0usize;
+        for k in (0..usize::BITS as usize).rev() {
+            if (n >> k) & 1 == 1 {
+                if let Some(h) = tree.levels.get(k).and_then(|row| row.get(lo >> k)) {
+                    peaks.push(*h);
+                }
+                lo += 1 << k;
+            }
+        }
+        Frontier {
+            size: n as u64,
+            peaks,
+        }
+    }
+}
+
 /// Does `proof` show that `leaf` is leaf `index` of the tree of `size` with
 /// head `root`? (RFC 9162 2.1.3.2)
 pub fn verify_inclusion(index: u64, size: u64, leaf: &Hash, proof: &[Hash], root: &Hash) -> bool {
@@ -296,6 +363,26 @@ pub fn verify_consistency(
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn the_frontier_has_the_head_of_the_whole_tree_in_log_memory() {
+        let leaves: Vec<Hash> = (0..300u32).map(|i| leaf_hash(&i.to_be_bytes())).collect();
+        let mut frontier = Frontier::default();
+        let mut tree = Tree::new();
+        assert_eq!(frontier.root(), root(&[]));
+        for (i, leaf) in leaves.iter().enumerate() {
+            frontier.push(*leaf);
+            tree.push(*leaf);
+            let n = i + 1;
+            assert_eq!(frontier.len(), n as u64);
+            assert_eq!(frontier.root(), root(&leaves[..n]), "size {n}");
+            assert_eq!(frontier.peaks.len(), n.count_ones() as usize);
+            // Made from a whole tree (a log opened again), the same.
+            let from_tree = Frontier::from(&tree);
+            assert_eq!(from_tree.root(), frontier.root(), "size {n}");
+            assert_eq!(from_tree.peaks, frontier.peaks);
+        }
+    }
+
     use super::*;
 
     fn h(s: &str) -> Hash {

@@ -573,7 +573,12 @@ fn judge_rules(
         }
         Verdict::NoMatch if push => return None,
         Verdict::NoMatch if ctx.policy.mode == crate::policy::PolicyMode::Permissive => {
+            // No rule decided: the policy did, and the trace says so as
+            // the audit log does.
             out.decision(true, "permissive");
+            if let Ok(mut r) = out.rule.lock() {
+                *r = Some("permissive".to_string());
+            }
             return None;
         }
         Verdict::Deny(rule) => (
