@@ -398,32 +398,34 @@ pub fn cmd_run(args: &RunArgs) -> Result<ExitCode, Error> {
     start_and_follow(&plan, args.detach, args.json)
 }
 
+/// Which of standard input and output is not a terminal, if one is not.
+fn not_a_terminal() -> Option<&'static str> {
+    use std::io::IsTerminal;
+    if !std::io::stdin().is_terminal() {
+        Some("standard input")
+    } else if !std::io::stdout().is_terminal() {
+        Some("standard output")
+    } else {
+        None
+    }
+}
+
 /// An interactive run attached here needs a terminal on both ends: without
 /// one its output would be mixed with raw TTY traffic and lost. Refused
 /// before anything starts, as `docker run -it` does.
 fn need_terminal(plan: &RunPlan, detach: bool) -> Result<(), Error> {
-    use std::io::IsTerminal;
     if !plan.interactive || detach {
         return Ok(());
     }
-    let (stdin, stdout) = (
-        std::io::stdin().is_terminal(),
-        std::io::stdout().is_terminal(),
-    );
-    if stdin && stdout {
-        return Ok(());
+    match not_a_terminal() {
+        None => Ok(()),
+        Some(which) => Err(Error::new(
+            ErrorKind::InvalidArgument,
+            format!(
+                "an interactive run (-i, or interactive: true in agent.yaml) needs a terminal, and {which} is not one; run it from a terminal, start it with -d and `moat attach -i` from one, or run it without -i (set interactive: false) to pipe its input and output"
+            ),
+        )),
     }
-    let which = if stdin {
-        "standard output"
-    } else {
-        "standard input"
-    };
-    Err(Error::new(
-        ErrorKind::InvalidArgument,
-        format!(
-            "an interactive run (-i, or interactive: true in agent.yaml) needs a terminal, and {which} is not one; run it from a terminal, start it with -d and `moat attach -i` from one, or run it without -i (set interactive: false) to pipe its input and output"
-        ),
-    ))
 }
 
 /// Starts a planned run, then follows it (or, detached, says how to).
@@ -477,6 +479,15 @@ pub fn cmd_attach(args: &AttachArgs) -> Result<ExitCode, Error> {
         ));
     }
     if args.interactive.unwrap_or(meta.interactive) {
+        if let Some(which) = not_a_terminal() {
+            return Err(Error::new(
+                ErrorKind::InvalidArgument,
+                format!(
+                    "attaching to interactive run {} needs a terminal, and {which} is not one; attach from a terminal, or follow its output without one: `moat attach -i=false {}` or `moat logs -f {}`",
+                    meta.name, meta.id, meta.id
+                ),
+            ));
+        }
         return interact(&home, &meta, None);
     }
     let path = run::run_dir(&home, &meta.id).join("logs.jsonl");

@@ -228,9 +228,19 @@ def test_interactive_without_a_terminal_is_refused_before_anything_starts(m):
                          input="", capture_output=True, text=True, env=m.env, timeout=60)
     assert out.returncode == 125 and "needs a terminal" in out.stderr, out.stderr
     # Detached, it needs none: attach later from a terminal.
-    run = m("run", "-d", "-i", ws, "--image", IMAGE, "--", "sleep", "30")
+    run = m("run", "-d", "-i", ws, "--image", IMAGE, "--", "sh", "-c", "echo ready; sleep 30")
     assert run.returncode == 0, run.stderr
-    cleanup(m)
+    try:
+        run_id = m.runs()[0]["id"]
+        # Attaching without one is refused the same way, and the run goes on.
+        out = subprocess.run([str(MOAT), "attach", run_id], input="piped\n",
+                             capture_output=True, text=True, env=m.env, timeout=60)
+        assert out.returncode == 125, (out.returncode, out.stderr)
+        assert "needs a terminal" in out.stderr and "standard input" in out.stderr, out.stderr
+        assert f"moat logs -f {run_id}" in out.stderr, out.stderr
+        assert m.meta(run_id)["state"] in ("starting", "running"), m.meta(run_id)
+    finally:
+        cleanup(m)
 
 
 # The STATE column ----------------------------------------------------------------

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use serde::Serialize;
 
 use super::meta::{run_dir, runs_dir};
-use super::{firewall, list, logs, RunState};
+use super::{firewall, list, logs, RunMeta, RunState};
 use crate::error::{Error, Result};
 use crate::rt::run_async;
 use crate::runtime::Engine;
@@ -95,6 +95,22 @@ fn dir_size(path: &Path) -> u64 {
         .sum()
 }
 
+/// Each engine on this host, and each a live run is on; with none,
+/// Docker, missing, as the default. (An engine the host does not have is
+/// no problem while another is there and nothing uses it: a Podman-only
+/// host is healthy.)
+fn engines_to_check(mut engines: Vec<Engine>, runs: &[RunMeta]) -> Vec<Engine> {
+    for r in runs.iter().filter(|r| !r.state.is_terminal()) {
+        if !engines.contains(&r.engine) {
+            engines.push(r.engine);
+        }
+    }
+    if engines.is_empty() {
+        engines.push(Engine::Docker);
+    }
+    engines
+}
+
 /// Gathers [`Status`].
 pub fn status(home: &Path) -> Result<Status> {
     let runs = list(home)?;
@@ -105,12 +121,7 @@ pub fn status(home: &Path) -> Result<Status> {
     let names: Vec<String> = images.keys().cloned().collect();
     let mut health = Vec::new();
     let mut present: Vec<Option<bool>> = vec![None; names.len()];
-    // Each engine on this host; Docker's state is shown even when it is
-    // missing, as the default.
-    let mut engines = crate::runtime::present();
-    if !engines.contains(&Engine::Docker) {
-        engines.insert(0, Engine::Docker);
-    }
+    let engines = engines_to_check(crate::runtime::present(), &runs);
     for engine in engines {
         let names = names.clone();
         let answer = run_async(async move {
@@ -181,4 +192,26 @@ pub fn status(home: &Path) -> Result<Status> {
             .collect(),
         health,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_engines_checked_are_those_present_or_in_use() {
+        use Engine::{Docker, Podman};
+        // A Podman-only host: Docker is not a problem.
+        assert_eq!(engines_to_check(vec![Podman], &[]), vec![Podman]);
+        // Nothing at all: Docker, the default, is reported missing.
+        assert_eq!(engines_to_check(vec![], &[]), vec![Docker]);
+        // A live run on an engine that is gone is checked.
+        let live = RunMeta::sample("run_000000000001", "a", RunState::Running);
+        assert_eq!(
+            engines_to_check(vec![Podman], &[live]),
+            vec![Podman, Docker]
+        );
+        let ended = RunMeta::sample("run_000000000002", "b", RunState::Stopped);
+        assert_eq!(engines_to_check(vec![Podman], &[ended]), vec![Podman]);
+    }
 }
