@@ -17,6 +17,7 @@
 //! - `audit.jsonl`, `checkpoints.jsonl`: the audit log (`docs/audit-format.md`);
 //! - `supervisor.log`: what the supervisor reports about itself.
 
+mod agent_plan;
 pub mod attach;
 mod firewall;
 mod lifecycle;
