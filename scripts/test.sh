@@ -2,9 +2,9 @@
 # Runs every check of the project and fails when any fails:
 #   fmt, clippy (warnings are errors), Rust tests, the C header check,
 #   Python tests (module built with maturin), C tests, the installed
-#   library (the one release build: scripts/install-lib.sh, C with
-#   pkg-config, the Go binding), then the run tests (Rust, Python, C) again
-#   on Podman.
+#   library (scripts/install-lib.sh --debug; MOAT_INSTALL_RELEASE=1 installs
+#   the release build instead; then C with pkg-config and the Go binding),
+#   then the run tests (Rust, Python, C) again on Podman.
 # Run scripts/setup.sh once first.
 # Usage: bash scripts/test.sh
 set -uo pipefail

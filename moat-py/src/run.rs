@@ -749,8 +749,9 @@ pub(crate) fn run_fn(
 ///     timeout: Seconds to wait at most; None waits as long as it takes.
 ///     home: The moat home; default ``$MOAT_HOME``, else ``~/.moat``.
 ///     runtime: ``"docker"`` or ``"podman"``; default as for `moat.run`.
-///     version: The Claude Code version; default the one moat pins (only
-///         pinned versions are accepted).
+///     version: The Claude Code version; default the one moat pins.
+///         Another version needs its ``claude-agent-sdk`` wheel on disk,
+///         named by ``MOAT_CLAUDE_WHEEL`` (see docs/claude.md).
 ///
 /// Returns:
 ///     Run: The run, ended unless `detach`.

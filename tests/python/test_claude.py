@@ -192,6 +192,34 @@ def test_strict_mode_lets_claude_work_and_blocks_the_rest(m, standin):
     assert allowed <= {"api.anthropic.com", "platform.claude.com", "console.anthropic.com"}, allowed
 
 
+def test_a_strict_session_refuses_every_host_outside_the_preset(m, standin):
+    """From inside a running strict session: a host the preset does not
+    name (Claude Code's own download host among them) gets moat's refusal,
+    while the API's host goes through to the stand-in."""
+    grant_key(m)
+    ws = m.workspace(agent_yaml="network:\n  policy: strict\n")
+    out = m("claude", ws, "--image", IMAGE, "-d", "--name", "strict-inside", timeout=240)
+    assert out.returncode == 0, out.stderr
+    run_id = out.stdout.strip()
+    try:
+        assert m.wait_state(run_id, ("running",), timeout=60) == "running"
+        meta = m.meta(run_id)
+        script = ("for u in https://downloads.claude.ai/claude-code https://github.com/x "
+                  "https://statsig.anthropic.com/v1 https://api.anthropic.com/v1/messages; do "
+                  "printf '%s ' $u; curl -s -o /tmp/body -w '%{http_code} ' $u; "
+                  "head -c 60 /tmp/body | tr '\\n' ' '; echo; done")
+        look = sh(ENGINE, "exec", "-u", meta["user"], meta["container"], "sh", "-c", script,
+                  timeout=60)
+        assert look.returncode == 0, look.stderr
+        lines = dict(line.split(" ", 1) for line in look.stdout.splitlines() if " " in line)
+        for url in ("https://downloads.claude.ai/claude-code", "https://github.com/x",
+                    "https://statsig.anthropic.com/v1"):
+            assert lines[url].startswith("403 Moat: request blocked by network policy"), look.stdout
+        assert not lines["https://api.anthropic.com/v1/messages"].startswith("403"), look.stdout
+    finally:
+        m("stop", run_id, "-t", "1", timeout=60)
+
+
 def test_an_oauth_login_is_injected_and_never_enters_the_container(m, standin, tmp_path):
     creds = grant_login(m, tmp_path)
     before = creds.read_bytes()
