@@ -465,3 +465,29 @@ def test_permissive_raw_tcp_reaches_the_host(m):
         assert b"from-container\n" in listener.data
     finally:
         listener.close()
+
+
+def test_the_engine_is_chosen_by_flag_or_by_agent_yaml(m):
+    """`--runtime` and `runtime:` in agent.yaml choose the engine, over
+    MOAT_RUNTIME and the one present; the flag over the file. The run is
+    really on that engine: its container is that engine's, not the other's."""
+    other = "podman" if ENGINE == "docker" else "docker"
+    sh(other, "image", "inspect", IMAGE, check=True)
+    ws = m.workspace()
+    run_id = m.detach(ws, "sleep", "60", args=["--runtime", other])
+    try:
+        meta = m.meta(run_id)
+        assert meta["engine"] == other, meta
+        assert m.wait_state(run_id, ("running",), timeout=60) == "running"
+        container = m.meta(run_id)["container"]
+        assert sh(other, "inspect", container).returncode == 0, f"{other} runs it"
+        assert sh(ENGINE, "inspect", container).returncode != 0, f"{ENGINE} does not"
+    finally:
+        m("stop", run_id, "-t", "1", timeout=60)
+    ws2 = m.workspace("ws2", agent_yaml=f"runtime: {other}\n")
+    out = m.run(ws2, "echo", "hello")
+    assert out.returncode == 0 and "hello" in out.stdout, out.stderr
+    assert m.latest()["engine"] == other
+    # The flag wins over the file.
+    assert m.run(ws2, "true", args=["--runtime", ENGINE]).returncode == 0
+    assert m.latest()["engine"] == ENGINE

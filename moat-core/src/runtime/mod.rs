@@ -84,18 +84,25 @@ impl std::str::FromStr for Engine {
 /// Podman when its API socket is, else Docker (whose connection error then
 /// says what is missing).
 pub fn choose(engine: Option<Engine>) -> Result<Engine> {
+    let env = std::env::var_os("MOAT_RUNTIME")
+        .filter(|v| !v.is_empty())
+        .map(|v| v.to_string_lossy().into_owned());
+    choose_from(engine, env.as_deref(), &present())
+}
+
+/// [`choose`], from what was asked (`--runtime` or `runtime:`, then
+/// `MOAT_RUNTIME`) and the engines present: Podman when it is the only
+/// one, else Docker.
+fn choose_from(engine: Option<Engine>, env: Option<&str>, present: &[Engine]) -> Result<Engine> {
     if let Some(engine) = engine {
         return Ok(engine);
     }
-    if let Some(name) = std::env::var_os("MOAT_RUNTIME").filter(|v| !v.is_empty()) {
-        let name = name.to_string_lossy();
+    if let Some(name) = env {
         return name.parse().map_err(|e: String| {
             Error::new(ErrorKind::InvalidArgument, format!("MOAT_RUNTIME: {e}"))
         });
     }
-    let docker = std::env::var_os("DOCKER_HOST").is_some_and(|h| !h.is_empty())
-        || std::path::Path::new("/var/run/docker.sock").exists();
-    if !docker && docker::podman_socket().is_some_and(|p| p.exists()) {
+    if present == [Engine::Podman] {
         return Ok(Engine::Podman);
     }
     Ok(Engine::Docker)
@@ -394,4 +401,33 @@ pub async fn connect(engine: Engine) -> Result<std::sync::Arc<dyn Runtime>> {
     Ok(std::sync::Arc::new(
         docker::Docker::connect_to(engine).await?,
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_engine_is_the_one_asked_for_else_the_only_one_present() {
+        use Engine::{Docker, Podman};
+        // Asked for (flag or config) wins over everything.
+        assert_eq!(
+            choose_from(Some(Podman), Some("docker"), &[Docker]).unwrap(),
+            Podman
+        );
+        // Then MOAT_RUNTIME.
+        assert_eq!(
+            choose_from(None, Some("podman"), &[Docker]).unwrap(),
+            Podman
+        );
+        let bad = choose_from(None, Some("lxc"), &[Docker])
+            .unwrap_err()
+            .to_string();
+        assert!(bad.contains("MOAT_RUNTIME"), "{bad}");
+        // Only Podman here: Podman.
+        assert_eq!(choose_from(None, None, &[Podman]).unwrap(), Podman);
+        // Both, or neither: Docker, the default.
+        assert_eq!(choose_from(None, None, &[Docker, Podman]).unwrap(), Docker);
+        assert_eq!(choose_from(None, None, &[]).unwrap(), Docker);
+    }
 }
