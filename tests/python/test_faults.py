@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from runhelp import (ENGINE, IMAGE, LABEL, Moat, container_alive, docker_objects, make_upstream,
+from runhelp import (ENGINE, IMAGE, LABEL, MOAT, Moat, container_alive, docker_objects, make_upstream,
                      netfilter_rules, require_docker, sh)
 
 require_docker()
@@ -329,6 +329,60 @@ def test_a_mount_that_holds_the_engine_socket_is_refused(m, source):
     assert "container engine's socket" in out.stderr, out.stderr
     assert "docker.sock" in out.stderr
     assert not (m.home / "runs").is_dir() or not list((m.home / "runs").iterdir())
+
+
+def test_a_mount_that_reaches_the_engine_socket_another_way_is_refused(m, tmp_path):
+    """The socket's class, not its one path: a source that is a link to
+    /run, and a directory holding the socket DOCKER_HOST names (here a link
+    to the engine's socket, which the engine is reached through)."""
+    link = tmp_path / "innocent"
+    link.symlink_to("/run")
+    ws = m.workspace(agent_yaml=f"mounts:\n  - {link}:/data:ro\n")
+    out = m.run(ws, "ls", "/data")
+    assert out.returncode != 0 and "container engine's socket" in out.stderr, out.stderr
+    # A socket DOCKER_HOST names, in a directory of its own: the engine's
+    # socket bound there (a daemon started with -H unix:///srv/x.sock).
+    if ENGINE == "docker":
+        custom = tmp_path / "engine"
+        custom.mkdir()
+        sock = custom / "api.sock"
+        sock.touch()
+        sh("mount", "--bind", "/var/run/docker.sock", str(sock), check=True)
+        try:
+            ws2 = m.workspace("ws2", agent_yaml=f"mounts:\n  - {custom}:/data:ro\n")
+            out = m("run", ws2, "--image", IMAGE, "--", "ls", "/data",
+                    env={"DOCKER_HOST": f"unix://{sock}"})
+            assert out.returncode != 0, out.stdout
+            assert "container engine's socket" in out.stderr, out.stderr
+        finally:
+            sh("umount", str(sock))
+    assert not (m.home / "runs").is_dir() or not list((m.home / "runs").iterdir())
+
+
+def test_an_agent_yaml_its_user_cannot_read_stops_the_run(m, tmp_path):
+    """As a user who may not read agent.yaml (root reads anything, so the
+    test drops to uid 4321): refused, not run with the defaults."""
+    import shutil
+    import tempfile
+    top = tempfile.mkdtemp(prefix="moat-unreadable-")
+    os.chmod(top, 0o755)
+    ws = os.path.join(top, "ws")
+    os.mkdir(ws, 0o755)
+    with open(os.path.join(ws, "agent.yaml"), "w") as f:
+        f.write("network:\n  policy: strict\n")
+    os.chmod(os.path.join(ws, "agent.yaml"), 0o600)
+    home = os.path.join(top, "user-home")
+    os.mkdir(home)
+    os.chown(home, 4321, 4321)
+    try:
+        out = subprocess.run(["setpriv", "--reuid=4321", "--regid=4321", "--clear-groups",
+                              str(MOAT), "config", str(ws)],
+                             env={**m.env, "MOAT_HOME": os.path.join(home, ".moat"), "HOME": home},
+                             capture_output=True, text=True, timeout=60)
+    finally:
+        shutil.rmtree(top, ignore_errors=True)
+    assert out.returncode != 0, out.stdout
+    assert "agent.yaml" in out.stderr and "permission denied" in out.stderr.lower(), out.stderr
 
 
 def test_an_unreadable_agent_yaml_stops_the_run(m):
