@@ -355,6 +355,23 @@ def test_async_start_follow_logs_and_stop_at_the_end(home, workspace):
 
 
 @needs_engine
+def test_awaiting_start_returns_a_run_that_is_the_callers(home, workspace):
+    """`await moat.aio.Run.start(...)` (no `async with`): the run is the
+    caller's to wait for; it is not stopped when start returns."""
+    async def main():
+        r = await moat.aio.Run.start(workspace, image=IMAGE,
+                                     command=["sh", "-c", "sleep 0.5; echo awaited"])
+        state = await r.state()
+        code = await r.wait()
+        out = b"".join([data async for _, data in r.logs()])
+        return state, code, out
+
+    state, code, out = asyncio.run(main())
+    assert state in ("starting", "running"), state
+    assert code == 0 and out == b"awaited\n", (code, out)
+
+
+@needs_engine
 def test_async_timeout_and_cancellation_stop_the_run(home, workspace):
     async def main():
         with pytest.raises(moat.RunTimeout) as info:

@@ -491,3 +491,14 @@ def test_the_engine_is_chosen_by_flag_or_by_agent_yaml(m):
     # The flag wins over the file.
     assert m.run(ws2, "true", args=["--runtime", ENGINE]).returncode == 0
     assert m.latest()["engine"] == ENGINE
+
+
+def test_the_readmes_main_job_prints_hello_from_moat(m):
+    """README's first command, as a newcomer copies it (after setup): the
+    example workspace, its command, its output."""
+    from runhelp import ROOT
+    readme = (ROOT / "README.md").read_text()
+    assert "cargo run -q -p moat-cli -- run --image moat-test:bookworm examples/minimal" in readme
+    out = m("run", "--image", IMAGE, str(ROOT / "examples" / "minimal"), timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "hello from moat", out.stdout

@@ -423,6 +423,15 @@ async fn a_missing_image_is_pulled_with_progress() {
         progress.iter().any(|p| p == "Pulling image fake:latest"),
         "{progress:?}"
     );
+    // The last word of a pull says it is done (the progress line could
+    // stop short of 100%), after its progress.
+    let pulling = progress
+        .iter()
+        .position(|p| p == "Pulling image fake:latest");
+    let pulled = progress
+        .iter()
+        .position(|p| p == "Pulled image fake:latest");
+    assert!(pulled.is_some() && pulled > pulling, "{progress:?}");
     assert!(w
         .runtime
         .calls()
