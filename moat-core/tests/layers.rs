@@ -45,7 +45,7 @@ fn sources(dir: &Path, out: &mut Vec<std::path::PathBuf>) {
 
 /// The code of a file without comments and without its test module.
 fn code(text: &str) -> String {
-    let text = match text.find("#[cfg(test)]\nmod tests") {
+    let text = match text.find("#[cfg(test)]\nmod tests {") {
         Some(i) => &text[..i],
         None => text,
     };
@@ -62,8 +62,22 @@ fn uses(code: &str) -> BTreeSet<String> {
     while let Some(i) = rest.find("crate::") {
         rest = &rest[i + "crate::".len()..];
         if let Some(group) = rest.strip_prefix('{') {
-            let end = group.find('}').unwrap_or(group.len());
-            for item in group[..end].split(',') {
+            // The group's top-level items (`crate::{a::{b, c}, d}`: a, d).
+            let mut depth = 0;
+            let mut item = String::new();
+            let mut items = Vec::new();
+            for c in group.chars() {
+                match c {
+                    '{' => depth += 1,
+                    '}' if depth == 0 => break,
+                    '}' => depth -= 1,
+                    ',' if depth == 0 => items.push(std::mem::take(&mut item)),
+                    _ if depth == 0 => item.push(c),
+                    _ => {}
+                }
+            }
+            items.push(item);
+            for item in items {
                 let name: String = item
                     .trim()
                     .chars()
@@ -133,7 +147,12 @@ fn modules_use_only_the_layers_above_them() {
 
 #[test]
 fn the_scan_sees_a_use_that_points_down() {
-    let text = "use crate::run::RunPlan;\n// crate::blocking in a comment\nfn f() { crate::{paths, proxy::Proxy}; }\n#[cfg(test)]\nmod tests { use crate::agent; }\n";
+    let text = "#[cfg(test)]\nmod tests;\nuse crate::run::RunPlan;\n// crate::blocking in a comment\nfn f() { crate::{paths, proxy::{Proxy, x}, secrets}; }\n#[cfg(test)]\nmod tests { use crate::agent; }\n";
     let found = uses(&code(text));
-    assert_eq!(found, ["paths", "proxy", "run"].map(String::from).into());
+    assert_eq!(
+        found,
+        ["paths", "proxy", "run", "secrets"]
+            .map(String::from)
+            .into()
+    );
 }

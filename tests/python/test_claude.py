@@ -215,7 +215,9 @@ def test_a_strict_session_refuses_every_host_outside_the_preset(m, standin):
         for url in ("https://downloads.claude.ai/claude-code", "https://github.com/x",
                     "https://statsig.anthropic.com/v1"):
             assert lines[url].startswith("403 Moat: request blocked by network policy"), look.stdout
-        assert not lines["https://api.anthropic.com/v1/messages"].startswith("403"), look.stdout
+        api = lines["https://api.anthropic.com/v1/messages"]
+        # The stand-in answered (not moat's refusal, not a failed connection).
+        assert not api.startswith(("403", "000")), look.stdout
     finally:
         m("stop", run_id, "-t", "1", timeout=60)
 

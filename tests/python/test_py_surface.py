@@ -360,7 +360,7 @@ def test_awaiting_start_returns_a_run_that_is_the_callers(home, workspace):
     caller's to wait for; it is not stopped when start returns."""
     async def main():
         r = await moat.aio.Run.start(workspace, image=IMAGE,
-                                     command=["sh", "-c", "sleep 0.5; echo awaited"])
+                                     command=["sh", "-c", "sleep 2; echo awaited"])
         state = await r.state()
         code = await r.wait()
         out = b"".join([data async for _, data in r.logs()])

@@ -7,6 +7,7 @@ import json
 import os
 import re
 import subprocess
+import time
 import urllib.request
 
 import pytest
@@ -203,7 +204,14 @@ def test_every_decision_is_in_the_trace_and_the_audit_log_with_its_rule(gitserve
         assert curl(proxy, "https://github.com/org/repo.git/admin/x")[0] == 403
         assert curl(proxy, "https://github.com/org/repo.git/info/refs")[0] != 403
         assert curl(proxy, "-X", "DELETE", "https://github.com/org/repo.git/x")[0] != 403
-        trace = [r for r in proxy.trace() if r["method"] != "CONNECT"]
+        # A record is written when its response ends, which can be a moment
+        # after curl has read it.
+        deadline = time.time() + 10
+        while True:
+            trace = [r for r in proxy.trace() if r["method"] != "CONNECT"]
+            if len(trace) >= 3 or time.time() > deadline:
+                break
+            time.sleep(0.05)
         assert [(r["method"], r.get("rule")) for r in trace] == [
             ("GET", "deny * /org/*/admin/**"),
             ("GET", "allow GET /org/**"),

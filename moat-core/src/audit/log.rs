@@ -648,8 +648,16 @@ fn writer_loop(
     failed: Arc<Mutex<Option<String>>>,
     budget: &Budget,
 ) {
+    /// Nobody waits for a writer that is gone, however it went (a panic
+    /// unwinds through here too).
+    struct Gone<'a>(&'a Budget);
+    impl Drop for Gone<'_> {
+        fn drop(&mut self) {
+            self.0.close();
+        }
+    }
+    let _gone = Gone(budget);
     write_entries(st, rx, failed, budget);
-    budget.close();
 }
 
 fn write_entries(
@@ -683,15 +691,15 @@ fn write_entries(
             closing = Some(ack.clone());
             batch.clear();
         }
-        budget.give(
-            batch
-                .iter()
-                .map(|m| match m {
-                    Msg::Entry(_, _, size) => *size,
-                    Msg::Close(_) => 0,
-                })
-                .sum(),
-        );
+        // The batch's bytes stay counted until it is written: what waits
+        // and what is being written stay within the budget together.
+        let taken: usize = batch
+            .iter()
+            .map(|m| match m {
+                Msg::Entry(_, _, size) => *size,
+                Msg::Close(_) => 0,
+            })
+            .sum();
         let staged = st.stage(batch);
         let broken = failed.lock().map(|f| f.clone()).unwrap_or(None);
         let result = match &broken {
@@ -714,6 +722,7 @@ fn write_entries(
                 let _ = a.send(result.clone().map(|()| seq));
             }
         }
+        budget.give(taken);
         if let Some(ack) = closing {
             let _ = ack.send(close_log(&mut st, lost, &failed));
             return;

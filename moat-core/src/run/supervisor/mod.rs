@@ -137,9 +137,27 @@ fn orphaned(handoff: &Handoff) {
             }
         },
     };
-    let meta = RunMeta::starting(&handoff.id, String::new(), &handoff.plan, engine);
-    if let Err(e) = super::cleanup_blocking(&handoff.home, &meta) {
-        tracing::warn!(run = %handoff.id, error = %e, "cleaning up after a run whose run.json is gone");
+    let name = handoff
+        .plan
+        .name
+        .clone()
+        .unwrap_or_else(|| super::meta::generated_name(&handoff.id));
+    let meta = RunMeta::starting(&handoff.id, name, &handoff.plan, engine);
+    // As long as the usual path tries (the engine may be restarting).
+    let give_up = Instant::now() + Duration::from_secs(60);
+    let mut pause = Duration::from_millis(50);
+    loop {
+        match super::cleanup_blocking(&handoff.home, &meta) {
+            Ok(()) => break,
+            Err(e) if Instant::now() >= give_up => {
+                tracing::error!(run = %handoff.id, error = %e, "cleaning up after a run whose run.json is gone");
+                return;
+            }
+            Err(_) => {
+                std::thread::sleep(pause);
+                pause = (pause * 2).min(Duration::from_secs(1));
+            }
+        }
     }
     sweep_late_objects(handoff, &meta);
 }
