@@ -169,10 +169,22 @@ if ! out=$(probe); then
         die "podman cannot run a container: $out"
     fi
 fi
+# A service started from a directory that was later deleted (an earlier
+# clone's setup) answers pings but cannot start containers: its conmon
+# children fail ("write child: broken pipe"). Such a service is replaced.
+for pid in $(pgrep -f 'podman system service' || true); do
+    if as_root readlink "/proc/$pid/cwd" 2>/dev/null | grep -q ' (deleted)$'; then
+        log "restarting podman's API service: it was started in a directory since deleted"
+        as_root kill "$pid" || true
+        sleep 1
+    fi
+done
 if ! curl -sf --unix-socket /run/podman/podman.sock http://d/_ping >/dev/null 2>&1; then
     log "starting podman's API service at /run/podman/podman.sock (log: /tmp/moat-podman.log)"
     as_root mkdir -p /run/podman
-    as_root sh -c 'nohup podman system service --time=0 unix:///run/podman/podman.sock >/tmp/moat-podman.log 2>&1 &'
+    # From /, so that the service and its conmon children hold no directory
+    # of this checkout, which may be deleted while they run.
+    as_root sh -c 'cd / && nohup podman system service --time=0 unix:///run/podman/podman.sock >/tmp/moat-podman.log 2>&1 &'
     for _ in $(seq 1 30); do
         curl -sf --unix-socket /run/podman/podman.sock http://d/_ping >/dev/null 2>&1 && break
         sleep 1

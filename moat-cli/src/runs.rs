@@ -479,7 +479,9 @@ pub fn cmd_attach(args: &AttachArgs) -> Result<ExitCode, Error> {
         ));
     }
     if args.interactive.unwrap_or(meta.interactive) {
-        if let Some(which) = not_a_terminal() {
+        // A run without a TTY is refused as such by `interact`; one with a
+        // TTY needs a terminal here.
+        if let Some(which) = not_a_terminal().filter(|_| meta.interactive) {
             return Err(Error::new(
                 ErrorKind::InvalidArgument,
                 format!(

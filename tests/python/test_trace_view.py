@@ -110,8 +110,9 @@ def test_lines_are_the_seeds_in_local_time(traced):
     assert denied[3] == " DENIED (rule: deny * /admin/**)", denied
     failed = by_url["https://down.test/"]
     assert failed[2] == "502" and " FAILED (upstream: " in failed[3], failed
+    # No rule matched it: the policy (permissive) let it through, and says so.
     ok = by_url["https://other.test/search?q=moat+trace&page=2&who=a%26b"]
-    assert ok[2:4] == ("200", ""), ok
+    assert ok[2:4] == ("200", " [rule: permissive]"), ok
     # In the order the requests started.
     starts = [local_clock(r["time"]) for r in sorted(records, key=lambda r: r["time"])]
     assert [LINE.fullmatch(l).group(1) for l in lines] == starts
