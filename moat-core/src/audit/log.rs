@@ -304,6 +304,16 @@ enum Msg {
     Close(mpsc::Sender<std::result::Result<(), String>>),
 }
 
+impl Msg {
+    /// Its bytes in the [`Budget`].
+    fn size(&self) -> usize {
+        match self {
+            Msg::Entry(_, _, size) => *size,
+            Msg::Close(_) => 0,
+        }
+    }
+}
+
 /// The one writer of a log. Appends are committed in groups (one fsync per
 /// 10 ms window); a checkpoint is signed every 1000 entries and on close.
 /// If the log cannot be written, [`AuditWriter::healthy`] turns false and
@@ -489,10 +499,7 @@ impl AuditWriter {
     }
 
     fn send(&self, msg: Msg) -> Result<()> {
-        let size = match &msg {
-            Msg::Entry(_, _, size) => *size,
-            Msg::Close(_) => 0,
-        };
+        let size = msg.size();
         self.budget.take(size);
         self.tx.send(msg).map_err(|_| {
             self.budget.give(size);
@@ -643,7 +650,7 @@ impl State {
 }
 
 fn writer_loop(
-    st: State,
+    mut st: State,
     rx: mpsc::Receiver<Msg>,
     failed: Arc<Mutex<Option<String>>>,
     budget: &Budget,
@@ -657,15 +664,6 @@ fn writer_loop(
         }
     }
     let _gone = Gone(budget);
-    write_entries(st, rx, failed, budget);
-}
-
-fn write_entries(
-    mut st: State,
-    rx: mpsc::Receiver<Msg>,
-    failed: Arc<Mutex<Option<String>>>,
-    budget: &Budget,
-) {
     let fail = |why: String| {
         if let Ok(mut f) = failed.lock() {
             f.get_or_insert(why.clone());
@@ -693,13 +691,7 @@ fn write_entries(
         }
         // The batch's bytes stay counted until it is written: what waits
         // and what is being written stay within the budget together.
-        let taken: usize = batch
-            .iter()
-            .map(|m| match m {
-                Msg::Entry(_, _, size) => *size,
-                Msg::Close(_) => 0,
-            })
-            .sum();
+        let taken: usize = batch.iter().map(Msg::size).sum();
         let staged = st.stage(batch);
         let broken = failed.lock().map(|f| f.clone()).unwrap_or(None);
         let result = match &broken {

@@ -122,17 +122,12 @@ pub(super) fn docker() -> Engine {
 }
 
 impl RunMeta {
-    /// A run as it is created from its plan: starting, on `engine`, nothing
-    /// of it on the host yet.
-    pub(crate) fn starting(
-        id: &str,
-        name: String,
-        plan: &super::RunPlan,
-        engine: Engine,
-    ) -> RunMeta {
+    /// A run as it is created from its plan: starting, on `engine`, named
+    /// as the plan says or else after its id, nothing of it on the host yet.
+    pub(crate) fn starting(id: &str, plan: &super::RunPlan, engine: Engine) -> RunMeta {
         RunMeta {
             id: id.to_string(),
-            name,
+            name: plan.name.clone().unwrap_or_else(|| generated_name(id)),
             state: RunState::Starting,
             workspace: plan.workspace.clone(),
             image: plan.image.clone(),
@@ -167,34 +162,15 @@ impl RunMeta {
     /// A run for tests: `id`, `name` and `state`, stopped by nobody, on
     /// Docker, permissive, image `img`, everything else empty.
     pub(crate) fn sample(id: &str, name: &str, state: RunState) -> RunMeta {
+        let plan = super::RunPlan::from_config(crate::config::Config::defaults(Path::new("/ws")))
+            .expect("the default plan");
         RunMeta {
-            id: id.into(),
             name: name.into(),
             state,
-            workspace: PathBuf::from("/ws"),
             image: "img".into(),
             command: None,
-            grants: Vec::new(),
-            env: Vec::new(),
-            secrets: Vec::new(),
-            policy: PolicyMode::Permissive,
-            ports: BTreeMap::new(),
-            engine: crate::runtime::Engine::Docker,
-            agent: None,
-            urls: BTreeMap::new(),
-            interactive: false,
-            container: None,
-            network: None,
-            proxy: None,
-            user: None,
-            supervisor: None,
             created_at: "2026-01-01T00:00:00Z".into(),
-            started_at: None,
-            stopped_at: None,
-            exit_code: None,
-            error: None,
-            phases: BTreeMap::new(),
-            cleaned: false,
+            ..RunMeta::starting(id, &plan, Engine::Docker)
         }
     }
 }

@@ -8,8 +8,7 @@ use std::process::Stdio;
 use serde::{Deserialize, Serialize};
 
 use super::meta::{
-    check_name, generated_name, load_meta, new_run_id, run_dir, runs_dir, save_meta, update_meta,
-    RESERVE,
+    check_name, load_meta, new_run_id, run_dir, runs_dir, save_meta, update_meta, RESERVE,
 };
 use super::mounts::check_mounts;
 use super::{list, refresh, RunMeta, RunPlan, RunState};
@@ -333,17 +332,17 @@ fn launch(
     let meta = {
         let _lock = FileLock::acquire(&runs.join(".lock"))?;
         let id = new_run_id()?;
-        let name = plan.name.clone().unwrap_or_else(|| generated_name(&id));
+        let meta = RunMeta::starting(&id, &plan, engine);
+        let name = &meta.name;
         if let Some(other) = list(home)?
             .into_iter()
-            .find(|r| r.name == name && !r.state.is_terminal())
+            .find(|r| &r.name == name && !r.state.is_terminal())
         {
             return Err(Error::new(
                 ErrorKind::InvalidArgument,
                 format!("Name already in use: \"{name}\" is the name of running run {}; choose another with --name or stop that run", other.id),
             ));
         }
-        let meta = RunMeta::starting(&id, name, &plan, engine);
         let dir = run_dir(home, &id);
         let created = crate::paths::private_dir(&dir)
             .and_then(|()| save_meta(&dir, &meta))

@@ -127,22 +127,14 @@ fn guard(handoff: &Handoff) -> i32 {
 /// Cleans up after a run whose `run.json` is gone, from what the guard was
 /// handed: everything labelled with the run's id, and its firewall chains.
 fn orphaned(handoff: &Handoff) {
-    let engine = match handoff.plan.engine {
-        Some(engine) => engine,
-        None => match crate::runtime::choose(None) {
-            Ok(engine) => engine,
-            Err(e) => {
-                tracing::error!(run = %handoff.id, error = %e, "no engine to clean up on");
-                return;
-            }
-        },
+    let engine = match crate::runtime::choose(handoff.plan.engine) {
+        Ok(engine) => engine,
+        Err(e) => {
+            tracing::error!(run = %handoff.id, error = %e, "no engine to clean up on");
+            return;
+        }
     };
-    let name = handoff
-        .plan
-        .name
-        .clone()
-        .unwrap_or_else(|| super::meta::generated_name(&handoff.id));
-    let meta = RunMeta::starting(&handoff.id, name, &handoff.plan, engine);
+    let meta = RunMeta::starting(&handoff.id, &handoff.plan, engine);
     // As long as the usual path tries (the engine may be restarting).
     let give_up = Instant::now() + Duration::from_secs(60);
     let mut pause = Duration::from_millis(50);
