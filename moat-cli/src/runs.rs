@@ -888,7 +888,7 @@ pub fn cmd_claude(args: &ClaudeArgs) -> Result<ExitCode, Error> {
         spelling: Spelling::Flags,
         ..Overrides::default()
     };
-    let options = moat_core::agent::ClaudeOptions {
+    let options = moat_core::agent::AgentOptions {
         prompt: args.prompt.clone(),
         version: args.claude_version.clone(),
         args: args.args.clone(),

@@ -177,3 +177,57 @@ impl FileLock {
         Ok(FileLock { _file: file })
     }
 }
+
+/// Makes `path` the agent's (when moat runs as root; otherwise it is the
+/// host user's already, who is the agent).
+pub(crate) fn give(path: &std::path::Path, uid: u32, gid: u32) -> Result<()> {
+    // SAFETY: geteuid cannot fail.
+    if unsafe { libc::geteuid() } == 0 {
+        // Never through a symbolic link the agent may have put in place.
+        std::os::unix::fs::lchown(path, Some(uid), Some(gid))
+            .map_err(|e| Error::io(path, "give the agent's user", e))?;
+    }
+    Ok(())
+}
+
+/// A file's content, without following a symbolic link: `None` when there
+/// is none, `Some(None)` when something other than a regular file is there.
+pub(crate) fn read_no_follow(path: &std::path::Path) -> Result<Option<Option<Vec<u8>>>> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    match std::fs::symlink_metadata(path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(Error::io(path, "read", e)),
+        Ok(m) if !m.file_type().is_file() => return Ok(Some(None)),
+        Ok(_) => {}
+    }
+    let mut file = match std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)
+    {
+        Ok(f) => f,
+        // Replaced by a link since: not followed.
+        Err(e) if e.raw_os_error() == Some(libc::ELOOP) => return Ok(Some(None)),
+        Err(e) => return Err(Error::io(path, "read", e)),
+    };
+    let meta = file.metadata().map_err(|e| Error::io(path, "read", e))?;
+    if !meta.is_file() {
+        return Ok(Some(None));
+    }
+    let mut bytes = Vec::new();
+    file.read_to_end(&mut bytes)
+        .map_err(|e| Error::io(path, "read", e))?;
+    Ok(Some(Some(bytes)))
+}
+
+/// Writes a file the agent may change: 0600, the agent's.
+pub(crate) fn write_owned(
+    path: &std::path::Path,
+    content: &[u8],
+    uid: u32,
+    gid: u32,
+) -> Result<()> {
+    write_private(path, content, 0o600)?;
+    give(path, uid, gid)
+}

@@ -23,8 +23,8 @@ pub struct moat_run_options {
     overrides: Overrides,
     home: Option<PathBuf>,
     supervisor: Option<PathBuf>,
-    /// `"agent"` = `"claude"`: the Claude Code preset.
-    claude: Option<moat_core::agent::ClaudeOptions>,
+    /// `"agent"`: a known agent's preset (`claude`), and its options.
+    agent: Option<(moat_core::agent::Agent, moat_core::agent::AgentOptions)>,
 }
 
 /// A run: one container execution and its artifacts. Free with
@@ -129,22 +129,19 @@ pub unsafe extern "C" fn moat_run_options_set(
                 "runtime" => options.overrides.runtime = Some(value),
                 "home" => options.home = Some(PathBuf::from(value)),
                 "supervisor" => options.supervisor = Some(PathBuf::from(value)),
-                "agent" => match value.as_str() {
-                    "claude" => {
-                        // Words already given as "arg" become claude's.
-                        let args = options.overrides.command.take().unwrap_or_default();
-                        let claude = options.claude.get_or_insert_with(Default::default);
-                        claude.args.extend(args);
-                    }
-                    other => {
-                        return Err(moat_error::plain(
-                            moat_status::MOAT_ERR_INVALID_ARGUMENT,
-                            &format!("unknown agent \"{other}\" (expected claude)"),
-                        ))
-                    }
-                },
+                "agent" => {
+                    let agent: moat_core::agent::Agent = value.parse().map_err(|e: String| {
+                        moat_error::plain(moat_status::MOAT_ERR_INVALID_ARGUMENT, &format!("agent: {e}"))
+                    })?;
+                    // Words already given as "arg" become the agent's.
+                    let args = options.overrides.command.take().unwrap_or_default();
+                    let (chosen, agent_options) =
+                        options.agent.get_or_insert_with(|| (agent, Default::default()));
+                    *chosen = agent;
+                    agent_options.args.extend(args);
+                }
                 "prompt" | "claude_version" => {
-                    let Some(claude) = options.claude.as_mut() else {
+                    let Some((_, claude)) = options.agent.as_mut() else {
                         return Err(moat_error::plain(
                             moat_status::MOAT_ERR_INVALID_ARGUMENT,
                             &format!("run option \"{key}\" is for an agent: set \"agent\" to \"claude\" first"),
@@ -192,8 +189,8 @@ pub unsafe extern "C" fn moat_run_options_add(
             match key {
                 "grant" => r.grants.push(value),
                 "allow" => r.allow.push(value),
-                "arg" => match options.claude.as_mut() {
-                    Some(claude) => claude.args.push(value),
+                "arg" => match options.agent.as_mut() {
+                    Some((_, agent)) => agent.args.push(value),
                     None => r.command.get_or_insert_with(Vec::new).push(value),
                 },
                 "env" => {
@@ -255,8 +252,13 @@ pub unsafe extern "C" fn moat_run_start(
                     ..Launcher::default()
                 },
             };
-            let meta = match &options.claude {
-                Some(claude) => RunPlan::claude(&options.workspace, &options.overrides, claude),
+            let meta = match &options.agent {
+                Some((agent, agent_options)) => RunPlan::agent(
+                    *agent,
+                    &options.workspace,
+                    &options.overrides,
+                    agent_options,
+                ),
                 None => RunPlan::new(&options.workspace, &options.overrides),
             }
             .and_then(|plan| run::start(&home, &plan, &launcher, &mut |_| {}))

@@ -157,7 +157,7 @@ struct StartArgs<'a, 'py> {
     runtime: Option<String>,
     home: Option<PathBuf>,
     /// The Claude Code preset, for `moat.claude`.
-    claude: Option<moat_core::agent::ClaudeOptions>,
+    claude: Option<moat_core::agent::AgentOptions>,
 }
 
 fn start_run(py: Python<'_>, args: StartArgs<'_, '_>) -> PyResult<Run> {
@@ -808,7 +808,7 @@ pub(crate) fn claude(
             network,
             runtime,
             home,
-            claude: Some(moat_core::agent::ClaudeOptions {
+            claude: Some(moat_core::agent::AgentOptions {
                 prompt,
                 version,
                 args,

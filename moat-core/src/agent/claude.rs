@@ -34,9 +34,136 @@ use std::time::{Duration, Instant};
 use http_body_util::BodyExt;
 use sha2::{Digest, Sha256};
 
+use super::{Agent, Preset, StateContext, StateMount};
 use crate::credential::oauth::{PLACEHOLDER_ACCESS, PLACEHOLDER_REFRESH};
 use crate::error::{Error, ErrorKind, Result};
+use crate::paths::{give, read_no_follow, write_owned};
 use crate::runtime::{ContainerSpec, Runtime};
+
+/// The Claude Code preset ([`super::preset`]).
+#[derive(Debug, Clone, Copy)]
+pub struct Claude;
+
+#[async_trait::async_trait]
+impl Preset for Claude {
+    fn agent(&self) -> Agent {
+        Agent::Claude
+    }
+
+    fn grants(&self) -> &'static [&'static str] {
+        &["anthropic"]
+    }
+
+    fn hosts(&self) -> &'static [&'static str] {
+        HOSTS
+    }
+
+    fn env(&self) -> &'static [(&'static str, &'static str)] {
+        ENV
+    }
+
+    fn command(&self, prompt: Option<&str>, args: &[String]) -> Vec<String> {
+        let mut command = vec!["claude".to_string()];
+        if let Some(prompt) = prompt {
+            command.push("-p".into());
+            command.push(prompt.to_string());
+        }
+        command.extend(args.iter().cloned());
+        command
+    }
+
+    fn version(&self, asked: Option<&str>) -> Result<String> {
+        match asked {
+            Some(v) => check_version(v),
+            None => Ok(PINNED.version.to_string()),
+        }
+    }
+
+    fn configured_version(&self, config: &crate::config::Config) -> Option<String> {
+        config.claude_version.clone()
+    }
+
+    /// With an OAuth login Claude Code reads its placeholder login from its
+    /// credentials file (which lets it ask for a refresh, answered on the
+    /// host), not from the variable.
+    fn hidden_env(&self) -> &'static [&'static str] {
+        &["CLAUDE_CODE_OAUTH_TOKEN"]
+    }
+
+    async fn image(
+        &self,
+        home: &Path,
+        runtime: &dyn Runtime,
+        base: &str,
+        base_id: &str,
+        version: &str,
+        labels: &BTreeMap<String, String>,
+        progress: &(dyn for<'m> Fn(&'m str) + Send + Sync),
+    ) -> Result<(String, String)> {
+        let binary = binary(home, version, progress).await?;
+        image(runtime, base, base_id, &binary, labels, progress).await
+    }
+
+    /// The workspace's state directory (see the module's "The files").
+    fn state(&self, cx: &StateContext<'_>) -> Result<Option<StateMount>> {
+        let dir = state_dir(cx.home, cx.workspace);
+        crate::paths::private_dir(&dir)?;
+        give(&dir, cx.uid, cx.gid)?;
+        let placeholder = |key: &str| {
+            cx.binding
+                .env
+                .iter()
+                .find(|(k, _)| k == key)
+                .map(|(_, v)| v.clone())
+        };
+        let config = dir.join(".claude.json");
+        // The agent may have left anything here: a symbolic link (to a
+        // credential file of the host's, say) is never followed; it, or
+        // anything but a regular file, is moved aside like a file that is
+        // not JSON, and not overwritten unseen.
+        let existing = read_no_follow(&config)?;
+        let is_json = |b: &[u8]| serde_json::from_slice::<serde_json::Value>(b).is_ok();
+        if let Some(bytes) = &existing {
+            if !bytes.as_deref().is_some_and(is_json) {
+                let aside = dir.join(".claude.json.unreadable");
+                std::fs::rename(&config, &aside)
+                    .map_err(|e| Error::io(&config, "move aside", e))?;
+                (cx.warn)(&format!(
+                    "warning: {} was not a JSON file; it is kept as {} and a new one is written",
+                    config.display(),
+                    aside.display()
+                ));
+            }
+        }
+        let existing = existing.flatten().filter(|b| is_json(b));
+        let api_key = placeholder("ANTHROPIC_API_KEY");
+        write_owned(
+            &config,
+            &settle_config(existing.as_deref(), api_key.as_deref()),
+            cx.uid,
+            cx.gid,
+        )?;
+        let credentials = dir.join(".credentials.json");
+        if placeholder("CLAUDE_CODE_OAUTH_TOKEN").is_some() {
+            write_owned(
+                &credentials,
+                &placeholder_credentials(cx.binding.subscription.as_deref()),
+                cx.uid,
+                cx.gid,
+            )?;
+        } else {
+            match std::fs::remove_file(&credentials) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(Error::io(&credentials, "remove", e)),
+            }
+        }
+        Ok(Some(StateMount {
+            source: dir,
+            target: CONFIG_DIR.into(),
+        }))
+    }
+}
 
 /// A pinned Claude Code build: the wheel that bundles it, per architecture.
 #[derive(Debug, Clone, Copy)]

@@ -1,7 +1,7 @@
 //! A run of a known agent: the agent presets of [`crate::agent`] applied
 //! to a plan. (Here, not in `agent`, so that `agent` stays below `run`.)
 
-use crate::agent::{claude, Agent, AgentPlan, ClaudeOptions};
+use crate::agent::{Agent, AgentOptions, AgentPlan};
 use crate::config::{GrantRef, Overrides};
 use crate::error::{Error, ErrorKind, Result};
 use crate::policy::HostPattern;
@@ -9,65 +9,66 @@ use crate::policy::HostPattern;
 use super::RunPlan;
 
 impl RunPlan {
-    /// Plans a run of Claude Code in `workspace`: the workspace's
-    /// configuration and `overrides` as for any run, then the preset: the
-    /// `anthropic` grant, the hosts Claude Code needs in strict mode, its
-    /// command and environment, and an image of the base image with Claude
-    /// Code in it (made when the run starts).
+    /// Plans a run of Claude Code in `workspace` ([`RunPlan::agent`] with
+    /// [`Agent::Claude`]).
     pub fn claude(
         workspace: &std::path::Path,
         overrides: &Overrides,
-        options: &ClaudeOptions,
+        options: &AgentOptions,
     ) -> Result<RunPlan> {
+        RunPlan::agent(Agent::Claude, workspace, overrides, options)
+    }
+
+    /// Plans a run of a known agent in `workspace`: the workspace's
+    /// configuration and `overrides` as for any run, then the agent's
+    /// preset ([`crate::agent::preset`]): the grants it implies, the hosts
+    /// it needs in strict mode, its command and environment, and an image
+    /// of the base image with the agent in it (made when the run starts).
+    pub fn agent(
+        agent: Agent,
+        workspace: &std::path::Path,
+        overrides: &Overrides,
+        options: &AgentOptions,
+    ) -> Result<RunPlan> {
+        let preset = crate::agent::preset(agent);
         if overrides.command.is_some() {
             return Err(Error::new(
                 ErrorKind::InvalidArgument,
-                "moat claude runs claude: give its arguments after --, not a command",
+                format!("moat {agent} runs {agent}: give its arguments after --, not a command"),
             ));
         }
         let config = crate::config::load(workspace)?.merge(overrides)?;
-        // --claude-version, else the workspace's claude.version, else the
-        // pinned one.
-        let chosen = options
+        // The flag, else the workspace's configuration, else the pinned one.
+        let asked = options
             .version
             .clone()
-            .or_else(|| config.claude_version.clone());
+            .or_else(|| preset.configured_version(&config));
         let mut plan = RunPlan::from_config(config)?;
-        let version = match &chosen {
-            Some(v) => claude::check_version(v)?,
-            None => claude::PINNED.version.to_string(),
-        };
-        if !plan.grants.iter().any(|g| g.provider == "anthropic") {
-            plan.grants.push(
-                GrantRef::parse("anthropic").map_err(|e| {
-                    Error::new(ErrorKind::Internal, format!("grant anthropic: {e}"))
-                })?,
-            );
+        let version = preset.version(asked.as_deref())?;
+        for grant in preset.grants() {
+            if !plan.grants.iter().any(|g| g.provider == *grant) {
+                plan.grants.push(
+                    GrantRef::parse(grant).map_err(|e| {
+                        Error::new(ErrorKind::Internal, format!("grant {grant}: {e}"))
+                    })?,
+                );
+            }
         }
-        for host in claude::HOSTS {
+        for host in preset.hosts() {
             let pattern = HostPattern::parse(host)
                 .map_err(|e| Error::new(ErrorKind::Internal, format!("{host}: {e}")))?;
             if !plan.network.allow.contains(&pattern) {
                 plan.network.allow.push(pattern);
             }
         }
-        for (key, value) in claude::ENV {
+        for (key, value) in preset.env() {
             plan.env
                 .entry(key.to_string())
                 .or_insert_with(|| value.to_string());
         }
-        let mut command = vec!["claude".to_string()];
-        if let Some(prompt) = &options.prompt {
-            command.push("-p".into());
-            command.push(prompt.clone());
-        }
-        command.extend(options.args.iter().cloned());
-        plan.command = Some(command);
+        plan.command = Some(preset.command(options.prompt.as_deref(), &options.args));
         plan.interactive = options.prompt.is_none();
-        plan.agent = Some(AgentPlan {
-            agent: Agent::Claude,
-            version,
-        });
+        plan.agent = Some(AgentPlan { agent, version });
         Ok(plan)
     }
 }
@@ -75,6 +76,7 @@ impl RunPlan {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::agent::claude;
 
     #[test]
     fn the_preset_adds_what_claude_needs_and_keeps_the_users_choices() {
@@ -84,7 +86,7 @@ mod tests {
             "grants: [github]\nenv:\n  DISABLE_TELEMETRY: \"0\"\nnetwork:\n  policy: strict\n  allow: [pypi.org]\nclaude:\n  version: 2.1.332\n",
         )
         .unwrap_or_else(|e| panic!("{e}"));
-        let options = ClaudeOptions {
+        let options = AgentOptions {
             prompt: Some("hi".into()),
             version: None,
             args: vec!["--model".into(), "x".into()],
@@ -116,7 +118,7 @@ mod tests {
             })
         );
         // Interactive without a prompt; a command is refused.
-        let plan = RunPlan::claude(ws.path(), &Overrides::default(), &ClaudeOptions::default())
+        let plan = RunPlan::claude(ws.path(), &Overrides::default(), &AgentOptions::default())
             .unwrap_or_else(|e| panic!("{e}"));
         assert!(plan.interactive);
         let err = RunPlan::claude(
@@ -125,7 +127,7 @@ mod tests {
                 command: Some(vec!["sh".into()]),
                 ..Overrides::default()
             },
-            &ClaudeOptions::default(),
+            &AgentOptions::default(),
         )
         .map(|_| ())
         .unwrap_err()

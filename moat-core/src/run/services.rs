@@ -47,6 +47,9 @@ pub(crate) struct Services {
     pub runtime: Arc<dyn Runtime>,
     pub firewall: Arc<dyn Firewall>,
     pub routes: Arc<dyn Routes>,
+    /// The user's SSH agent (`SSH_AUTH_SOCK`), which a run's filtering
+    /// agent asks to sign for its `ssh:` grants.
+    pub ssh_agent: Option<std::path::PathBuf>,
 }
 
 impl Services {
@@ -57,6 +60,7 @@ impl Services {
             runtime,
             firewall: Arc::new(Netfilter),
             routes: Arc::new(RouterDaemon),
+            ssh_agent: crate::credential::ssh::agent_socket(),
         }
     }
 }

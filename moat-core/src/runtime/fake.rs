@@ -25,6 +25,10 @@ pub struct FakeContainer {
     pub image: String,
     /// The network it is on.
     pub network: String,
+    /// Its environment (`KEY=value`).
+    pub env: Vec<String>,
+    /// What is mounted into it.
+    pub binds: Vec<super::Bind>,
     /// Running now.
     pub running: bool,
     /// Its exit code, once it exited.
@@ -279,6 +283,8 @@ impl Runtime for FakeRuntime {
                     labels: spec.labels.clone(),
                     image: spec.image.clone(),
                     network: spec.network.clone(),
+                    env: spec.env.clone(),
+                    binds: spec.binds.clone(),
                     running: false,
                     exit_code: None,
                     build: spec.build,

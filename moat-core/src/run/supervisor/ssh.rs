@@ -20,7 +20,7 @@ pub(super) async fn start(
 ) -> Result<Vec<(crate::ssh_agent::HostGrant, u16)>> {
     use crate::ssh_agent::{FilterAgent, Forward};
     let names: Vec<String> = grants.iter().map(|g| format!("ssh:{}", g.host)).collect();
-    let upstream = crate::credential::ssh::agent_socket().ok_or_else(|| {
+    let upstream = run.services.ssh_agent.clone().ok_or_else(|| {
         Error::new(
             ErrorKind::Config,
             format!(

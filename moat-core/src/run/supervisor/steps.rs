@@ -316,19 +316,19 @@ impl Supervision {
         if let Some(agent) = self.plan.agent.clone() {
             // The agent's image: the base image with the agent in it,
             // made once per base image and build.
-            let crate::agent::Agent::Claude = agent.agent;
             let progress = self.progress.clone();
             let report = move |m: &str| progress(m);
-            let binary = crate::agent::claude::binary(&self.home, &agent.version, &report).await?;
-            let (tag, made) = crate::agent::claude::image(
-                runtime.as_ref(),
-                &image,
-                &id,
-                &binary,
-                &self.labels(),
-                &report,
-            )
-            .await?;
+            let (tag, made) = crate::agent::preset(agent.agent)
+                .image(
+                    &self.home,
+                    runtime.as_ref(),
+                    &image,
+                    &id,
+                    &agent.version,
+                    &self.labels(),
+                    &report,
+                )
+                .await?;
             update_meta(&self.dir, |m| m.image = tag.clone())?;
             self.plan.image = tag;
             id = made;
@@ -511,15 +511,17 @@ impl Supervision {
             .map(|(k, v)| format!("{k}={v}"))
             .collect();
         env.extend(self.built.secret_env.iter().map(|s| s.expose().clone()));
-        // Claude Code with an OAuth login reads its placeholder login from
-        // its credentials file (which lets it ask for a refresh, answered
-        // on the host), not from the variable.
-        let claude = self.plan.agent.is_some();
+        // Variables the agent's preset reads from its files instead.
+        let hidden = self
+            .plan
+            .agent
+            .as_ref()
+            .map_or(&[][..], |a| crate::agent::preset(a.agent).hidden_env());
         env.extend(
             binding
                 .env
                 .iter()
-                .filter(|(k, _)| !(claude && k == "CLAUDE_CODE_OAUTH_TOKEN"))
+                .filter(|(k, _)| !hidden.contains(&k.as_str()))
                 .map(|(k, v)| format!("{k}={v}")),
         );
         env.extend(
@@ -614,8 +616,23 @@ impl Supervision {
             });
         }
         if let Some(agent) = &self.plan.agent {
-            let crate::agent::Agent::Claude = agent.agent;
-            binds.push(self.claude_state(binding, uid, gid)?);
+            let progress = self.progress.clone();
+            let warn = move |m: &str| progress(m);
+            let state = crate::agent::preset(agent.agent).state(&crate::agent::StateContext {
+                home: &self.home,
+                workspace: &self.plan.workspace,
+                binding,
+                uid,
+                gid,
+                warn: &warn,
+            })?;
+            if let Some(state) = state {
+                binds.push(Bind {
+                    source: state.source.to_string_lossy().into_owned(),
+                    target: state.target,
+                    read_only: false,
+                });
+            }
         }
         for m in &self.plan.mounts {
             binds.push(Bind {
@@ -768,79 +785,6 @@ impl Supervision {
         Ok(())
     }
 
-    /// Claude Code's state directory for the workspace, made ready for a
-    /// sealed run (see [`crate::agent::claude`]), and its mount.
-    fn claude_state(
-        &self,
-        binding: &crate::credential::Binding,
-        uid: u32,
-        gid: u32,
-    ) -> Result<Bind> {
-        use crate::agent::claude;
-        let dir = claude::state_dir(&self.home, &self.plan.workspace);
-        crate::paths::private_dir(&dir)?;
-        give(&dir, uid, gid)?;
-        let placeholder = |key: &str| {
-            binding
-                .env
-                .iter()
-                .find(|(k, _)| k == key)
-                .map(|(_, v)| v.clone())
-        };
-        let config = dir.join(".claude.json");
-        // The agent may have left anything here: a symbolic link (to a
-        // credential file of the host's, say) is never followed; it, or
-        // anything but a regular file, is moved aside like a file that is
-        // not JSON.
-        let existing = read_no_follow(&config)?;
-        // A file that is not JSON is kept aside, not overwritten unseen.
-        if let Some(bytes) = &existing {
-            if bytes.is_none()
-                || serde_json::from_slice::<serde_json::Value>(bytes.as_deref().unwrap_or_default())
-                    .is_err()
-            {
-                let aside = dir.join(".claude.json.unreadable");
-                std::fs::rename(&config, &aside)
-                    .map_err(|e| Error::io(&config, "move aside", e))?;
-                (self.progress)(&format!(
-                    "warning: {} was not a JSON file; it is kept as {} and a new one is written",
-                    config.display(),
-                    aside.display()
-                ));
-            }
-        }
-        let existing = existing
-            .flatten()
-            .filter(|b| serde_json::from_slice::<serde_json::Value>(b).is_ok());
-        let api_key = placeholder("ANTHROPIC_API_KEY");
-        write_owned(
-            &config,
-            &claude::settle_config(existing.as_deref(), api_key.as_deref()),
-            uid,
-            gid,
-        )?;
-        let credentials = dir.join(".credentials.json");
-        if placeholder("CLAUDE_CODE_OAUTH_TOKEN").is_some() {
-            write_owned(
-                &credentials,
-                &claude::placeholder_credentials(binding.subscription.as_deref()),
-                uid,
-                gid,
-            )?;
-        } else {
-            match std::fs::remove_file(&credentials) {
-                Ok(()) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => return Err(Error::io(&credentials, "remove", e)),
-            }
-        }
-        Ok(Bind {
-            source: dir.to_string_lossy().into_owned(),
-            target: claude::CONFIG_DIR.into(),
-            read_only: false,
-        })
-    }
-
     /// The labels of everything the run makes on the engine.
     fn labels(&self) -> BTreeMap<String, String> {
         BTreeMap::from([
@@ -935,55 +879,6 @@ async fn gateway_up(gateway: std::net::IpAddr, wait: Duration) -> Result<()> {
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-}
-
-/// Makes `path` the agent's (when moat runs as root; otherwise it is the
-/// host user's already, who is the agent).
-fn give(path: &std::path::Path, uid: u32, gid: u32) -> Result<()> {
-    // SAFETY: geteuid cannot fail.
-    if unsafe { libc::geteuid() } == 0 {
-        // Never through a symbolic link the agent may have put in place.
-        std::os::unix::fs::lchown(path, Some(uid), Some(gid))
-            .map_err(|e| Error::io(path, "give the agent's user", e))?;
-    }
-    Ok(())
-}
-
-/// A file's content, without following a symbolic link: `None` when there
-/// is none, `Some(None)` when something other than a regular file is there.
-pub(super) fn read_no_follow(path: &std::path::Path) -> Result<Option<Option<Vec<u8>>>> {
-    use std::io::Read;
-    use std::os::unix::fs::OpenOptionsExt;
-    match std::fs::symlink_metadata(path) {
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(Error::io(path, "read", e)),
-        Ok(m) if !m.file_type().is_file() => return Ok(Some(None)),
-        Ok(_) => {}
-    }
-    let mut file = match std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
-        .open(path)
-    {
-        Ok(f) => f,
-        // Replaced by a link since: not followed.
-        Err(e) if e.raw_os_error() == Some(libc::ELOOP) => return Ok(Some(None)),
-        Err(e) => return Err(Error::io(path, "read", e)),
-    };
-    let meta = file.metadata().map_err(|e| Error::io(path, "read", e))?;
-    if !meta.is_file() {
-        return Ok(Some(None));
-    }
-    let mut bytes = Vec::new();
-    file.read_to_end(&mut bytes)
-        .map_err(|e| Error::io(path, "read", e))?;
-    Ok(Some(Some(bytes)))
-}
-
-/// Writes a file the agent may change: 0600, the agent's.
-fn write_owned(path: &std::path::Path, content: &[u8], uid: u32, gid: u32) -> Result<()> {
-    crate::paths::write_private(path, content, 0o600)?;
-    give(path, uid, gid)
 }
 
 /// A step ran before the one it needs: a bug, said plainly.

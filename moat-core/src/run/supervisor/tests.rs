@@ -155,6 +155,9 @@ impl World {
                 runtime,
                 firewall: self.firewall.clone(),
                 routes: self.routes.clone(),
+                // No user's agent here (a run with an ssh: grant fails at
+                // its step).
+                ssh_agent: Some(self.home.join("no-ssh-agent.sock")),
             },
             Arc::new(move |m: &str| progress.lock().unwrap().push(m.to_string())),
         )
@@ -271,15 +274,16 @@ async fn the_steps_run_in_order_and_cleanup_undoes_them_in_reverse() {
     }
 }
 
-/// How to make setup fail at one step.
-fn failing_at(step: Step) -> Option<(FakeRuntime, FakeFirewall, FakeRoutes, bool)> {
+/// How to make setup fail at one step: the engine, firewall and router,
+/// and the grant the run asks for.
+fn failing_at(step: Step) -> (FakeRuntime, FakeFirewall, FakeRoutes, Option<&'static str>) {
     let (mut fw, mut routes) = (FakeFirewall::default(), FakeRoutes::default());
     let runtime = runtime_with_image();
-    let mut aws_grant = false;
+    let mut grant = None;
     let runtime = match step {
         // An aws grant with no role stored.
         Step::Credentials => {
-            aws_grant = true;
+            grant = Some("aws");
             runtime
         }
         Step::Image => {
@@ -297,9 +301,12 @@ fn failing_at(step: Step) -> Option<(FakeRuntime, FakeFirewall, FakeRoutes, bool
             r.add_image(IMAGE, "sha256:fake");
             r
         }
-        // Tested with real agents (tests/python/test_ssh_runs.py): a fake
-        // run has no stored SSH grant to fail with.
-        Step::Ssh => return None,
+        // An ssh: grant, and no user's agent to sign with (the grant's
+        // success is tested with real agents, tests/python/test_ssh_runs.py).
+        Step::Ssh => {
+            grant = Some("ssh:git.example.com");
+            runtime
+        }
         Step::Firewall => {
             fw.fail_install = true;
             runtime
@@ -317,25 +324,41 @@ fn failing_at(step: Step) -> Option<(FakeRuntime, FakeFirewall, FakeRoutes, bool
             runtime
         }
     };
-    Some((runtime, fw, routes, aws_grant))
+    (runtime, fw, routes, grant)
+}
+
+/// Stores an SSH grant for `host` in `home`, as `moat grant ssh` would
+/// (without asking an agent for its keys).
+fn store_ssh_grant(home: &Path, host: &str) {
+    let grants = serde_json::json!([{
+        "host": host,
+        "key": {"fingerprint": "SHA256:fake", "comment": "test", "key_type": "ssh-ed25519"},
+        "created": "2026-01-01T00:00:00Z",
+        "host_keys": ["ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl"],
+    }]);
+    std::fs::write(home.join("ssh-grants.json"), grants.to_string()).unwrap();
 }
 
 #[tokio::test]
 async fn a_failure_at_any_step_leaves_nothing_behind() {
     for step in STEPS {
-        let Some((runtime, fw, routes, aws_grant)) = failing_at(step) else {
-            continue;
-        };
+        let (runtime, fw, routes, grant) = failing_at(step);
         let w = World::new(runtime, fw, routes);
         let mut plan = w.plan(true, true);
-        if aws_grant {
-            plan.grants = vec![GrantRef::parse("aws").unwrap()];
+        if let Some(grant) = grant {
+            if let Some(host) = grant.strip_prefix("ssh:") {
+                store_ssh_grant(&w.home, host);
+            }
+            plan.grants = vec![GrantRef::parse(grant).unwrap()];
         }
         let mut run = w.supervision(plan);
         let err = run
             .start(std::future::pending())
             .await
             .expect_err(&format!("{step:?} should fail"));
+        if step == Step::Ssh {
+            assert!(err.to_string().contains("no-ssh-agent.sock"), "{err}");
+        }
         assert!(run.done.is_empty(), "{step:?}: undone all");
         w.assert_nothing_left(&format!("a failure at {step:?} ({err})"));
         let meta = w.meta();
@@ -367,7 +390,7 @@ async fn a_failure_at_any_step_leaves_nothing_behind() {
         for earlier in &STEPS[..at] {
             assert!(
                 phases.contains_key(earlier.name()),
-                "{step:?}: {earlier:?} did not run"
+                "{step:?}: {earlier:?} did not run ({err})"
             );
         }
         for later in &STEPS[at..] {
@@ -521,7 +544,7 @@ async fn an_image_that_cannot_be_pulled_is_named_with_what_chose_it_and_how_to_c
 
 #[test]
 fn the_agents_state_files_are_read_without_following_a_link() {
-    use super::steps::read_no_follow;
+    use crate::paths::read_no_follow;
     let dir = tempfile::tempdir().unwrap();
     let secret = dir.path().join("host-credentials.json");
     std::fs::write(&secret, br#"{"refreshToken":"host-secret"}"#).unwrap();
@@ -616,4 +639,108 @@ async fn a_held_start_whose_starter_goes_away_fails_and_leaves_nothing() {
         "{meta:?}"
     );
     w.assert_nothing_left("after a starter that went away");
+}
+
+/// A run of a known agent is driven by its preset alone: the image is the
+/// preset's (made from the base image on the engine, its tag recorded in
+/// run.json), its state directory is made and mounted, its environment and
+/// command are the run's, and cleanup still leaves nothing.
+#[tokio::test]
+async fn an_agent_run_takes_its_image_state_and_environment_from_the_preset() {
+    use crate::agent::{claude, preset, Agent, AgentOptions};
+    let w = World::new(
+        runtime_with_image(),
+        FakeFirewall::default(),
+        FakeRoutes::default(),
+    );
+    let ws = w.home.parent().unwrap().join("ws");
+    std::fs::create_dir_all(&ws).unwrap();
+    let options = AgentOptions {
+        prompt: Some("hello".into()),
+        ..AgentOptions::default()
+    };
+    let mut plan = RunPlan::agent(
+        Agent::Claude,
+        &ws,
+        &crate::config::Overrides::default(),
+        &options,
+    )
+    .unwrap();
+    plan.image = IMAGE.into();
+    plan.engine = Some(Engine::Docker);
+    // No stored grant in this home: the preset's grant is bound by the run
+    // tests (tests/python/test_claude.py); here the preset's own steps.
+    plan.grants.clear();
+    let version = plan.agent.as_ref().unwrap().version.clone();
+    // The pinned build, already in the cache (its download and checks are
+    // claude.rs's tests).
+    let (_, _, sha) = claude::PINNED
+        .wheels
+        .iter()
+        .find(|(arch, _, _)| *arch == std::env::consts::ARCH)
+        .unwrap();
+    let cache = w
+        .home
+        .join("cache/claude")
+        .join(format!("{version}-{}", std::env::consts::ARCH));
+    std::fs::create_dir_all(&cache).unwrap();
+    std::fs::write(cache.join("claude"), b"#!/bin/sh\n").unwrap();
+    std::fs::write(
+        cache.join("source.json"),
+        serde_json::json!({"version": version, "wheel_sha256": sha, "pinned": true}).to_string(),
+    )
+    .unwrap();
+    let mut run = w.supervision(plan);
+    run.start(std::future::pending()).await.unwrap();
+    // The image: made from the base image, and the run's.
+    let meta = w.meta();
+    assert!(meta.image.starts_with("moat-claude:"), "{}", meta.image);
+    let calls = w.runtime.calls();
+    assert!(
+        calls
+            .iter()
+            .any(|c| c.starts_with("put_file ") && c.ends_with(" /usr/local/bin/claude")),
+        "{calls:?}"
+    );
+    assert!(calls
+        .iter()
+        .any(|c| c.starts_with("commit ") && c.ends_with(&meta.image)));
+    let agent = w
+        .runtime
+        .containers()
+        .into_iter()
+        .find(|c| c.name.starts_with("moat-run_"))
+        .unwrap();
+    assert_eq!(agent.image, meta.image);
+    // Its state: a directory of the home's, per workspace, mounted where
+    // the preset says, with the config that keeps it from asking.
+    let state = claude::state_dir(&w.home, &ws);
+    let bind = agent
+        .binds
+        .iter()
+        .find(|b| b.target == claude::CONFIG_DIR)
+        .unwrap_or_else(|| panic!("{:?}", agent.binds));
+    assert_eq!(bind.source, state.to_string_lossy());
+    assert!(!bind.read_only);
+    let config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(state.join(".claude.json")).unwrap()).unwrap();
+    assert_eq!(config["hasCompletedOnboarding"], true, "{config}");
+    // Its environment and command.
+    for (key, value) in preset(Agent::Claude).env() {
+        assert!(
+            agent.env.contains(&format!("{key}={value}")),
+            "{key}: {:?}",
+            agent.env
+        );
+    }
+    assert_eq!(
+        meta.command.as_deref(),
+        Some(&["claude", "-p", "hello"].map(String::from)[..])
+    );
+    let container = meta.container.clone().unwrap();
+    w.runtime.exit(&container, 0);
+    run.finish(Ok(0)).await.unwrap();
+    w.assert_nothing_left("after the agent's run");
+    // The state stays for the next run of the workspace.
+    assert!(state.join(".claude.json").is_file());
 }
