@@ -2017,3 +2017,154 @@ async fn a_clients_phases_answer_its_internal_requests_and_inject_its_credential
     let r = records.iter().find(|r| r.url.ends_with("/other")).unwrap();
     assert_eq!(r.fault, Some(Fault::Client));
 }
+
+/// A client's phase that uses every hook the proxy offers around its own
+/// work: it refuses connections once told to, refuses tunnels to one host,
+/// adds a line to what refused clients read, and keeps every final record.
+#[derive(Debug, Default)]
+struct Watcher {
+    refuse_peers: std::sync::atomic::AtomicBool,
+    peers: Mutex<Vec<SocketAddr>>,
+    failures: Mutex<Vec<(String, u16, Fault)>>,
+    logged: Mutex<Vec<moat_core::trace::TraceRecord>>,
+}
+
+#[async_trait::async_trait]
+impl moat_core::proxy::Phase for Watcher {
+    fn authenticate(&self, peer: SocketAddr) -> Result<(), moat_core::proxy::phase::Answer> {
+        self.peers.lock().unwrap().push(peer);
+        if self.refuse_peers.load(std::sync::atomic::Ordering::SeqCst) {
+            let mut answer = moat_core::proxy::phase::Answer::text(
+                http::StatusCode::FORBIDDEN,
+                "Moat: not from this address\n",
+            );
+            answer.denied = Some("peer refused".into());
+            return Err(answer);
+        }
+        Ok(())
+    }
+
+    fn connect(&self, host: &str, _port: u16) -> Result<(), moat_core::proxy::phase::Answer> {
+        if host == "other.test" {
+            let mut answer = moat_core::proxy::phase::Answer::text(
+                http::StatusCode::FORBIDDEN,
+                "Moat: other.test is closed to this client\n",
+            );
+            answer.denied = Some("closed by the watcher".into());
+            return Err(answer);
+        }
+        Ok(())
+    }
+
+    fn fail(&self, failure: &moat_core::proxy::phase::Failure<'_>) -> Option<String> {
+        self.failures.lock().unwrap().push((
+            failure.host.to_string(),
+            failure.status.as_u16(),
+            failure.fault,
+        ));
+        Some("hint: ask the operator".into())
+    }
+
+    fn log(&self, record: &moat_core::trace::TraceRecord) {
+        self.logged.lock().unwrap().push(record.clone());
+    }
+}
+
+#[tokio::test]
+async fn a_clients_phases_authenticate_connect_fail_and_log_around_the_proxys_own() {
+    let s = setup_with(true, PolicyMode::Strict, &["other.test"], Limits::default()).await;
+    let watcher = Arc::new(Watcher::default());
+    let sink = Arc::new(MemorySink::default());
+    let client = s
+        .proxy
+        .register(ClientSpec {
+            name: "run_watched".into(),
+            credentials: vec![github_credential()],
+            policy: PolicyMode::Strict,
+            allow: vec![HostPattern::parse("other.test").unwrap()],
+            trace: Some(sink.clone()),
+            audit: Some(sink.clone()),
+            capture_bodies: 0,
+            phases: vec![watcher.clone()],
+            rules: Vec::new(),
+        })
+        .unwrap();
+    let url = client.proxy_url(s.proxy.local_addr()).expose().clone();
+    // Allowed, and the credential went in: the phases changed nothing.
+    let (code, _, err) = curl(&url, s.ca(), &["https://api.github.com/watched"]).await;
+    assert_eq!(code, 200, "{err}");
+    assert!(s
+        .seen()
+        .iter()
+        .any(|r| r.path == "/watched" && r.authorization == [format!("Bearer {TOKEN}")]));
+    assert!(watcher.peers.lock().unwrap()[0].ip().is_loopback());
+    // The policy allows other.test; the phase's connect refuses it, and the
+    // client reads the phase's words and its fail line, inside TLS.
+    let (code, body, err) = curl(&url, s.ca(), &["https://other.test/closed"]).await;
+    assert_eq!(code, 403, "{err}");
+    assert_eq!(
+        body,
+        "Moat: other.test is closed to this client\nhint: ask the operator\n"
+    );
+    assert!(!s.seen().iter().any(|r| r.path == "/closed"), "never sent");
+    // The proxy's own refusal (strict mode) gets the fail line too.
+    let (code, body, _) = curl(&url, s.ca(), &["https://blocked.example.com/b"]).await;
+    assert_eq!(code, 403);
+    assert!(
+        body.starts_with("Moat: request blocked by network policy."),
+        "{body}"
+    );
+    assert!(body.ends_with("hint: ask the operator\n"), "{body}");
+    let failures = watcher.failures.lock().unwrap().clone();
+    assert!(
+        failures.contains(&("other.test".into(), 403, Fault::Policy)),
+        "{failures:?}"
+    );
+    assert!(
+        failures.contains(&("blocked.example.com".into(), 403, Fault::Policy)),
+        "{failures:?}"
+    );
+    // Authentication: the token names the client; its phase refuses the
+    // connection's peer, and nothing is sent.
+    watcher
+        .refuse_peers
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    let (code, body, _) = curl(&url, s.ca(), &["https://api.github.com/refused-peer"]).await;
+    assert_eq!(
+        (code, body.as_str()),
+        (0, ""),
+        "the CONNECT itself is refused"
+    );
+    let (code, body, _) = curl(&url, s.ca(), &["http://other.test/plain-refused"]).await;
+    assert_eq!(
+        (code, body.as_str()),
+        (403, "Moat: not from this address\n")
+    );
+    assert!(!s.seen().iter().any(|r| r.path == "/refused-peer"));
+    assert!(!s.seen_plain().iter().any(|r| r.path == "/plain-refused"));
+    let audited = sink.events();
+    assert!(
+        audited.iter().any(|e| matches!(e, AuditEvent::PolicyDecision { allowed: false, rule, .. } if rule == "authenticate")),
+        "{audited:?}"
+    );
+    assert!(
+        audited.iter().any(|e| matches!(e, AuditEvent::PolicyDecision { allowed: false, rule, host, .. } if rule == "connect" && host == "other.test")),
+        "{audited:?}"
+    );
+    // Log: every record the client's trace has, the phase saw first, once.
+    let urls = |records: Vec<moat_core::trace::TraceRecord>| -> Vec<String> {
+        let mut u: Vec<String> = records
+            .into_iter()
+            .map(|r| format!("{} {:?}", r.url, r.status))
+            .collect();
+        u.sort();
+        u
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while sink.records().len() < 5 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let traced = urls(sink.records());
+    assert_eq!(traced.len(), 5, "{traced:?}");
+    assert_eq!(urls(watcher.logged.lock().unwrap().clone()), traced);
+}

@@ -220,11 +220,12 @@ pub(crate) struct ClientCtx {
     token: Vec<u8>,
     name: String,
     policy: Policy,
-    trace: Option<Arc<dyn TraceSink>>,
     audit: Option<Arc<dyn AuditSink>>,
     capture_bodies: usize,
     /// The client's phases: its header credentials first, then the rest.
     phases: Vec<Arc<dyn Phase>>,
+    /// Where its finished requests go.
+    recorder: server::Recorder,
 }
 
 /// Limits on client connections, with their defaults.
@@ -472,7 +473,11 @@ impl Proxy {
                 grant_hosts,
                 rules: spec.rules,
             },
-            trace: spec.trace,
+            recorder: server::Recorder {
+                trace: spec.trace,
+                audit: spec.audit.clone(),
+                phases: phases.clone().into(),
+            },
             audit: spec.audit,
             capture_bodies: spec.capture_bodies,
             phases,

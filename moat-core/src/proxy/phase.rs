@@ -1,9 +1,15 @@
-//! The phases of a request that a client can extend, after the proxy's own
-//! (authenticate the client, decide the policy, check that the CONNECT host,
-//! the TLS server name and the request's host agree, choose and dial the
-//! upstream). Each phase has a default that does nothing, so an extension
-//! names only what it does (pingora's shape):
+//! The phases of a request that a client can extend, around the proxy's own
+//! (find the client by its token, decide the policy, check that the CONNECT
+//! host, the TLS server name and the request's host agree, resolve and dial
+//! the upstream). Each phase has a default that does nothing, so an
+//! extension names only what it does (pingora's shape), in the order a
+//! request meets them:
 //!
+//! - [`Phase::authenticate`]: the client's token named it; a phase may still
+//!   refuse the connection it came on (by its peer address, say).
+//! - [`Phase::connect`]: a tunnel the policy allowed is about to open; a
+//!   phase may refuse it (its client reads why inside TLS, as for any
+//!   refusal).
 //! - [`Phase::respond`]: answer a request instead of any upstream: one to
 //!   the proxy's own host (`http://moat.internal/...`), or one inside an
 //!   intercepted tunnel. The AWS credential endpoint is one
@@ -15,9 +21,17 @@
 //!   ([`HeaderCredentials`]); an OAuth login refreshed on the host another.
 //! - [`Phase::observe`]: see the status of an upstream's answer (a 401
 //!   tells the OAuth broker its token was refused).
+//! - [`Phase::fail`]: a request failed or was refused, and who is at fault
+//!   ([`Fault`]); a phase may say more to the client.
+//! - [`Phase::log`]: every request's record, once, when it is final (just
+//!   before the client's trace and audit sinks take it).
 //!
-//! Failures say who failed ([`Fault`]), and every request is logged once,
-//! to the client's trace and audit sinks, by the proxy itself.
+//! Choosing the upstream is the proxy's alone, not a phase's: connections
+//! upstream are pooled across clients by host and port, and each address is
+//! checked as dialled (no loopback, private or metadata address unless the
+//! operator mapped the host with `MOAT_RESOLVE`). A client that chose its
+//! own address for a host would share that pool with clients that did not,
+//! and a credential could reach an address its grant never named.
 
 use std::fmt;
 
@@ -26,8 +40,8 @@ use http::{HeaderMap, HeaderName, Method, StatusCode};
 
 use super::Credential;
 use crate::policy::HostPattern;
-use crate::trace::AuditEvent;
 pub use crate::trace::Fault;
+use crate::trace::{AuditEvent, TraceRecord};
 
 /// The proxy's own host: requests for it are answered by [`Phase::respond`]
 /// and never leave the proxy.
@@ -107,9 +121,43 @@ impl From<Vec<Injection>> for Injected {
     }
 }
 
+/// A request that failed or was refused, for [`Phase::fail`].
+#[derive(Debug)]
+pub struct Failure<'a> {
+    /// The client's name (the run id).
+    pub client: &'a str,
+    /// The method (`CONNECT` for a tunnel).
+    pub method: &'a str,
+    /// The host asked for.
+    pub host: &'a str,
+    /// The port asked for.
+    pub port: u16,
+    /// The status the client gets.
+    pub status: StatusCode,
+    /// Who failed.
+    pub fault: Fault,
+    /// What the client is told (the proxy's words).
+    pub message: &'a str,
+}
+
 /// A client's extension of the proxy; every method has a default.
 #[async_trait::async_trait]
 pub trait Phase: Send + Sync + fmt::Debug {
+    /// The client's token named it, on a connection from `peer`: `Err`
+    /// refuses the request (and no other phase sees it).
+    #[allow(clippy::result_large_err)] // an answer, as `inject`'s; rare
+    fn authenticate(&self, _peer: std::net::SocketAddr) -> Result<(), Answer> {
+        Ok(())
+    }
+
+    /// A tunnel to `host:port` that the policy allowed is about to open:
+    /// `Err` refuses it (its client is answered with the answer's body, in
+    /// TLS when the tunnel is intercepted).
+    #[allow(clippy::result_large_err)] // an answer, as `inject`'s; rare
+    fn connect(&self, _host: &str, _port: u16) -> Result<(), Answer> {
+        Ok(())
+    }
+
     /// Answers a request, or `None` to leave it to the next phase. Asked for
     /// requests to [`INTERNAL_HOST`] (plain HTTP; when no phase answers, a
     /// 404) and for requests inside an intercepted tunnel, before any
@@ -141,6 +189,18 @@ pub trait Phase: Send + Sync + fmt::Debug {
     /// Sees the status of an upstream's answer to a request for
     /// `host:port` (before its body).
     fn observe(&self, _host: &str, _port: u16, _status: StatusCode) {}
+
+    /// A request failed or was refused: a line to add to what its client
+    /// reads, or `None`. (Its record says the same as ever; see
+    /// [`Phase::log`].)
+    fn fail(&self, _failure: &Failure<'_>) -> Option<String> {
+        None
+    }
+
+    /// A request's record, final: once per request the proxy accepted,
+    /// just before the client's trace and audit sinks take it. Must not
+    /// block.
+    fn log(&self, _record: &TraceRecord) {}
 
     /// The hosts this phase's credentials are for: strict mode lets them
     /// through (with the grant's name as the rule).

@@ -115,7 +115,7 @@ pub(crate) async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
         let conn_shared = shared.clone();
         shared
             .tasks
-            .spawn(serve_client(tcp, conn_shared, Arc::new(permit)));
+            .spawn(serve_client(tcp, peer, conn_shared, Arc::new(permit)));
     }
 }
 
@@ -129,12 +129,17 @@ type Permit = Arc<tokio::sync::OwnedSemaphorePermit>;
 /// judged, and recorded as a request of its own).
 type LastAllowed = Arc<std::sync::Mutex<Option<(u64, String, u16, String)>>>;
 
-async fn serve_client(tcp: tokio::net::TcpStream, shared: Arc<Shared>, permit: Permit) {
+async fn serve_client(
+    tcp: tokio::net::TcpStream,
+    peer: std::net::SocketAddr,
+    shared: Arc<Shared>,
+    permit: Permit,
+) {
     let cancel = shared.cancel.clone();
     let svc_shared = shared.clone();
     let last: LastAllowed = Arc::default();
     let service = service_fn(move |req| {
-        handle_proxy_request(svc_shared.clone(), permit.clone(), last.clone(), req)
+        handle_proxy_request(svc_shared.clone(), permit.clone(), last.clone(), peer, req)
     });
     let conn = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
@@ -242,6 +247,25 @@ pub(crate) fn split_authority(text: &str) -> Option<(String, Option<u16>)> {
     Some((host, port))
 }
 
+/// Where a client's finished requests go: each of its phases
+/// ([`super::Phase::log`]), then its trace and audit sinks.
+#[derive(Clone)]
+pub(crate) struct Recorder {
+    pub(crate) trace: Option<Arc<dyn crate::trace::TraceSink>>,
+    pub(crate) audit: Option<Arc<dyn crate::trace::AuditSink>>,
+    pub(crate) phases: Arc<[Arc<dyn super::Phase>]>,
+}
+
+impl Recorder {
+    /// Records a request's final record.
+    fn emit(&self, record: TraceRecord) {
+        for phase in self.phases.iter() {
+            phase.log(&record);
+        }
+        emit(self.trace.as_ref(), self.audit.as_ref(), record);
+    }
+}
+
 /// One request's record keeping. Every request the proxy accepted leaves a
 /// trace record and an audit `request` event: if nothing recorded it by the
 /// time it is dropped (the client went away before the response, or the
@@ -320,16 +344,12 @@ impl<'a> Outcome<'a> {
         error: Option<String>,
     ) {
         self.handed_off();
-        emit(
-            self.ctx.trace.as_ref(),
-            self.ctx.audit.as_ref(),
-            TraceRecord {
-                denied,
-                error,
-                fault,
-                ..self.trace_record(status)
-            },
-        );
+        self.ctx.recorder.emit(TraceRecord {
+            denied,
+            error,
+            fault,
+            ..self.trace_record(status)
+        });
     }
 
     /// Something else records this request from now on.
@@ -367,13 +387,39 @@ impl<'a> Outcome<'a> {
         if denied {
             self.decision(false, "destination");
         }
+        let fault = Fault::of(status, denied);
         self.record(
             Some(status.as_u16()),
-            Some(Fault::of(status, denied)),
+            Some(fault),
             denied.then(|| msg.clone()),
             (!denied).then(|| msg.clone()),
         );
-        text_response(status, format!("Moat: {msg}\n"))
+        text_response(status, self.told(status, fault, format!("Moat: {msg}\n")))
+    }
+
+    /// What the client of a failed or refused request reads: `message`,
+    /// and what the client's phases add ([`super::Phase::fail`]).
+    fn told(&self, status: StatusCode, fault: Fault, message: String) -> String {
+        let mut told = message;
+        for phase in &self.ctx.phases {
+            let failure = super::phase::Failure {
+                client: &self.ctx.name,
+                method: &self.method,
+                host: &self.host,
+                port: self.port,
+                status,
+                fault,
+                message: &told,
+            };
+            if let Some(more) = phase.fail(&failure) {
+                if !told.ends_with('\n') {
+                    told.push('\n');
+                }
+                told.push_str(more.trim_end());
+                told.push('\n');
+            }
+        }
+        told
     }
 
     fn decision(&self, allowed: bool, rule: &str) {
@@ -402,16 +448,12 @@ impl Drop for Outcome<'_> {
         }
         if !self.done.load(Ordering::Relaxed) {
             self.handed_off();
-            emit(
-                self.ctx.trace.as_ref(),
-                self.ctx.audit.as_ref(),
-                TraceRecord {
-                    grant,
-                    error: Some(ABANDONED.to_string()),
-                    fault: Some(Fault::Client),
-                    ..self.trace_record(None)
-                },
-            );
+            self.ctx.recorder.emit(TraceRecord {
+                grant,
+                error: Some(ABANDONED.to_string()),
+                fault: Some(Fault::Client),
+                ..self.trace_record(None)
+            });
         }
     }
 }
@@ -452,6 +494,7 @@ async fn handle_proxy_request(
     shared: Arc<Shared>,
     permit: Permit,
     last: LastAllowed,
+    peer: std::net::SocketAddr,
     req: Request<Incoming>,
 ) -> Result<Response<ProxyBody>, Infallible> {
     if head_size(&req) > shared.limits.max_header_bytes {
@@ -468,6 +511,9 @@ async fn handle_proxy_request(
         );
         return Ok(resp);
     };
+    if let Some(refused) = authenticate(&ctx, peer, &req) {
+        return Ok(refused);
+    }
     if req.method() == Method::CONNECT {
         return Ok(handle_connect(shared, ctx, permit, req));
     }
@@ -481,6 +527,40 @@ async fn handle_proxy_request(
         StatusCode::BAD_REQUEST,
         "Moat: this is a forward proxy; send absolute http:// URLs or CONNECT\n",
     ))
+}
+
+/// The client's phases may refuse a request its token let in
+/// ([`super::Phase::authenticate`]): the first refusal answers it,
+/// recorded.
+fn authenticate(
+    ctx: &ClientCtx,
+    peer: std::net::SocketAddr,
+    req: &Request<Incoming>,
+) -> Option<Response<ProxyBody>> {
+    for phase in &ctx.phases {
+        if let Err(answer) = phase.authenticate(peer) {
+            let connect = req.method() == Method::CONNECT;
+            let host = req.uri().host().unwrap_or_default();
+            let port = req
+                .uri()
+                .port_u16()
+                .unwrap_or(if connect { 443 } else { 80 });
+            let out = Outcome::new(
+                ctx,
+                req.method().to_string(),
+                if connect {
+                    url_authority(host, port, 0)
+                } else {
+                    req.uri().to_string()
+                },
+                host,
+                port,
+            );
+            out.decision(false, "authenticate");
+            return Some(answered(&out, answer));
+        }
+    }
+    None
 }
 
 /// A request for the proxy's own host: the client's phases answer it
@@ -613,7 +693,11 @@ fn judge_rules(
     );
     Some(text_response(
         StatusCode::FORBIDDEN,
-        format!("Moat: request blocked by network policy.\n{method} {shown}: {why}\n{fix}\n"),
+        out.told(
+            StatusCode::FORBIDDEN,
+            Fault::Policy,
+            format!("Moat: request blocked by network policy.\n{method} {shown}: {why}\n{fix}\n"),
+        ),
     ))
 }
 
@@ -699,6 +783,21 @@ fn handle_connect(
                     message: format!("Moat: {msg}\n"),
                     denied: msg,
                 });
+            }
+        }
+    }
+    if refusal.is_none() {
+        // The client's phases may refuse a tunnel the policy allowed.
+        for phase in &ctx.phases {
+            if let Err(answer) = phase.connect(&host, port) {
+                out.decision(false, "connect");
+                refusal = Some(Refusal {
+                    message: String::from_utf8_lossy(&answer.body).into_owned(),
+                    denied: answer
+                        .denied
+                        .unwrap_or_else(|| "refused when the tunnel opened".into()),
+                });
+                break;
             }
         }
     }
@@ -897,17 +996,13 @@ impl Drop for RelayRecord<'_> {
     fn drop(&mut self) {
         let out = self.out;
         let (up, down) = self.counts.now();
-        emit(
-            out.ctx.trace.as_ref(),
-            out.ctx.audit.as_ref(),
-            TraceRecord {
-                request_bytes: up,
-                response_bytes: down,
-                error: (!self.ended).then(|| "the tunnel was cut: the proxy shut down".to_string()),
-                fault: (!self.ended).then_some(Fault::Internal),
-                ..out.trace_record(None)
-            },
-        );
+        out.ctx.recorder.emit(TraceRecord {
+            request_bytes: up,
+            response_bytes: down,
+            error: (!self.ended).then(|| "the tunnel was cut: the proxy shut down".to_string()),
+            fault: (!self.ended).then_some(Fault::Internal),
+            ..out.trace_record(None)
+        });
     }
 }
 
@@ -1050,7 +1145,8 @@ where
                     // the answer rather than a reset.
                     let drain = http_body_util::Limited::new(req.into_body(), 1 << 20).collect();
                     let _ = tokio::time::timeout(std::time::Duration::from_secs(5), drain).await;
-                    Ok::<_, Infallible>(text_response(StatusCode::FORBIDDEN, refusal.message))
+                    let told = out.told(StatusCode::FORBIDDEN, Fault::Policy, refusal.message);
+                    Ok::<_, Infallible>(text_response(StatusCode::FORBIDDEN, told))
                 }
             });
             builder
@@ -1685,13 +1781,12 @@ async fn forward_upgrade(
     out.handed_off();
     if status != StatusCode::SWITCHING_PROTOCOLS {
         // Refused by the upstream: pass its answer on as an ordinary response.
-        emit(out.ctx.trace.as_ref(), out.ctx.audit.as_ref(), record);
+        out.ctx.recorder.emit(record);
         let (parts, body) = resp.into_parts();
         return Response::from_parts(parts, body.map_err(Into::into).boxed());
     }
     let upstream_upgrade = hyper::upgrade::on(&mut resp);
-    let trace = out.ctx.trace.clone();
-    let audit = out.ctx.audit.clone();
+    let recorder = out.ctx.recorder.clone();
     let started = out.started;
     let cancel = shared.cancel.clone();
     shared.tasks.spawn(async move {
@@ -1709,7 +1804,7 @@ async fn forward_upgrade(
         record.duration_ms = started.elapsed().as_secs_f64() * 1000.0;
         record.request_bytes = up;
         record.response_bytes = down;
-        emit(trace.as_ref(), audit.as_ref(), record);
+        recorder.emit(record);
     });
     let (parts, _) = resp.into_parts();
     Response::from_parts(parts, empty())
@@ -1728,10 +1823,9 @@ fn stream_back(
     let received = Arc::new(AtomicU64::new(0));
     let resp_capture = capture_for(out.ctx, &parts.headers);
     let capture_for_record = resp_capture.clone();
-    let (trace, audit) = (out.ctx.trace.clone(), out.ctx.audit.clone());
-    let wanted = trace.is_some() || audit.is_some();
+    let recorder = out.ctx.recorder.clone();
     out.handed_off();
-    let on_end: Option<OnEnd> = wanted.then(|| {
+    let on_end: Option<OnEnd> = Some({
         let record = TraceRecord {
             grant,
             request_headers,
@@ -1748,7 +1842,7 @@ fn stream_back(
             record.response_bytes = received.load(Ordering::Relaxed);
             record.request_body = req_capture.and_then(|c| c.text());
             record.response_body = capture_for_record.and_then(|c| c.text());
-            emit(trace.as_ref(), audit.as_ref(), record);
+            recorder.emit(record);
         });
         f
     });
