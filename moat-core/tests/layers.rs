@@ -55,45 +55,78 @@ fn code(text: &str) -> String {
         .join("\n")
 }
 
-/// The modules a piece of code names through `crate::`.
-fn uses(code: &str) -> BTreeSet<String> {
+/// The top-level names after a path prefix: `a` of `a::b`, or each item of
+/// a group (`{a::{b, c}, d}`: a, d).
+fn names_after(rest: &str, found: &mut BTreeSet<String>) {
+    let ident = |t: &str| -> String {
+        t.trim()
+            .chars()
+            .take_while(|c| c.is_alphanumeric() || *c == '_')
+            .collect()
+    };
+    if let Some(group) = rest.strip_prefix('{') {
+        let mut depth = 0;
+        let mut item = String::new();
+        let mut items = Vec::new();
+        for c in group.chars() {
+            match c {
+                '{' => depth += 1,
+                '}' if depth == 0 => break,
+                '}' => depth -= 1,
+                ',' if depth == 0 => items.push(std::mem::take(&mut item)),
+                _ if depth == 0 => item.push(c),
+                _ => {}
+            }
+        }
+        items.push(item);
+        for item in items {
+            found.insert(ident(&item));
+        }
+    } else {
+        found.insert(ident(rest));
+    }
+}
+
+/// The modules a piece of code names through `crate::`, or through as many
+/// `super::` as climb from its module (`depth` deep: 1 for `run/mod.rs` and
+/// `run.rs`, 2 for `run/start.rs`) to the crate's root.
+fn uses(code: &str, depth: usize) -> BTreeSet<String> {
     let mut found = BTreeSet::new();
     let mut rest = code;
     while let Some(i) = rest.find("crate::") {
         rest = &rest[i + "crate::".len()..];
-        if let Some(group) = rest.strip_prefix('{') {
-            // The group's top-level items (`crate::{a::{b, c}, d}`: a, d).
-            let mut depth = 0;
-            let mut item = String::new();
-            let mut items = Vec::new();
-            for c in group.chars() {
-                match c {
-                    '{' => depth += 1,
-                    '}' if depth == 0 => break,
-                    '}' => depth -= 1,
-                    ',' if depth == 0 => items.push(std::mem::take(&mut item)),
-                    _ if depth == 0 => item.push(c),
-                    _ => {}
-                }
-            }
-            items.push(item);
-            for item in items {
-                let name: String = item
-                    .trim()
-                    .chars()
-                    .take_while(|c| c.is_alphanumeric() || *c == '_')
-                    .collect();
-                found.insert(name);
-            }
-        } else {
-            let name: String = rest
-                .chars()
-                .take_while(|c| c.is_alphanumeric() || *c == '_')
-                .collect();
-            found.insert(name);
+        names_after(rest, &mut found);
+    }
+    let mut at = 0;
+    while let Some(i) = code[at..].find("super::") {
+        let start = at + i;
+        let before = code[..start].chars().next_back();
+        let mut end = start;
+        let mut supers = 0;
+        while code[end..].starts_with("super::") {
+            end += "super::".len();
+            supers += 1;
+        }
+        at = end;
+        // Not the middle of a longer name, and up to the root.
+        if before.is_some_and(|c| c.is_alphanumeric() || c == '_' || c == ':') {
+            continue;
+        }
+        if supers >= depth {
+            names_after(&code[end..], &mut found);
         }
     }
     found
+}
+
+/// How deep a file's module is below the crate's root.
+fn depth(rel: &Path) -> usize {
+    let parts = rel.iter().count();
+    if rel.file_name().is_some_and(|n| n == "mod.rs") {
+        parts - 1
+    } else {
+        parts
+    }
 }
 
 #[test]
@@ -124,7 +157,7 @@ fn modules_use_only_the_layers_above_them() {
         };
         seen.insert(module.clone());
         let text = std::fs::read_to_string(file).unwrap();
-        for used in uses(&code(&text)) {
+        for used in uses(&code(&text), depth(rel)) {
             if used == module {
                 continue;
             }
@@ -148,11 +181,20 @@ fn modules_use_only_the_layers_above_them() {
 #[test]
 fn the_scan_sees_a_use_that_points_down() {
     let text = "#[cfg(test)]\nmod tests;\nuse crate::run::RunPlan;\n// crate::blocking in a comment\nfn f() { crate::{paths, proxy::{Proxy, x}, secrets}; }\n#[cfg(test)]\nmod tests { use crate::agent; }\n";
-    let found = uses(&code(text));
+    let found = uses(&code(text), 1);
     assert_eq!(
         found,
         ["paths", "proxy", "run", "secrets"]
             .map(String::from)
             .into()
     );
+    // Through `super::`: only as many as reach the root name a module of
+    // the crate (in `run/supervisor/steps.rs`, three).
+    let text = "use super::super::super::blocking::X;\nuse super::super::{lifecycle, meta};\nfn f() { super::super::super::{agent, trace::T}; }\n";
+    assert_eq!(
+        uses(&code(text), depth(Path::new("run/supervisor/steps.rs"))),
+        ["agent", "blocking", "trace"].map(String::from).into()
+    );
+    assert_eq!(depth(Path::new("run/mod.rs")), 1);
+    assert_eq!(depth(Path::new("paths.rs")), 1);
 }

@@ -85,10 +85,7 @@ fn guard(handoff: &Handoff) -> i32 {
     let dir = run_dir(&handoff.home, &handoff.id);
     // The pipe ends a moment before the process is gone from /proc.
     let deadline = Instant::now() + Duration::from_secs(5);
-    // Cleaning up can fail for a while (the engine restarting, a lock):
-    // try again, with growing pauses of at most a second, for a minute.
-    let mut pause = Duration::from_millis(50);
-    let give_up = Instant::now() + Duration::from_secs(60);
+    let mut retry = Retry::new();
     loop {
         let Ok(meta) = super::load_meta(&dir) else {
             // Gone: removed by `moat destroy`, which cleaned up first, or
@@ -110,7 +107,7 @@ fn guard(handoff: &Handoff) -> i32 {
                 sweep_late_objects(handoff, &after);
                 return 0;
             }
-            if Instant::now() >= give_up {
+            if retry.expired() {
                 tracing::error!(
                     run = %handoff.id,
                     error = after.error.as_deref().unwrap_or("its supervisor is still alive"),
@@ -119,8 +116,35 @@ fn guard(handoff: &Handoff) -> i32 {
                 return 1;
             }
         }
-        std::thread::sleep(pause);
-        pause = (pause * 2).min(Duration::from_secs(1));
+        retry.pause();
+    }
+}
+
+/// How the guard tries again when cleaning up fails for a while (the engine
+/// restarting, a lock): growing pauses of at most a second, for a minute.
+/// The usual path and the path of a run whose `run.json` is gone share it.
+struct Retry {
+    pause: Duration,
+    give_up: Instant,
+}
+
+impl Retry {
+    fn new() -> Retry {
+        Retry {
+            pause: Duration::from_millis(50),
+            give_up: Instant::now() + Duration::from_secs(60),
+        }
+    }
+
+    /// Is the minute over?
+    fn expired(&self) -> bool {
+        Instant::now() >= self.give_up
+    }
+
+    /// Waits before the next try.
+    fn pause(&mut self) {
+        std::thread::sleep(self.pause);
+        self.pause = (self.pause * 2).min(Duration::from_secs(1));
     }
 }
 
@@ -135,20 +159,15 @@ fn orphaned(handoff: &Handoff) {
         }
     };
     let meta = RunMeta::starting(&handoff.id, &handoff.plan, engine);
-    // As long as the usual path tries (the engine may be restarting).
-    let give_up = Instant::now() + Duration::from_secs(60);
-    let mut pause = Duration::from_millis(50);
+    let mut retry = Retry::new();
     loop {
         match super::cleanup_blocking(&handoff.home, &meta) {
             Ok(()) => break,
-            Err(e) if Instant::now() >= give_up => {
+            Err(e) if retry.expired() => {
                 tracing::error!(run = %handoff.id, error = %e, "cleaning up after a run whose run.json is gone");
                 return;
             }
-            Err(_) => {
-                std::thread::sleep(pause);
-                pause = (pause * 2).min(Duration::from_secs(1));
-            }
+            Err(_) => retry.pause(),
         }
     }
     sweep_late_objects(handoff, &meta);
