@@ -7,11 +7,11 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-use super::firewall;
 use super::meta::{
     age_secs, is_run_id, load_meta, now, read_meta, record_or_keep, release_reserve, run_dir,
     runs_dir,
 };
+use super::services::Host;
 use super::{RunMeta, RunState};
 use crate::error::{Error, ErrorKind, Result};
 use crate::process::process_alive;
@@ -26,6 +26,11 @@ const CLEANUP_WAIT: Duration = Duration::from_secs(60);
 /// Every run under `home`, newest first, with its state brought up to date
 /// (see [`refresh`]).
 pub fn list(home: &Path) -> Result<Vec<RunMeta>> {
+    list_on(&Host::real(), home)
+}
+
+/// [`list`], on `host`.
+pub(crate) fn list_on(host: &Host, home: &Path) -> Result<Vec<RunMeta>> {
     let dir = runs_dir(home);
     let entries = match std::fs::read_dir(&dir) {
         Ok(e) => e,
@@ -40,7 +45,7 @@ pub fn list(home: &Path) -> Result<Vec<RunMeta>> {
         }
         // A run.json that names another run is not trusted.
         if let Some(meta) = load_meta(&entry.path()).ok().filter(|m| m.id == name) {
-            runs.push(refresh(home, meta));
+            runs.push(refresh_on(host, home, meta));
         }
     }
     runs.sort_by(|a, b| b.created_at.cmp(&a.created_at).then(b.id.cmp(&a.id)));
@@ -95,6 +100,11 @@ pub fn find(home: &Path, reference: Option<&str>) -> Result<RunMeta> {
 /// proxy is gone must not go on. Errors while cleaning are recorded in the
 /// run's `error`.
 pub fn refresh(home: &Path, meta: RunMeta) -> RunMeta {
+    refresh_on(&Host::real(), home, meta)
+}
+
+/// [`refresh`], on `host`.
+pub(crate) fn refresh_on(host: &Host, home: &Path, meta: RunMeta) -> RunMeta {
     if meta.state.is_terminal() && meta.cleaned {
         return meta;
     }
@@ -111,7 +121,7 @@ pub fn refresh(home: &Path, meta: RunMeta) -> RunMeta {
     release_reserve(&dir);
     if meta.state.is_terminal() {
         // The supervisor died after the run ended but before cleaning up.
-        let cleanup = cleanup_blocking(home, &meta);
+        let cleanup = cleanup_blocking_on(host, home, &meta);
         return record_or_keep(&dir, meta, |m| match &cleanup {
             Ok(()) => m.cleaned = true,
             Err(e) => {
@@ -125,7 +135,7 @@ pub fn refresh(home: &Path, meta: RunMeta) -> RunMeta {
             }
         });
     }
-    let cleanup = cleanup_blocking(home, &meta);
+    let cleanup = cleanup_blocking_on(host, home, &meta);
     let cleaned = cleanup.is_ok();
     let message = match (&meta.supervisor, cleanup) {
         (Some((pid, _)), Ok(())) => format!(
@@ -149,9 +159,13 @@ pub fn refresh(home: &Path, meta: RunMeta) -> RunMeta {
 /// [`cleanup`] from synchronous code. Idempotent: whatever carries the
 /// run's label goes, and nothing left is not an error.
 pub(crate) fn cleanup_blocking(home: &Path, meta: &RunMeta) -> Result<()> {
-    let meta = meta.clone();
-    let home = home.to_path_buf();
-    run_async(async move { cleanup(&home, &meta).await })
+    cleanup_blocking_on(&Host::real(), home, meta)
+}
+
+/// [`cleanup_blocking`], on `host`.
+fn cleanup_blocking_on(host: &Host, home: &Path, meta: &RunMeta) -> Result<()> {
+    let (host, meta, home) = (host.clone(), meta.clone(), home.to_path_buf());
+    run_async(async move { cleanup(&host, &home, &meta).await })
 }
 
 /// Removes a run's routes, and stops a router that was started for runs
@@ -164,8 +178,8 @@ pub(crate) fn release_routes(home: &Path, name: &str, id: &str) -> Result<()> {
 /// Removes what a run holds on the host: container, firewall rules, network.
 /// Besides those `run.json` names, whatever carries the run's label (a
 /// supervisor killed between creating an object and recording it).
-pub(crate) async fn cleanup(home: &Path, meta: &RunMeta) -> Result<()> {
-    let docker = crate::runtime::connect(meta.engine).await?;
+async fn cleanup(host: &Host, home: &Path, meta: &RunMeta) -> Result<()> {
+    let docker = host.engines.connect(meta.engine).await?;
     let mut first_err = None;
     let label = format!("{}={}", crate::runtime::RUN_LABEL, meta.id);
     let mut containers: Vec<String> = meta.container.iter().cloned().collect();
@@ -194,7 +208,7 @@ pub(crate) async fn cleanup(home: &Path, meta: &RunMeta) -> Result<()> {
             ));
         }
     }
-    if let Err(e) = firewall::remove(&meta.id) {
+    if let Err(e) = host.firewall.remove(&meta.id) {
         first_err.get_or_insert(e);
     }
     let mut networks: Vec<String> = meta.network.iter().cloned().collect();
@@ -208,7 +222,7 @@ pub(crate) async fn cleanup(home: &Path, meta: &RunMeta) -> Result<()> {
             first_err.get_or_insert(e);
         }
     }
-    if let Err(e) = release_routes(home, &meta.name, &meta.id) {
+    if let Err(e) = host.routes.release(home, &meta.name, &meta.id) {
         first_err.get_or_insert(e);
     }
     first_err.map_or(Ok(()), Err)
@@ -282,12 +296,13 @@ fn wait_until(
     timeout: Option<Duration>,
     over: impl Fn(&RunMeta) -> bool,
 ) -> Result<RunMeta> {
-    wait_from(home, id, timeout, over, None)
+    wait_from(&Host::real(), home, id, timeout, over, None)
 }
 
 /// [`wait_until`], knowing `last` of the run already (so a run removed
 /// before the first look is still reported as stopped).
 fn wait_from(
+    host: &Host,
     home: &Path,
     id: &str,
     timeout: Option<Duration>,
@@ -305,7 +320,7 @@ fn wait_from(
                 None => Err(no_such_run(id)),
             };
         };
-        let meta = refresh(home, read);
+        let meta = refresh_on(host, home, read);
         last = Some(meta.clone());
         if over(&meta) {
             return Ok(meta);
@@ -331,13 +346,18 @@ fn no_such_run(id: &str) -> Error {
 /// what the caller last knew of it: a run removed meanwhile (by `destroy`,
 /// which stops it first) is reported stopped from that.
 pub fn stop(home: &Path, run: &RunMeta, grace_secs: u32) -> Result<RunMeta> {
+    stop_on(&Host::real(), home, run, grace_secs)
+}
+
+/// [`stop`], on `host`.
+pub(crate) fn stop_on(host: &Host, home: &Path, run: &RunMeta, grace_secs: u32) -> Result<RunMeta> {
     let id = run.id.as_str();
     let Some(meta) = read_meta(&run_dir(home, id))? else {
         return Ok(removed(run.clone()));
     };
-    let meta = refresh(home, meta);
+    let meta = refresh_on(host, home, meta);
     if meta.state.is_terminal() {
-        return wait_from(home, id, Some(CLEANUP_WAIT), cleaned_up, Some(meta));
+        return wait_from(host, home, id, Some(CLEANUP_WAIT), cleaned_up, Some(meta));
     }
     if meta.state == RunState::Starting {
         // Still setting up: ask the supervisor to give up (it removes what
@@ -349,13 +369,13 @@ pub fn stop(home: &Path, run: &RunMeta, grace_secs: u32) -> Result<RunMeta> {
             }
         }
     } else if let Some(container) = meta.container.clone() {
-        let engine = meta.engine;
+        let (engine, engines) = (meta.engine, host.engines.clone());
         run_async(async move {
-            let runtime = crate::runtime::connect(engine).await?;
+            let runtime = engines.connect(engine).await?;
             runtime.stop(&container, grace_secs).await
         })?;
     }
-    wait_from(home, id, Some(CLEANUP_WAIT), cleaned_up, Some(meta))
+    wait_from(host, home, id, Some(CLEANUP_WAIT), cleaned_up, Some(meta))
 }
 
 /// Removes a run and its artifacts; a running run is stopped first. A run
@@ -418,7 +438,11 @@ pub struct CleanOptions {
 /// ended and whose supervisor is still cleaning up too (`clean` waits for
 /// it), so that what a dry run or a question lists is what goes.
 pub fn cleanable(home: &Path) -> Result<Vec<RunMeta>> {
-    Ok(list(home)?
+    cleanable_on(&Host::real(), home)
+}
+
+fn cleanable_on(host: &Host, home: &Path) -> Result<Vec<RunMeta>> {
+    Ok(list_on(host, home)?
         .into_iter()
         .filter(|r| r.state.is_terminal())
         .collect())
@@ -438,30 +462,35 @@ pub fn clean(home: &Path) -> Result<Cleaned> {
 /// never touched: moat labels what it creates with its home. With
 /// `dry_run`, removes nothing and says what would go, found the same way.
 pub fn clean_with(home: &Path, options: CleanOptions) -> Result<Cleaned> {
+    clean_on(&Host::real(), home, options)
+}
+
+/// [`clean_with`], on `host`.
+pub(crate) fn clean_on(host: &Host, home: &Path, options: CleanOptions) -> Result<Cleaned> {
     let dry_run = options.dry_run;
     let mut out = Cleaned::default();
     // Runs that just ended are cleaned up by their supervisors in a moment.
     if !dry_run {
-        for run in list(home)? {
+        for run in list_on(host, home)? {
             if run.state.is_terminal() && !run.cleaned {
-                wait_cleaned(home, &run.id, Some(CLEANUP_WAIT))?;
+                wait_from(host, home, &run.id, Some(CLEANUP_WAIT), cleaned_up, None)?;
             }
         }
     }
-    for run in cleanable(home)? {
+    for run in cleanable_on(host, home)? {
         if !dry_run {
             if !run.cleaned {
                 // Its supervisor did not finish within CLEANUP_WAIT: it stays.
                 continue;
             }
             // Should a chain have outlived the run, it goes with it.
-            firewall::remove(&run.id)?;
+            host.firewall.remove(&run.id)?;
             remove_run_dir(&run_dir(home, &run.id))?;
         }
         out.runs.push(run.id);
     }
     // The runs that stay name the images they use.
-    let staying: Vec<RunMeta> = list(home)?
+    let staying: Vec<RunMeta> = list_on(host, home)?
         .into_iter()
         .filter(|r| !out.runs.contains(&r.id))
         .collect();
@@ -486,13 +515,14 @@ pub fn clean_with(home: &Path, options: CleanOptions) -> Result<Cleaned> {
             Err(_) => !run_dir(&home_dir, run).exists(),
         }
     };
+    let host = host.clone();
     let (containers, networks, firewall, images) = run_async(async move {
         let mut containers = Vec::new();
         let mut networks = Vec::new();
         let mut images = Vec::new();
         // Every engine this home's runs may have used.
-        for engine in crate::runtime::present() {
-            let runtime = crate::runtime::connect(engine).await?;
+        for engine in host.engines.present() {
+            let runtime = host.engines.connect(engine).await?;
             for (id, run) in runtime.containers_with_label(&mine).await? {
                 if is_run_id(&run) && leftover(&run) {
                     if !dry_run {
@@ -507,7 +537,7 @@ pub fn clean_with(home: &Path, options: CleanOptions) -> Result<Cleaned> {
                     // on it, and then its rules must stay.
                     if !dry_run {
                         runtime.remove_network(&name).await?;
-                        firewall::remove(&run)?;
+                        host.firewall.remove(&run)?;
                     }
                     networks.push(name);
                 }
@@ -532,8 +562,8 @@ pub fn clean_with(home: &Path, options: CleanOptions) -> Result<Cleaned> {
         // network's bridge appears only with its container, after the
         // chain: the network is what says the run is still being set up.)
         let mut networked = Vec::new();
-        for engine in crate::runtime::present() {
-            let runtime = crate::runtime::connect(engine).await?;
+        for engine in host.engines.present() {
+            let runtime = host.engines.connect(engine).await?;
             for (_, run) in runtime
                 .networks_with_label(crate::runtime::RUN_LABEL)
                 .await?
@@ -542,10 +572,10 @@ pub fn clean_with(home: &Path, options: CleanOptions) -> Result<Cleaned> {
             }
         }
         let mut firewall = Vec::new();
-        for run in firewall::runs_with_chains() {
-            if !firewall::bridge_exists(&run) && !networked.contains(&run) {
+        for run in host.firewall.runs_with_rules() {
+            if !host.firewall.bridge_exists(&run) && !networked.contains(&run) {
                 if !dry_run {
-                    firewall::remove(&run)?;
+                    host.firewall.remove(&run)?;
                 }
                 firewall.push(run);
             }

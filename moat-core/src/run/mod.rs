@@ -19,8 +19,12 @@
 
 mod agent_plan;
 pub mod attach;
+#[cfg(test)]
+mod fakes;
 mod firewall;
 mod lifecycle;
+#[cfg(test)]
+mod lifecycle_tests;
 pub mod logs;
 mod meta;
 mod mounts;

@@ -22,6 +22,14 @@ pub(crate) trait Firewall: Send + Sync {
     fn guard(&self, run: &str, bridge: &str, gateway: IpAddr, ports: &[u16]) -> Result<()>;
     /// Removes whatever rules the run has; none is fine.
     fn remove(&self, run: &str) -> Result<()>;
+    /// The runs (any moat home's) that have rules here.
+    fn runs_with_rules(&self) -> Vec<String> {
+        Vec::new()
+    }
+    /// Does the run's network bridge exist on this host?
+    fn bridge_exists(&self, _run: &str) -> bool {
+        false
+    }
 }
 
 /// The routing proxy: a router process per moat home, and the route table.
@@ -80,6 +88,34 @@ impl Firewall for Netfilter {
     }
     fn remove(&self, run: &str) -> Result<()> {
         super::firewall::remove(run)
+    }
+    fn runs_with_rules(&self) -> Vec<String> {
+        super::firewall::runs_with_chains()
+    }
+    fn bridge_exists(&self, run: &str) -> bool {
+        super::firewall::bridge_exists(run)
+    }
+}
+
+/// What follows a run after its start needs of the host (stopping it,
+/// cleaning up after it, `moat clean`, `moat status`): its engines, its
+/// firewall, the router. The real ones in use; fakes in tests
+/// (`lifecycle::tests`).
+#[derive(Clone)]
+pub(crate) struct Host {
+    pub engines: Arc<dyn crate::runtime::Engines>,
+    pub firewall: Arc<dyn Firewall>,
+    pub routes: Arc<dyn Routes>,
+}
+
+impl Host {
+    /// This host's engines, netfilter and routing daemon.
+    pub(crate) fn real() -> Host {
+        Host {
+            engines: Arc::new(crate::runtime::HostEngines),
+            firewall: Arc::new(Netfilter),
+            routes: Arc::new(RouterDaemon),
+        }
     }
 }
 

@@ -7,7 +7,8 @@ use std::path::{Path, PathBuf};
 use serde::Serialize;
 
 use super::meta::{run_dir, runs_dir};
-use super::{firewall, list, logs, RunMeta, RunState};
+use super::services::Host;
+use super::{logs, RunMeta, RunState};
 use crate::error::{Error, Result};
 use crate::rt::run_async;
 use crate::runtime::Engine;
@@ -113,7 +114,12 @@ fn engines_to_check(mut engines: Vec<Engine>, runs: &[RunMeta]) -> Vec<Engine> {
 
 /// Gathers [`Status`].
 pub fn status(home: &Path) -> Result<Status> {
-    let runs = list(home)?;
+    status_on(&Host::real(), home)
+}
+
+/// [`status`], on `host`.
+pub(crate) fn status_on(host: &Host, home: &Path) -> Result<Status> {
+    let runs = super::lifecycle::list_on(host, home)?;
     let mut images: BTreeMap<String, usize> = BTreeMap::new();
     for r in &runs {
         *images.entry(r.image.clone()).or_default() += 1;
@@ -121,11 +127,10 @@ pub fn status(home: &Path) -> Result<Status> {
     let names: Vec<String> = images.keys().cloned().collect();
     let mut health = Vec::new();
     let mut present: Vec<Option<bool>> = vec![None; names.len()];
-    let engines = engines_to_check(crate::runtime::present(), &runs);
-    for engine in engines {
-        let names = names.clone();
+    for engine in engines_to_check(host.engines.present(), &runs) {
+        let (names, engines) = (names.clone(), host.engines.clone());
         let answer = run_async(async move {
-            let runtime = crate::runtime::connect(engine).await?;
+            let runtime = engines.connect(engine).await?;
             let info = runtime.ping().await?;
             let mut found = Vec::new();
             for image in &names {
@@ -153,7 +158,7 @@ pub fn status(home: &Path) -> Result<Status> {
             }),
         }
     }
-    health.push(match firewall::check() {
+    health.push(match host.firewall.check() {
         Ok(()) => Check {
             name: "strict mode".into(),
             ok: true,

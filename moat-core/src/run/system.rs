@@ -13,12 +13,12 @@ use std::path::Path;
 
 use serde::Serialize;
 
-use super::{is_run_id, list, RunMeta, RunState};
+use super::services::Host;
+use super::{is_run_id, RunMeta, RunState};
 use crate::error::Result;
 use crate::rt::run_async;
 use crate::runtime::{
-    self, same_image_id, ContainerInfo, Engine, ImageInfo, Runtime, BUILT_LABEL, HOME_LABEL,
-    RUN_LABEL,
+    same_image_id, ContainerInfo, Engine, ImageInfo, Runtime, BUILT_LABEL, HOME_LABEL, RUN_LABEL,
 };
 
 /// An image moat built.
@@ -82,12 +82,17 @@ pub struct MoatContainer {
 /// every engine present, with the runs of `home` and the containers that
 /// use each.
 pub fn images(home: &Path, all_homes: bool) -> Result<Vec<MoatImage>> {
-    let runs = list(home)?;
-    let home = home.to_path_buf();
+    images_on(&Host::real(), home, all_homes)
+}
+
+/// [`images`], on `host`.
+pub(crate) fn images_on(host: &Host, home: &Path, all_homes: bool) -> Result<Vec<MoatImage>> {
+    let runs = super::lifecycle::list_on(host, home)?;
+    let (home, engines) = (home.to_path_buf(), host.engines.clone());
     run_async(async move {
         let mut out = Vec::new();
-        for engine in runtime::present() {
-            let runtime = runtime::connect(engine).await?;
+        for engine in engines.present() {
+            let runtime = engines.connect(engine).await?;
             out.extend(built_images(runtime.as_ref(), &home, all_homes, &runs).await?);
         }
         Ok(out)
@@ -97,6 +102,16 @@ pub fn images(home: &Path, all_homes: bool) -> Result<Vec<MoatImage>> {
 /// The containers of runs of `home` (of every home with `all_homes`), on
 /// every engine present, running or not.
 pub fn containers(home: &Path, all_homes: bool) -> Result<Vec<MoatContainer>> {
+    containers_on(&Host::real(), home, all_homes)
+}
+
+/// [`containers`], on `host`.
+pub(crate) fn containers_on(
+    host: &Host,
+    home: &Path,
+    all_homes: bool,
+) -> Result<Vec<MoatContainer>> {
+    let engines = host.engines.clone();
     let label = if all_homes {
         RUN_LABEL.to_string()
     } else {
@@ -104,8 +119,8 @@ pub fn containers(home: &Path, all_homes: bool) -> Result<Vec<MoatContainer>> {
     };
     run_async(async move {
         let mut out = Vec::new();
-        for engine in runtime::present() {
-            let runtime = runtime::connect(engine).await?;
+        for engine in engines.present() {
+            let runtime = engines.connect(engine).await?;
             for c in runtime.list_containers(Some(&label)).await? {
                 if let Some(c) = moat_container(engine, c) {
                     out.push(c);

@@ -184,6 +184,26 @@ impl FakeRuntime {
     }
 }
 
+/// Fake engines: each engine named is a [`FakeRuntime`].
+#[derive(Debug, Default)]
+pub struct FakeEngines(pub Vec<(Engine, std::sync::Arc<FakeRuntime>)>);
+
+#[async_trait::async_trait]
+impl super::Engines for FakeEngines {
+    fn present(&self) -> Vec<Engine> {
+        self.0.iter().map(|(e, _)| *e).collect()
+    }
+    async fn connect(&self, engine: Engine) -> Result<std::sync::Arc<dyn Runtime>> {
+        match self.0.iter().find(|(e, _)| *e == engine) {
+            Some((_, r)) => Ok(r.clone()),
+            None => Err(Error::new(
+                ErrorKind::Runtime,
+                format!("fake: no {engine} engine here"),
+            )),
+        }
+    }
+}
+
 fn labelled(labels: &BTreeMap<String, String>, filter: &str) -> bool {
     match filter.split_once('=') {
         Some((k, v)) => labels.get(k).is_some_and(|have| have == v),

@@ -395,6 +395,31 @@ pub trait Runtime: Send + Sync + 'static {
     async fn remove_image(&self, image: &str) -> Result<bool>;
 }
 
+/// The engines of a host and how to reach each: what everything that
+/// follows runs after their start (stop, cleanup, clean, status, the system
+/// listings) asks, so that it runs on fake engines in tests.
+#[async_trait::async_trait]
+pub trait Engines: Send + Sync {
+    /// The engines whose API sockets are here (see [`present`]).
+    fn present(&self) -> Vec<Engine>;
+    /// A connection to `engine` (see [`connect`]).
+    async fn connect(&self, engine: Engine) -> Result<std::sync::Arc<dyn Runtime>>;
+}
+
+/// This host's engines.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct HostEngines;
+
+#[async_trait::async_trait]
+impl Engines for HostEngines {
+    fn present(&self) -> Vec<Engine> {
+        present()
+    }
+    async fn connect(&self, engine: Engine) -> Result<std::sync::Arc<dyn Runtime>> {
+        connect(engine).await
+    }
+}
+
 /// Connects to `engine`: the one place that turns an engine's name into a
 /// runtime.
 pub async fn connect(engine: Engine) -> Result<std::sync::Arc<dyn Runtime>> {

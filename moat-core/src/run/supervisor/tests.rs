@@ -5,7 +5,6 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
@@ -13,79 +12,15 @@ use std::sync::{Arc, Mutex};
 use super::steps::STEPS;
 use super::{Step, Supervision};
 use crate::config::{Config, GrantRef};
-use crate::error::{Error, ErrorKind, Result};
+use crate::error::{Error, ErrorKind};
 use crate::policy::PolicyMode;
-use crate::run::services::{Firewall, Routes, Services};
+use crate::run::fakes::{FakeFirewall, FakeRoutes};
+use crate::run::services::Services;
 use crate::run::{load_meta, run_dir, save_meta, RunMeta, RunPlan, RunState};
 use crate::runtime::fake::FakeRuntime;
 use crate::runtime::{Engine, Runtime};
 
 const IMAGE: &str = "fake:latest";
-
-/// Host firewall rules, in memory.
-#[derive(Default)]
-struct FakeFirewall {
-    rules: Mutex<BTreeSet<String>>,
-    calls: Mutex<Vec<String>>,
-    fail_install: bool,
-}
-
-impl Firewall for FakeFirewall {
-    fn check(&self) -> Result<()> {
-        Ok(())
-    }
-    fn install(&self, run: &str, _: &str, _: IpAddr, _: &[u16]) -> Result<()> {
-        self.calls.lock().unwrap().push(format!("install {run}"));
-        if self.fail_install {
-            return Err(Error::new(ErrorKind::Runtime, "fake: iptables says no"));
-        }
-        self.rules.lock().unwrap().insert(format!("strict {run}"));
-        Ok(())
-    }
-    fn guard(&self, run: &str, _: &str, _: IpAddr, _: &[u16]) -> Result<()> {
-        self.calls.lock().unwrap().push(format!("guard {run}"));
-        self.rules.lock().unwrap().insert(format!("guard {run}"));
-        Ok(())
-    }
-    fn remove(&self, run: &str) -> Result<()> {
-        self.calls.lock().unwrap().push(format!("remove {run}"));
-        self.rules.lock().unwrap().retain(|r| !r.ends_with(run));
-        Ok(())
-    }
-}
-
-/// The routing proxy, in memory.
-#[derive(Default)]
-struct FakeRoutes {
-    routes: Mutex<BTreeMap<String, BTreeMap<String, String>>>,
-    fail_ensure: bool,
-}
-
-impl Routes for FakeRoutes {
-    fn ensure(&self, _: &Path, _: &[std::ffi::OsString]) -> Result<u16> {
-        if self.fail_ensure {
-            return Err(Error::new(ErrorKind::Runtime, "fake: port 8080 is taken"));
-        }
-        Ok(8080)
-    }
-    fn register(
-        &self,
-        _: &Path,
-        name: &str,
-        _: &str,
-        endpoints: BTreeMap<String, String>,
-    ) -> Result<()> {
-        self.routes
-            .lock()
-            .unwrap()
-            .insert(name.to_string(), endpoints);
-        Ok(())
-    }
-    fn release(&self, _: &Path, name: &str, _: &str) -> Result<()> {
-        self.routes.lock().unwrap().remove(name);
-        Ok(())
-    }
-}
 
 struct World {
     _tmp: tempfile::TempDir,
