@@ -459,6 +459,9 @@ impl Proxy {
             )
         })?;
         let token: String = raw.iter().map(|b| format!("{b:02x}")).collect();
+        // The records go to the client's own phases (its header credentials
+        // log nothing): with no sink and no such phase, none is built.
+        let loggers: Arc<[Arc<dyn Phase>]> = spec.phases.clone().into();
         let mut phases: Vec<Arc<dyn Phase>> = vec![Arc::new(HeaderCredentials(spec.credentials))];
         phases.extend(spec.phases);
         let grant_hosts = phases.iter().flat_map(|p| p.hosts()).collect();
@@ -476,7 +479,7 @@ impl Proxy {
             recorder: server::Recorder {
                 trace: spec.trace,
                 audit: spec.audit.clone(),
-                phases: phases.clone().into(),
+                phases: loggers,
             },
             audit: spec.audit,
             capture_bodies: spec.capture_bodies,

@@ -257,6 +257,11 @@ pub(crate) struct Recorder {
 }
 
 impl Recorder {
+    /// Does anything take records? (When not, none is built.)
+    fn wanted(&self) -> bool {
+        self.trace.is_some() || self.audit.is_some() || !self.phases.is_empty()
+    }
+
     /// Records a request's final record.
     fn emit(&self, record: TraceRecord) {
         for phase in self.phases.iter() {
@@ -1825,7 +1830,7 @@ fn stream_back(
     let capture_for_record = resp_capture.clone();
     let recorder = out.ctx.recorder.clone();
     out.handed_off();
-    let on_end: Option<OnEnd> = Some({
+    let on_end: Option<OnEnd> = recorder.wanted().then(|| {
         let record = TraceRecord {
             grant,
             request_headers,
