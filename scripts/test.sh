@@ -4,7 +4,8 @@
 #   Python tests (module built with maturin), C tests, the installed
 #   library (scripts/install-lib.sh --debug; MOAT_INSTALL_RELEASE=1 installs
 #   the release build instead; then C with pkg-config and the Go binding),
-#   then the run tests (Rust, Python, C) again on Podman.
+#   then the run tests (Rust, Python, C) again on Podman (Go's run on both
+#   engines in the installed-library step).
 # Run scripts/setup.sh once first.
 # Usage: bash scripts/test.sh
 set -uo pipefail
@@ -63,7 +64,8 @@ podman_runs() {
         tests/python/test_run_tty.py tests/python/test_routing.py tests/python/test_ssh_runs.py \
         tests/python/test_faults.py tests/python/test_aws.py tests/python/test_claude.py \
         tests/python/test_rules.py tests/python/test_system_cmds.py tests/python/test_first_hour.py \
-        tests/python/test_trace_view.py tests/python/test_deps.py || status=1
+        tests/python/test_trace_view.py tests/python/test_deps.py \
+        tests/python/test_hostile_workspace.py tests/python/test_py_surface.py || status=1
     MOAT_RUNTIME=podman bash tests/c/run.sh || status=1
     return $status
 }
