@@ -219,7 +219,9 @@ func TestRunArtifacts(t *testing.T) {
 			t.Fatalf("another home's container: %s", raw)
 		}
 		if c.Run == asleep.ID() {
-			found = c.State == "running" && c.Image == opts.Image && c.Engine == opts.Runtime
+			// Podman names a local image with its registry, localhost/.
+			image := strings.TrimPrefix(c.Image, "localhost/")
+			found = c.State == "running" && image == opts.Image && c.Engine == opts.Runtime
 		}
 	}
 	if !found {

@@ -3,7 +3,7 @@
 //!
 //! The runtime is created on first use and lives for the rest of the process.
 //! Calling a blocking function from inside an async context is a caller bug;
-//! it returns an [`ErrorKind::InvalidArgument`] error instead of the panic
+//! it returns an [`ErrorKind::InvalidArgument`](crate::error::ErrorKind::InvalidArgument) error instead of the panic
 //! tokio would raise.
 
 use std::path::Path;

@@ -2168,3 +2168,102 @@ async fn a_clients_phases_authenticate_connect_fail_and_log_around_the_proxys_ow
     assert_eq!(traced.len(), 5, "{traced:?}");
     assert_eq!(urls(watcher.logged.lock().unwrap().clone()), traced);
 }
+
+/// Sends a client's requests for chosen hosts to chosen addresses.
+#[derive(Debug)]
+struct Mirror(Vec<((String, u16), SocketAddr)>);
+
+impl moat_core::proxy::Phase for Mirror {
+    fn upstream(&self, host: &str, port: u16) -> Option<SocketAddr> {
+        self.0
+            .iter()
+            .find(|((h, p), _)| h == host && *p == port)
+            .map(|(_, addr)| *addr)
+    }
+}
+
+#[tokio::test]
+async fn a_clients_phase_chooses_its_upstream_and_no_other_client_shares_it() {
+    let s = setup().await;
+    // A second HTTPS upstream (with the same certificate, so it proves
+    // api.github.com too) and a second plain one.
+    let mirror = https_upstream(s.env.tls.clone()).await;
+    let mirror_plain = http_upstream().await;
+    let sink = Arc::new(MemorySink::default());
+    let mirrored = s
+        .proxy
+        .register(ClientSpec {
+            name: "run_mirrored".into(),
+            credentials: vec![github_credential()],
+            policy: PolicyMode::Permissive,
+            allow: Vec::new(),
+            trace: Some(sink.clone()),
+            audit: Some(sink.clone()),
+            capture_bodies: 0,
+            phases: vec![Arc::new(Mirror(vec![
+                (("api.github.com".into(), 443), mirror.addr),
+                (("other.test".into(), 80), mirror_plain.addr),
+            ]))],
+            rules: Vec::new(),
+        })
+        .unwrap();
+    let mirrored_url = mirrored.proxy_url(s.proxy.local_addr()).expose().clone();
+    // Interleaved, so that a pooled connection of one would show in the
+    // other's upstream.
+    for i in 0..3 {
+        let (code, _, err) = curl(
+            &mirrored_url,
+            s.ca(),
+            &[&format!("https://api.github.com/m{i}")],
+        )
+        .await;
+        assert_eq!(code, 200, "{err}");
+        let (code, _, err) =
+            curl(&s.url(), s.ca(), &[&format!("https://api.github.com/d{i}")]).await;
+        assert_eq!(code, 200, "{err}");
+        let (code, _, err) = curl(
+            &mirrored_url,
+            s.ca(),
+            &[&format!("http://other.test/pm{i}")],
+        )
+        .await;
+        assert_eq!(code, 200, "{err}");
+        let (code, _, err) = curl(&s.url(), s.ca(), &[&format!("http://other.test/pd{i}")]).await;
+        assert_eq!(code, 200, "{err}");
+    }
+    let paths = |seen: Vec<Seen>| -> Vec<String> { seen.into_iter().map(|r| r.path).collect() };
+    let on_mirror = paths(mirror.log.lock().unwrap().clone());
+    let direct = paths(s.seen());
+    assert_eq!(on_mirror, ["/m0", "/m1", "/m2"]);
+    assert!(direct.iter().all(|p| p.starts_with("/d")), "{direct:?}");
+    assert_eq!(direct.len(), 3);
+    assert_eq!(
+        paths(mirror_plain.log.lock().unwrap().clone()),
+        ["/pm0", "/pm1", "/pm2"]
+    );
+    assert_eq!(paths(s.seen_plain()), ["/pd0", "/pd1", "/pd2"]);
+    // The credential went to the chosen upstream, which proved the host.
+    assert!(mirror
+        .log
+        .lock()
+        .unwrap()
+        .iter()
+        .all(|r| r.authorization == [format!("Bearer {TOKEN}")]));
+    // A chosen address that does not prove the host gets nothing: the
+    // plain upstream speaks no TLS.
+    let bad = s
+        .proxy
+        .register(ClientSpec {
+            phases: vec![Arc::new(Mirror(vec![(
+                ("api.github.com".into(), 443),
+                mirror_plain.addr,
+            )]))],
+            credentials: vec![github_credential()],
+            ..ClientSpec::new("run_bad_mirror")
+        })
+        .unwrap();
+    let bad_url = bad.proxy_url(s.proxy.local_addr()).expose().clone();
+    let (code, _, _) = curl(&bad_url, s.ca(), &["https://api.github.com/nope"]).await;
+    assert_eq!(code, 502);
+    assert!(!paths(mirror_plain.log.lock().unwrap().clone()).contains(&"/nope".to_string()));
+}

@@ -172,7 +172,7 @@ pub const DOT_SEGMENTS: &str =
 /// refused when it holds `%2F`, `%5C`, `\`, `%00` or a bad `%` escape;
 /// split on `/` with empty segments dropped (`//` and a trailing `/` do not
 /// count); in each segment, `;parameters` dropped and `%XX` decoded, case
-/// kept (rules decide how case counts: [`fold`]); a segment that still holds
+/// kept (rules decide how case counts: `fold`); a segment that still holds
 /// a `%XX` escape once decoded (`%252e`: a server that decodes twice reads
 /// `.`) refused; a `.` or `..` segment, however spelled, refused
 /// ([`DOT_SEGMENTS`]).

@@ -226,6 +226,8 @@ pub(crate) struct ClientCtx {
     phases: Vec<Arc<dyn Phase>>,
     /// Where its finished requests go.
     recorder: server::Recorder,
+    /// Its own upstream pools, once a phase of its chose an upstream.
+    own_pools: std::sync::OnceLock<server::Pools>,
 }
 
 /// Limits on client connections, with their defaults.
@@ -482,6 +484,7 @@ impl Proxy {
                 phases: loggers,
             },
             audit: spec.audit,
+            own_pools: std::sync::OnceLock::new(),
             capture_bodies: spec.capture_bodies,
             phases,
         });

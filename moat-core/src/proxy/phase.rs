@@ -19,19 +19,18 @@
 //! - [`Phase::inject`]: change a request about to go upstream over verified
 //!   TLS, or refuse it. Credentials in headers are one
 //!   ([`HeaderCredentials`]); an OAuth login refreshed on the host another.
+//! - [`Phase::upstream`]: choose where a request for a host goes (an
+//!   address to dial instead of resolving the name). The name is still what
+//!   the upstream's TLS certificate must prove, so a credential reaches only
+//!   a server that proves its host. A client whose phase chooses gets its
+//!   own connection pools for those requests: a connection to a chosen
+//!   address never serves another client.
 //! - [`Phase::observe`]: see the status of an upstream's answer (a 401
 //!   tells the OAuth broker its token was refused).
 //! - [`Phase::fail`]: a request failed or was refused, and who is at fault
 //!   ([`Fault`]); a phase may say more to the client.
 //! - [`Phase::log`]: every request's record, once, when it is final (just
 //!   before the client's trace and audit sinks take it).
-//!
-//! Choosing the upstream is the proxy's alone, not a phase's: connections
-//! upstream are pooled across clients by host and port, and each address is
-//! checked as dialled (no loopback, private or metadata address unless the
-//! operator mapped the host with `MOAT_RESOLVE`). A client that chose its
-//! own address for a host would share that pool with clients that did not,
-//! and a credential could reach an address its grant never named.
 
 use std::fmt;
 
@@ -189,6 +188,16 @@ pub trait Phase: Send + Sync + fmt::Debug {
     /// Sees the status of an upstream's answer to a request for
     /// `host:port` (before its body).
     fn observe(&self, _host: &str, _port: u16, _status: StatusCode) {}
+
+    /// Chooses the address a request for `host:port` is sent to, instead of
+    /// the proxy resolving the name (and checking the address: a chosen
+    /// one is the embedding program's, as `MOAT_RESOLVE`'s are the
+    /// operator's); `None` leaves it to the proxy. Asked for every request
+    /// (HTTPS, plain HTTP, WebSocket), after the policy allowed it; must be
+    /// quick.
+    fn upstream(&self, _host: &str, _port: u16) -> Option<std::net::SocketAddr> {
+        None
+    }
 
     /// A request failed or was refused: a line to add to what its client
     /// reads, or `None`. (Its record says the same as ever; see

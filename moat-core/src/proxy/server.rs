@@ -33,8 +33,11 @@ pub(crate) struct Shared {
     pub clients: ClientTable,
     pub cancel: CancellationToken,
     pub tasks: TaskTracker,
-    https: Client<Connector, ProxyBody>,
-    http: Client<Connector, ProxyBody>,
+    /// The pooled upstream clients of every client whose phases choose no
+    /// upstream of their own.
+    pools: Pools,
+    /// Upstream TLS (HTTP/2 and HTTP/1.1).
+    tls: Arc<rustls::ClientConfig>,
     /// Upstream TLS offering only HTTP/1.1, for WebSocket upgrades.
     tls_h1: Arc<rustls::ClientConfig>,
     /// Client TLS sessions, shared by every intercepted connection so that
@@ -54,6 +57,65 @@ impl Shared {
         overrides: Arc<ResolveMap>,
         limits: Limits,
     ) -> Shared {
+        let mut h1 = (*tls).clone();
+        h1.alpn_protocols = vec![b"http/1.1".to_vec()];
+        Shared {
+            tls_h1: Arc::new(h1),
+            session_cache: rustls::server::ServerSessionMemoryCache::new(4096),
+            ticketer: rustls::crypto::ring::Ticketer::new().ok(),
+            ca,
+            clients: ClientTable::default(),
+            cancel: CancellationToken::new(),
+            tasks: TaskTracker::new(),
+            pools: Pools::new(&tls, &overrides, &limits, None),
+            tls,
+            connections: Arc::new(Semaphore::new(limits.max_connections)),
+            overrides,
+            limits,
+            ids: AtomicU64::new(1),
+        }
+    }
+
+    pub(crate) fn next_id(&self) -> u64 {
+        self.ids.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// The pools a request of `ctx` for `host:port` goes through: the
+    /// shared ones, or, when one of the client's phases chooses where it
+    /// goes ([`super::Phase::upstream`]), the client's own (made at its
+    /// first such request), so that a connection to a chosen address never
+    /// serves another client, nor this client's requests that go where the
+    /// proxy resolves.
+    fn pools<'a>(&'a self, ctx: &'a ClientCtx, host: &str, port: u16) -> &'a Pools {
+        if upstream::chosen(&ctx.phases, host, port).is_none() {
+            return &self.pools;
+        }
+        ctx.own_pools.get_or_init(|| {
+            Pools::new(
+                &self.tls,
+                &self.overrides,
+                &self.limits,
+                Some(ctx.phases.clone().into()),
+            )
+        })
+    }
+}
+
+/// Pooled upstream clients, HTTPS and plain HTTP.
+pub(crate) struct Pools {
+    https: Client<Connector, ProxyBody>,
+    http: Client<Connector, ProxyBody>,
+}
+
+impl Pools {
+    /// Pools that dial as `overrides` say, or, with `choose`, where those
+    /// phases choose first.
+    fn new(
+        tls: &Arc<rustls::ClientConfig>,
+        overrides: &Arc<ResolveMap>,
+        limits: &Limits,
+        choose: Option<Arc<[Arc<dyn super::Phase>]>>,
+    ) -> Pools {
         let client = |tls: Option<Arc<rustls::ClientConfig>>| {
             Client::builder(TokioExecutor::new())
                 .pool_idle_timeout(std::time::Duration::from_secs(60))
@@ -66,29 +128,13 @@ impl Shared {
                     overrides: overrides.clone(),
                     tls,
                     timeout: limits.connect_timeout,
+                    choose: choose.clone(),
                 })
         };
-        let mut h1 = (*tls).clone();
-        h1.alpn_protocols = vec![b"http/1.1".to_vec()];
-        Shared {
-            tls_h1: Arc::new(h1),
-            session_cache: rustls::server::ServerSessionMemoryCache::new(4096),
-            ticketer: rustls::crypto::ring::Ticketer::new().ok(),
-            ca,
-            clients: ClientTable::default(),
-            cancel: CancellationToken::new(),
-            tasks: TaskTracker::new(),
-            https: client(Some(tls)),
+        Pools {
+            https: client(Some(tls.clone())),
             http: client(None),
-            connections: Arc::new(Semaphore::new(limits.max_connections)),
-            overrides,
-            limits,
-            ids: AtomicU64::new(1),
         }
-    }
-
-    pub(crate) fn next_id(&self) -> u64 {
-        self.ids.fetch_add(1, Ordering::Relaxed)
     }
 }
 
@@ -1542,7 +1588,8 @@ async fn handle_intercepted(
     let upstream_req = Request::from_parts(parts, body);
 
     out.sending(&method, &uri_path, injected);
-    let result = head_within(&shared, &sent, shared.https.request(upstream_req))
+    let pools = shared.pools(&ctx, &host, port);
+    let result = head_within(&shared, &sent, pools.https.request(upstream_req))
         .await
         .transpose();
     // A credential left the proxy unless the connection was never made.
@@ -1725,7 +1772,12 @@ async fn forward_upgrade(
         out.fail(status, msg, denied)
     };
     let timeout = shared.limits.connect_timeout;
-    let tcp = match upstream::dial(&out.host, out.port, &shared.overrides, timeout).await {
+    let chosen = upstream::chosen(&out.ctx.phases, &out.host, out.port);
+    let dialled = match chosen {
+        Some(addr) => upstream::dial_addr(&out.host, addr, timeout).await,
+        None => upstream::dial(&out.host, out.port, &shared.overrides, timeout).await,
+    };
+    let tcp = match dialled {
         Ok(tcp) => tcp,
         Err(e) => {
             let denied = matches!(e, ConnectError::Refused { .. });
@@ -1987,7 +2039,10 @@ async fn forward_plain(
     let body = Counted::new(body.map_err(Into::into).boxed(), sent.clone(), None)
         .capturing(req_capture.clone())
         .boxed();
-    let response = shared.http.request(Request::from_parts(parts, body));
+    let response = shared
+        .pools(&ctx, &host, port)
+        .http
+        .request(Request::from_parts(parts, body));
     match head_within(&shared, &sent, response).await.transpose() {
         Ok(Some(resp)) => stream_back(&out, resp, None, request_headers, sent, req_capture),
         Ok(None) => response_timeout(&shared, &out),

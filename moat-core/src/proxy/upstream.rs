@@ -92,6 +92,7 @@ pub(crate) fn own_client_with(
                 overrides: Arc::new(resolve),
                 tls: Some(tls),
                 timeout,
+                choose: None,
             },
         ),
     )
@@ -239,6 +240,27 @@ pub(crate) async fn dial(
     timeout: Duration,
 ) -> std::result::Result<TcpStream, ConnectError> {
     let addr = resolve(host, port, overrides).await?;
+    dial_addr(host, addr, timeout).await
+}
+
+/// The address one of `phases` chooses for `host:port`
+/// ([`super::Phase::upstream`]), if any: the first that chooses.
+pub(crate) fn chosen(
+    phases: &[Arc<dyn super::Phase>],
+    host: &str,
+    port: u16,
+) -> Option<SocketAddr> {
+    phases.iter().find_map(|p| p.upstream(host, port))
+}
+
+/// Dials `addr` for `host` with a timeout. (An address a client's phase
+/// chose is dialled as it is, like one the operator mapped with
+/// `MOAT_RESOLVE`: the embedding program's choice; TLS still proves `host`.)
+pub(crate) async fn dial_addr(
+    host: &str,
+    addr: SocketAddr,
+    timeout: Duration,
+) -> std::result::Result<TcpStream, ConnectError> {
     let tcp = tokio::time::timeout(timeout, TcpStream::connect(addr))
         .await
         .map_err(|_| ConnectError::Timeout(host.to_string()))?
@@ -269,6 +291,8 @@ pub(crate) struct Connector {
     pub overrides: Arc<ResolveMap>,
     pub tls: Option<Arc<rustls::ClientConfig>>,
     pub timeout: Duration,
+    /// A client's phases, which may choose where to dial (its own pools).
+    pub choose: Option<Arc<[Arc<dyn super::Phase>]>>,
 }
 
 impl tower_service::Service<Uri> for Connector {
@@ -292,7 +316,11 @@ impl tower_service::Service<Uri> for Connector {
                 .to_string();
             let default_port = if this.tls.is_some() { 443 } else { 80 };
             let port = uri.port_u16().unwrap_or(default_port);
-            let tcp = dial(&host, port, &this.overrides, this.timeout).await?;
+            let chosen = this.choose.as_deref().and_then(|p| chosen(p, &host, port));
+            let tcp = match chosen {
+                Some(addr) => dial_addr(&host, addr, this.timeout).await?,
+                None => dial(&host, port, &this.overrides, this.timeout).await?,
+            };
             match &this.tls {
                 None => Ok(UpstreamIo {
                     inner: TokioIo::new(Stream::Plain(tcp)),

@@ -198,7 +198,7 @@ impl Router {
     /// the router a run's container reaches its own URLs through (see
     /// `run::supervisor::loopback`). Every request's Host must name one of
     /// them (else 403, and never a listing of other agents); at most
-    /// [`OWN_CONNECTIONS`] connections at once.
+    /// `OWN_CONNECTIONS` connections at once.
     pub fn serve_own(
         home: &Path,
         listener: TcpListener,

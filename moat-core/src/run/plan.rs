@@ -57,7 +57,7 @@ pub struct RunPlan {
     pub agent: Option<crate::agent::AgentPlan>,
     /// The host directories the run mounts, as they were when the run's
     /// mounts were checked (filled by `run::start`): the supervisor mounts
-    /// them only if each is still the same directory ([`Pinned::verify`]).
+    /// them only if each is still the same directory (`Pinned::verify`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub pinned: Vec<Pinned>,
 }

@@ -34,7 +34,7 @@ fn disk_full_explained(home: &Path, e: Error) -> Error {
 /// How the supervisor process is started.
 #[derive(Debug, Clone, Default)]
 pub struct Launcher {
-    /// The program and arguments that run [`supervise`] (the CLI uses
+    /// The program and arguments that run [`supervise`](super::supervise) (the CLI uses
     /// `moat _supervise`, Python `python -m moat._supervise`). When empty:
     /// `$MOAT_SUPERVISOR`, else a `moat` beside the current executable, else
     /// the first of `fallbacks` that is a file, else `moat` on `PATH`, each
