@@ -2027,6 +2027,8 @@ struct Watcher {
     peers: Mutex<Vec<SocketAddr>>,
     failures: Mutex<Vec<(String, u16, Fault)>>,
     logged: Mutex<Vec<moat_core::trace::TraceRecord>>,
+    /// `fail HOST` and `log URL`, in the order they came.
+    order: Mutex<Vec<String>>,
 }
 
 #[async_trait::async_trait]
@@ -2051,12 +2053,23 @@ impl moat_core::proxy::Phase for Watcher {
                 "Moat: other.test is closed to this client\n",
             );
             answer.denied = Some("closed by the watcher".into());
+            answer.audit = Some(AuditEvent::PolicyDecision {
+                client: "run_watched".into(),
+                host: host.into(),
+                port: 443,
+                allowed: false,
+                rule: "watcher".into(),
+            });
             return Err(answer);
         }
         Ok(())
     }
 
     fn fail(&self, failure: &moat_core::proxy::phase::Failure<'_>) -> Option<String> {
+        self.order
+            .lock()
+            .unwrap()
+            .push(format!("fail {}", failure.host));
         self.failures.lock().unwrap().push((
             failure.host.to_string(),
             failure.status.as_u16(),
@@ -2066,6 +2079,10 @@ impl moat_core::proxy::Phase for Watcher {
     }
 
     fn log(&self, record: &moat_core::trace::TraceRecord) {
+        self.order
+            .lock()
+            .unwrap()
+            .push(format!("log {}", record.url));
         self.logged.lock().unwrap().push(record.clone());
     }
 }
@@ -2138,7 +2155,7 @@ async fn a_clients_phases_authenticate_connect_fail_and_log_around_the_proxys_ow
     let (code, body, _) = curl(&url, s.ca(), &["http://other.test/plain-refused"]).await;
     assert_eq!(
         (code, body.as_str()),
-        (403, "Moat: not from this address\n")
+        (403, "Moat: not from this address\nhint: ask the operator\n")
     );
     assert!(!s.seen().iter().any(|r| r.path == "/refused-peer"));
     assert!(!s.seen_plain().iter().any(|r| r.path == "/plain-refused"));
@@ -2150,6 +2167,21 @@ async fn a_clients_phases_authenticate_connect_fail_and_log_around_the_proxys_ow
     assert!(
         audited.iter().any(|e| matches!(e, AuditEvent::PolicyDecision { allowed: false, rule, host, .. } if rule == "connect" && host == "other.test")),
         "{audited:?}"
+    );
+    // The phase's own audit event of its refusal is written.
+    assert!(
+        audited
+            .iter()
+            .any(|e| matches!(e, AuditEvent::PolicyDecision { rule, .. } if rule == "watcher")),
+        "{audited:?}"
+    );
+    // A refused request's client is told before its record is final.
+    let order = watcher.order.lock().unwrap().clone();
+    let at = |what: &str| order.iter().position(|o| o.starts_with(what));
+    assert!(
+        at("fail other.test") < at("log https://other.test/closed")
+            && at("fail other.test").is_some(),
+        "{order:?}"
     );
     // Log: every record the client's trace has, the phase saw first, once.
     let urls = |records: Vec<moat_core::trace::TraceRecord>| -> Vec<String> {
@@ -2240,6 +2272,19 @@ async fn a_clients_phase_chooses_its_upstream_and_no_other_client_shares_it() {
     assert_eq!(
         paths(mirror_plain.log.lock().unwrap().clone()),
         ["/pm0", "/pm1", "/pm2"]
+    );
+    assert_eq!(paths(s.seen_plain()), ["/pd0", "/pd1", "/pd2"]);
+    // Another spelling of the host is the same host: it goes where the
+    // phase chose, never where the proxy would resolve it.
+    for url in ["http://OTHER.test/pm-upper", "http://other.test./pm-dot"] {
+        let (code, _, err) = curl(&mirrored_url, s.ca(), &[url]).await;
+        assert_eq!(code, 200, "{url}: {err}");
+    }
+    let on_mirror_plain = paths(mirror_plain.log.lock().unwrap().clone());
+    assert!(
+        on_mirror_plain.contains(&"/pm-upper".to_string())
+            && on_mirror_plain.contains(&"/pm-dot".to_string()),
+        "{on_mirror_plain:?}"
     );
     assert_eq!(paths(s.seen_plain()), ["/pd0", "/pd1", "/pd2"]);
     // The credential went to the chosen upstream, which proved the host.

@@ -81,6 +81,10 @@ pub struct AgentOptions {
     pub args: Vec<String>,
 }
 
+/// The options of `moat claude`, by their earlier name.
+#[deprecated(note = "renamed AgentOptions: the options of any agent's run")]
+pub type ClaudeOptions = AgentOptions;
+
 /// What a preset's per-workspace state is made ready with, on the host,
 /// before the container starts.
 pub struct StateContext<'a> {

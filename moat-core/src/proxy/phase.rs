@@ -6,10 +6,11 @@
 //! request meets them:
 //!
 //! - [`Phase::authenticate`]: the client's token named it; a phase may still
-//!   refuse the connection it came on (by its peer address, say).
+//!   refuse the request (by the peer address of its connection, say; asked
+//!   for each request).
 //! - [`Phase::connect`]: a tunnel the policy allowed is about to open; a
-//!   phase may refuse it (its client reads why inside TLS, as for any
-//!   refusal).
+//!   phase may refuse it (its client gets a 403 with the answer's body,
+//!   inside TLS as for any refusal; the answer's audit event is written).
 //! - [`Phase::respond`]: answer a request instead of any upstream: one to
 //!   the proxy's own host (`http://moat.internal/...`), or one inside an
 //!   intercepted tunnel. The AWS credential endpoint is one
@@ -28,7 +29,12 @@
 //! - [`Phase::observe`]: see the status of an upstream's answer (a 401
 //!   tells the OAuth broker its token was refused).
 //! - [`Phase::fail`]: a request failed or was refused, and who is at fault
-//!   ([`Fault`]); a phase may say more to the client.
+//!   ([`Fault`]); a phase may say more to the client. Asked before the
+//!   request's record is final, for the answers with a text body: the
+//!   proxy's failures and policy refusals (a tunnel's, a request rule's, a
+//!   host that does not match), and phases' own refusals. Not for a
+//!   malformed request, a git push refused in git's own words, or a raw
+//!   tunnel.
 //! - [`Phase::log`]: every request's record, once, when it is final (just
 //!   before the client's trace and audit sinks take it).
 
@@ -143,15 +149,17 @@ pub struct Failure<'a> {
 #[async_trait::async_trait]
 pub trait Phase: Send + Sync + fmt::Debug {
     /// The client's token named it, on a connection from `peer`: `Err`
-    /// refuses the request (and no other phase sees it).
+    /// refuses the request (and no other phase sees it). Asked for every
+    /// request (a keep-alive connection's too).
     #[allow(clippy::result_large_err)] // an answer, as `inject`'s; rare
     fn authenticate(&self, _peer: std::net::SocketAddr) -> Result<(), Answer> {
         Ok(())
     }
 
     /// A tunnel to `host:port` that the policy allowed is about to open:
-    /// `Err` refuses it (its client is answered with the answer's body, in
-    /// TLS when the tunnel is intercepted).
+    /// `Err` refuses it: its client gets a 403 with the answer's body (in
+    /// TLS when the tunnel is intercepted), the answer's `denied` goes in
+    /// the record and its audit event in the audit log.
     #[allow(clippy::result_large_err)] // an answer, as `inject`'s; rare
     fn connect(&self, _host: &str, _port: u16) -> Result<(), Answer> {
         Ok(())
@@ -192,9 +200,12 @@ pub trait Phase: Send + Sync + fmt::Debug {
     /// Chooses the address a request for `host:port` is sent to, instead of
     /// the proxy resolving the name (and checking the address: a chosen
     /// one is the embedding program's, as `MOAT_RESOLVE`'s are the
-    /// operator's); `None` leaves it to the proxy. Asked for every request
-    /// (HTTPS, plain HTTP, WebSocket), after the policy allowed it; must be
-    /// quick.
+    /// operator's); `None` leaves it to the proxy. Asked with the host as
+    /// the proxy judged it (lower case, no final dot) for every request
+    /// (HTTPS, plain HTTP, WebSocket) the policy allowed, and again when a
+    /// connection is dialled; must be quick, and should answer the same for
+    /// a host while its connections live (an idle one is kept up to 60 s
+    /// and reused).
     fn upstream(&self, _host: &str, _port: u16) -> Option<std::net::SocketAddr> {
         None
     }

@@ -439,13 +439,14 @@ impl<'a> Outcome<'a> {
             self.decision(false, "destination");
         }
         let fault = Fault::of(status, denied);
+        let told = self.told(status, fault, format!("Moat: {msg}\n"));
         self.record(
             Some(status.as_u16()),
             Some(fault),
             denied.then(|| msg.clone()),
             (!denied).then(|| msg.clone()),
         );
-        text_response(status, self.told(status, fault, format!("Moat: {msg}\n")))
+        text_response(status, told)
     }
 
     /// What the client of a failed or refused request reads: `message`,
@@ -736,20 +737,18 @@ fn judge_rules(
         ),
     };
     out.ruled(false, &rule);
+    let told = out.told(
+        StatusCode::FORBIDDEN,
+        Fault::Policy,
+        format!("Moat: request blocked by network policy.\n{method} {shown}: {why}\n{fix}\n"),
+    );
     out.record(
         Some(403),
         Some(Fault::Policy),
         Some(format!("rule: {rule}")),
         None,
     );
-    Some(text_response(
-        StatusCode::FORBIDDEN,
-        out.told(
-            StatusCode::FORBIDDEN,
-            Fault::Policy,
-            format!("Moat: request blocked by network policy.\n{method} {shown}: {why}\n{fix}\n"),
-        ),
-    ))
+    Some(text_response(StatusCode::FORBIDDEN, told))
 }
 
 /// A phase's own answer, recorded (and its audit event written) like any
@@ -760,13 +759,22 @@ fn answered(out: &Outcome<'_>, answer: Answer) -> Response<ProxyBody> {
     }
     let fault = (answer.denied.is_some() || answer.error.is_some())
         .then(|| Fault::of(answer.status, answer.denied.is_some()));
+    // A refusal or failure: the phases may add to what the client reads.
+    let body = match fault {
+        Some(fault) => Bytes::from(out.told(
+            answer.status,
+            fault,
+            String::from_utf8_lossy(&answer.body).into_owned(),
+        )),
+        None => answer.body,
+    };
     out.record(
         Some(answer.status.as_u16()),
         fault,
         answer.denied,
         answer.error,
     );
-    let mut resp = Response::new(full(answer.body));
+    let mut resp = Response::new(full(body));
     *resp.status_mut() = answer.status;
     resp.headers_mut().insert(
         header::CONTENT_TYPE,
@@ -842,6 +850,9 @@ fn handle_connect(
         for phase in &ctx.phases {
             if let Err(answer) = phase.connect(&host, port) {
                 out.decision(false, "connect");
+                if let (Some(audit), Some(event)) = (&ctx.audit, answer.audit) {
+                    audit.event(event);
+                }
                 refusal = Some(Refusal {
                     message: String::from_utf8_lossy(&answer.body).into_owned(),
                     denied: answer
@@ -1186,6 +1197,7 @@ where
                         &host,
                         port,
                     );
+                    let told = out.told(StatusCode::FORBIDDEN, Fault::Policy, refusal.message);
                     out.record(
                         Some(403),
                         Some(Fault::Policy),
@@ -1196,7 +1208,6 @@ where
                     // the answer rather than a reset.
                     let drain = http_body_util::Limited::new(req.into_body(), 1 << 20).collect();
                     let _ = tokio::time::timeout(std::time::Duration::from_secs(5), drain).await;
-                    let told = out.told(StatusCode::FORBIDDEN, Fault::Policy, refusal.message);
                     Ok::<_, Infallible>(text_response(StatusCode::FORBIDDEN, told))
                 }
             });
@@ -1929,11 +1940,13 @@ fn misdirected(
         url_authority(host, port, default_port)
     );
     out.decision(false, "identity");
-    out.record(Some(421), Some(Fault::Client), Some(msg.clone()), None);
-    Some(text_response(
+    let told = out.told(
         StatusCode::MISDIRECTED_REQUEST,
+        Fault::Client,
         format!("Moat: {msg}; nothing was sent\n"),
-    ))
+    );
+    out.record(Some(421), Some(Fault::Client), Some(msg.clone()), None);
+    Some(text_response(StatusCode::MISDIRECTED_REQUEST, told))
 }
 
 /// An absolute-form `http://` request: forwarded without any credential

@@ -316,7 +316,13 @@ impl tower_service::Service<Uri> for Connector {
                 .to_string();
             let default_port = if this.tls.is_some() { 443 } else { 80 };
             let port = uri.port_u16().unwrap_or(default_port);
-            let chosen = this.choose.as_deref().and_then(|p| chosen(p, &host, port));
+            // Asked with the name as the proxy judged it (a client may
+            // write `OTHER.test` or `other.test.`).
+            let judged = host.trim_end_matches('.').to_ascii_lowercase();
+            let chosen = this
+                .choose
+                .as_deref()
+                .and_then(|p| chosen(p, &judged, port));
             let tcp = match chosen {
                 Some(addr) => dial_addr(&host, addr, this.timeout).await?,
                 None => dial(&host, port, &this.overrides, this.timeout).await?,

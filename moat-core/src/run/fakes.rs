@@ -40,17 +40,19 @@ impl Firewall for FakeFirewall {
     }
     fn remove(&self, run: &str) -> Result<()> {
         self.calls.lock().unwrap().push(format!("remove {run}"));
-        self.rules.lock().unwrap().retain(|r| !r.ends_with(run));
+        self.rules
+            .lock()
+            .unwrap()
+            .retain(|r| r.split_once(' ').is_none_or(|(_, of)| of != run));
         Ok(())
     }
     fn runs_with_rules(&self) -> Vec<String> {
         let rules = self.rules.lock().unwrap();
-        let mut runs: Vec<String> = rules
+        let runs: BTreeSet<String> = rules
             .iter()
             .filter_map(|r| r.split_once(' ').map(|(_, run)| run.to_string()))
             .collect();
-        runs.dedup();
-        runs
+        runs.into_iter().collect()
     }
 }
 

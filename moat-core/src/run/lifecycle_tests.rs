@@ -207,8 +207,8 @@ fn a_run_whose_supervisor_died_is_failed_and_cleaned_up_by_whoever_looks() {
         load_meta(&run_dir(&w.home, id)).unwrap().state,
         RunState::Failed
     );
-    // The rules go only after the container is gone: the engine is asked
-    // to remove the containers first.
+    // The rules were removed once (that they stay while a container does is
+    // the next test).
     let fw = w.firewall.calls.lock().unwrap().clone();
     assert_eq!(fw, [format!("remove {id}")]);
 }
@@ -354,7 +354,17 @@ fn clean_removes_what_this_homes_runs_left_and_nothing_else() {
         .insert("strict run_00000000c0a1".into());
 
     // A dry run says what would go and removes nothing.
-    let before = (w.docker.containers().len(), w.podman.containers().len());
+    let snapshot = |w: &World| {
+        (
+            w.docker.containers().len(),
+            w.podman.containers().len(),
+            w.docker.networks(),
+            w.podman.networks(),
+            w.firewall.rules.lock().unwrap().clone(),
+            w.routes.routes.lock().unwrap().clone(),
+        )
+    };
+    let before = snapshot(&w);
     let would = clean_on(
         &w.host,
         &w.home,
@@ -364,10 +374,8 @@ fn clean_removes_what_this_homes_runs_left_and_nothing_else() {
         },
     )
     .unwrap();
-    assert_eq!(
-        (w.docker.containers().len(), w.podman.containers().len()),
-        before
-    );
+    assert_eq!(snapshot(&w), before);
+    assert!(w.firewall.calls.lock().unwrap().is_empty());
     assert!(run_dir(&w.home, done).exists());
     let cleaned = clean_on(
         &w.host,
