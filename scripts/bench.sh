@@ -11,7 +11,7 @@
 # upload sink and mitmdump, measures everything and writes bench/RESULTS.md.
 #
 # Everything listens on and talks to 127.0.0.1 only. Environment:
-#   BENCH_PORT_BASE   first of four loopback ports (default 18080)
+#   BENCH_PORT_BASE   first of five loopback ports (default 18080)
 #   BENCH_STREAM_MIB  size of the streaming transfers (default 1024)
 set -euo pipefail
 
@@ -24,6 +24,7 @@ HTTP_PORT=$BASE
 HTTPS_PORT=$((BASE + 1))
 SINK_PORT=$((BASE + 2))
 MITM_PORT=$((BASE + 3))
+REVERSE_PORT=$((BASE + 4))
 STREAM_MIB=${BENCH_STREAM_MIB:-1024}
 
 log() { printf '[bench.sh] %s\n' "$*" >&2; }
@@ -79,13 +80,13 @@ BIN=${CARGO_TARGET_DIR:-$ROOT/target}/release/moat-bench
 . "$ROOT/scripts/bench-common.sh"
 TLSD=$WORK/tls
 bench_tls "$TLSD"
-for p in "$HTTP_PORT" "$HTTPS_PORT" "$SINK_PORT" "$MITM_PORT"; do
+for p in "$HTTP_PORT" "$HTTPS_PORT" "$SINK_PORT" "$MITM_PORT" "$REVERSE_PORT"; do
     if ! port_free "$p"; then
         log "127.0.0.1:$p is in use; set BENCH_PORT_BASE to another port range"
         exit 1
     fi
 done
-bench_nginx "$WORK" "$TLSD" "$HTTP_PORT" "$HTTPS_PORT" "$STREAM_MIB"
+bench_nginx "$WORK" "$TLSD" "$HTTP_PORT" "$HTTPS_PORT" "$STREAM_MIB" "$REVERSE_PORT"
 trap bench_nginx_stop EXIT
 
 # ---------------------------------------------------------------- run
@@ -107,6 +108,7 @@ timeout 1800 "$BIN" suite \
     --key "$TLSD/server.key" \
     --nginx-http "127.0.0.1:$HTTP_PORT" \
     --nginx-https "127.0.0.1:$HTTPS_PORT" \
+    --nginx-reverse "127.0.0.1:$REVERSE_PORT" \
     --sink "127.0.0.1:$SINK_PORT" \
     --mitm-listen "127.0.0.1:$MITM_PORT" \
     --nginx-pid "$NGINX_PID" \

@@ -45,6 +45,10 @@ pub struct SuiteArgs {
     /// nginx HTTPS.
     #[arg(long, default_value = "127.0.0.1:18443")]
     pub nginx_https: SocketAddr,
+    /// nginx as a reverse proxy to its own plain HTTP server (keep-alive
+    /// upstream connections): a reference for what a proxy costs here.
+    #[arg(long)]
+    pub nginx_reverse: Option<SocketAddr>,
     /// The upload sink (started here).
     #[arg(long, default_value = "127.0.0.1:18444")]
     pub sink: SocketAddr,
@@ -251,6 +255,8 @@ enum Route {
     Direct,
     Moat,
     Mitm,
+    /// nginx as a reverse proxy (plain HTTP only).
+    Nginx,
 }
 
 impl Route {
@@ -259,6 +265,7 @@ impl Route {
             Route::Direct => "direct",
             Route::Moat => "moat",
             Route::Mitm => "mitmproxy",
+            Route::Nginx => "nginx reverse proxy",
         }
     }
 }
@@ -287,6 +294,8 @@ struct Ctx<'a> {
     mitm: Option<MitmProc>,
     md: String,
     goals: Vec<Goal>,
+    /// Lines comparing moat with a peer, under the goals.
+    peers: Vec<String>,
     tick: f64,
     sink_pid: Option<u32>,
     quiet_left: std::cell::Cell<f64>,
@@ -389,6 +398,13 @@ impl Ctx<'_> {
                 let m = self.mitm.as_ref().ok_or("mitmproxy is not running")?;
                 (Some(ProxyUrl::parse(&m.url)?), m.ca.clone())
             }
+            Route::Nginx => {
+                // The same URL, its host resolved to nginx's proxying port.
+                let reverse = self.a.nginx_reverse.ok_or("no --nginx-reverse")?;
+                let mut map = self.resolve_map();
+                map.insert((PLAIN.to_string(), self.a.nginx_http.port()), reverse);
+                return Endpoint::new(url, None, &map, Some(&self.a.upstream_ca), resume);
+            }
         };
         Endpoint::new(url, proxy, &self.resolve_map(), Some(&ca), resume)
     }
@@ -398,6 +414,8 @@ impl Ctx<'_> {
             Route::Direct => None,
             Route::Moat => self.moat.as_ref().map(|m| m.pid),
             Route::Mitm => self.mitm.as_ref().map(|m| m.pid),
+            // Its CPU is counted with the server's (the same workers).
+            Route::Nginx => None,
         }
     }
 
@@ -618,11 +636,21 @@ impl Ctx<'_> {
             "GET `http://{PLAIN}:{}/small`; through a proxy as an absolute-form request.\n",
             self.a.nginx_http.port()
         );
+        if self.a.nginx_reverse.is_some() {
+            self.md.push_str(
+                "nginx reverse proxy: the same nginx proxying to its own plain HTTP server over keep-alive connections, a reference for what a proxy costs on this machine (its CPU is in the server's, so not shown).\n\n",
+            );
+        }
         self.table_head();
+        let mut routes = self.routes();
+        if self.a.nginx_reverse.is_some() {
+            routes.push(Route::Nginx);
+        }
         for conc in [1usize, 16, 64] {
             let mut direct = f64::NAN;
             let mut direct_other = f64::NAN;
-            for route in self.routes() {
+            let mut moat = f64::NAN;
+            for route in routes.iter().copied() {
                 stderr_line(&format!("plain http c{conc} {}", route.name()));
                 let url = self.origin(PLAIN, false, "/small");
                 let ep = self.endpoint(route, &url, false)?;
@@ -635,6 +663,7 @@ impl Ctx<'_> {
                 }
                 self.table_row(route, conc, &p, direct);
                 if route == Route::Moat {
+                    moat = p.r.rps;
                     let ratio = p.r.rps / direct;
                     self.goal(
                         format!("plain HTTP c{conc}: moat req/s / direct"),
@@ -643,6 +672,14 @@ impl Ctx<'_> {
                         ratio >= 0.6,
                         busy(direct_other) || busy(p.other_cores),
                     );
+                }
+                if route == Route::Nginx {
+                    self.peers.push(format!(
+                        "plain HTTP c{conc}: nginx reverse proxy {} of direct, moat {} (moat ÷ nginx {})",
+                        f2(p.r.rps / direct),
+                        f2(moat / direct),
+                        f2(moat / p.r.rps)
+                    ));
                 }
             }
         }
@@ -677,6 +714,7 @@ impl Ctx<'_> {
                 Route::Direct => direct = kept,
                 Route::Moat => moat = kept,
                 Route::Mitm => mitm = kept,
+                Route::Nginx => {}
             }
         }
         if let (Some((d, d_o)), Some((m, m_o))) = (&direct, &moat) {
@@ -742,7 +780,7 @@ impl Ctx<'_> {
                         );
                     }
                 }
-                Route::Mitm => {}
+                Route::Mitm | Route::Nginx => {}
             }
         }
         // The same with client session resumption allowed: does a proxy let
@@ -933,7 +971,7 @@ impl Ctx<'_> {
                     }
                     self.mitm = Some(MitmProc::start(self.a).await?);
                 }
-                Route::Direct => {}
+                Route::Direct | Route::Nginx => {}
             }
             stderr_line(&format!(
                 "idle memory: {n} connections through {}",
@@ -1285,6 +1323,7 @@ pub async fn main(a: SuiteArgs) -> Result<()> {
         mitm: Some(mitm),
         md: String::new(),
         goals: Vec::new(),
+        peers: Vec::new(),
         tick: procfs::ticks_per_second(),
         sink_pid: sink.id(),
         quiet_left: std::cell::Cell::new(a.quiet_wait),
@@ -1381,6 +1420,13 @@ fn render(a: &SuiteArgs, ctx: &Ctx<'_>, took: Duration) -> String {
     }
     let met = ctx.goals.iter().filter(|g| g.met).count();
     let _ = writeln!(md, "\n{met} of {} goals met.\n", ctx.goals.len());
+    if !ctx.peers.is_empty() {
+        md.push_str("Against a peer in the same run:\n\n");
+        for line in &ctx.peers {
+            let _ = writeln!(md, "- {line}");
+        }
+        md.push('\n');
+    }
     md.push_str(&ctx.md);
     md
 }

@@ -2312,3 +2312,111 @@ async fn a_clients_phase_chooses_its_upstream_and_no_other_client_shares_it() {
     assert_eq!(code, 502);
     assert!(!paths(mirror_plain.log.lock().unwrap().clone()).contains(&"/nope".to_string()));
 }
+
+// ------------------------------------------------------------- workers
+
+/// Notes the thread each request was recorded on.
+#[derive(Debug, Default)]
+struct Threads(Mutex<Vec<(String, String)>>);
+
+#[async_trait::async_trait]
+impl moat_core::proxy::Phase for Threads {
+    fn log(&self, record: &moat_core::trace::TraceRecord) {
+        let thread = std::thread::current().name().unwrap_or("").to_string();
+        self.0.lock().unwrap().push((record.url.clone(), thread));
+    }
+}
+
+#[tokio::test]
+async fn connections_are_spread_over_the_workers_and_each_stays_on_its_own() {
+    let limits = Limits {
+        workers: 2,
+        ..Limits::default()
+    };
+    let s = setup_with(true, PolicyMode::Permissive, &[], limits).await;
+    let threads = Arc::new(Threads::default());
+    let client = s
+        .proxy
+        .register(ClientSpec {
+            name: "run_threads".into(),
+            credentials: vec![github_credential()],
+            policy: PolicyMode::Permissive,
+            allow: Vec::new(),
+            trace: None,
+            audit: None,
+            capture_bodies: 0,
+            phases: vec![threads.clone()],
+            rules: Vec::new(),
+        })
+        .unwrap();
+    let url = client.proxy_url(s.proxy.local_addr()).expose().clone();
+    use base64::Engine;
+    let token = url
+        .trim_start_matches("http://moat:")
+        .split('@')
+        .next()
+        .unwrap();
+    let auth = format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode(format!("moat:{token}"))
+    );
+    // Four connections open at once, three requests on each, interleaved.
+    let mut senders = Vec::new();
+    for _ in 0..4 {
+        let tcp = TcpStream::connect(s.proxy.local_addr()).await.unwrap();
+        let (send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        senders.push(send);
+    }
+    for round in 0..3 {
+        for (c, send) in senders.iter_mut().enumerate() {
+            ready(send).await;
+            let mut req = get(&format!("http://other.test/c{c}/r{round}"), "other.test");
+            req.headers_mut()
+                .insert("proxy-authorization", auth.parse().unwrap());
+            let resp = send.send_request(req).await.unwrap();
+            assert_eq!(resp.status(), 200);
+            body_text(resp).await;
+        }
+    }
+    // And a tunnel's requests, through curl.
+    let (code, _, err) = curl(&url, s.ca(), &["https://api.github.com/tunnelled"]).await;
+    assert_eq!(code, 200, "{err}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while threads.0.lock().unwrap().len() < 13 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let seen = threads.0.lock().unwrap().clone();
+    assert_eq!(seen.len(), 13, "{seen:?}");
+    for (url, thread) in &seen {
+        assert!(
+            thread == "moat-proxy-0" || thread == "moat-proxy-1",
+            "{url} was served on {thread:?}, not on a worker"
+        );
+    }
+    // Each connection stayed on one worker, and the four were shared out
+    // two and two (each went to the worker serving fewer).
+    let mut per_worker = std::collections::BTreeMap::<&str, usize>::new();
+    for c in 0..4 {
+        let on: std::collections::BTreeSet<&str> = seen
+            .iter()
+            .filter(|(url, _)| url.contains(&format!("/c{c}/")))
+            .map(|(_, thread)| thread.as_str())
+            .collect();
+        assert_eq!(
+            on.len(),
+            1,
+            "connection {c} moved between workers: {seen:?}"
+        );
+        *per_worker
+            .entry(on.into_iter().next().unwrap())
+            .or_default() += 1;
+    }
+    assert_eq!(
+        per_worker.values().copied().collect::<Vec<_>>(),
+        [2, 2],
+        "{seen:?}"
+    );
+}

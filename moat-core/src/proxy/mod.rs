@@ -31,6 +31,7 @@ pub mod dest;
 pub mod phase;
 mod server;
 pub mod upstream;
+mod workers;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -249,6 +250,10 @@ pub struct Limits {
     pub response_timeout: Duration,
     /// Concurrent client connections; more are closed at once. Default 4096.
     pub max_connections: usize,
+    /// Worker threads serving client connections, each with its own
+    /// single-threaded runtime and upstream pools. Default: the cores this
+    /// process may run on, at most 8.
+    pub workers: usize,
 }
 
 impl Default for Limits {
@@ -260,6 +265,7 @@ impl Default for Limits {
             connect_timeout: Duration::from_secs(15),
             response_timeout: Duration::from_secs(600),
             max_connections: 4096,
+            workers: workers::default_count(),
         }
     }
 }
@@ -391,18 +397,22 @@ impl ProxyBuilder {
             )
         })?;
         let tls = upstream::client_tls(&self.extra_roots)?;
+        let count = self.limits.workers;
         let shared = Arc::new(server::Shared::new(
             ca,
             tls,
             Arc::new(self.resolve),
             self.limits,
+            count,
         ));
-        let task = tokio::spawn(server::accept_loop(listener, shared.clone()));
-        tracing::info!(%addr, "moat proxy listening");
+        let (workers, dispatch) = workers::Workers::start(&shared, count)?;
+        let task = tokio::spawn(server::accept_loop(listener, shared.clone(), dispatch));
+        tracing::info!(%addr, workers = count, "moat proxy listening");
         Ok(Proxy {
             shared,
             addr,
             accept_task: Some(task),
+            workers: Some(workers),
         })
     }
 }
@@ -413,6 +423,7 @@ pub struct Proxy {
     shared: Arc<server::Shared>,
     addr: SocketAddr,
     accept_task: Option<tokio::task::JoinHandle<()>>,
+    workers: Option<workers::Workers>,
 }
 
 impl std::fmt::Debug for Proxy {
@@ -526,6 +537,10 @@ impl Proxy {
             let _ = task.await;
         }
         let _ = tokio::time::timeout(Duration::from_secs(5), self.shared.tasks.wait()).await;
+        // The accept loop has ended, so the workers are ending too.
+        if let Some(workers) = self.workers.take() {
+            workers.join().await;
+        }
     }
 }
 

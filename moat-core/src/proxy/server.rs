@@ -23,6 +23,7 @@ use tokio_util::task::TaskTracker;
 use super::body::{empty, full, BoxError, Capture, Counted, OnEnd, Prefixed, ProxyBody};
 use super::phase::{Answer, Fault, RequestHead, INTERNAL_HOST};
 use super::upstream::{self, ConnectError, Connector, ResolveMap};
+use super::workers::{Dispatch, Permit};
 use super::{CertificateAuthority, ClientCtx, ClientTable, Limits};
 use crate::net::{relay_upgraded, starts_tls, Metered, Relayed};
 use crate::policy::blocked_message;
@@ -34,8 +35,9 @@ pub(crate) struct Shared {
     pub cancel: CancellationToken,
     pub tasks: TaskTracker,
     /// The pooled upstream clients of every client whose phases choose no
-    /// upstream of their own.
-    pools: Pools,
+    /// upstream of their own: one set per worker, so that a worker's
+    /// requests go over connections its own runtime drives.
+    pools: Vec<Pools>,
     /// Upstream TLS (HTTP/2 and HTTP/1.1).
     tls: Arc<rustls::ClientConfig>,
     /// Upstream TLS offering only HTTP/1.1, for WebSocket upgrades.
@@ -56,6 +58,7 @@ impl Shared {
         tls: Arc<rustls::ClientConfig>,
         overrides: Arc<ResolveMap>,
         limits: Limits,
+        workers: usize,
     ) -> Shared {
         let mut h1 = (*tls).clone();
         h1.alpn_protocols = vec![b"http/1.1".to_vec()];
@@ -67,7 +70,9 @@ impl Shared {
             clients: ClientTable::default(),
             cancel: CancellationToken::new(),
             tasks: TaskTracker::new(),
-            pools: Pools::new(&tls, &overrides, &limits, None),
+            pools: (0..workers.max(1))
+                .map(|_| Pools::new(&tls, &overrides, &limits, None))
+                .collect(),
             tls,
             connections: Arc::new(Semaphore::new(limits.max_connections)),
             overrides,
@@ -88,7 +93,8 @@ impl Shared {
     /// proxy resolves.
     fn pools<'a>(&'a self, ctx: &'a ClientCtx, host: &str, port: u16) -> &'a Pools {
         if upstream::chosen(&ctx.phases, host, port).is_none() {
-            return &self.pools;
+            let worker = super::workers::current().unwrap_or(0);
+            return &self.pools[worker % self.pools.len()];
         }
         ctx.own_pools.get_or_init(|| {
             Pools::new(
@@ -138,7 +144,8 @@ impl Pools {
     }
 }
 
-pub(crate) async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
+/// Accepts client connections and hands each to a worker.
+pub(crate) async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, workers: Dispatch) {
     loop {
         let accepted = tokio::select! {
             () = shared.cancel.cancelled() => break,
@@ -158,16 +165,9 @@ pub(crate) async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
             continue;
         };
         let _ = tcp.set_nodelay(true);
-        let conn_shared = shared.clone();
-        shared
-            .tasks
-            .spawn(serve_client(tcp, peer, conn_shared, Arc::new(permit)));
+        workers.send(tcp, peer, permit).await;
     }
 }
-
-/// The client connection's place under the connection limit: held by the
-/// connection and by a tunnel it became, until both end.
-type Permit = Arc<tokio::sync::OwnedSemaphorePermit>;
 
 /// What a client connection allowed last over plain HTTP: (client id,
 /// host, port, rule). A keep-alive connection's requests to one host are
@@ -175,7 +175,7 @@ type Permit = Arc<tokio::sync::OwnedSemaphorePermit>;
 /// judged, and recorded as a request of its own).
 type LastAllowed = Arc<std::sync::Mutex<Option<(u64, String, u16, String)>>>;
 
-async fn serve_client(
+pub(crate) async fn serve_client(
     tcp: tokio::net::TcpStream,
     peer: std::net::SocketAddr,
     shared: Arc<Shared>,
@@ -1293,6 +1293,20 @@ fn capture_for(ctx: &ClientCtx, headers: &HeaderMap) -> Option<Capture> {
     text.then(|| Capture::new(ctx.capture_bodies))
 }
 
+/// A request's headers for its record, redacted; none when nothing takes
+/// the client's records.
+fn recorded_headers(
+    ctx: &ClientCtx,
+    headers: &HeaderMap,
+    also: &[HeaderName],
+) -> Vec<(String, String)> {
+    if ctx.recorder.wanted() {
+        redacted(headers, also)
+    } else {
+        Vec::new()
+    }
+}
+
 fn redacted(headers: &HeaderMap, also: &[HeaderName]) -> Vec<(String, String)> {
     headers
         .iter()
@@ -1467,7 +1481,6 @@ async fn handle_intercepted(
     };
 
     // Request rules, on what the client asked for (before any phase).
-    let shown = intercepted_url(&host, port, &req);
     if let Some(refused) = judge_rules(
         &ctx,
         &out,
@@ -1476,7 +1489,7 @@ async fn handle_intercepted(
         req.method(),
         req.headers(),
         &path,
-        &shown,
+        &out.url,
     ) {
         return Ok(refused);
     }
@@ -1566,7 +1579,7 @@ async fn handle_intercepted(
     let uri_path = uri.path().to_string();
     parts.uri = uri;
     parts.version = http::Version::HTTP_11;
-    let request_headers = redacted(&parts.headers, &injected_headers);
+    let request_headers = recorded_headers(&ctx, &parts.headers, &injected_headers);
     if let (Some(protocol), Some(client_upgrade)) = (upgrade, client_upgrade) {
         parts
             .headers
@@ -2015,7 +2028,6 @@ async fn forward_plain(
         .path_and_query()
         .map_or("/", |p| p.as_str())
         .to_string();
-    let shown = req.uri().to_string();
     if let Some(refused) = judge_rules(
         &ctx,
         &out,
@@ -2024,7 +2036,7 @@ async fn forward_plain(
         req.method(),
         req.headers(),
         &path,
-        &shown,
+        &out.url,
     ) {
         return refused;
     }
@@ -2046,7 +2058,7 @@ async fn forward_plain(
     let (mut parts, body) = req.into_parts();
     strip_hop_by_hop(&mut parts.headers);
     parts.version = http::Version::HTTP_11;
-    let request_headers = redacted(&parts.headers, &[]);
+    let request_headers = recorded_headers(&ctx, &parts.headers, &[]);
     let sent = Arc::new(AtomicU64::new(0));
     let req_capture = capture_for(&ctx, &parts.headers);
     let body = Counted::new(body.map_err(Into::into).boxed(), sent.clone(), None)
