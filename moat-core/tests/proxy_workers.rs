@@ -88,6 +88,11 @@ async fn a_proxys_workers_end_when_it_is_shut_down_or_dropped() {
             .start()
             .await
             .unwrap();
+        // Each worker names its thread as it starts.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while workers() < 3 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
         assert_eq!(workers(), 3, "three workers while it serves");
         let client = proxy
             .register(ClientSpec {
@@ -103,6 +108,12 @@ async fn a_proxys_workers_end_when_it_is_shut_down_or_dropped() {
         ];
         if shut_down {
             proxy.shutdown().await;
+            // Joined: gone at once (the kernel may take a moment to drop
+            // an exited thread from /proc).
+            let deadline = Instant::now() + Duration::from_secs(1);
+            while workers() > 0 && Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
             assert_eq!(workers(), 0, "shutdown returns once its workers ended");
         } else {
             drop(proxy);
