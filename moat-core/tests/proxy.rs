@@ -384,6 +384,20 @@ async fn setup() -> Setup {
     setup_with(true, PolicyMode::Permissive, &[], Limits::default()).await
 }
 
+/// The `Proxy-Authorization` value of a proxy URL's token.
+fn proxy_authorization(url: &str) -> String {
+    use base64::Engine;
+    let token = url
+        .trim_start_matches("http://moat:")
+        .split('@')
+        .next()
+        .unwrap();
+    format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode(format!("moat:{token}"))
+    )
+}
+
 /// Runs curl through the proxy; returns (http code, body, stderr).
 async fn curl(proxy_url: &str, ca: &Path, args: &[&str]) -> (u16, String, String) {
     let mut cmd = tokio::process::Command::new("curl");
@@ -1295,18 +1309,8 @@ async fn a_slow_client_does_not_hold_a_connection_forever() {
 /// is), and every refusal is audited.
 #[tokio::test(flavor = "multi_thread")]
 async fn plain_http_allowances_are_audited_once_per_connection_and_destination() {
-    use base64::Engine;
     let s = setup_with(true, PolicyMode::Strict, &["other.test"], Limits::default()).await;
-    let url = s.url();
-    let token = url
-        .trim_start_matches("http://moat:")
-        .split('@')
-        .next()
-        .unwrap();
-    let auth = format!(
-        "Basic {}",
-        base64::engine::general_purpose::STANDARD.encode(format!("moat:{token}"))
-    );
+    let auth = proxy_authorization(&s.url());
     let tcp = TcpStream::connect(s.proxy.local_addr()).await.unwrap();
     let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
         .await
@@ -2350,16 +2354,7 @@ async fn connections_are_spread_over_the_workers_and_each_stays_on_its_own() {
         })
         .unwrap();
     let url = client.proxy_url(s.proxy.local_addr()).expose().clone();
-    use base64::Engine;
-    let token = url
-        .trim_start_matches("http://moat:")
-        .split('@')
-        .next()
-        .unwrap();
-    let auth = format!(
-        "Basic {}",
-        base64::engine::general_purpose::STANDARD.encode(format!("moat:{token}"))
-    );
+    let auth = proxy_authorization(&url);
     // Four connections open at once, three requests on each, interleaved.
     let mut senders = Vec::new();
     for _ in 0..4 {

@@ -403,7 +403,6 @@ impl ProxyBuilder {
             tls,
             Arc::new(self.resolve),
             self.limits,
-            count,
         ));
         let (workers, dispatch) = workers::Workers::start(&shared, count)?;
         let task = tokio::spawn(server::accept_loop(listener, shared.clone(), dispatch));

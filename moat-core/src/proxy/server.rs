@@ -58,7 +58,6 @@ impl Shared {
         tls: Arc<rustls::ClientConfig>,
         overrides: Arc<ResolveMap>,
         limits: Limits,
-        workers: usize,
     ) -> Shared {
         let mut h1 = (*tls).clone();
         h1.alpn_protocols = vec![b"http/1.1".to_vec()];
@@ -70,7 +69,7 @@ impl Shared {
             clients: ClientTable::default(),
             cancel: CancellationToken::new(),
             tasks: TaskTracker::new(),
-            pools: (0..workers.max(1))
+            pools: (0..limits.workers.max(1))
                 .map(|_| Pools::new(&tls, &overrides, &limits, None))
                 .collect(),
             tls,
