@@ -844,10 +844,18 @@ fn cmd_verify_bundle(args: &VerifyBundleArgs) -> Result<(), Error> {
         return write_stdout(&(text + "\n"));
     }
     print_report(&format!("Bundle {}", args.file.display()), &report)?;
-    eprintln!(
+    let base = format!(
         "Verified: every entry is in the signed tree, and the log only grew across {} checkpoint(s)",
         report.checkpoints.len()
     );
+    if report.closed {
+        eprintln!("{base}; the log was closed by its writer (final checkpoint)");
+    } else {
+        // All of it is signed, but it may not be all there was.
+        eprintln!(
+            "{base}; but its last checkpoint is not a final one: the log was still open when the bundle was made, or the bundle ends at an earlier checkpoint, so entries after it would not show"
+        );
+    }
     if args.key.is_none() {
         eprintln!(
             "note: checked against the bundle's own key; pass --key to require the key you trust"

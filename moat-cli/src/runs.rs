@@ -752,29 +752,40 @@ pub fn cmd_logs(args: &LogsArgs) -> Result<ExitCode, Error> {
         Some(n) => logs::tail(&chunks, n),
         None => &chunks[..],
     };
-    let print = |chunk: &logs::Chunk| {
+    // Whether the reader is still there: `moat logs -f RUN | head` ends
+    // when head does, not when the run does.
+    let print = |chunk: &logs::Chunk| -> bool {
+        let mut out = std::io::stdout();
         if args.json {
             let line = serde_json::json!({
                 "time": chunk.time,
                 "stream": chunk.stream,
                 "text": String::from_utf8_lossy(&chunk.data),
             });
-            let _ = writeln!(std::io::stdout(), "{line}");
+            writeln!(out, "{line}").and_then(|()| out.flush()).is_ok()
         } else {
-            let _ = std::io::stdout().write_all(&chunk.data);
+            out.write_all(&chunk.data)
+                .and_then(|()| out.flush())
+                .is_ok()
         }
     };
     for c in shown {
-        print(c);
+        if !print(c) {
+            return Ok(ExitCode::SUCCESS);
+        }
     }
     if args.follow && !meta.state.is_terminal() {
         catch_interrupts();
         let mut watch = run::Watch::new(&home, &meta.id);
         let mut done = || INTERRUPTS.load(Ordering::SeqCst) > 0 || watch.is_over();
+        let mut reader_there = true;
         logs::follow(&path, follower.offset(), &mut done, &mut |c| {
-            print(&c);
-            true
+            reader_there = print(&c);
+            reader_there
         })?;
+        if !reader_there {
+            return Ok(ExitCode::SUCCESS);
+        }
     }
     let _ = std::io::stdout().flush();
     // The output may be empty (a run that never started has none): say

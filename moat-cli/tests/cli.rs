@@ -239,6 +239,41 @@ fn audit_says_what_a_verification_can_vouch_for() {
 }
 
 #[test]
+fn verify_bundle_says_whether_the_log_was_closed() {
+    use moat_core::audit::AuditWriter;
+    let t = tempfile::tempdir().unwrap();
+    let home = t.path().join("home");
+    let log = t.path().join("log");
+    let verify = |bundle: &Path| {
+        Command::new(env!("CARGO_BIN_EXE_moat"))
+            .args(["verify-bundle", bundle.to_str().unwrap()])
+            .env("MOAT_HOME", &home)
+            .output()
+            .unwrap()
+    };
+    // A bundle made while the log is open, past a periodic checkpoint:
+    // every entry in it is signed, but later ones may exist.
+    let w = AuditWriter::open(&log, &home, "client").unwrap();
+    for i in 0..1000 {
+        w.append("request", serde_json::json!({ "i": i })).unwrap();
+    }
+    let open = t.path().join("open.json");
+    moat_core::audit::export_bundle(&log, &home, &open).unwrap();
+    let out = verify(&open);
+    let err = text(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("not a final one"), "{err}");
+    assert!(!err.contains("closed by its writer"), "{err}");
+    w.close().unwrap();
+    let closed = t.path().join("closed.json");
+    moat_core::audit::export_bundle(&log, &home, &closed).unwrap();
+    let out = verify(&closed);
+    let err = text(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("closed by its writer"), "{err}");
+}
+
+#[test]
 fn a_bad_engine_is_named_with_where_it_came_from() {
     let ws = workspace("command: [\"true\"]\n");
     let home = tempfile::tempdir().unwrap();

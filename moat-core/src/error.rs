@@ -195,7 +195,7 @@ impl Error {
 }
 
 /// The reason of an I/O error in the house style: lowercase, no `(os error N)`.
-fn io_reason(err: &std::io::Error) -> String {
+pub(crate) fn io_reason(err: &std::io::Error) -> String {
     use std::io::ErrorKind as K;
     match err.kind() {
         K::NotFound => "no such file or directory".into(),

@@ -113,6 +113,32 @@ pub(crate) fn open_private(path: &Path, how: Open) -> Result<std::fs::File> {
     opts.open(path).map_err(|e| Error::io(path, "open", e))
 }
 
+/// Is there nothing at `path`, not even a link? A link whose target cannot
+/// be reached (a volume not mounted) is an error, not an absence: `what`
+/// (a key, say) must not be replaced by a new one on a bad day.
+pub(crate) fn nothing_at(path: &Path, what: &str) -> Result<bool> {
+    match std::fs::symlink_metadata(path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(true),
+        Err(e) => Err(Error::io(path, "read", e)),
+        Ok(m) if m.file_type().is_symlink() => match std::fs::metadata(path) {
+            Ok(_) => Ok(false),
+            Err(e) => {
+                let target = std::fs::read_link(path)
+                    .map_or_else(|_| "?".to_string(), |t| t.display().to_string());
+                Err(Error::new(
+                    ErrorKind::Config,
+                    format!(
+                        "{}: {what} is a link to {target}, which cannot be reached ({}); moat will not replace it with a new one: mount or fix what it points to",
+                        path.display(),
+                        crate::error::io_reason(&e)
+                    ),
+                ))
+            }
+        },
+        Ok(_) => Ok(false),
+    }
+}
+
 /// Writes `data` to `path` atomically (temporary file, fsync, rename) with
 /// mode `mode`. The file never exists with looser permissions.
 pub(crate) fn write_private(path: &Path, data: &[u8], mode: u32) -> Result<()> {

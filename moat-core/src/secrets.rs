@@ -19,6 +19,33 @@ use crate::secret::Secret;
 /// How long one lookup may take (a CLI may wait for an unlock).
 pub const LOOKUP_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// The largest value a lookup may return (an environment variable's).
+const MAX_VALUE: usize = 1024 * 1024;
+
+/// Reads `pipe` to its end (at most one byte past [`MAX_VALUE`]) on a
+/// thread of its own; the bytes arrive on the returned channel.
+fn drain(
+    pipe: Option<impl Read + Send + 'static>,
+) -> std::sync::mpsc::Receiver<std::io::Result<Vec<u8>>> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut bytes = Vec::new();
+        let read = match pipe {
+            Some(p) => {
+                let mut limited = p.take(MAX_VALUE as u64 + 1);
+                let read = limited.read_to_end(&mut bytes);
+                // Past the limit, the rest is read and dropped, so that
+                // the writer is not left waiting.
+                let _ = std::io::copy(&mut limited.into_inner(), &mut std::io::sink());
+                read
+            }
+            None => Ok(0),
+        };
+        let _ = tx.send(read.map(|_| bytes));
+    });
+    rx
+}
+
 impl SecretBackend {
     /// A short name for messages and audit entries (`1password`, `aws-ssm`).
     pub fn name(self) -> &'static str {
@@ -79,6 +106,11 @@ pub fn resolve_one(name: &str, r: &SecretRef) -> Result<Secret<String>> {
                 fail(format!("cannot run `{program}`: {e}"))
             }
         })?;
+    // Both pipes are read while the CLI runs: one that writes more than a
+    // pipe holds (a document from `op read`) would otherwise wait for a
+    // reader forever.
+    let out = drain(child.stdout.take());
+    let err = drain(child.stderr.take());
     let started = Instant::now();
     let status = loop {
         match child.try_wait() {
@@ -95,14 +127,19 @@ pub fn resolve_one(name: &str, r: &SecretRef) -> Result<Secret<String>> {
             Err(e) => return Err(fail(format!("cannot wait for `{program}`: {e}"))),
         }
     };
-    let mut out = String::new();
-    let mut err = String::new();
-    if let Some(mut s) = child.stdout.take() {
-        let _ = s.read_to_string(&mut out);
-    }
-    if let Some(mut s) = child.stderr.take() {
-        let _ = s.read_to_string(&mut err);
-    }
+    // What it started may hold its output open after it exited (a helper
+    // daemon): the output is what came within a few seconds of the exit.
+    let collect = |rx: std::sync::mpsc::Receiver<std::io::Result<Vec<u8>>>, what: &str| match rx
+        .recv_timeout(Duration::from_secs(5))
+    {
+        Ok(Ok(bytes)) => Ok(bytes),
+        Ok(Err(e)) => Err(fail(format!("cannot read `{program}`'s {what}: {e}"))),
+        Err(_) => Err(fail(format!(
+            "`{program}` exited, but a process it started still holds its {what} open"
+        ))),
+    };
+    let out = collect(out, "output")?;
+    let err = String::from_utf8_lossy(&collect(err, "error output")?).into_owned();
     if !status.success() {
         let first = err
             .lines()
@@ -114,6 +151,16 @@ pub fn resolve_one(name: &str, r: &SecretRef) -> Result<Secret<String>> {
             first.trim()
         )));
     }
+    if out.len() > MAX_VALUE {
+        return Err(fail(format!(
+            "{} is larger than {} MiB",
+            r.reference,
+            MAX_VALUE / (1024 * 1024)
+        )));
+    }
+    let Ok(out) = String::from_utf8(out) else {
+        return Err(fail(format!("{} is not UTF-8 text", r.reference)));
+    };
     let value = out.strip_suffix('\n').unwrap_or(&out);
     let value = value.strip_suffix('\r').unwrap_or(value);
     if value.is_empty() {

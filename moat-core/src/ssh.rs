@@ -235,6 +235,10 @@ pub struct KnownHostKeys {
     /// `@revoked` lines that did not parse (`file:line`): a revocation moat
     /// cannot read makes runs refuse to start rather than ignore it.
     pub unreadable_revocations: Vec<String>,
+    /// Files that exist but cannot be read (`file: reason`): no permission,
+    /// not a regular file (a FIFO would block the reader). Whatever they
+    /// revoke is unknown, so runs refuse to start on them too.
+    pub unreadable_files: Vec<String>,
 }
 
 /// The keys `files` hold for `host` at port 22: lines naming it plainly, in
@@ -242,15 +246,30 @@ pub struct KnownHostKeys {
 /// hashed (`|1|salt|hash`). `@cert-authority` lines are ignored (host
 /// certificates are not supported); `@revoked` keys are collected apart.
 /// Fields may be separated by any run of blanks, as OpenSSH allows.
-/// Unreadable files and lines are skipped, except `@revoked` lines, which
-/// are listed in `unreadable_revocations`.
+/// A file that is absent is skipped; one that exists but cannot be read is
+/// listed in `unreadable_files`. Lines that do not parse are skipped,
+/// except `@revoked` lines, which are listed in `unreadable_revocations`.
+/// Bytes that are not UTF-8 (OpenSSH allows them, in comments say) do not
+/// make the rest of a file unreadable.
 pub fn known_host_keys(host: &str, files: &[PathBuf]) -> KnownHostKeys {
     use ssh_key::known_hosts::{Entry, HostPatterns, Marker};
     let host = host.trim_end_matches('.').to_ascii_lowercase();
     let mut out = KnownHostKeys::default();
     for file in files {
-        let Ok(text) = std::fs::read_to_string(file) else {
-            continue;
+        let read = match std::fs::metadata(file) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => Err(crate::error::io_reason(&e)),
+            // Opening a FIFO would wait for a writer forever.
+            Ok(m) if !m.is_file() => Err("not a regular file".to_string()),
+            Ok(_) => std::fs::read(file).map_err(|e| crate::error::io_reason(&e)),
+        };
+        let text = match read {
+            Ok(bytes) => String::from_utf8_lossy(&bytes).into_owned(),
+            Err(why) => {
+                out.unreadable_files
+                    .push(format!("{}: {why}", file.display()));
+                continue;
+            }
         };
         for (number, line) in text.lines().enumerate() {
             let line = line.split('#').next().unwrap_or("");

@@ -341,6 +341,71 @@ fn bundles_verify_offline_and_tampering_fails() {
         e.contains("does not verify") || e.contains("only grow"),
         "{e}"
     );
+    // A proof hash of 64 bytes that are not 64 hex digits (a character of
+    // two bytes at an odd place) does not verify: it does not panic.
+    let crafted = format!("a\u{e9}{}", "0".repeat(61));
+    assert_eq!(crafted.len(), 64);
+    let e = mutate(&p0, &crafted);
+    assert!(
+        e.contains("does not verify") || e.contains("only grow") || e.contains("not"),
+        "{e}"
+    );
+}
+
+#[test]
+fn a_checkpoint_line_cut_inside_a_character_loses_nothing_and_is_not_continued() {
+    // A full disk (or a crash) cut the last checkpoint's line inside a
+    // character of more than one byte.
+    let t = tempfile::tempdir().unwrap();
+    let (dir, home) = (t.path().join("run"), t.path().join("home"));
+    write(&dir, &home, 10);
+    let signed = audit::verify(&dir, &home, None).unwrap().checkpoints.len();
+    assert!(signed > 0);
+    let cps = dir.join("checkpoints.jsonl");
+    let whole = std::fs::read(&cps).unwrap();
+    let last = checkpoint_lines(&dir).last().unwrap().clone();
+    let mut torn = last.as_bytes()[..last.len() / 2].to_vec();
+    torn.extend_from_slice(&[0xe2, 0x80]); // the first two bytes of `—`
+    std::fs::write(&cps, [whole.as_slice(), &torn].concat()).unwrap();
+    // The checkpoints before it still count; the cut line is ignored.
+    let r = audit::verify(&dir, &home, None).unwrap();
+    assert!(r.ok, "{:?}", r.problems);
+    assert_eq!(r.checkpoints.len(), signed);
+    assert!(
+        r.torn_tail
+            .as_deref()
+            .unwrap()
+            .contains("checkpoints.jsonl"),
+        "{:?}",
+        r.torn_tail
+    );
+    // A writer continuing the log cuts the torn line off first: its own
+    // checkpoints are not glued to it.
+    write(&dir, &home, 3);
+    let r = audit::verify(&dir, &home, None).unwrap();
+    assert!(r.ok && r.entries == 13, "{:?}", r.problems);
+    assert!(r.torn_tail.is_none(), "{:?}", r.torn_tail);
+    assert!(std::fs::read(&cps).unwrap().ends_with(b"\n"));
+}
+
+#[cfg(unix)]
+#[test]
+fn checkpoints_that_cannot_be_read_are_a_problem_not_an_absence() {
+    let t = tempfile::tempdir().unwrap();
+    let (dir, home) = (t.path().join("run"), t.path().join("home"));
+    write(&dir, &home, 4);
+    let cps = dir.join("checkpoints.jsonl");
+    std::fs::remove_file(&cps).unwrap();
+    std::fs::create_dir(&cps).unwrap(); // reading it fails: a directory
+    let r = audit::verify(&dir, &home, None).unwrap();
+    assert!(!r.ok, "an unreadable checkpoints.jsonl verified");
+    assert!(
+        r.problems
+            .iter()
+            .any(|p| p.contains("checkpoints.jsonl: cannot read")),
+        "{:?}",
+        r.problems
+    );
 }
 
 /// An entry chained after `lines` as a writer would make it: only a key can

@@ -442,6 +442,23 @@ def test_a_relative_mount_cannot_leave_the_workspace_through_a_link(m, tmp_path)
     assert "data" in out.stderr and "workspace" in out.stderr, out.stderr
 
 
+def test_a_mount_whose_last_part_is_missing_cannot_follow_a_link_out(m, tmp_path):
+    """Attack: `./link/made:/x:rw` with `link -> <outside>` and `made` not
+    there yet. A path that does not exist cannot be resolved, so a check
+    that falls back to the written text sees a harmless path inside the
+    workspace, and Docker creates the directory by following the link:
+    the agent then writes outside (as root, into /root/.ssh, say)."""
+    needs_engine()
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    ws = ws_with(m, "mounts:\n  - ./link/made:/x:rw\n")
+    (ws / "link").symlink_to(outside)
+    out = m("run", ws, "--image", IMAGE, "--", "sh", "-c", "echo pwned > /x/owned", timeout=120)
+    assert out.returncode != 0 and no_runs(m), out.stderr
+    assert "cannot be resolved" in out.stderr and "create it first" in out.stderr, out.stderr
+    assert not (outside / "made").exists(), "the engine created a directory through the link"
+
+
 @pytest.mark.parametrize("store", [".claude", ".aws", ".config/gh"])
 def test_the_users_credential_stores_are_never_mounted(m, tmp_path, store):
     """Attack: `mounts: [<home>/.claude:/c:ro]` (or ~/.aws, ~/.config/gh).

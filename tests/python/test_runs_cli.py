@@ -255,6 +255,18 @@ def test_detach_list_logs_stop_destroy_clean(m):
         # By id prefix and by name, too.
         assert m("logs", run_id[:9], check=True).stdout == "started\n"
         assert m("logs", run["name"], check=True).stdout == "started\n"
+        # `moat logs -f` ends when its reader does (`| head -1`), not when
+        # the run does: the run here prints a line a second for 300 s.
+        ticker = m.detach(ws, "sh", "-c", "while true; do echo tick; sleep 1; done")
+        assert m.wait_log(ticker, "tick")
+        follow = m.popen("logs", "-f", ticker)
+        assert follow.stdout.readline() == "tick\n"
+        follow.stdout.close()  # the reader goes
+        try:
+            follow.wait(timeout=15)
+        finally:
+            follow.kill()
+            m("stop", ticker, check=True, timeout=60)
         human = m("list", check=True).stdout
         assert run_id in human and "running" in human
         t0 = time.time()

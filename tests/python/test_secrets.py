@@ -83,3 +83,32 @@ def test_a_missing_cli_says_what_to_install(tmp_path, monkeypatch):
     ws = workspace(tmp_path, "secrets:\n  K: op://a/b/c\n")
     with pytest.raises(moat.ConfigError, match=r"`op` is not installed; install the 1Password CLI"):
         moat.load_config(ws).resolve_secrets()
+
+
+def test_a_value_larger_than_a_pipe_holds_comes_whole_and_quickly(tmp_path, monkeypatch):
+    # A document of 200 KiB from `op read`: more than a pipe holds, so the
+    # CLI waits for its reader while it writes. It must not wait for the
+    # lookup's 60 s limit.
+    import time
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    script(bin_dir / "op", "head -c 204800 /dev/zero | tr '\\0' 'k'\n")
+    monkeypatch.setenv("PATH", f"{bin_dir}:/usr/bin:/bin")
+    ws = workspace(tmp_path, "secrets:\n  DOC: op://Dev/Doc/file\n")
+    started = time.monotonic()
+    values = moat.load_config(ws).resolve_secrets()
+    assert time.monotonic() - started < 10
+    assert values["DOC"] == "k" * 204800
+
+
+def test_a_value_that_is_not_text_or_too_large_is_refused(tmp_path, monkeypatch):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    monkeypatch.setenv("PATH", f"{bin_dir}:/usr/bin:/bin")
+    ws = workspace(tmp_path, "secrets:\n  BIN: op://Dev/Bin/file\n")
+    script(bin_dir / "op", "printf 'ab\\377cd'\n")
+    with pytest.raises(moat.ConfigError, match=r"secret BIN \(1password\): op://Dev/Bin/file is not UTF-8 text"):
+        moat.load_config(ws).resolve_secrets()
+    script(bin_dir / "op", "head -c 2000000 /dev/zero | tr '\\0' 'k'\n")
+    with pytest.raises(moat.ConfigError, match=r"op://Dev/Bin/file is larger than 1 MiB"):
+        moat.load_config(ws).resolve_secrets()

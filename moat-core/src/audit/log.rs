@@ -134,6 +134,8 @@ pub fn signing_key(home: &Path) -> Result<SigningKey> {
             Ok(SigningKey::from_bytes(&seed))
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            // A link to a volume not mounted is not a key to replace.
+            paths::nothing_at(&path, "the audit signing key")?;
             let mut seed = [0u8; 32];
             getrandom::fill(&mut seed)
                 .map_err(|e| bad(ErrorKind::Internal, format!("no randomness: {e}")))?;
@@ -358,6 +360,39 @@ enum Signing {
     Final,
 }
 
+/// Cuts `file` back to the end of its last complete line: what a crash or
+/// a full disk left half written is not continued.
+fn cut_torn_line(file: &File, path: &Path) -> Result<()> {
+    use std::io::{Read, Seek, SeekFrom};
+    let len = file
+        .metadata()
+        .map_err(|e| Error::io(path, "read", e))?
+        .len();
+    if len == 0 {
+        return Ok(());
+    }
+    // A checkpoint's line is a few hundred bytes: the last complete one
+    // ends within the last few KiB, or the file holds no complete line.
+    let tail = len.min(64 * 1024);
+    let mut buf = vec![0u8; tail as usize];
+    // `file` appends, and cannot be read.
+    let mut reader = File::open(path).map_err(|e| Error::io(path, "open", e))?;
+    reader
+        .seek(SeekFrom::Start(len - tail))
+        .and_then(|_| reader.read_exact(&mut buf))
+        .map_err(|e| Error::io(path, "read", e))?;
+    if buf.last() == Some(&b'\n') {
+        return Ok(());
+    }
+    let keep = match buf.iter().rposition(|b| *b == b'\n') {
+        Some(i) => len - tail + i as u64 + 1,
+        None if tail == len => 0,
+        None => return Ok(()),
+    };
+    file.set_len(keep)
+        .map_err(|e| Error::io(path, "truncate", e))
+}
+
 impl State {
     /// Signs a checkpoint of the whole log.
     fn checkpoint(&mut self, why: Signing) -> std::result::Result<(), String> {
@@ -375,15 +410,22 @@ impl State {
             why,
         );
         let line = format!("{}\n", serde_json::json!({ "note": note }));
-        self.checkpoints
+        let before = self.checkpoints.metadata().map(|m| m.len());
+        let written = self
+            .checkpoints
             .write_all(line.as_bytes())
-            .and_then(|()| self.checkpoints.sync_data())
-            .map_err(|e| {
-                format!(
-                    "cannot write {}: {e}",
-                    self.dir.join("checkpoints.jsonl").display()
-                )
-            })?;
+            .and_then(|()| self.checkpoints.sync_data());
+        if let Err(e) = written {
+            // A part written (a full disk stops at a block's edge) is cut
+            // off again: the next checkpoint must not be glued to it.
+            if let Ok(len) = before {
+                let _ = self.checkpoints.set_len(len);
+            }
+            return Err(format!(
+                "cannot write {}: {e}",
+                self.dir.join("checkpoints.jsonl").display()
+            ));
+        }
         let witness = witness_path(&self.home, &self.dir);
         if let Some(parent) = witness.parent() {
             paths::private_dir(parent).map_err(|e| e.to_string())?;
@@ -451,6 +493,8 @@ impl AuditWriter {
         }
         let open = |p: &Path| paths::open_private(p, paths::Open::Append);
         let file = open(&log_path)?;
+        let checkpoints = open(&dir.join("checkpoints.jsonl"))?;
+        cut_torn_line(&checkpoints, &dir.join("checkpoints.jsonl"))?;
         let committed = file
             .metadata()
             .map_err(|e| Error::io(&log_path, "read", e))?
@@ -458,7 +502,7 @@ impl AuditWriter {
         let mut state = State {
             file,
             committed,
-            checkpoints: open(&dir.join("checkpoints.jsonl"))?,
+            checkpoints,
             dir: dir.to_path_buf(),
             home: home.to_path_buf(),
             origin: format!("moat/{name}"),
@@ -920,7 +964,21 @@ fn verify_with(dir: &Path, home: &Path, key: &VerifyingKey) -> Result<Report> {
     r.root = hex(&r.tree.root(r.tree.len()));
     // Checkpoints.
     let cp_path = dir.join("checkpoints.jsonl");
-    let cps = std::fs::read_to_string(&cp_path).unwrap_or_default();
+    // Bytes, not text: a line cut in the middle of a character must not
+    // make the whole file unreadable (and so, its checkpoints absent).
+    let cps = match std::fs::read(&cp_path) {
+        Ok(bytes) => String::from_utf8_lossy(&bytes).into_owned(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+        Err(e) => {
+            r.ok = false;
+            r.problems.push(format!(
+                "{}: cannot read: {}",
+                cp_path.display(),
+                crate::error::io_reason(&e)
+            ));
+            String::new()
+        }
+    };
     for (i, line) in cps.lines().enumerate() {
         let note = serde_json::from_str::<Value>(line)
             .ok()
@@ -971,7 +1029,20 @@ fn verify_with(dir: &Path, home: &Path, key: &VerifyingKey) -> Result<Report> {
     }
     // The witness: the latest checkpoint moat signed for the log in this
     // directory, kept outside it.
-    if let Ok(note) = std::fs::read_to_string(witness_path(home, dir)) {
+    let witness = match std::fs::read(witness_path(home, dir)) {
+        Ok(bytes) => Some(String::from_utf8_lossy(&bytes).into_owned()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => {
+            r.ok = false;
+            r.problems.push(format!(
+                "{}: cannot read moat's record of this log's last checkpoint: {}",
+                witness_path(home, dir).display(),
+                crate::error::io_reason(&e)
+            ));
+            None
+        }
+    };
+    if let Some(note) = witness {
         if let Ok(w) = open_checkpoint(&note, &key) {
             let ok = w.size <= r.entries && hex(&r.tree.root(w.size as usize)) == w.root;
             if !ok && !bad_entry {
@@ -1160,11 +1231,19 @@ fn check_line(
 }
 
 fn unhex(s: &str) -> Option<Hash> {
-    if s.len() != 64 {
+    // Bytes, not string slices: a multibyte character in a crafted proof
+    // must read as not hex, not split a character.
+    let s = s.as_bytes();
+    if s.len() != 64 || !s.iter().all(u8::is_ascii_hexdigit) {
         return None;
     }
-    let v: Option<Vec<u8>> = (0..32)
-        .map(|i| u8::from_str_radix(&s[2 * i..2 * i + 2], 16).ok())
+    let v: Option<Vec<u8>> = s
+        .chunks(2)
+        .map(|pair| {
+            std::str::from_utf8(pair)
+                .ok()
+                .and_then(|p| u8::from_str_radix(p, 16).ok())
+        })
         .collect();
     v?.try_into().ok()
 }

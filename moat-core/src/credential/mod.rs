@@ -410,6 +410,12 @@ fn ssh_host_in(home: &Path, host: &str, known_hosts: &[PathBuf]) -> Result<crate
             )
         })?;
     let known = ssh::known_host_keys(&host, known_hosts);
+    if let Some(file) = known.unreadable_files.first() {
+        return Err(Error::new(
+            ErrorKind::Config,
+            format!("grant \"ssh:{host}\": the known_hosts file {file}, so moat cannot tell which host keys it lists or revokes; make it readable or remove it"),
+        ));
+    }
     if let Some(at) = known.unreadable_revocations.first() {
         return Err(Error::new(
             ErrorKind::Config,

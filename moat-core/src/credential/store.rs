@@ -181,7 +181,7 @@ fn key_from_keyring() -> std::result::Result<[u8; 32], String> {
 }
 
 fn key_from_file(path: &Path) -> Result<[u8; 32]> {
-    if path.exists() {
+    if !paths::nothing_at(path, "the encryption key")? {
         #[cfg(unix)]
         {
             use std::os::unix::fs::PermissionsExt;

@@ -149,6 +149,32 @@ fn a_key_file_readable_by_others_is_refused() {
 }
 
 #[test]
+fn a_key_that_is_a_link_to_nothing_is_not_replaced() {
+    // The key kept on a volume that is not mounted today: the grants it
+    // encrypts must not be orphaned by a new key written over the link.
+    let home = tempfile::tempdir().unwrap();
+    let key = home.path().join("encryption.key");
+    let gone = home.path().join("volume").join("encryption.key");
+    std::os::unix::fs::symlink(&gone, &key).unwrap();
+    let err = CredentialStore::open_with(home.path(), "", &no_keyring).unwrap_err();
+    assert!(err.to_string().contains("cannot be reached"), "{err}");
+    assert!(std::fs::symlink_metadata(&key)
+        .unwrap()
+        .file_type()
+        .is_symlink());
+    // So with the audit signing key.
+    let audit = home.path().join("audit");
+    std::fs::create_dir_all(&audit).unwrap();
+    std::os::unix::fs::symlink(&gone, audit.join("signing.key")).unwrap();
+    let err = crate::audit::signing_key(home.path()).unwrap_err();
+    assert!(err.to_string().contains("cannot be reached"), "{err}");
+    assert!(std::fs::symlink_metadata(audit.join("signing.key"))
+        .unwrap()
+        .file_type()
+        .is_symlink());
+}
+
+#[test]
 fn backends() {
     let home = tempfile::tempdir().unwrap();
     let keyring = || Ok([9u8; 32]);
@@ -336,6 +362,17 @@ fn ssh_host_keys_follow_known_hosts() {
     std::fs::write(&kh, "@revoked * ssh-ed25519 ???\n").unwrap();
     let err = ssh_host_in(home.path(), "git-a.test", std::slice::from_ref(&kh)).unwrap_err();
     assert!(err.to_string().contains("@revoked line"), "{err}");
+    // A known_hosts that exists but cannot be read (here a directory) may
+    // revoke anything: the run cannot start, and the message says why.
+    std::fs::remove_file(&kh).unwrap();
+    std::fs::create_dir(&kh).unwrap();
+    let err = ssh_host_in(home.path(), "git-a.test", std::slice::from_ref(&kh)).unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("cannot tell which host keys it lists or revokes"),
+        "{err}"
+    );
+    std::fs::remove_dir(&kh).unwrap();
     // No grant at all.
     let err = ssh_host_in(home.path(), "other.test", &[kh]).unwrap_err();
     assert!(

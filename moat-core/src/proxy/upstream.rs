@@ -32,7 +32,16 @@ pub type ResolveMap = HashMap<(String, u16), SocketAddr>;
 /// Parses `MOAT_RESOLVE`: `host:port=addr:port,...` (IPv6 in brackets).
 pub fn parse_resolve(text: &str) -> Result<ResolveMap> {
     let mut map = ResolveMap::new();
-    for item in text.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+    if text.trim().is_empty() {
+        return Ok(map);
+    }
+    for (i, item) in text.split(',').map(str::trim).enumerate() {
+        if item.is_empty() {
+            return Err(Error::new(
+                ErrorKind::InvalidArgument,
+                format!("MOAT_RESOLVE \"{text}\": entry {} is empty (a stray comma?); expected host:port=addr:port, comma-separated", i + 1),
+            ));
+        }
         let bad = |why: &str| {
             Error::new(
                 ErrorKind::InvalidArgument,
@@ -456,6 +465,16 @@ mod tests {
             let err = parse_resolve(bad).unwrap_err();
             assert!(err.to_string().contains("MOAT_RESOLVE entry"), "{err}");
         }
+        // An empty entry is a mistake said out loud, as `--grant a,,` is.
+        for bad in ["a:1=127.0.0.1:1,,", ",a:1=127.0.0.1:1", ","] {
+            let err = parse_resolve(bad).unwrap_err();
+            assert!(
+                err.to_string().contains("is empty (a stray comma?)"),
+                "{err}"
+            );
+        }
+        assert!(parse_resolve("").unwrap().is_empty());
+        assert!(parse_resolve("  ").unwrap().is_empty());
     }
 
     #[tokio::test]

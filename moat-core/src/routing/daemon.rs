@@ -165,7 +165,16 @@ pub fn stop(home: &Path) -> Result<bool> {
 }
 
 /// Stops the router if it was not started by hand and no agent has routes.
+/// It looks under the lock [`ensure`] takes, and a starting run holds its
+/// place in the table before it calls [`ensure`]: a run starting meanwhile
+/// either keeps the router running or starts a new one, never gets the
+/// port of one being stopped.
 pub fn stop_if_idle(home: &Path) -> Result<()> {
+    let dir = home.join("proxy");
+    if !dir.exists() {
+        return Ok(());
+    }
+    let _lock = crate::paths::FileLock::acquire(&dir.join("router.lock"))?;
     if status(home).is_some_and(|s| !s.manual) && super::table::load(home)?.agents.is_empty() {
         stop(home)?;
     }

@@ -61,10 +61,14 @@ impl Firewall for FakeFirewall {
 pub(crate) struct FakeRoutes {
     pub routes: Mutex<BTreeMap<String, BTreeMap<String, String>>>,
     pub fail_ensure: bool,
+    /// The agents in the table each time a router was asked for.
+    pub held_at_ensure: Mutex<Vec<Vec<String>>>,
 }
 
 impl Routes for FakeRoutes {
     fn ensure(&self, _: &Path, _: &[std::ffi::OsString]) -> Result<u16> {
+        let held = self.routes.lock().unwrap().keys().cloned().collect();
+        self.held_at_ensure.lock().unwrap().push(held);
         if self.fail_ensure {
             return Err(Error::new(ErrorKind::Runtime, "fake: port 8080 is taken"));
         }

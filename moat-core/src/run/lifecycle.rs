@@ -561,6 +561,11 @@ pub(crate) fn clean_on(host: &Host, home: &Path, options: CleanOptions) -> Resul
         // came from (a home deleted with runs in it), it goes. (A Podman
         // network's bridge appears only with its container, after the
         // chain: the network is what says the run is still being set up.)
+        // The chains are listed before the networks: a run makes its
+        // network before its chain, so a chain listed here has its network
+        // in the list below, while a run starting meanwhile, whose network
+        // the list below may miss, has no chain in this one.
+        let chained = host.firewall.runs_with_rules();
         let mut networked = Vec::new();
         for engine in host.engines.present() {
             let runtime = host.engines.connect(engine).await?;
@@ -572,7 +577,7 @@ pub(crate) fn clean_on(host: &Host, home: &Path, options: CleanOptions) -> Resul
             }
         }
         let mut firewall = Vec::new();
-        for run in host.firewall.runs_with_rules() {
+        for run in chained {
             if !host.firewall.bridge_exists(&run) && !networked.contains(&run) {
                 if !dry_run {
                     host.firewall.remove(&run)?;

@@ -409,6 +409,49 @@ fn clean_removes_what_this_homes_runs_left_and_nothing_else() {
 }
 
 #[test]
+fn clean_leaves_the_chain_of_a_run_that_starts_while_it_looks() {
+    // A run starting while `clean` looks: its network is made just after
+    // the networks were listed, and its chain right after that. Its chain
+    // guards a run being set up (on Podman, the bridge comes only with the
+    // container): it stays.
+    let w = world();
+    let starting = "run_00000000d00d";
+    let firewall = w.firewall.clone();
+    w.podman
+        .on_network_list(crate::runtime::RUN_LABEL, move || {
+            firewall
+                .rules
+                .lock()
+                .unwrap()
+                .insert(format!("strict {starting}"));
+        });
+    let cleaned = clean_on(
+        &w.host,
+        &w.home,
+        CleanOptions {
+            dry_run: false,
+            keep_images: true,
+        },
+    )
+    .unwrap();
+    assert!(cleaned.firewall.is_empty(), "{:?}", cleaned.firewall);
+    assert!(w.has_rules(starting));
+    // Once the run is gone for good (no network, no bridge), the next
+    // clean removes it.
+    let cleaned = clean_on(
+        &w.host,
+        &w.home,
+        CleanOptions {
+            dry_run: false,
+            keep_images: true,
+        },
+    )
+    .unwrap();
+    assert_eq!(cleaned.firewall, [starting]);
+    assert!(!w.has_rules(starting));
+}
+
+#[test]
 fn status_reports_each_engine_present_and_the_firewall() {
     let w = world();
     w.podman.fail("ping", "connection refused");

@@ -50,7 +50,11 @@ pub(super) fn check_mounts(home: &Path, plan: &RunPlan) -> Result<()> {
         crate::credential::ssh::agent_socket().map(|a| std::fs::canonicalize(&a).unwrap_or(a));
     let engines = engine_sockets();
     for (what, source) in sources {
-        let real = std::fs::canonicalize(&source).unwrap_or(source.clone());
+        // As written, too: a path there may not resolve (/proc/1/root).
+        kernel_fs(&what, &source)?;
+        // Where it really is, as far as it exists: its protected places
+        // are refused by name even before it exists.
+        let (real, missing) = resolved(&source);
         if let Some(dir) = &ssh_dir {
             if dir.starts_with(&real) || real.starts_with(dir) {
                 return Err(Error::new(
@@ -107,24 +111,65 @@ pub(super) fn check_mounts(home: &Path, plan: &RunPlan) -> Result<()> {
         }
         // The kernel's own file systems reach every process's files and
         // sockets (/proc/<pid>/root): never a source.
-        if ["/proc", "/sys", "/dev"]
-            .iter()
-            .any(|p| real.starts_with(p))
-        {
-            return Err(Error::new(
-                ErrorKind::InvalidArgument,
-                format!(
-                    "{what} {} is part of the host's kernel file systems (/proc, /sys, /dev), which reach every process and socket of the host; it is never mounted",
-                    real.display()
-                ),
-            ));
-        }
+        kernel_fs(&what, &real)?;
         // A directory that holds an engine's socket (`/run`, `/var`) hands
         // it over as well.
         let held: Vec<&PathBuf> = engines.iter().filter(|s| s.starts_with(&real)).collect();
         if !held.is_empty() {
             return Err(engine_socket_refused(&what, &real, &held));
         }
+        // A source must exist: an engine asked to mount a missing one
+        // creates it, following any link on its way (`./link/.ssh` with
+        // `link -> ~`), where no check here would have looked.
+        if let Some(e) = missing {
+            return Err(Error::new(
+                ErrorKind::InvalidArgument,
+                format!(
+                    "{what}: its source {} cannot be resolved ({}); create it first: moat does not let the container engine create a missing source, since a link on its way could lead anywhere",
+                    source.display(),
+                    crate::error::io_reason(&e)
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// `path` with links resolved, and why it could not be resolved whole: the
+/// longest part of it that exists, resolved, with the rest as written.
+fn resolved(path: &Path) -> (PathBuf, Option<std::io::Error>) {
+    let err = match std::fs::canonicalize(path) {
+        Ok(real) => return (real, None),
+        Err(e) => e,
+    };
+    let mut rest = Vec::new();
+    let mut head = path.to_path_buf();
+    while let Some(name) = head.file_name().map(|n| n.to_os_string()) {
+        rest.push(name);
+        if !head.pop() {
+            break;
+        }
+        if let Ok(mut real) = std::fs::canonicalize(&head) {
+            real.extend(rest.iter().rev());
+            return (real, Some(err));
+        }
+    }
+    (path.to_path_buf(), Some(err))
+}
+
+/// Refuses a path in the kernel's file systems (/proc, /sys, /dev).
+fn kernel_fs(what: &str, path: &Path) -> Result<()> {
+    if ["/proc", "/sys", "/dev"]
+        .iter()
+        .any(|p| path.starts_with(p))
+    {
+        return Err(Error::new(
+            ErrorKind::InvalidArgument,
+            format!(
+                "{what} {} is part of the host's kernel file systems (/proc, /sys, /dev), which reach every process and socket of the host; it is never mounted",
+                path.display()
+            ),
+        ));
     }
     Ok(())
 }
@@ -279,5 +324,35 @@ mod tests {
             RunPlan::from_config(crate::config::Config::defaults(Path::new("/run"))).unwrap();
         spec.workspace = PathBuf::from("/run");
         assert!(check_mounts(home.path(), &spec).is_err());
+    }
+
+    #[test]
+    fn a_source_that_does_not_exist_is_refused_not_checked_as_written() {
+        // `./link/.ssh` with `link -> ~` and no `.ssh` there yet: as
+        // written it holds nothing protected; the engine would create it
+        // through the link.
+        let home = tempfile::tempdir().unwrap();
+        let ws = tempfile::tempdir().unwrap();
+        let outside = tempfile::tempdir().unwrap();
+        std::os::unix::fs::symlink(outside.path(), ws.path().join("link")).unwrap();
+        let mut spec = RunPlan::from_config(crate::config::Config::defaults(ws.path())).unwrap();
+        for source in [
+            ws.path().join("link").join("made"),
+            ws.path().join("missing"),
+            ws.path().join("missing").join("..").join("link"),
+        ] {
+            spec.mounts = vec![mount(&source, "/x")];
+            let err = check_mounts(home.path(), &spec).unwrap_err();
+            assert!(
+                err.to_string().contains("cannot be resolved")
+                    && err.to_string().contains("create it first"),
+                "{}: {err}",
+                source.display()
+            );
+        }
+        // Once it exists, it is checked where it really is.
+        std::fs::create_dir(outside.path().join("made")).unwrap();
+        spec.mounts = vec![mount(ws.path().join("link").join("made"), "/x")];
+        check_mounts(home.path(), &spec).unwrap();
     }
 }

@@ -66,6 +66,22 @@ pub struct FakeRuntime {
     state: Mutex<State>,
     gateway: IpAddr,
     exits: tokio::sync::watch::Sender<u64>,
+    listed: Mutex<OnList>,
+}
+
+/// What happens once while the networks of a label are being listed: a
+/// run starting just then, say.
+#[derive(Default)]
+struct OnList(Option<(String, Box<dyn FnOnce() + Send>)>);
+
+impl std::fmt::Debug for OnList {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_some() {
+            "OnList(set)"
+        } else {
+            "OnList"
+        })
+    }
 }
 
 impl Default for FakeRuntime {
@@ -81,6 +97,15 @@ impl FakeRuntime {
             state: Mutex::default(),
             gateway,
             exits: tokio::sync::watch::channel(0).0,
+            listed: Mutex::default(),
+        }
+    }
+
+    /// Runs `then` once, right after the next listing of the networks
+    /// labelled `label` was taken (what the caller gets does not show it).
+    pub fn on_network_list(&self, label: &str, then: impl FnOnce() + Send + 'static) {
+        if let Ok(mut l) = self.listed.lock() {
+            l.0 = Some((label.to_string(), Box::new(then)));
         }
     }
 
@@ -282,13 +307,21 @@ impl Runtime for FakeRuntime {
 
     async fn networks_with_label(&self, label: &str) -> Result<Vec<(String, String)>> {
         self.call("networks_with_label", label)?;
-        Ok(self.with(|s| {
+        let listed = self.with(|s| {
             s.networks
                 .iter()
                 .filter(|(_, (_, l))| labelled(l, label))
                 .map(|(n, (_, l))| (n.clone(), l.get(RUN_LABEL).cloned().unwrap_or_default()))
                 .collect()
-        }))
+        });
+        let then = self.listed.lock().ok().and_then(|mut l| match &l.0 {
+            Some((of, _)) if of == label => l.0.take().map(|(_, then)| then),
+            _ => None,
+        });
+        if let Some(then) = then {
+            then();
+        }
+        Ok(listed)
     }
 
     async fn create_container(&self, spec: &ContainerSpec) -> Result<String> {

@@ -518,8 +518,37 @@ fn known_hosts_lookup_follows_openssh() {
     std::fs::write(dir.path().join("revoked"), format!("@revoked * {k1}\n")).unwrap();
     let files = vec![file, dir.path().join("revoked")];
     let found = known_host_keys("git-b.test", &files);
-    assert_eq!(found.keys, vec![k3]);
+    assert_eq!(found.keys, vec![k3.clone()]);
+    assert_eq!(found.revoked, vec![k1.clone()]);
+    assert!(found.unreadable_files.is_empty());
+    // A byte that is not UTF-8 (in a comment) loses nothing else of the
+    // file: the revocation after it still counts.
+    let mixed = dir.path().join("mixed");
+    let mut bytes = b"# caf\xe9\n".to_vec();
+    bytes.extend_from_slice(format!("@revoked * {k1}\n").as_bytes());
+    std::fs::write(&mixed, bytes).unwrap();
+    let found = known_host_keys("git-b.test", &[files[0].clone(), mixed]);
     assert_eq!(found.revoked, vec![k1]);
+    assert!(found.unreadable_files.is_empty());
+    // A file that exists but cannot be read is named, never skipped as
+    // if absent: here a FIFO (opening it would block) and a directory.
+    let fifo = dir.path().join("fifo");
+    let made = std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap();
+    assert!(made.success());
+    let found = known_host_keys(
+        "git-b.test",
+        &[files[0].clone(), fifo.clone(), dir.path().to_path_buf()],
+    );
+    assert_eq!(
+        found.unreadable_files.len(),
+        2,
+        "{:?}",
+        found.unreadable_files
+    );
+    assert!(found.unreadable_files[0].contains("fifo: not a regular file"));
 }
 
 #[tokio::test]

@@ -52,7 +52,10 @@ pub(super) fn install(pid: u32, router_port: u16, forwarder: SocketAddr) -> Resu
         &["sysctl", "-qw", "net.ipv4.conf.all.route_localnet=1"],
         &[
             "iptables",
+            // Wait for the xtables lock at most 10 s (as the host's rules
+            // do): a lock held elsewhere must not hang the run's start.
             "-w",
+            "10",
             "-t",
             "nat",
             "-A",
@@ -70,7 +73,10 @@ pub(super) fn install(pid: u32, router_port: u16, forwarder: SocketAddr) -> Resu
         ],
         &[
             "iptables",
+            // Wait for the xtables lock at most 10 s (as the host's rules
+            // do): a lock held elsewhere must not hang the run's start.
             "-w",
+            "10",
             "-t",
             "nat",
             "-A",

@@ -463,10 +463,23 @@ impl Supervision {
             return Ok(());
         }
         let command = crate::run::router_command(&self.launcher);
-        let (routes, home) = (self.services.routes.clone(), self.home.clone());
-        let port = tokio::task::spawn_blocking(move || routes.ensure(&home, &command))
-            .await
-            .map_err(|e| Error::new(ErrorKind::Internal, format!("router task: {e}")))??;
+        let (routes, home, name, id) = (
+            self.services.routes.clone(),
+            self.home.clone(),
+            self.name.clone(),
+            self.id.clone(),
+        );
+        // The run holds its place in the route table (no endpoints yet)
+        // before it makes sure a router runs: a run ending meanwhile sees
+        // a table that is not empty and leaves the router running.
+        let port = tokio::task::spawn_blocking(move || {
+            routes.register(&home, &name, &id, Default::default())?;
+            routes.ensure(&home, &command).inspect_err(|_| {
+                let _ = routes.release(&home, &name, &id);
+            })
+        })
+        .await
+        .map_err(|e| Error::new(ErrorKind::Internal, format!("router task: {e}")))??;
         if let Some((_, router_port, _)) = &mut self.built.loopback {
             *router_port = port;
         }

@@ -167,6 +167,12 @@ async fn the_steps_run_in_order_and_cleanup_undoes_them_in_reverse() {
         "strict rules and the guard"
     );
     assert!(w.routes.routes.lock().unwrap().contains_key("fake-run"));
+    // The run held its place in the table before it asked for a router: a
+    // run ending meanwhile would not stop the router it is about to use.
+    assert_eq!(
+        *w.routes.held_at_ensure.lock().unwrap(),
+        vec![vec!["fake-run".to_string()]]
+    );
     let calls = w.runtime.calls();
     let pos = |prefix: &str| {
         calls
