@@ -141,7 +141,7 @@ def main():
         which moves over seconds, falls on both alike."""
         ref, ref_hello = start_proxy()
         aged = {"requests": 0, "secs": 0.0, "p99": 0.0}
-        fresh = {"requests": 0, "secs": 0.0}
+        fresh = {"requests": 0, "secs": 0.0, "cpu": 0.0}
         try:
             pin(ref_hello["pid"], nginx, True)
             for _ in range(windows):
@@ -153,16 +153,19 @@ def main():
                 aged["requests"] += r["requests"]
                 aged["secs"] += r["requests"] / r["rps"]
                 aged["p99"] = max(aged["p99"], r["p99_ms"])
+                cpu_before = cpu_seconds(ref_hello["pid"])
                 f = load(args.loader, "proxy", target, max(requests // windows // 2, 500),
                          args.concurrency, proxy=ref_hello["url"], ca=ref_hello["ca"],
                          pinned=True)
+                fresh["cpu"] += cpu_seconds(ref_hello["pid"]) - cpu_before
                 fresh["requests"] += f["requests"]
                 fresh["secs"] += f["requests"] / f["rps"]
         finally:
             ref.stdin.close()
             ref.wait(timeout=60)
         return (aged["requests"] / aged["secs"], aged["p99"], aged["requests"],
-                fresh["requests"] / fresh["secs"], fresh["requests"])
+                fresh["requests"] / fresh["secs"], fresh["requests"],
+                fresh["cpu"] / fresh["requests"] * 1e6)
 
     nginx = [int(p) for p in args.nginx_pids.split(",") if p]
     child, hello = start_proxy()
@@ -194,7 +197,7 @@ def main():
             try:
                 for i in range(args.slices):
                     cpu_before = cpu_seconds(pid)
-                    rps, p99, done, fresh_rps, fresh_done = slice_against_fresh(
+                    rps, p99, done, fresh_rps, fresh_done, fresh_cpu_us = slice_against_fresh(
                         target, per_slice, args.windows)
                     # The long-lived proxy idles while the fresh one serves.
                     cpu = cpu_seconds(pid) - cpu_before
@@ -202,7 +205,7 @@ def main():
                     rows.append({"rps": rps, "p99": p99, "rss": rss_mib(pid),
                                  "requests": done, "cpu_us": cpu / done * 1e6,
                                  "fresh": fresh_rps, "fresh_requests": fresh_done,
-                                 "rel": rps / fresh_rps})
+                                 "fresh_cpu_us": fresh_cpu_us, "rel": rps / fresh_rps})
                     print(f"[soak] {proto} slice {i + 1}/{args.slices}: {rps:.0f} req/s, "
                           f"a fresh proxy in turns with it {fresh_rps:.0f} req/s, "
                           f"p99 {p99:.2f} ms, {rows[-1]['cpu_us']:.1f} us CPU/request, "
@@ -257,12 +260,13 @@ def main():
                   f"{res['fresh']['p99_ms']:.2f} ms. The slices, with the proxy alone on core "
                   f"{PROXY_CORE[0]} and the load and nginx on the rest:", "",
                   "| slice | req/s | ÷ first | fresh proxy req/s (in turns) | ÷ fresh | "
-                  "proxy CPU µs per request | p99 ms | proxy RSS MiB |",
-                  "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+                  "proxy CPU µs per request | fresh proxy's | p99 ms | proxy RSS MiB |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         for i, r in enumerate(rows):
             lines.append(f"| {i + 1} | {r['rps']:.0f} | {r['rps'] / first:.2f} | "
                          f"{r['fresh']:.0f} | {r['rel']:.2f} | "
-                         f"{r['cpu_us']:.1f} | {r['p99']:.2f} | {r['rss']:.1f} |")
+                         f"{r['cpu_us']:.1f} | {r['fresh_cpu_us']:.1f} | "
+                         f"{r['p99']:.2f} | {r['rss']:.1f} |")
         lines.append("")
     lines += ["## Goals", "",
               "| measure | goal | measured |", "| --- | --- | --- |"]
@@ -280,6 +284,13 @@ def main():
         lines.append(f"| {proto}: proxy CPU per request, last slice ÷ first | not growing | "
                      f"{cpus[-1] / cpus[0]:.2f} ({cpus[0]:.1f} → {cpus[-1]:.1f} µs; "
                      f"range {min(cpus):.1f}–{max(cpus):.1f}) |")
+        cpu_rel = [r["cpu_us"] / r["fresh_cpu_us"] for r in rows if r["fresh_cpu_us"] > 0]
+        if cpu_rel:
+            lines.append(f"| {proto}: proxy CPU per request ÷ the fresh proxy's, in turns "
+                         f"(the machine's drift removed) | not growing | "
+                         f"first slice {cpu_rel[0]:.2f}, last {cpu_rel[-1]:.2f}, median "
+                         f"{sorted(cpu_rel)[len(cpu_rel) // 2]:.2f}, range "
+                         f"{min(cpu_rel):.2f}–{max(cpu_rel):.2f} |")
         lines.append(f"| {proto}: RSS change from slice 2 to slice {len(rows)} | flat | "
                      f"{grow:+.1f} MiB ({rows[1]['rss']:.1f} → {rows[-1]['rss']:.1f}) |")
     https, plain = summary[0], summary[1]
