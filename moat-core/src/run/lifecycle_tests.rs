@@ -160,6 +160,19 @@ impl World {
             .count()
     }
 
+    /// `moat clean -f --keep-images` (or its dry run) on this world.
+    fn clean(&self, dry_run: bool) -> super::lifecycle::Cleaned {
+        clean_on(
+            &self.host,
+            &self.home,
+            CleanOptions {
+                dry_run,
+                keep_images: true,
+            },
+        )
+        .unwrap()
+    }
+
     fn has_rules(&self, id: &str) -> bool {
         self.firewall
             .rules
@@ -365,27 +378,11 @@ fn clean_removes_what_this_homes_runs_left_and_nothing_else() {
         )
     };
     let before = snapshot(&w);
-    let would = clean_on(
-        &w.host,
-        &w.home,
-        CleanOptions {
-            dry_run: true,
-            keep_images: true,
-        },
-    )
-    .unwrap();
+    let would = w.clean(true);
     assert_eq!(snapshot(&w), before);
     assert!(w.firewall.calls.lock().unwrap().is_empty());
     assert!(run_dir(&w.home, done).exists());
-    let cleaned = clean_on(
-        &w.host,
-        &w.home,
-        CleanOptions {
-            dry_run: false,
-            keep_images: true,
-        },
-    )
-    .unwrap();
+    let cleaned = w.clean(false);
     assert_eq!(would.runs, cleaned.runs);
     assert_eq!(would.containers, cleaned.containers);
     assert_eq!(would.networks, cleaned.networks);
@@ -425,28 +422,12 @@ fn clean_leaves_the_chain_of_a_run_that_starts_while_it_looks() {
                 .unwrap()
                 .insert(format!("strict {starting}"));
         });
-    let cleaned = clean_on(
-        &w.host,
-        &w.home,
-        CleanOptions {
-            dry_run: false,
-            keep_images: true,
-        },
-    )
-    .unwrap();
+    let cleaned = w.clean(false);
     assert!(cleaned.firewall.is_empty(), "{:?}", cleaned.firewall);
     assert!(w.has_rules(starting));
     // Once the run is gone for good (no network, no bridge), the next
     // clean removes it.
-    let cleaned = clean_on(
-        &w.host,
-        &w.home,
-        CleanOptions {
-            dry_run: false,
-            keep_images: true,
-        },
-    )
-    .unwrap();
+    let cleaned = w.clean(false);
     assert_eq!(cleaned.firewall, [starting]);
     assert!(!w.has_rules(starting));
 }
