@@ -302,28 +302,38 @@ fn launch(
     // Mount sources by their canonical paths, pinned as checked: the
     // supervisor mounts only what was checked (`Pinned::verify`).
     for m in &mut plan.mounts {
-        if let Ok(real) = std::fs::canonicalize(&m.source) {
-            // A source written in the workspace (`./data`) stays in it: a
-            // link the repository holds (`data -> ~/.config`) or `..`
-            // cannot take it elsewhere while agent.yaml reads as harmless.
-            // A directory outside is mounted only by its absolute path.
-            if m.source.starts_with(&plan.workspace) && !real.starts_with(&plan.workspace) {
-                return Err(Error::new(
-                    ErrorKind::InvalidArgument,
-                    format!(
-                        "mount {}: its source {} leads out of the workspace, to {} (through .. or a link); a source in the workspace must stay in it: write a directory outside by its absolute path",
-                        m.target,
-                        m.source.display(),
-                        real.display()
-                    ),
-                ));
-            }
-            m.source = real;
+        // `check_mounts` refused a source that does not exist; one that is
+        // gone now was removed since, and is refused, not mounted unpinned.
+        let real = std::fs::canonicalize(&m.source).map_err(|e| {
+            Error::new(
+                ErrorKind::InvalidArgument,
+                format!(
+                    "mount {}: its source {} cannot be resolved now ({}); it was there a moment ago",
+                    m.target,
+                    m.source.display(),
+                    crate::error::io_reason(&e)
+                ),
+            )
+        })?;
+        // A source written in the workspace (`./data`) stays in it: a
+        // link the repository holds (`data -> ~/.config`) or `..`
+        // cannot take it elsewhere while agent.yaml reads as harmless.
+        // A directory outside is mounted only by its absolute path.
+        if m.source.starts_with(&plan.workspace) && !real.starts_with(&plan.workspace) {
+            return Err(Error::new(
+                ErrorKind::InvalidArgument,
+                format!(
+                    "mount {}: its source {} leads out of the workspace, to {} (through .. or a link); a source in the workspace must stay in it: write a directory outside by its absolute path",
+                    m.target,
+                    m.source.display(),
+                    real.display()
+                ),
+            ));
         }
+        m.source = real;
     }
     plan.pinned = std::iter::once(plan.workspace.clone())
         .chain(plan.mounts.iter().map(|m| m.source.clone()))
-        .filter(|p| p.exists())
         .map(|p| super::plan::Pinned::now(&p))
         .collect::<Result<_>>()?;
     let command = launcher.resolve()?;
