@@ -2415,3 +2415,141 @@ async fn connections_are_spread_over_the_workers_and_each_stays_on_its_own() {
         "{seen:?}"
     );
 }
+
+// ------------------------------------------------------- held push bodies
+
+/// A client of `s`'s proxy whose rules judge pushes to github.com by ref.
+fn push_ruled_client(s: &Setup) -> ClientHandle {
+    let rules = moat_core::policy::rules::parse_entries(&[(
+        "github.com".to_string(),
+        vec!["allow git-push refs/heads/agent/**".to_string()],
+    )])
+    .unwrap();
+    s.proxy
+        .register(ClientSpec {
+            name: "push_test".into(),
+            credentials: Vec::new(),
+            policy: PolicyMode::Permissive,
+            allow: Vec::new(),
+            trace: Some(s.sink.clone()),
+            audit: Some(s.sink.clone()),
+            capture_bodies: 0,
+            phases: Vec::new(),
+            rules,
+        })
+        .unwrap()
+}
+
+/// Starts a push to github.com through `client`'s tunnel: its head and
+/// `updates` bytes of ref-update pkt-lines, with no flush, so that the
+/// proxy waits for the rest. Returns the open TLS stream.
+async fn stalled_push(
+    s: &Setup,
+    client: &ClientHandle,
+    updates: usize,
+) -> tokio_rustls::client::TlsStream<TcpStream> {
+    let url = client.proxy_url(s.proxy.local_addr()).expose().clone();
+    let (tcp, head) = connect(s.proxy.local_addr(), &url, "github.com:443").await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let mut tls = tls_over(tcp, s.ca(), "github.com", &[b"http/1.1"])
+        .await
+        .unwrap();
+    let mut body = Vec::new();
+    while body.len() < updates {
+        let line = format!(
+            "{} {} refs/heads/agent/{}\n",
+            "0".repeat(40),
+            "1".repeat(40),
+            "a".repeat(60_000)
+        );
+        body.extend_from_slice(format!("{:04x}", line.len() + 4).as_bytes());
+        body.extend_from_slice(line.as_bytes());
+    }
+    let head = format!(
+        "POST /o/r.git/git-receive-pack HTTP/1.1\r\nHost: github.com\r\n\
+         Content-Type: application/x-git-receive-pack-request\r\n\
+         Content-Length: {}\r\n\r\n",
+        body.len() + 1000
+    );
+    tls.write_all(head.as_bytes()).await.unwrap();
+    tls.write_all(&body).await.unwrap();
+    tls.flush().await.unwrap();
+    tls
+}
+
+/// Reads what the proxy answers on `tls` (until it closes or `within`).
+async fn answer(tls: &mut tokio_rustls::client::TlsStream<TcpStream>, within: Duration) -> String {
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    let _ = tokio::time::timeout(within, async {
+        loop {
+            match tls.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    got.extend_from_slice(&buf[..n]);
+                    if got.windows(4).any(|w| w == b"\r\n\r\n") && got.ends_with(b"\n") {
+                        break;
+                    }
+                }
+            }
+        }
+    })
+    .await;
+    String::from_utf8_lossy(&got).into_owned()
+}
+
+/// A push whose ref updates stop coming is refused after the head timeout,
+/// not held (with up to 1 MiB of them) for as long as its client likes.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_push_whose_ref_updates_stall_is_refused_in_time() {
+    let limits = Limits {
+        header_timeout: Duration::from_secs(1),
+        ..Limits::default()
+    };
+    let s = setup_with(true, PolicyMode::Permissive, &[], limits).await;
+    let client = push_ruled_client(&s);
+    let started = Instant::now();
+    let mut tls = stalled_push(&s, &client, 100_000).await;
+    let told = answer(&mut tls, Duration::from_secs(10)).await;
+    assert!(
+        told.starts_with("HTTP/1.1 403") && told.contains("did not arrive within 1 s"),
+        "{told}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(8));
+    assert!(s.seen().is_empty(), "the stalled push reached the server");
+}
+
+/// The bytes of every client's pushes being read are bounded together: a
+/// push past `held_body_bytes` is refused at once, and the bound is free
+/// again once the push that held it is gone.
+#[tokio::test(flavor = "multi_thread")]
+async fn pushes_being_read_share_one_bound_on_the_bytes_they_hold() {
+    let limits = Limits {
+        held_body_bytes: 1 << 20,
+        ..Limits::default()
+    };
+    let s = setup_with(true, PolicyMode::Permissive, &[], limits).await;
+    let client = push_ruled_client(&s);
+    let first = stalled_push(&s, &client, 600_000).await;
+    // The proxy has read the first push's bytes once it holds them.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut second = stalled_push(&s, &client, 600_000).await;
+    let told = answer(&mut second, Duration::from_secs(10)).await;
+    assert!(
+        told.starts_with("HTTP/1.1 403") && told.contains("too many pushes at once"),
+        "{told}"
+    );
+    drop(first);
+    drop(second);
+    // Freed: the same push is read again (and then waits for its flush).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let mut third = stalled_push(&s, &client, 600_000).await;
+        let told = answer(&mut third, Duration::from_millis(1500)).await;
+        if told.is_empty() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the bound was not freed: {told}");
+    }
+    assert!(s.seen().is_empty());
+}

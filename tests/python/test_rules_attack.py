@@ -317,6 +317,73 @@ def test_a_method_override_header_does_not_turn_an_allowed_post_into_a_denied_de
     assert smuggled == [], f"{header}: DELETE reached the server as POST ({status})"
 
 
+@pytest.mark.parametrize("override", [
+    ("X-HTTP-Method-Override", "DELETE, GET"),
+    ("X-HTTP-Method", "DELETE,x"),
+    ("X-Method-Override", "GET DELETE"),
+    ("X-HTTP-Method-Override", "get,\tdelete"),
+    (None, "/org/repo?_method=DELETE"),
+    (None, "/org/repo?a=1&%5Fmethod=dele%74e"),
+])
+def test_a_method_override_that_names_several_methods_is_judged_under_each(
+        https_up, tmp_path, override):
+    """Express's method-override takes the first name of `DELETE, GET`
+    (and reads `?_method=`), another framework the last: the proxy judges
+    the request under every name it carries, so no list hides a DELETE."""
+    header, value = override
+    if header:
+        raw = req("POST", "/org/repo", headers=[(header, value)])
+    else:
+        raw = req("POST", value)
+    with proxy_for(tmp_path, https_up.ca, https_up.port, rules=METHOD_RULES) as p:
+        [(status, body)] = send(p, "ruled.test", raw)
+    assert status == 403 and b"DELETE /**" in body, (override, status, body)
+    assert https_up.seen == [], f"{override}: the request reached the server"
+
+
+def test_an_override_naming_only_allowed_methods_still_goes(https_up, tmp_path):
+    """The control: a list of allowed methods is not refused for being a list."""
+    with proxy_for(tmp_path, https_up.ca, https_up.port, rules=METHOD_RULES) as p:
+        [(status, _)] = send(p, "ruled.test", req(
+            "POST", "/org/repo?_method=PUT", headers=[("X-HTTP-Method-Override", "PATCH, PUT")]))
+    assert status == 200
+    assert [r["path"] for r in https_up.seen] == ["/org/repo?_method=PUT"]
+
+
+SECRET = "Bearer moat-trace-secret-0123456789"
+
+
+@pytest.mark.parametrize("raw", [
+    req("TRACE", "/"),
+    req("trace", "/x"),
+    req("TRACK", "/"),
+    req("POST", "/", headers=[("X-HTTP-Method-Override", "TRACE")]),
+    req("POST", "/?_method=trace"),
+])
+def test_trace_never_carries_a_credential_a_server_would_echo(https_up, tmp_path, raw):
+    """A server answers TRACE (Apache's default) with the request as it
+    arrived: with the credential injected, the agent would read its token
+    in the body. The proxy refuses it before any credential is added."""
+    cred = moat.Credential(host="ruled.test", header="Authorization", value=SECRET, grant="t")
+    with proxy_for(tmp_path, https_up.ca, https_up.port, credentials=[cred]) as p:
+        [(status, body)] = send(p, "ruled.test", raw)
+        trace = p.trace()
+    assert status == 405, (raw, status, body)
+    assert b"not sent to ruled.test with a credential" in body, body
+    assert SECRET.encode() not in body
+    assert https_up.seen == []
+    assert [r["status"] for r in trace] == [405]
+
+
+def test_trace_without_a_credential_goes_as_any_method(https_up, tmp_path):
+    """The control: TRACE to a host the proxy adds nothing to is sent."""
+    cred = moat.Credential(host="ruled.test", header="Authorization", value=SECRET, grant="t")
+    with proxy_for(tmp_path, https_up.ca, https_up.port, credentials=[cred]) as p:
+        [(status, _)] = send(p, "open.test", req("TRACE", "/", host="open.test"))
+    assert status == 200
+    assert [(r["method"], "authorization" in r["headers"]) for r in https_up.seen] == [("TRACE", False)]
+
+
 def test_lower_case_and_odd_methods_are_judged(https_up, tmp_path):
     with proxy_for(tmp_path, https_up.ca, https_up.port, rules=METHOD_RULES) as p:
         for m in ("delete", "DeLeTe"):

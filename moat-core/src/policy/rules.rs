@@ -428,6 +428,50 @@ pub fn entry_for<'a>(rules: &'a [HostRules], host: &str, port: u16) -> Option<&'
     rules.iter().find(|e| e.host.matches(host, port))
 }
 
+/// The headers with which clients ask a server to take a request for
+/// another method (Google's APIs, Rails, many frameworks' middlewares).
+pub const METHOD_OVERRIDES: &[&str] = &[
+    "x-http-method-override",
+    "x-http-method",
+    "x-method-override",
+];
+
+/// The methods a server may take a request for besides its own, upper-cased:
+/// every name in the method-override headers' `values` (a value is split at
+/// commas and white space: Express's middleware takes the first of
+/// `DELETE, GET`, another framework may take the last) and in a `_method`
+/// query parameter of `path_and_query` (Express's and Laravel's override;
+/// a form body's `_method` is not read).
+pub fn overriding_methods<'a>(
+    values: impl IntoIterator<Item = &'a [u8]>,
+    path_and_query: &str,
+) -> Vec<String> {
+    let mut named: Vec<String> = Vec::new();
+    let mut add = |text: &str| {
+        for name in text.split(|c: char| c == ',' || c.is_whitespace()) {
+            if !name.is_empty() {
+                named.push(name.to_ascii_uppercase());
+            }
+        }
+    };
+    for value in values {
+        add(&String::from_utf8_lossy(value));
+    }
+    let query = path_and_query
+        .split_once('?')
+        .map_or("", |(_, q)| q.split('#').next().unwrap_or(""));
+    for pair in query.split('&') {
+        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+        let key = percent_decode(&key.replace('+', " ")).unwrap_or_else(|| key.to_string());
+        if key.trim().eq_ignore_ascii_case("_method") {
+            // Undecodable: as written, so that it is judged rather than lost.
+            let value = value.replace('+', " ");
+            add(&percent_decode(&value).unwrap_or(value));
+        }
+    }
+    named
+}
+
 /// The request is a git push (`POST .../git-receive-pack`), however the
 /// path is spelled: its last segment as normalised (`git-receive-p%61ck`,
 /// a trailing `/`, `;x`, any case); a path that cannot be normalised is one
@@ -703,6 +747,23 @@ mod tests {
         );
         assert_eq!(open.judge("GET", "/a/r.gitx/info"), Verdict::NoMatch);
         assert_eq!(open.judge("PUT", "/a/r.git"), Verdict::NoMatch);
+    }
+
+    #[test]
+    fn overriding_methods_are_every_name_a_server_may_take() {
+        let v = |values: &[&str], path: &str| {
+            overriding_methods(values.iter().map(|v| v.as_bytes()), path)
+        };
+        assert_eq!(v(&["DELETE, GET"], "/x"), ["DELETE", "GET"]);
+        assert_eq!(
+            v(&["delete,x", " put\tpatch "], "/x"),
+            ["DELETE", "X", "PUT", "PATCH"]
+        );
+        assert_eq!(v(&[], "/x?a=1&_method=DELETE"), ["DELETE"]);
+        assert_eq!(v(&[], "/x?%5Fmethod=de%4Cete#frag"), ["DELETE"]);
+        assert_eq!(v(&[], "/x?_METHOD=put+patch"), ["PUT", "PATCH"]);
+        assert_eq!(v(&[], "/x?_method=%zz"), ["%ZZ"]);
+        assert!(v(&[""], "/x?method=DELETE&a").is_empty());
     }
 
     #[test]

@@ -254,6 +254,11 @@ pub struct Limits {
     /// single-threaded runtime and upstream pools. Default: the cores this
     /// process may run on, at most 8.
     pub workers: usize,
+    /// Bytes of request bodies held at once, by every client together, to
+    /// judge them (a git push's ref updates, read whole before any of the
+    /// push is sent); a push that would pass it is refused with a message
+    /// to try again. Default 64 MiB.
+    pub held_body_bytes: usize,
 }
 
 impl Default for Limits {
@@ -266,6 +271,7 @@ impl Default for Limits {
             response_timeout: Duration::from_secs(600),
             max_connections: 4096,
             workers: workers::default_count(),
+            held_body_bytes: 64 << 20,
         }
     }
 }

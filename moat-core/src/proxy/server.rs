@@ -49,6 +49,9 @@ pub(crate) struct Shared {
     pub(crate) overrides: Arc<ResolveMap>,
     limits: Limits,
     connections: Arc<Semaphore>,
+    /// Bytes of request bodies the proxy holds to judge them (a git push's
+    /// ref updates), across every client: one permit a byte.
+    held: Arc<Semaphore>,
     ids: AtomicU64,
 }
 
@@ -74,6 +77,9 @@ impl Shared {
                 .collect(),
             tls,
             connections: Arc::new(Semaphore::new(limits.max_connections)),
+            held: Arc::new(Semaphore::new(
+                limits.held_body_bytes.min(Semaphore::MAX_PERMITS),
+            )),
             overrides,
             limits,
             ids: AtomicU64::new(1),
@@ -652,13 +658,16 @@ async fn internal(ctx: &ClientCtx, req: &Request<Incoming>) -> Response<ProxyBod
     )
 }
 
-/// The headers with which clients ask a server to take a request for
-/// another method (Google's APIs, Rails, many frameworks' middlewares).
-const METHOD_OVERRIDES: &[&str] = &[
-    "x-http-method-override",
-    "x-http-method",
-    "x-method-override",
-];
+/// The methods a request names for a server to take it as, besides its
+/// own (method-override headers, a `_method` query parameter).
+fn overrides_of(headers: &HeaderMap, path: &str) -> Vec<String> {
+    use crate::policy::rules::{overriding_methods, METHOD_OVERRIDES};
+    let values = METHOD_OVERRIDES
+        .iter()
+        .flat_map(|name| headers.get_all(*name))
+        .map(|v| v.as_bytes());
+    overriding_methods(values, path)
+}
 
 /// The request rules of `host:port`, if it has any, on a request: `None`
 /// when it may go on (a rule allowed it, or none matched in permissive
@@ -678,22 +687,17 @@ fn judge_rules(
     use crate::policy::rules::{self, Verdict};
     let entry = rules::entry_for(&ctx.policy.rules, host, port)?;
     let push = entry.has_git_rules() && rules::is_git_push(method.as_str(), path);
-    // A method-override header (X-HTTP-Method-Override and its kin) makes
-    // many servers run another method's handler: the request goes only if
-    // the rules allow it under each method it names too.
+    // A method override (X-HTTP-Method-Override and its kin, `_method`)
+    // makes many servers run another method's handler: the request goes
+    // only if the rules allow it under each method it names too.
     let mut verdict = entry.judge(method.as_str(), path);
-    for name in METHOD_OVERRIDES {
-        for value in headers.get_all(*name) {
-            let other = String::from_utf8_lossy(value.as_bytes())
-                .trim()
-                .to_ascii_uppercase();
-            if matches!(verdict, Verdict::Allow(_) | Verdict::NoMatch) {
-                match entry.judge(&other, path) {
-                    Verdict::Allow(_) => {}
-                    Verdict::NoMatch if matches!(verdict, Verdict::NoMatch) => {}
-                    Verdict::NoMatch => verdict = Verdict::NoMatch,
-                    refused => verdict = refused,
-                }
+    for other in overrides_of(headers, path) {
+        if matches!(verdict, Verdict::Allow(_) | Verdict::NoMatch) {
+            match entry.judge(&other, path) {
+                Verdict::Allow(_) => {}
+                Verdict::NoMatch if matches!(verdict, Verdict::NoMatch) => {}
+                Verdict::NoMatch => verdict = Verdict::NoMatch,
+                refused => verdict = refused,
             }
         }
     }
@@ -1205,8 +1209,7 @@ where
                     );
                     // Read what the client sends (bounded), so that it reads
                     // the answer rather than a reset.
-                    let drain = http_body_util::Limited::new(req.into_body(), 1 << 20).collect();
-                    let _ = tokio::time::timeout(std::time::Duration::from_secs(5), drain).await;
+                    drain(req.into_body(), 1 << 20, std::time::Duration::from_secs(5)).await;
                     Ok::<_, Infallible>(text_response(StatusCode::FORBIDDEN, told))
                 }
             });
@@ -1511,17 +1514,7 @@ async fn handle_intercepted(
         if let Some(answer) = phase.respond(&head).await {
             // Read what the client sends first (a small body: a token
             // request), so that no client sees its request cut short.
-            let mut body = req.into_body();
-            let drain = async {
-                let mut read = 0usize;
-                while let Some(Ok(frame)) = body.frame().await {
-                    read += frame.data_ref().map_or(0, |d| d.len());
-                    if read > 1 << 20 {
-                        break;
-                    }
-                }
-            };
-            let _ = tokio::time::timeout(std::time::Duration::from_secs(10), drain).await;
+            drain(req.into_body(), 1 << 20, std::time::Duration::from_secs(10)).await;
             return Ok(answered(&out, answer));
         }
     }
@@ -1536,6 +1529,26 @@ async fn handle_intercepted(
     let mut injected_headers = Vec::new();
     let mut injected = Vec::new();
     let wants_credential = ctx.phases.iter().any(|p| p.injects_for(&host, port));
+    if wants_credential
+        && (is_echo(parts.method.as_str())
+            || overrides_of(&parts.headers, &path)
+                .iter()
+                .any(|m| is_echo(m)))
+    {
+        // A server answers TRACE with the request as it arrived: the
+        // credential would come back to the client in the body.
+        let msg = format!(
+            "TRACE and TRACK are not sent to {host} with a credential (as the method or an override): the server's echo of the request would show it"
+        );
+        out.decision(false, "echo");
+        let told = out.told(
+            StatusCode::METHOD_NOT_ALLOWED,
+            Fault::Policy,
+            format!("Moat: {msg}; nothing was sent\n"),
+        );
+        out.record(Some(405), Some(Fault::Policy), Some(msg), None);
+        return Ok(text_response(StatusCode::METHOD_NOT_ALLOWED, told));
+    }
     if wants_credential {
         // Fail closed: no credential is used that the audit log cannot record.
         if let Some(Err(why)) = ctx.audit.as_ref().map(|a| a.healthy()) {
@@ -1599,7 +1612,7 @@ async fn handle_intercepted(
     let sent = Arc::new(AtomicU64::new(0));
     let req_capture = capture_for(&ctx, &parts.headers);
     let body: ProxyBody = match push_rules {
-        Some(entry) => match judge_push(&entry, &out, &parts.headers, body).await {
+        Some(entry) => match judge_push(&shared, &entry, &out, &parts.headers, body).await {
             Ok(body) => body,
             Err(refusal) => return Ok(refusal),
         },
@@ -1642,14 +1655,42 @@ async fn handle_intercepted(
     }
 }
 
+/// Methods whose answer is the request itself: TRACE (RFC 9110 §9.3.8: a
+/// client must not send credentials with it) and IIS's TRACK.
+fn is_echo(method: &str) -> bool {
+    method.eq_ignore_ascii_case("TRACE") || method.eq_ignore_ascii_case("TRACK")
+}
+
 /// The most of a push's start read to find its ref updates.
 const PUSH_COMMANDS_LIMIT: usize = 1 << 20;
+
+/// Why a push is refused when [`Limits::held_body_bytes`] are taken: a
+/// push's ref updates wait in memory until they are whole, and without a
+/// shared bound many slow pushes would hold the proxy's memory.
+const BUSY: &str = "the proxy is reading too many pushes at once; try again in a moment";
+
+/// Reads a body the proxy answers without sending it on, and drops it, so
+/// that the client reads the answer rather than a reset: at most `limit`
+/// bytes and for at most `within`; nothing is kept.
+async fn drain(mut body: Incoming, limit: u64, within: std::time::Duration) {
+    let read = async {
+        let mut seen = 0u64;
+        while let Some(Ok(frame)) = body.frame().await {
+            seen += frame.data_ref().map_or(0, |d| d.len() as u64);
+            if seen >= limit {
+                break;
+            }
+        }
+    };
+    let _ = tokio::time::timeout(within, read).await;
+}
 
 /// Judges a git push by its ref updates (read from the start of its body):
 /// the body to send on when every update is allowed; else git's own
 /// refusal of the whole push (nothing of it is sent), recorded and audited
 /// with the rules that decided.
 async fn judge_push(
+    shared: &Shared,
     entry: &crate::policy::rules::HostRules,
     out: &Outcome<'_>,
     headers: &HeaderMap,
@@ -1680,22 +1721,50 @@ async fn judge_push(
     }
     let mut body = body;
     let mut head = Vec::new();
+    // The bytes `head` holds, counted against the proxy's shared bound.
+    let mut held = shared.held.clone().try_acquire_many_owned(0).ok();
     let mut reader = PushReader::default();
-    let parsed = loop {
-        match reader.read(&head) {
-            Ok(Some(p)) => break p,
-            Ok(None) if head.len() < PUSH_COMMANDS_LIMIT => {}
-            Ok(None) => return Err(refuse(out, "the push's ref updates are too long".into())),
-            Err(e) => return Err(refuse(out, format!("the push cannot be read: {e}"))),
-        }
-        match body.frame().await {
-            Some(Ok(frame)) => {
-                if let Some(data) = frame.data_ref() {
-                    head.extend_from_slice(data);
-                }
+    let within = shared.limits.header_timeout;
+    let read = async {
+        loop {
+            match reader.read(&head) {
+                Ok(Some(p)) => return Ok(p),
+                Ok(None) if head.len() < PUSH_COMMANDS_LIMIT => {}
+                Ok(None) => return Err("the push's ref updates are too long".to_string()),
+                Err(e) => return Err(format!("the push cannot be read: {e}")),
             }
-            Some(Err(e)) => return Err(refuse(out, format!("the push stopped short: {e}"))),
-            None => return Err(refuse(out, "the push ended before its ref updates".into())),
+            match body.frame().await {
+                Some(Ok(frame)) => {
+                    if let Some(data) = frame.data_ref() {
+                        head.extend_from_slice(data);
+                        // What `head` takes (its capacity), not only its length.
+                        let counted = held.as_ref().map_or(0, |h| h.num_permits());
+                        let more = head.capacity().saturating_sub(counted);
+                        let got = u32::try_from(more)
+                            .ok()
+                            .and_then(|n| shared.held.clone().try_acquire_many_owned(n).ok());
+                        match (held.as_mut(), got) {
+                            (Some(h), Some(g)) => h.merge(g),
+                            _ => return Err(BUSY.to_string()),
+                        }
+                    }
+                }
+                Some(Err(e)) => return Err(format!("the push stopped short: {e}")),
+                None => return Err("the push ended before its ref updates".to_string()),
+            }
+        }
+    };
+    let parsed = match tokio::time::timeout(within, read).await {
+        Ok(Ok(p)) => p,
+        Ok(Err(why)) => return Err(refuse(out, why)),
+        Err(_) => {
+            return Err(refuse(
+                out,
+                format!(
+                    "the push's ref updates did not arrive within {} s",
+                    within.as_secs()
+                ),
+            ))
         }
     };
     let (updates, caps) = parsed;
@@ -1720,6 +1789,8 @@ async fn judge_push(
         out.ruled(true, &rules.join("; "));
         let rest = body.map_err(Into::into);
         let first = futures_util::stream::once(async move {
+            // The bound counts the bytes until they are handed on.
+            drop(held);
             Ok::<_, BoxError>(hyper::body::Frame::data(Bytes::from(head)))
         });
         let stream = futures_util::StreamExt::chain(first, http_body_util::BodyStream::new(rest));
@@ -1727,9 +1798,10 @@ async fn judge_push(
     }
     let why = format!("denied: {}", denied.join(", "));
     out.ruled(false, &why);
+    drop(held);
+    drop(head);
     // Read the rest of the push (and drop it) so that git hears the answer.
-    let drain = async { while let Some(Ok(_)) = body.frame().await {} };
-    let _ = tokio::time::timeout(std::time::Duration::from_secs(60), drain).await;
+    drain(body, u64::MAX, std::time::Duration::from_secs(60)).await;
     let lines: Vec<_> = verdicts
         .into_iter()
         .map(|(u, allowed, rule)| {
