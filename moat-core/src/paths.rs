@@ -216,6 +216,15 @@ pub(crate) fn give(path: &std::path::Path, uid: u32, gid: u32) -> Result<()> {
     Ok(())
 }
 
+/// Where an open file is now (the kernel's name for it, through
+/// `/proc/self/fd`): what a check of a path opened a moment ago must look
+/// at, since any directory of the path may have been swapped for a link in
+/// between.
+pub(crate) fn opened_path(file: &std::fs::File) -> std::io::Result<PathBuf> {
+    use std::os::fd::AsRawFd;
+    std::fs::read_link(format!("/proc/self/fd/{}", file.as_raw_fd()))
+}
+
 /// A file's content, without following a symbolic link: `None` when there
 /// is none, `Some(None)` when something other than a regular file is there.
 pub(crate) fn read_no_follow(path: &std::path::Path) -> Result<Option<Option<Vec<u8>>>> {

@@ -166,6 +166,14 @@ pub fn resolve_one(name: &str, r: &SecretRef) -> Result<Secret<String>> {
     if value.is_empty() {
         return Err(fail(format!("{} is empty", r.reference)));
     }
+    // No environment can hold a NUL, and the engine's refusal would quote
+    // the whole variable, value and all, into the run's error.
+    if value.contains('\0') {
+        return Err(fail(format!(
+            "{} holds a NUL byte, which an environment variable cannot",
+            r.reference
+        )));
+    }
     Ok(Secret::new(value.to_string()))
 }
 

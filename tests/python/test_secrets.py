@@ -112,3 +112,9 @@ def test_a_value_that_is_not_text_or_too_large_is_refused(tmp_path, monkeypatch)
     script(bin_dir / "op", "head -c 2000000 /dev/zero | tr '\\0' 'k'\n")
     with pytest.raises(moat.ConfigError, match=r"op://Dev/Bin/file is larger than 1 MiB"):
         moat.load_config(ws).resolve_secrets()
+    # A NUL: the engine would refuse the variable and quote it, value and
+    # all, into the run's error (run.json, the audit log, the terminal).
+    script(bin_dir / "op", "printf 'abc\\000TOPSECRET-value'\n")
+    with pytest.raises(moat.ConfigError, match=r"op://Dev/Bin/file holds a NUL byte") as err:
+        moat.load_config(ws).resolve_secrets()
+    assert "TOPSECRET" not in str(err.value)

@@ -898,6 +898,20 @@ fn read_config_file(file: &Path, workspace: &Path) -> Result<Vec<u8>> {
     if !meta.is_file() {
         return Err(not_a_file());
     }
+    // What was opened, not what the path led to when checked: a directory
+    // of it swapped for a link in between (another run's agent can write
+    // the workspace) would have opened any file of the host.
+    let opened = crate::paths::opened_path(&f).map_err(|e| Error::io(file, "read", e))?;
+    if !opened.starts_with(workspace) {
+        return Err(Error::new(
+            ErrorKind::Config,
+            format!(
+                "{}: changed while being opened, to {}, outside the workspace; not read",
+                file.display(),
+                opened.display()
+            ),
+        ));
+    }
     if meta.len() > MAX_CONFIG_BYTES {
         return Err(Error::new(
             ErrorKind::Config,

@@ -204,17 +204,26 @@ enum Frame {
     },
 }
 
-/// The most nodes a document may expand to, aliases included. A config file
-/// is small; this stops "billion laughs" alias bombs from eating memory.
+/// The most nodes a document may expand to, aliases and the copies kept
+/// of anchored nodes included. A config file is small; this stops "billion
+/// laughs" alias bombs from eating memory.
 const MAX_NODES: usize = 100_000;
+
+/// The most bytes of scalar text a document may expand to, counted as
+/// nodes are: one long anchored string aliased many times is few nodes.
+const MAX_TEXT_BYTES: usize = 8 << 20;
+
+/// What a node costs to hold: (nodes, bytes of scalar text).
+type Weight = (usize, usize);
 
 #[derive(Default)]
 struct Builder {
     stack: Vec<Frame>,
     docs: Vec<Node>,
-    anchors: HashMap<usize, (Node, usize)>,
+    anchors: HashMap<usize, (Node, Weight)>,
     doc_starts: Vec<Pos>,
     nodes: usize,
+    text_bytes: usize,
     error: Option<ParseError>,
 }
 
@@ -223,6 +232,31 @@ impl Builder {
         if self.error.is_none() {
             self.error = Some(ParseError { pos, message });
         }
+    }
+
+    /// Counts `weight` more against the document's bounds; false (and the
+    /// error recorded) past them.
+    fn charge(&mut self, pos: Pos, (nodes, bytes): Weight) -> bool {
+        self.nodes = self.nodes.saturating_add(nodes);
+        self.text_bytes = self.text_bytes.saturating_add(bytes);
+        if self.nodes > MAX_NODES {
+            self.fail(
+                pos,
+                format!("document too large: it expands to more than {MAX_NODES} nodes (aliases and anchors included)"),
+            );
+            return false;
+        }
+        if self.text_bytes > MAX_TEXT_BYTES {
+            self.fail(
+                pos,
+                format!(
+                    "document too large: its text expands to more than {} MiB (aliases and anchors included)",
+                    MAX_TEXT_BYTES >> 20
+                ),
+            );
+            return false;
+        }
+        true
     }
 
     fn push_node(&mut self, node: Node) {
@@ -260,16 +294,15 @@ impl Builder {
     }
 }
 
-fn count_nodes(node: &Node) -> usize {
+fn weigh(node: &Node) -> Weight {
+    let add = |(a, b): Weight, (c, d): Weight| (a + c, b + d);
     match &node.value {
-        Value::Scalar { .. } => 1,
-        Value::Seq(items) => 1 + items.iter().map(count_nodes).sum::<usize>(),
-        Value::Map(entries) => {
-            1 + entries
-                .iter()
-                .map(|(k, v)| count_nodes(k) + count_nodes(v))
-                .sum::<usize>()
-        }
+        Value::Scalar { text, .. } => (1, text.len()),
+        Value::Seq(items) => items.iter().map(weigh).fold((1, 0), add),
+        Value::Map(entries) => entries
+            .iter()
+            .map(|(k, v)| add(weigh(k), weigh(v)))
+            .fold((1, 0), add),
     }
 }
 
@@ -282,17 +315,28 @@ fn key_text(node: &Node) -> &str {
 
 impl MarkedEventReceiver for Builder {
     fn on_event(&mut self, ev: Event, mark: Marker) {
+        if self.error.is_some() {
+            // The first error is the answer: nothing more is built.
+            return;
+        }
         let pos = Pos::from_marker(mark);
         match ev {
             Event::Scalar(text, style, anchor, tag) => {
                 let kind = resolve_scalar(&text, style, tag.as_ref());
+                let weight = (1, text.len());
                 let node = Node {
                     pos,
                     value: Value::Scalar { text, kind },
                 };
-                self.nodes += 1;
+                if !self.charge(pos, weight) {
+                    return;
+                }
                 if anchor > 0 {
-                    self.anchors.insert(anchor, (node.clone(), 1));
+                    // The copy kept for aliases costs as much again.
+                    if !self.charge(pos, weight) {
+                        return;
+                    }
+                    self.anchors.insert(anchor, (node.clone(), weight));
                 }
                 self.push_node(node);
             }
@@ -331,31 +375,31 @@ impl MarkedEventReceiver for Builder {
                     ),
                     None => return,
                 };
-                if anchor > 0 {
-                    let size = count_nodes(&node);
-                    self.anchors.insert(anchor, (node.clone(), size));
+                if !self.charge(pos, (1, 0)) {
+                    return;
                 }
-                self.nodes += 1;
+                if anchor > 0 {
+                    // The copy kept for aliases costs as much again.
+                    let weight = weigh(&node);
+                    if !self.charge(pos, weight) {
+                        return;
+                    }
+                    self.anchors.insert(anchor, (node.clone(), weight));
+                }
                 self.push_node(node);
             }
-            Event::Alias(id) => {
-                match self.anchors.get(&id) {
-                    Some((target, size)) => {
-                        self.nodes = self.nodes.saturating_add(*size);
-                        if self.nodes > MAX_NODES {
-                            self.fail(
-                            pos,
-                            format!("document too large: aliases expand to more than {MAX_NODES} nodes"),
-                        );
-                            return;
-                        }
+            Event::Alias(id) => match self.anchors.get(&id).map(|(_, w)| *w) {
+                // Charged before it is copied.
+                Some(weight) if self.charge(pos, weight) => {
+                    if let Some((target, _)) = self.anchors.get(&id) {
                         let mut node = target.clone();
                         node.pos = pos;
                         self.push_node(node);
                     }
-                    None => self.fail(pos, "alias refers to an unknown anchor".to_string()),
                 }
-            }
+                Some(_) => {}
+                None => self.fail(pos, "alias refers to an unknown anchor".to_string()),
+            },
             Event::DocumentStart => self.doc_starts.push(pos),
             Event::Nothing | Event::StreamStart | Event::StreamEnd | Event::DocumentEnd => {}
         }
@@ -473,6 +517,53 @@ mod tests {
         }
         let err = parse(&text).unwrap_err();
         assert!(err.message.contains("too large"), "{}", err.message);
+    }
+
+    #[test]
+    fn a_long_string_aliased_many_times_is_refused_by_its_bytes() {
+        // Few nodes (101), 40 MB of text.
+        let long = "x".repeat(400_000);
+        let aliases = vec!["*a"; 100].join(", ");
+        let err = parse(&format!("v: &a \"{long}\"\nc: [{aliases}]\n")).unwrap_err();
+        assert!(
+            err.message.contains("text expands to more than 8 MiB"),
+            "{}",
+            err.message
+        );
+        assert_eq!(err.pos.line, 2);
+    }
+
+    #[test]
+    fn nested_anchors_count_the_copies_they_keep() {
+        // No alias at all: each anchored level keeps a copy of all below it.
+        let depth = 20;
+        let mut text = String::from("c: ");
+        for i in 0..depth {
+            text.push_str(&format!("&a{i} ["));
+        }
+        text.push_str(&vec!["x"; 30_000].join(","));
+        text.push_str(&"]".repeat(depth));
+        text.push('\n');
+        let err = parse(&text).unwrap_err();
+        assert!(
+            err.message.contains("more than 100000 nodes"),
+            "{}",
+            err.message
+        );
+        // Once is fine: the same list under one anchor.
+        let once = format!("c: &a [{}]\n", vec!["x"; 30_000].join(","));
+        assert!(parse(&once).is_ok());
+    }
+
+    #[test]
+    fn a_document_of_too_many_plain_nodes_is_refused() {
+        let text = format!("c: [{}]\n", vec!["x"; 100_001].join(","));
+        let err = parse(&text).unwrap_err();
+        assert!(
+            err.message.contains("more than 100000 nodes"),
+            "{}",
+            err.message
+        );
     }
 
     #[test]

@@ -74,16 +74,44 @@ pub(super) enum Snapshot {
 /// The names a workspace's configuration may have (`config::load`).
 const CONFIG_NAMES: [&str; 2] = ["agent.yaml", "moat.yaml"];
 
+/// The most of a configuration file a snapshot holds.
+const SNAPSHOT_LIMIT: u64 = 1 << 20;
+
+/// Opened once, never through a link and never blocking (the name may have
+/// been swapped for a FIFO, a device or a link since any look at it), and
+/// read no further than [`SNAPSHOT_LIMIT`].
 fn snapshot(path: &Path) -> Snapshot {
-    match std::fs::symlink_metadata(path) {
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Snapshot::Absent,
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut file = match std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)
+    {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Snapshot::Absent,
+        Err(e) if e.raw_os_error() == Some(libc::ELOOP) => {
+            return Snapshot::Other("a symbolic link".into())
+        }
+        Err(e) => return Snapshot::Other(e.to_string()),
+    };
+    match file.metadata() {
+        Err(e) => return Snapshot::Other(e.to_string()),
+        Ok(m) if !m.is_file() => return Snapshot::Other(format!("{:?}", m.file_type())),
+        Ok(m) if m.len() > SNAPSHOT_LIMIT => return Snapshot::Other(format!("{} bytes", m.len())),
+        Ok(_) => {}
+    }
+    let mut bytes = Vec::new();
+    match file
+        .by_ref()
+        .take(SNAPSHOT_LIMIT + 1)
+        .read_to_end(&mut bytes)
+    {
+        Ok(_) if bytes.len() as u64 > SNAPSHOT_LIMIT => {
+            Snapshot::Other(format!("more than {SNAPSHOT_LIMIT} bytes"))
+        }
+        Ok(_) => Snapshot::File(bytes),
         Err(e) => Snapshot::Other(e.to_string()),
-        Ok(m) if !m.is_file() => Snapshot::Other(format!("{:?}", m.file_type())),
-        Ok(m) if m.len() > 1 << 20 => Snapshot::Other(format!("{} bytes", m.len())),
-        Ok(_) => match std::fs::read(path) {
-            Ok(bytes) => Snapshot::File(bytes),
-            Err(e) => Snapshot::Other(e.to_string()),
-        },
     }
 }
 

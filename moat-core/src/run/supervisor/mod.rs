@@ -533,8 +533,33 @@ impl Supervision {
             () = stopped => Err(Error::new(ErrorKind::Runtime, "the run was stopped while it was being set up")),
         };
         let Err(e) = setup else { return Ok(()) };
+        let e = self.redacted(e);
         self.abandon(&e).await;
         Err(e)
+    }
+
+    /// `e`, or the same error with every secret value of the run replaced
+    /// by `****`: an engine's refusal may quote the container's environment
+    /// (runc quotes a variable it cannot set), and the error goes to
+    /// run.json, the audit log and the terminal.
+    fn redacted(&self, e: Error) -> Error {
+        let text = e.to_string();
+        let mut clean = text.clone();
+        for var in &self.built.secret_env {
+            let value = var.expose().split_once('=').map_or("", |(_, v)| v);
+            // The value whole, and each of its parts between characters an
+            // engine prints escaped (each its own way: `\x00`, `\u{0}`).
+            let parts = value.split(|c: char| c.is_control() || c == '"' || c == '\\');
+            for part in std::iter::once(value).chain(parts) {
+                if part.len() >= 4 {
+                    clean = clean.replace(part, "****");
+                }
+            }
+        }
+        if clean == text {
+            return e;
+        }
+        Error::new(e.kind(), clean)
     }
 
     /// Undoes what setup did and records why the run failed.

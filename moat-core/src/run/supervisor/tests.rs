@@ -343,6 +343,43 @@ async fn a_failure_at_any_step_leaves_nothing_behind() {
     }
 }
 
+/// An engine's refusal may quote the container's environment (runc quotes
+/// a variable it cannot set, value and all): the run's error, in run.json,
+/// the audit log and what the caller gets, holds no secret value.
+#[tokio::test]
+async fn an_engine_error_quoting_a_secret_is_recorded_without_it() {
+    let (runtime, fw, routes, _) = failing_at(Step::Container);
+    runtime.fail(
+        "start",
+        "OCI runtime create failed: env: \"DB_PASSWORD=TOPSECRET-value\\x01xyzw\" and \"API=TOPSECRET-value\\u{1}xyzw\"",
+    );
+    let w = World::new(runtime, fw, routes);
+    let mut run = w.supervision(w.plan(false, false));
+    run.built.secret_env.push(crate::secret::Secret::new(
+        "DB_PASSWORD=TOPSECRET-value\u{1}xyzw".to_string(),
+    ));
+    let err = run.start(std::future::pending()).await.unwrap_err();
+    assert!(
+        err.to_string().contains("OCI runtime create failed"),
+        "{err}"
+    );
+    let audit =
+        std::fs::read_to_string(run_dir(&w.home, "run_0123456789ab").join("audit.jsonl")).unwrap();
+    let meta =
+        std::fs::read_to_string(run_dir(&w.home, "run_0123456789ab").join("run.json")).unwrap();
+    for (what, text) in [
+        ("error", err.to_string()),
+        ("audit", audit),
+        ("run.json", meta),
+    ] {
+        assert!(
+            !text.contains("TOPSECRET") && !text.contains("xyzw"),
+            "{what}: {text}"
+        );
+    }
+    assert!(w.meta().error.unwrap().contains("DB_PASSWORD=****"));
+}
+
 #[tokio::test]
 async fn a_container_that_stays_keeps_its_rules_and_network() {
     let w = World::new(
