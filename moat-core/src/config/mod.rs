@@ -386,7 +386,17 @@ impl Mount {
                 "mount \"{text}\": target \"{dst}\" must not contain \"..\""
             ));
         }
-        let target = dst.trim_end_matches('/');
+        // As the engine reads it: `/./workspace/` is `/workspace`.
+        let target = normalize(Path::new(dst)).to_string_lossy().into_owned();
+        let target = target.trim_end_matches('/');
+        if let Some(own) = MOAT_TARGETS
+            .iter()
+            .find(|own| target == **own || Path::new(target).starts_with(own))
+        {
+            return Err(format!(
+                "mount \"{text}\": target \"{dst}\" is where moat puts the run's own {own}; choose another"
+            ));
+        }
         if target.is_empty() || target == "/workspace" {
             return Err(format!(
                 "mount \"{text}\": target \"{dst}\" would hide {} ",
@@ -414,6 +424,16 @@ impl Mount {
         })
     }
 }
+
+/// Where moat puts a run's own files in its container (the CA bundle, the
+/// user's entries, SSH and AWS configuration): no mount may take them.
+const MOAT_TARGETS: [&str; 5] = [
+    "/etc/moat",
+    "/run/moat",
+    "/etc/passwd",
+    "/etc/group",
+    "/etc/ssh/ssh_config.d/moat.conf",
+];
 
 /// Lexically removes `.` and `..` components (no file system access).
 fn normalize(path: &Path) -> PathBuf {
@@ -1317,6 +1337,7 @@ impl Validator<'_> {
         let Some(items) = self.seq(node, "network.rules") else {
             return;
         };
+        let mut seen: Vec<(HostPattern, u32)> = Vec::new();
         for item in items {
             let (host_node, rule_nodes): (&Node, &[Node]) = match &item.value {
                 Value::Scalar { .. } => (item, &[]),
@@ -1345,6 +1366,19 @@ impl Validator<'_> {
                     continue;
                 }
             };
+            // The first entry for a host is the one read: a second would be
+            // rules written and never applied.
+            if let Some(first) = seen.iter().find(|(h, _)| *h == host) {
+                self.problem(
+                    host_node.pos,
+                    format!(
+                        "network.rules: {host_text} is listed twice (first at line {}); only one entry is read, so put all its rules in that one",
+                        first.1
+                    ),
+                );
+                continue;
+            }
+            seen.push((host.clone(), host_node.pos.line));
             let mut rules = Vec::new();
             for r in rule_nodes {
                 let Some(text) = self.string(r, "network.rules", false) else {

@@ -343,6 +343,36 @@ const INVALID: &[(&str, u32, u32, &str)] = &[
         5,
         "target \"/data\" is already mounted",
     ),
+    // 20b. the same targets, spelled as the engine reads them
+    (
+        "mounts:\n  - ./x:/./workspace/:ro\n",
+        2,
+        5,
+        "would hide the workspace",
+    ),
+    ("mounts:\n  - ./x:/.\n", 2, 5, "would hide the container's root"),
+    (
+        "mounts:\n  - ./a:/data\n  - ./b:/data/.\n",
+        3,
+        5,
+        "target \"/data\" is already mounted",
+    ),
+    // 20c. moat's own files in the container
+    (
+        "mounts:\n  - ./a:/etc/moat/ca-bundle.pem:ro\n",
+        2,
+        5,
+        "is where moat puts the run's own /etc/moat",
+    ),
+    ("mounts:\n  - ./a:/etc//passwd\n", 2, 5, "own /etc/passwd"),
+    ("mounts:\n  - ./a:/run/moat\n", 2, 5, "own /run/moat"),
+    // 20d. one host's rules in two entries: the second would never be read
+    (
+        "network:\n  rules:\n    - api.example.com: [\"allow GET /a\"]\n    - api.example.com: [\"deny * /**\"]\n",
+        4,
+        7,
+        "api.example.com is listed twice (first at line 3)",
+    ),
     // 21. unsupported secret scheme
     (
         "secrets:\n  TOKEN: vault://kv/token\n",

@@ -322,7 +322,18 @@ impl MarkedEventReceiver for Builder {
         let pos = Pos::from_marker(mark);
         match ev {
             Event::Scalar(text, style, anchor, tag) => {
+                if text.contains('\0') {
+                    self.fail(
+                        pos,
+                        "a NUL character (written \\0 or \\x00) cannot reach a container: no environment, argument or path can hold one".to_string(),
+                    );
+                    return;
+                }
                 let kind = resolve_scalar(&text, style, tag.as_ref());
+                if let Some(why) = tag.as_ref().and_then(|t| tag_problem(t, kind)) {
+                    self.fail(pos, why);
+                    return;
+                }
                 let weight = (1, text.len());
                 let node = Node {
                     pos,
@@ -339,6 +350,24 @@ impl MarkedEventReceiver for Builder {
                     self.anchors.insert(anchor, (node.clone(), weight));
                 }
                 self.push_node(node);
+            }
+            Event::SequenceStart(_, Some(tag)) if core_tag(&tag).as_deref() != Some("seq") => {
+                self.fail(
+                    pos,
+                    format!(
+                        "the tag {} does not fit this list (or is not read here): remove it",
+                        show_tag(&tag)
+                    ),
+                );
+            }
+            Event::MappingStart(_, Some(tag)) if core_tag(&tag).as_deref() != Some("map") => {
+                self.fail(
+                    pos,
+                    format!(
+                        "the tag {} does not fit this mapping (or is not read here): remove it",
+                        show_tag(&tag)
+                    ),
+                );
             }
             Event::SequenceStart(anchor, _) => self.stack.push(Frame::Seq {
                 pos,
@@ -408,11 +437,49 @@ impl MarkedEventReceiver for Builder {
 
 /// YAML 1.2 core schema resolution for plain scalars; quoted and block
 /// scalars are strings. `!!str` forces a string.
+/// The tag in full (`!!str` is `tag:yaml.org,2002:str`).
+fn full_tag(tag: &Tag) -> String {
+    match tag.handle.as_str() {
+        "!!" => format!("tag:yaml.org,2002:{}", tag.suffix),
+        handle => format!("{handle}{}", tag.suffix),
+    }
+}
+
+/// The core schema's name of a tag (`str`, `int`, ...), if it is one.
+fn core_tag(tag: &Tag) -> Option<String> {
+    full_tag(tag)
+        .strip_prefix("tag:yaml.org,2002:")
+        .map(str::to_string)
+}
+
+fn show_tag(tag: &Tag) -> String {
+    core_tag(tag).map_or_else(|| full_tag(tag), |name| format!("!!{name}"))
+}
+
+/// Why a scalar's tag cannot stand, if it cannot: the core schema's tags
+/// are read when they say what the value already is (`!!str` makes any
+/// value a string); any other (`!!binary`, `!foo`, `!!int` on text) would
+/// be silently dropped, the value read as something its writer did not mean.
+fn tag_problem(tag: &Tag, kind: ScalarKind) -> Option<String> {
+    let fits = match core_tag(tag).as_deref() {
+        Some("str") => true,
+        Some("int") => kind == ScalarKind::Int,
+        Some("float") => matches!(kind, ScalarKind::Float | ScalarKind::Int),
+        Some("bool") => kind == ScalarKind::Bool,
+        Some("null") => kind == ScalarKind::Null,
+        _ => false,
+    };
+    (!fits).then(|| {
+        format!(
+            "the tag {} does not fit this value (or is not read here): remove it",
+            show_tag(tag)
+        )
+    })
+}
+
 fn resolve_scalar(text: &str, style: TScalarStyle, tag: Option<&Tag>) -> ScalarKind {
-    if let Some(tag) = tag {
-        if tag.suffix == "str" {
-            return ScalarKind::Str;
-        }
+    if tag.and_then(core_tag).as_deref() == Some("str") {
+        return ScalarKind::Str;
     }
     if style != TScalarStyle::Plain {
         return ScalarKind::Str;
@@ -564,6 +631,42 @@ mod tests {
             "{}",
             err.message
         );
+    }
+
+    #[test]
+    fn tags_are_read_or_refused_never_dropped() {
+        for ok in [
+            "a: !!str 12\n",
+            "a: !!int 12\n",
+            "a: !!bool true\n",
+            "a: !!float 1.5\n",
+            "a: !!null ~\n",
+            "a: !!map {b: 1}\n",
+            "a: !!seq [1]\n",
+            "a: !<tag:yaml.org,2002:str> x\n",
+        ] {
+            assert!(parse(ok).is_ok(), "{ok}");
+        }
+        for bad in [
+            "a: !!int abc\n",
+            "a: !!binary aGVsbG8=\n",
+            "a: !foo x\n",
+            "a: !!bool yes\n",
+            "a: !local [1]\n",
+            "a: !!set {b: 1}\n",
+            "a: !!seq {b: 1}\n",
+        ] {
+            let err = parse(bad).unwrap_err();
+            assert!(err.message.contains("tag"), "{bad}: {}", err.message);
+        }
+    }
+
+    #[test]
+    fn a_nul_written_as_an_escape_is_refused() {
+        for text in ["a: \"x\\0y\"\n", "a: \"x\\x00y\"\n", "a: [\"\\u0000\"]\n"] {
+            let err = parse(text).unwrap_err();
+            assert!(err.message.contains("NUL"), "{text}: {}", err.message);
+        }
     }
 
     #[test]
