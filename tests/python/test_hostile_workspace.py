@@ -15,6 +15,7 @@ start runs use the local test image (and are skipped without it).
 
 import json
 import os
+import pathlib
 import subprocess
 import tempfile
 import threading
@@ -22,7 +23,7 @@ import time
 
 import pytest
 
-from runhelp import IMAGE, MOAT, Moat, docker_problem
+from runhelp import ENGINE, IMAGE, MOAT, Moat, docker_problem, sh
 
 SECRET = "ghp_HostileWorkspaceSECRET0123456789abcd"
 
@@ -376,6 +377,61 @@ def test_a_workspace_path_with_control_characters_is_printed_escaped(m, tmp_path
 
 def run_true(m, ws, timeout=120):
     return m("run", ws, "--image", IMAGE, "--", "true", timeout=timeout)
+
+
+def test_an_image_whose_user_database_is_huge_is_refused_not_read(m, tmp_path):
+    """Attack: `image:` naming an image whose /etc/passwd is gigabytes (a
+    layer of one repeated byte is nothing in a registry). moat reads that
+    file to give the run's user an entry: it reads at most 4 MiB of it and
+    says so, instead of holding it all in the supervisor and the cache."""
+    needs_engine()
+    ctx = tmp_path / "bigpasswd"
+    ctx.mkdir()
+    (ctx / "Dockerfile").write_text(
+        f"FROM {IMAGE}\nRUN yes x | head -c 6000000 >> /etc/passwd\n")
+    tag = f"moat-test-bigpasswd:{os.getpid()}"
+    sh(ENGINE, "build", "-q", "-t", tag, str(ctx), check=True, timeout=600)
+    try:
+        ws = ws_with(m)
+        out = m("run", ws, "--image", tag, "--", "true", timeout=120)
+        assert out.returncode == 125, (out.returncode, out.stderr)
+        assert "/etc/passwd is larger than 4 MiB" in out.stderr, out.stderr
+        big = [p for p in m.home.rglob("*") if p.is_file() and p.stat().st_size > 1 << 20]
+        assert big == [], big
+    finally:
+        m.cleanup()
+        sh(ENGINE, "rmi", "-f", tag)
+
+
+@pytest.mark.parametrize("source", ["/etc", "/usr/local", "/var/lib", "/home", "/boot", "HOME",
+                                    "HOME/.bashrc", "HOME/.config/x"])
+def test_a_repositorys_agent_yaml_cannot_mount_the_hosts_system_or_home_dot_files(m, source):
+    """Attack: agent.yaml, written by the repository, names an absolute
+    source: `/etc:/hostetc` handed a root user's run the host's /etc/shadow
+    to read and /etc/cron.d to write; `~/.bashrc` would run the agent's
+    line in the user's next shell."""
+    needs_engine()
+    # A home of the test's own: nothing of the real user's is touched.
+    home = m.tmp / "user"
+    home.mkdir(exist_ok=True)
+    m.env["HOME"] = str(home)
+    if source.startswith("HOME"):
+        source = str(home) + source[len("HOME"):]
+        path = pathlib.Path(source)
+        if source.endswith(".bashrc"):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text("# the user's\n")
+        else:
+            path.mkdir(parents=True, exist_ok=True)
+    if not os.path.exists(source):
+        pytest.skip(f"{source} is not on this host")
+    ws = ws_with(m, f"mounts:\n  - {source}:/host\n")
+    out = run_true(m, ws)
+    assert out.returncode == 125, (out.returncode, out.stderr)
+    # The home itself holds ~/.ssh, which says so first.
+    assert ("never mounts the host's system directories" in out.stderr
+            or source == str(home) and "your SSH keys" in out.stderr), out.stderr
+    assert no_runs(m)
 
 
 def test_a_mount_link_into_the_moat_home_is_refused(m):

@@ -49,6 +49,7 @@ pub(super) fn check_mounts(home: &Path, plan: &RunPlan) -> Result<()> {
     let agent =
         crate::credential::ssh::agent_socket().map(|a| std::fs::canonicalize(&a).unwrap_or(a));
     let engines = engine_sockets();
+    let workspace = resolved(&plan.workspace).0;
     for (what, source) in sources {
         // As written, too: a path there may not resolve (/proc/1/root).
         kernel_fs(&what, &source)?;
@@ -118,6 +119,22 @@ pub(super) fn check_mounts(home: &Path, plan: &RunPlan) -> Result<()> {
         if !held.is_empty() {
             return Err(engine_socket_refused(&what, &real, &held));
         }
+        // The workspace is the user's choice (a CI's may live in /var);
+        // a mount is agent.yaml's, which the repository wrote. A source in
+        // the workspace hands over nothing more than the workspace does.
+        let from_config = what != "workspace" && !real.starts_with(&workspace);
+        if let Some(place) = from_config
+            .then(|| host_place(&real, user_home.as_deref()))
+            .flatten()
+        {
+            return Err(Error::new(
+                ErrorKind::InvalidArgument,
+                format!(
+                    "{what} {} would give the container {place}; moat never mounts the host's system directories, nor your home directory or its dot-files (a repository's agent.yaml could name them): copy what the agent needs into the workspace, or mount a directory of your own",
+                    real.display(),
+                ),
+            ));
+        }
         // A source must exist: an engine asked to mount a missing one
         // creates it, following any link on its way (`./link/.ssh` with
         // `link -> ~`), where no check here would have looked.
@@ -133,6 +150,68 @@ pub(super) fn check_mounts(home: &Path, plan: &RunPlan) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// The host's own directories: its passwords and configuration (/etc),
+/// programs, boot files, root's home, services' data and sockets. No
+/// source may be one of them or lie inside one.
+const SYSTEM_DIRS: &[(&str, &str)] = &[
+    ("/etc", "the host's configuration and password files"),
+    ("/boot", "the host's boot files"),
+    ("/usr", "the host's programs"),
+    ("/bin", "the host's programs"),
+    ("/sbin", "the host's programs"),
+    ("/lib", "the host's libraries"),
+    ("/lib32", "the host's libraries"),
+    ("/lib64", "the host's libraries"),
+    ("/libx32", "the host's libraries"),
+    (
+        "/var",
+        "the host's services' data (the engine's, cron's, mail)",
+    ),
+    ("/run", "the host's running services and their sockets"),
+];
+
+/// What of the host `real` (a resolved source) would hand over, if it is
+/// a place no mount may take: `/`, a system directory or anything in one
+/// (but `/var/tmp`), `/home` itself, the user's home directory itself or
+/// anything under one of its dot-entries (`~/.bashrc`, `~/.config`: shells
+/// and tools run what they find there).
+fn host_place(real: &Path, user_home: Option<&Path>) -> Option<String> {
+    if real == Path::new("/") {
+        return Some("the host's whole file system".into());
+    }
+    if real == Path::new("/home") {
+        return Some("every user's home directory".into());
+    }
+    if !real.starts_with("/var/tmp") {
+        if let Some((dir, what)) = SYSTEM_DIRS.iter().find(|(d, _)| real.starts_with(d)) {
+            return Some(format!("{what} ({dir})"));
+        }
+    }
+    let home = user_home.map(|h| std::fs::canonicalize(h).unwrap_or_else(|_| h.to_path_buf()));
+    // Root's home, unless it is the user's (then as any user's, below).
+    if real.starts_with("/root") && home.as_deref() != Some(Path::new("/root")) {
+        return Some("root's home directory (/root)".into());
+    }
+    let home = home?;
+    if home == Path::new("/") {
+        return None;
+    }
+    if real == home {
+        return Some(format!("your home directory ({})", home.display()));
+    }
+    let first = real.strip_prefix(&home).ok()?.components().next()?;
+    first
+        .as_os_str()
+        .to_string_lossy()
+        .starts_with('.')
+        .then(|| {
+            format!(
+                "your {} (a dot-file of your home, which shells and tools read and run)",
+                home.join(first).display()
+            )
+        })
 }
 
 /// `path` with links resolved, and why it could not be resolved whole: the
@@ -273,6 +352,77 @@ mod tests {
             target: target.to_string(),
             read_only: true,
         }
+    }
+
+    #[test]
+    fn the_hosts_system_directories_and_home_dot_files_are_never_a_mounts_source() {
+        let home = tempfile::tempdir().unwrap();
+        let ws = tempfile::tempdir().unwrap();
+        let mut spec = RunPlan::from_config(crate::config::Config::defaults(ws.path())).unwrap();
+        for source in [
+            "/etc",
+            "/etc/ssl",
+            "/usr",
+            "/usr/share",
+            "/boot",
+            "/var/lib",
+            "/var/spool",
+            "/home",
+            "/lib",
+            "/bin",
+        ] {
+            if !Path::new(source).exists() {
+                continue;
+            }
+            spec.mounts = vec![mount(source, "/x")];
+            let err = check_mounts(home.path(), &spec).unwrap_err();
+            assert!(
+                err.to_string()
+                    .contains("never mounts the host's system directories"),
+                "{source}: {err}"
+            );
+        }
+        // The user's home itself and its dot-files; not a directory of theirs.
+        let user = tempfile::tempdir().unwrap();
+        let u = user.path().canonicalize().unwrap();
+        for dir in [".config/x", ".local", "data"] {
+            std::fs::create_dir_all(u.join(dir)).unwrap();
+        }
+        std::fs::write(u.join(".bashrc"), "").unwrap();
+        for (source, refused) in [
+            (u.clone(), true),
+            (u.join(".bashrc"), true),
+            (u.join(".config/x"), true),
+            (u.join(".local"), true),
+            (u.join("data"), false),
+        ] {
+            assert_eq!(
+                host_place(&source, Some(&u)).is_some(),
+                refused,
+                "{}",
+                source.display()
+            );
+        }
+        // A directory of the user's own, /tmp, /var/tmp and /srv-like places go.
+        for fine in ["/tmp", "/var/tmp", "/srv", "/opt", "/mnt"] {
+            assert_eq!(host_place(Path::new(fine), Some(&u)), None, "{fine}");
+        }
+        // Root's home is a home like any when it is the user's.
+        assert!(host_place(Path::new("/root/project"), Some(&u)).is_some());
+        assert_eq!(
+            host_place(Path::new("/root/project"), Some(Path::new("/root"))),
+            None
+        );
+        assert!(host_place(Path::new("/root/.bashrc"), Some(Path::new("/root"))).is_some());
+        // A workspace in /var (a CI's) is the user's choice, and so is a
+        // mount inside it.
+        let var_ws = Path::new("/var/tmp").join(format!("moat-ws-{}", std::process::id()));
+        std::fs::create_dir_all(var_ws.join("data")).unwrap();
+        let mut spec = RunPlan::from_config(crate::config::Config::defaults(&var_ws)).unwrap();
+        spec.mounts = vec![mount(var_ws.join("data"), "/data")];
+        let checked = check_mounts(home.path(), &spec);
+        std::fs::remove_dir_all(&var_ws).unwrap();
+        checked.unwrap();
     }
 
     #[test]

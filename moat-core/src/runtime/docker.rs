@@ -601,11 +601,27 @@ impl Runtime for Docker {
         let options = DownloadFromContainerOptions {
             path: path.to_string(),
         };
+        let too_large = || {
+            Error::new(
+                ErrorKind::Runtime,
+                format!(
+                    "{}: the image's {path} is larger than {} MiB, which moat does not read (it reads the file to give the run's user an entry): is the image the one you meant?",
+                    self.engine,
+                    super::READ_FILE_LIMIT >> 20
+                ),
+            )
+        };
         let mut stream = self.client.download_from_container(id, Some(options));
         let mut tar_bytes = Vec::new();
         while let Some(chunk) = stream.next().await {
             match chunk {
-                Ok(c) => tar_bytes.extend_from_slice(&c),
+                Ok(c) => {
+                    // The file and its archive's headers (a few KiB).
+                    if (tar_bytes.len() + c.len()) as u64 > super::READ_FILE_LIMIT + (64 << 10) {
+                        return Err(too_large());
+                    }
+                    tar_bytes.extend_from_slice(&c);
+                }
                 Err(e) if is_not_found(&e) => return Ok(None),
                 Err(e) => return Err(failed(self.engine, &format!("reading {path}"), e)),
             }
@@ -620,9 +636,16 @@ impl Runtime for Docker {
             })?;
             if entry.header().entry_type().is_file() {
                 let mut out = Vec::new();
-                std::io::Read::read_to_end(&mut entry, &mut out).map_err(|e| {
+                std::io::Read::read_to_end(
+                    &mut std::io::Read::take(&mut entry, super::READ_FILE_LIMIT + 1),
+                    &mut out,
+                )
+                .map_err(|e| {
                     Error::new(ErrorKind::Runtime, format!("docker: reading {path}: {e}"))
                 })?;
+                if out.len() as u64 > super::READ_FILE_LIMIT {
+                    return Err(too_large());
+                }
                 return Ok(Some(out));
             }
         }

@@ -296,6 +296,11 @@ pub type ArchiveStream = Pin<Box<dyn futures_util::Stream<Item = Result<bytes::B
 /// Where input for a container's TTY goes.
 pub type InputSink = Pin<Box<dyn tokio::io::AsyncWrite + Send>>;
 
+/// The most of a container's file [`Runtime::read_file`] reads (a user
+/// database is kilobytes; an image could hold gigabytes that compress to
+/// nothing in its registry).
+pub const READ_FILE_LIMIT: u64 = 4 << 20;
+
 /// What moat asks of a container engine. Object safe: a run holds an
 /// `Arc<dyn Runtime>`, chosen in one place ([`connect`]), so tests can hand
 /// in a fake ([`fake::FakeRuntime`]).
@@ -332,7 +337,8 @@ pub trait Runtime: Send + Sync + 'static {
     /// Creates a container (not started); returns its id.
     async fn create_container(&self, spec: &ContainerSpec) -> Result<String>;
     /// Reads a file from a container (created or running); `None` when it
-    /// does not exist.
+    /// does not exist. A file larger than [`READ_FILE_LIMIT`] is an error
+    /// (the image chose its size; it is never read whole).
     async fn read_file(&self, id: &str, path: &str) -> Result<Option<Vec<u8>>>;
     /// Copies the host file `source` into a created container at `target`
     /// (an absolute path; missing directories are made), owned by root
