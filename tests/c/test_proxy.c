@@ -142,6 +142,18 @@ static void test_rules(const char *home, const char *port, const char *ca) {
   err = NULL;
   CHECK(moat_proxy_options_add_rule(o, "bad host!", NULL, &err) == MOAT_ERR_INVALID_ARGUMENT);
   moat_error_free(err);
+  /* One host in two entries: refused at start, not half read. */
+  moat_proxy_options *twice = options(home, port, ca);
+  CHECK(moat_proxy_options_add_rule(twice, "other.test", "allow GET /**", NULL) == MOAT_OK);
+  CHECK(moat_proxy_options_add_rule(twice, "x.test", NULL, NULL) == MOAT_OK);
+  CHECK(moat_proxy_options_add_rule(twice, "other.test", "deny * /**", NULL) == MOAT_OK);
+  moat_proxy *never = NULL;
+  err = NULL;
+  CHECK(moat_proxy_start(twice, &never, &err) == MOAT_ERR_INVALID_ARGUMENT);
+  CHECK(never == NULL);
+  CHECK(err && strstr(moat_error_message(err), "other.test is listed twice"));
+  moat_error_free(err);
+  moat_proxy_options_free(twice);
   moat_proxy *proxy = NULL;
   CHECK(moat_proxy_start(o, &proxy, NULL) == MOAT_OK);
   moat_proxy_options_free(o);

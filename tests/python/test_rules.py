@@ -241,6 +241,8 @@ def test_bad_rules_are_named():
         ([{"github.com": ["allow GETT /x y"]}], "three words"),
         ([{"github.com": ["deny GET x"]}], "must start with /"),
         ([{"a.test": [], "b.test": []}], "one host per entry"),
+        ([{"a.test": ["allow GET /**"]}, "b.test", {"A.test": ["deny * /**"]}],
+         "rules[2]: a.test is listed twice (first as [0])"),
         ("github.com", "list"),
     ]:
         with pytest.raises(moat.InvalidArgumentError, match=re.escape(want)):

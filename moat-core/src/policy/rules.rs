@@ -408,19 +408,24 @@ impl HostRules {
 /// Parses entries given as `(host, rules)` (C, Python): an error names the
 /// entry (`[i]: ...`).
 pub fn parse_entries(entries: &[(String, Vec<String>)]) -> Result<Vec<HostRules>, String> {
-    entries
-        .iter()
-        .enumerate()
-        .map(|(i, (host, rules))| {
-            let host = HostPattern::parse(host).map_err(|e| format!("[{i}]: {e}"))?;
-            let rules = rules
-                .iter()
-                .map(|r| Rule::parse(r))
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(|e| format!("[{i}]: {e}"))?;
-            Ok(HostRules { host, rules })
-        })
-        .collect()
+    let mut out: Vec<HostRules> = Vec::new();
+    for (i, (host, rules)) in entries.iter().enumerate() {
+        let host = HostPattern::parse(host).map_err(|e| format!("[{i}]: {e}"))?;
+        // Only the first entry of a host is read: a second would be rules
+        // given and never applied.
+        if let Some(first) = out.iter().position(|e| e.host == host) {
+            return Err(format!(
+                "[{i}]: {host} is listed twice (first as [{first}]); put all its rules in one entry"
+            ));
+        }
+        let rules = rules
+            .iter()
+            .map(|r| Rule::parse(r))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| format!("[{i}]: {e}"))?;
+        out.push(HostRules { host, rules });
+    }
+    Ok(out)
 }
 
 /// The first entry whose host matches `host:port`.
@@ -764,6 +769,26 @@ mod tests {
         assert_eq!(v(&[], "/x?_METHOD=put+patch"), ["PUT", "PATCH"]);
         assert_eq!(v(&[], "/x?_method=%zz"), ["%ZZ"]);
         assert!(v(&[""], "/x?method=DELETE&a").is_empty());
+    }
+
+    #[test]
+    fn a_host_given_twice_is_refused_not_half_read() {
+        let entries = [
+            (
+                "api.example.com".to_string(),
+                vec!["allow GET /a".to_string()],
+            ),
+            ("other.test".to_string(), Vec::new()),
+            (
+                "API.example.com".to_string(),
+                vec!["deny * /**".to_string()],
+            ),
+        ];
+        let err = parse_entries(&entries).unwrap_err();
+        assert!(
+            err.contains("[2]: api.example.com is listed twice (first as [0])"),
+            "{err}"
+        );
     }
 
     #[test]
