@@ -31,6 +31,7 @@ SECRETS = {"api key": API_KEY, "access token": ACCESS, "refresh token": REFRESH}
 RUN_FILES = ("run.json", "logs.jsonl", "network.jsonl", "audit.jsonl", "supervisor.log")
 
 
+@pytest.mark.one_engine
 def test_the_wheel_is_there():
     assert WHEELS, "no claude-agent-sdk wheel in target/claude: run bash scripts/setup.sh"
 
@@ -158,6 +159,7 @@ def test_the_container_holds_only_placeholders(m, standin):
     no_secret_anywhere(m, run_id, ws)
 
 
+@pytest.mark.one_engine
 def test_sessions_lists_claude_runs_and_continue_works_across_runs(m, standin):
     grant_key(m)
     ws = m.workspace()
@@ -192,6 +194,7 @@ def test_strict_mode_lets_claude_work_and_blocks_the_rest(m, standin):
     assert allowed <= {"api.anthropic.com", "platform.claude.com", "console.anthropic.com"}, allowed
 
 
+@pytest.mark.one_engine
 def test_a_strict_session_refuses_every_host_outside_the_preset(m, standin):
     """From inside a running strict session: a host the preset does not
     name (Claude Code's own download host among them) gets moat's refusal,
@@ -222,6 +225,7 @@ def test_a_strict_session_refuses_every_host_outside_the_preset(m, standin):
         m("stop", run_id, "-t", "1", timeout=60)
 
 
+@pytest.mark.one_engine
 def test_an_oauth_login_is_injected_and_never_enters_the_container(m, standin, tmp_path):
     creds = grant_login(m, tmp_path)
     before = creds.read_bytes()
@@ -240,6 +244,7 @@ def test_an_oauth_login_is_injected_and_never_enters_the_container(m, standin, t
     no_secret_anywhere(m, m.latest()["id"], ws)
 
 
+@pytest.mark.one_engine
 def test_a_login_expiring_during_the_session_is_refreshed_on_the_host(m, standin, tmp_path):
     creds = grant_login(m, tmp_path, expires_in=60)
     # Refresh within 5 minutes of expiry: the first request refreshes.
@@ -258,6 +263,7 @@ def test_a_login_expiring_during_the_session_is_refreshed_on_the_host(m, standin
                         "new refresh": standin.refresh_token})
 
 
+@pytest.mark.one_engine
 def test_a_failed_refresh_is_a_clear_error_and_leaves_the_host_file(m, standin, tmp_path):
     creds = grant_login(m, tmp_path, expires_in=-60)
     before = creds.read_bytes()
@@ -271,6 +277,7 @@ def test_a_failed_refresh_is_a_clear_error_and_leaves_the_host_file(m, standin, 
     assert '"credential_refresh_failed"' in audit and "invalid_grant" in audit
 
 
+@pytest.mark.one_engine
 def test_without_an_anthropic_grant_it_says_moat_grant_anthropic(m):
     ws = m.workspace()
     out = claude(m, ws, "-p", "x")
@@ -278,6 +285,7 @@ def test_without_an_anthropic_grant_it_says_moat_grant_anthropic(m):
     assert "moat grant anthropic" in out.stderr, out.stderr
 
 
+@pytest.mark.one_engine
 def test_a_wheel_that_is_not_the_pinned_one_is_refused(m, tmp_path):
     grant_key(m)
     bad = tmp_path / "claude_agent_sdk-0.2.189-py3-none-manylinux_2_17_x86_64.whl"
@@ -332,6 +340,7 @@ def test_interactive_claude_through_a_pty(m, standin):
     assert code == 0, t.out[-800:]
 
 
+@pytest.mark.one_engine
 def test_moat_claude_from_python_returns_a_run(m, standin, monkeypatch):
     import moat
     grant_key(m)
@@ -380,6 +389,7 @@ def test_a_running_session_holds_no_key_or_token_anywhere_inside(m, standin, tmp
     no_secret_anywhere(m, run_id, ws)
 
 
+@pytest.mark.one_engine
 def test_a_state_file_that_is_not_json_is_kept_aside(m, standin):
     grant_key(m)
     ws = m.workspace()

@@ -81,6 +81,7 @@ def stubtest(*modules):
                           capture_output=True, text=True, cwd=ROOT, timeout=600)
 
 
+@pytest.mark.one_engine
 def test_stubtest_is_clean_for_moat_and_its_native_module():
     # `stubtest moat` checks the package and every submodule (moat._moat
     # included); `stubtest moat._moat` checks the native module alone.
@@ -105,6 +106,7 @@ EXCEPTIONS = {
 }
 
 
+@pytest.mark.one_engine
 @pytest.mark.parametrize("name, bases", EXCEPTIONS.items())
 def test_exceptions_live_in_moat_and_are_the_builtins_they_are(name, bases):
     cls = getattr(moat, name)
@@ -115,6 +117,7 @@ def test_exceptions_live_in_moat_and_are_the_builtins_they_are(name, bases):
     assert cls.__doc__ and len(cls.__doc__) > 40
 
 
+@pytest.mark.one_engine
 def test_config_error_lists_every_problem_structured_and_pickles(tmp_path):
     (tmp_path / "agent.yaml").write_text("name: demo\ngrnats:\n  - github\nports:\n  web: 70000\n")
     with pytest.raises(ValueError) as info:  # a ConfigError is a ValueError
@@ -136,6 +139,7 @@ def test_config_error_lists_every_problem_structured_and_pickles(tmp_path):
     assert again.message == err.message
 
 
+@pytest.mark.one_engine
 def test_io_and_argument_errors_are_oserror_and_valueerror_and_pickle(tmp_path):
     with pytest.raises(OSError) as info:
         moat.load_config(tmp_path / "absent")
@@ -153,6 +157,7 @@ def test_io_and_argument_errors_are_oserror_and_valueerror_and_pickle(tmp_path):
     assert type(again) is moat.InvalidArgumentError and again.message == err.message
 
 
+@pytest.mark.one_engine
 def test_exceptions_can_be_made_and_caught_by_callers():
     err = moat.ContainerRuntimeError("docker: unreachable")
     assert err.errors == [moat.Diagnostic(None, None, None, "docker: unreachable")]
@@ -182,6 +187,7 @@ def public_callables():
                         yield f"{prefix}{name}.{attr}", getattr(obj, attr)
 
 
+@pytest.mark.one_engine
 @pytest.mark.parametrize("name, obj", list(public_callables()), ids=lambda v: v if isinstance(v, str) else "")
 def test_every_public_callable_documents_its_parameters_with_real_defaults(name, obj):
     doc = inspect.getdoc(obj)
@@ -200,6 +206,7 @@ def test_every_public_callable_documents_its_parameters_with_real_defaults(name,
         assert "Raises:" in doc or "Returns:" in doc or "Yields:" in doc, name
 
 
+@pytest.mark.one_engine
 def test_help_shows_the_real_signature_of_run():
     sig = inspect.signature(moat.run)
     assert str(sig) == ("(workspace='.', command=None, grants=(), image=None, env=None, name=None, "
@@ -396,6 +403,7 @@ def test_async_timeout_and_cancellation_stop_the_run(home, workspace):
     assert containers_of(timed_out.run_id) == containers_of(cancelled.run_id) == []
 
 
+@pytest.mark.one_engine
 def test_async_proxy_context(tmp_path):
     ca, cert, key = make_ca(tmp_path)
     server = Upstream(cert, key)
@@ -423,6 +431,7 @@ def test_async_proxy_context(tmp_path):
 # 6. packaging ---------------------------------------------------------------
 
 
+@pytest.mark.one_engine
 def test_the_wheel_is_manylinux_with_its_metadata(tmp_path):
     # The dev profile (what `maturin develop` already built), so this takes
     # seconds; maturin checks the symbol versions against the tag either way.

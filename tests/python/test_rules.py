@@ -56,6 +56,7 @@ def cloned(gitserver, tmp_path):
         yield proxy, env, dest, head
 
 
+@pytest.mark.one_engine
 def test_a_push_to_an_allowed_branch_goes_through(cloned, gitserver, tmp_path):
     proxy, env, dest, head = cloned
     out = push(env, dest, "HEAD:refs/heads/agent/feature")
@@ -66,6 +67,7 @@ def test_a_push_to_an_allowed_branch_goes_through(cloned, gitserver, tmp_path):
     assert pushes[-1]["status"] == 200
 
 
+@pytest.mark.one_engine
 def test_a_push_to_main_is_refused_in_gits_words_and_nothing_reaches_the_server(
         cloned, gitserver, tmp_path):
     proxy, env, dest, head = cloned
@@ -85,6 +87,7 @@ def test_a_push_to_main_is_refused_in_gits_words_and_nothing_reaches_the_server(
     assert any("refs/heads/main" in e["rule"] for e in events), events
 
 
+@pytest.mark.one_engine
 def test_a_push_mixing_allowed_and_denied_refs_is_refused_whole(cloned, gitserver, tmp_path):
     proxy, env, dest, head = cloned
     out = push(env, dest, "HEAD:refs/heads/agent/ok", "HEAD:refs/heads/release")
@@ -96,6 +99,7 @@ def test_a_push_mixing_allowed_and_denied_refs_is_refused_whole(cloned, gitserve
     assert bare_ref(gitserver, tmp_path, "refs/heads/release") is None
 
 
+@pytest.mark.one_engine
 def test_deleting_is_judged_by_git_delete_rules(cloned, gitserver, tmp_path):
     proxy, env, dest, head = cloned
     assert push(env, dest, "HEAD:refs/heads/agent/keep", "HEAD:refs/heads/agent/tmp/x").returncode == 0
@@ -151,6 +155,7 @@ TRICKS = [
 ]
 
 
+@pytest.mark.one_engine
 @pytest.mark.parametrize("path", TRICKS)
 def test_paths_an_agent_would_try_are_denied(paths_proxy, path):
     code, body = curl(paths_proxy, "--path-as-is", "https://github.com" + path)
@@ -158,6 +163,7 @@ def test_paths_an_agent_would_try_are_denied(paths_proxy, path):
     assert body.startswith("Moat: request blocked by network policy."), body
 
 
+@pytest.mark.one_engine
 @pytest.mark.parametrize("path", TRICKS)
 def test_the_same_tricks_over_http2_are_denied(paths_proxy, path):
     """Inside the intercepted TLS the client speaks HTTP/2 (ALPN h2): the
@@ -173,6 +179,7 @@ def test_the_same_tricks_over_http2_are_denied(paths_proxy, path):
     assert out.stderr.startswith("Moat: request blocked by network policy."), out.stderr
 
 
+@pytest.mark.one_engine
 def test_http2_and_absolute_form_are_judged_alike(paths_proxy, gitserver):
     code, body = curl(paths_proxy, "--http2", "https://github.com/org/repo.git/admin/x")
     assert code == 403 and 'The rule "deny * /org/*/admin/**" for github.com denies it.' in body, body
@@ -183,6 +190,7 @@ def test_http2_and_absolute_form_are_judged_alike(paths_proxy, gitserver):
     assert code == 403, body
 
 
+@pytest.mark.one_engine
 def test_methods_are_judged_and_no_match_falls_back_to_strict(paths_proxy):
     code, body = curl(paths_proxy, "-X", "DELETE", "https://github.com/org/repo.git/x")
     assert code == 403
@@ -195,6 +203,7 @@ def test_methods_are_judged_and_no_match_falls_back_to_strict(paths_proxy):
     assert judged[1]["rule"] == "allow POST /org/*/issues", judged[1]
 
 
+@pytest.mark.one_engine
 def test_every_decision_is_in_the_trace_and_the_audit_log_with_its_rule(gitserver, tmp_path):
     """Permissive mode on a host with rules: a request a deny rule matches
     is refused, one an allow rule matches goes, and one no rule matches
@@ -223,6 +232,7 @@ def test_every_decision_is_in_the_trace_and_the_audit_log_with_its_rule(gitserve
         assert ("rule:allow GET /org/**", True) in decisions, decisions
 
 
+@pytest.mark.one_engine
 def test_python_clients_see_the_same(paths_proxy):
     env = paths_proxy.env()
     handler = urllib.request.ProxyHandler({"https": env["HTTPS_PROXY"]})
@@ -235,6 +245,7 @@ def test_python_clients_see_the_same(paths_proxy):
     assert b"denies it" in e.value.read()
 
 
+@pytest.mark.one_engine
 def test_bad_rules_are_named():
     for rules, want in [
         (["not a host!"], "rules[0]"),
@@ -385,6 +396,7 @@ def test_policy_check_lists_what_would_now_be_allowed(tmp_path):
         upstream.close()
 
 
+@pytest.mark.one_engine
 def test_a_raw_tunnel_cannot_carry_requests_past_the_rules(gitserver, tmp_path):
     """Plain HTTP through CONNECT (curl --proxytunnel) to a host with rules,
     in permissive mode: refused, since the rules would never see it."""
