@@ -570,6 +570,9 @@ def test_the_agent_cannot_rewrite_the_policy_of_the_next_run(m):
     now = (ws / "agent.yaml").read_text()
     assert now == strict or "agent.yaml" in out.stdout + out.stderr, (
         f"agent.yaml is now {now!r}; moat said: {out.stderr[-500:]}")
+    # Said once, in moat's voice (not "moat: moat: ...").
+    assert "moat: agent.yaml was changed in the workspace" in out.stdout + out.stderr
+    assert "moat: moat:" not in out.stdout + out.stderr
 
 
 # ============================================ between the check and the mount

@@ -132,7 +132,7 @@ pub(super) fn config_changes(workspace: &Path, before: &[(&'static str, Snapshot
         .map(|(name, was)| {
             let what = if *was == Snapshot::Absent { "created" } else { "changed" };
             format!(
-                "moat: {name} was {what} in the workspace during this run; the next run of this workspace takes its policy, grants and mounts from it: read it first"
+                "{name} was {what} in the workspace during this run; the next run of this workspace takes its policy, grants and mounts from it: read it first"
             )
         })
         .collect()
