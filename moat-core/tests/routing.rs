@@ -278,3 +278,68 @@ async fn a_client_connection_keeps_its_connection_to_the_endpoint() {
     assert_eq!(count.load(std::sync::atomic::Ordering::SeqCst), 1);
     router.shutdown().await;
 }
+
+/// A run's own router holds at most 64 connections: an upgraded connection
+/// (a WebSocket) keeps its slot for as long as its relay runs, so an agent
+/// cannot open thousands through it; the relays end with the router.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_runs_own_router_counts_upgraded_connections_and_ends_their_relays() {
+    let home = tempfile::tempdir().unwrap();
+    let a = backend("agent a").await;
+    table::register(
+        home.path(),
+        "a",
+        "run_00000000000a",
+        BTreeMap::from([("web".into(), a.to_string())]),
+    )
+    .unwrap();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let router = Router::serve_own(home.path(), listener, "a", vec!["web".into()]).unwrap();
+    let port = router.local_addr().port();
+    let open = |port: u16| async move {
+        let stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+        let (ws, _) =
+            tokio_tungstenite::client_async(format!("ws://web.a.localhost:{port}/"), stream)
+                .await
+                .map_err(std::io::Error::other)?;
+        Ok::<_, std::io::Error>(ws)
+    };
+    let mut held = Vec::new();
+    for _ in 0..64 {
+        let mut ws = open(port).await.unwrap();
+        ws.send("hi".into()).await.unwrap();
+        assert!(ws.next().await.unwrap().is_ok());
+        held.push(ws);
+    }
+    // Every slot is a relay's: one more is closed once none frees.
+    let more = tokio::time::timeout(std::time::Duration::from_secs(15), open(port)).await;
+    assert!(
+        matches!(more, Ok(Err(_))),
+        "a 65th upgraded connection was served"
+    );
+    // A relay that ends frees its slot.
+    drop(held.pop());
+    let again = tokio::time::timeout(std::time::Duration::from_secs(15), async {
+        loop {
+            if let Ok(ws) = open(port).await {
+                return ws;
+            }
+        }
+    })
+    .await
+    .expect("a freed slot was not taken again");
+    held.push(again);
+    // The router's end ends the relays.
+    router.shutdown().await;
+    for ws in &mut held {
+        let ended = tokio::time::timeout(std::time::Duration::from_secs(10), ws.next()).await;
+        assert!(
+            matches!(
+                ended,
+                Ok(None | Some(Err(_)))
+                    | Ok(Some(Ok(tokio_tungstenite::tungstenite::Message::Close(_))))
+            ),
+            "a relay outlived its router: {ended:?}"
+        );
+    }
+}

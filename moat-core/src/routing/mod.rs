@@ -259,13 +259,17 @@ impl Router {
                     None => None,
                 };
                 let shared = shared.clone();
-                let c2 = c.clone();
+                let held = Held {
+                    slot: slot.map(Arc::new),
+                    cancel: c.clone(),
+                    tasks: t.clone(),
+                };
                 t.spawn(async move {
+                    let cancel = held.cancel.clone();
                     tokio::select! {
-                        _ = c2.cancelled() => {}
-                        _ = serve(shared, stream) => {}
+                        _ = cancel.cancelled() => {}
+                        _ = serve(shared, stream, held) => {}
                     }
-                    drop(slot);
                 });
             }
         });
@@ -294,8 +298,19 @@ impl Router {
     }
 }
 
+/// What a client connection holds, and what outlives it holds too: its
+/// slot (a run's own router), and the router's cancel and tasks, so that an
+/// upgraded connection's relay counts against the bound, is tracked and
+/// ends with the router.
+#[derive(Clone)]
+struct Held {
+    slot: Option<Arc<tokio::sync::OwnedSemaphorePermit>>,
+    cancel: CancellationToken,
+    tasks: TaskTracker,
+}
+
 /// Serves one connection: TLS when it starts with a handshake record.
-async fn serve(shared: Arc<Shared>, stream: TcpStream) {
+async fn serve(shared: Arc<Shared>, stream: TcpStream, held: Held) {
     let mut first = [0u8; 1];
     let Ok(Ok(n)) =
         tokio::time::timeout(std::time::Duration::from_secs(10), stream.peek(&mut first)).await
@@ -316,9 +331,9 @@ async fn serve(shared: Arc<Shared>, stream: TcpStream) {
         else {
             return;
         };
-        serve_http(shared, TokioIo::new(tls), "https").await;
+        serve_http(shared, TokioIo::new(tls), "https", held).await;
     } else {
-        serve_http(shared, TokioIo::new(stream), "http").await;
+        serve_http(shared, TokioIo::new(stream), "http", held).await;
     }
 }
 
@@ -361,7 +376,7 @@ fn tls_config(shared: &Arc<Shared>) -> Result<Arc<rustls::ServerConfig>> {
     Ok(Arc::new(config))
 }
 
-async fn serve_http<I>(shared: Arc<Shared>, io: TokioIo<I>, scheme: &'static str)
+async fn serve_http<I>(shared: Arc<Shared>, io: TokioIo<I>, scheme: &'static str, held: Held)
 where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
@@ -371,7 +386,10 @@ where
     let service = service_fn(move |req| {
         let shared = shared.clone();
         let upstream = upstream.clone();
-        async move { Ok::<_, std::convert::Infallible>(route(shared, upstream, req, scheme).await) }
+        let held = held.clone();
+        async move {
+            Ok::<_, std::convert::Infallible>(route(shared, upstream, req, scheme, held).await)
+        }
     });
     let _ = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
@@ -390,6 +408,7 @@ async fn route(
     upstream: Upstream,
     req: Request<Incoming>,
     scheme: &str,
+    held: Held,
 ) -> Response<Body> {
     let host = req
         .headers()
@@ -408,7 +427,7 @@ async fn route(
                 if agent == own.agent && own.endpoints.iter().any(|e| e.eq_ignore_ascii_case(&endpoint)) =>
             {
                 match routes.agents.get(&agent).and_then(|r| r.endpoints.get(&endpoint)) {
-                    Some(addr) => forward(addr, &upstream, req, scheme).await,
+                    Some(addr) => forward(addr, &upstream, req, scheme, held).await,
                     None => bad_gateway(format!(
                         "moat: {endpoint}.{agent}.localhost is not routed yet (its container has no address)\n"
                     )),
@@ -461,7 +480,7 @@ async fn route(
         },
         Target::Endpoint(endpoint, agent) => {
             match routes.agents.get(&agent).and_then(|r| r.endpoints.get(&endpoint)) {
-                Some(addr) => forward(addr, &upstream, req, scheme).await,
+                Some(addr) => forward(addr, &upstream, req, scheme, held).await,
                 None => text(
                     StatusCode::NOT_FOUND,
                     html,
@@ -492,6 +511,7 @@ async fn forward(
     upstream: &Upstream,
     mut req: Request<Incoming>,
     scheme: &str,
+    held: Held,
 ) -> Response<Body> {
     let upgrade = req.headers().contains_key(header::UPGRADE);
     let mut kept = upstream.lock().await;
@@ -536,9 +556,20 @@ async fn forward(
     };
     if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
         let upstream_upgrade = hyper::upgrade::on(&mut resp);
-        tokio::spawn(async move {
+        // The relay holds the client connection's slot until it ends, and
+        // ends with the router.
+        let Held {
+            slot,
+            cancel,
+            tasks,
+        } = held;
+        tasks.spawn(async move {
             let counts = crate::net::Relayed::default();
-            crate::net::relay_upgraded(client_upgrade, upstream_upgrade, &counts).await;
+            tokio::select! {
+                _ = cancel.cancelled() => {}
+                _ = crate::net::relay_upgraded(client_upgrade, upstream_upgrade, &counts) => {}
+            }
+            drop(slot);
         });
     }
     resp.map(|b| {
