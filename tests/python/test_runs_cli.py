@@ -514,3 +514,33 @@ def test_the_readmes_main_job_prints_hello_from_moat(m):
     out = m("run", "--image", IMAGE, str(ROOT / "examples" / "minimal"), timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "hello from moat", out.stdout
+
+
+def test_the_supervisor_may_open_as_many_descriptors_as_the_host_allows(m):
+    """The run's proxy holds up to 4,096 connections, each with its
+    upstream: under the usual soft limit of 1,024 open files an agent's
+    connections would use up the supervisor's descriptors and cut off its
+    proxy, forwarders and router at once. The supervisor raises its soft
+    limit to the hard one."""
+    import resource
+    import subprocess
+    from runhelp import MOAT
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    low = min(1024, hard)
+    if low >= hard:
+        pytest.fail(f"this host's hard limit on open files is {hard}: nothing to raise")
+
+    def lowered():
+        resource.setrlimit(resource.RLIMIT_NOFILE, (low, hard))
+
+    out = subprocess.run([str(MOAT), "run", m.workspace(), "--image", IMAGE, "-d", "--", "sleep", "60"],
+                         capture_output=True, text=True, env=m.env, timeout=120,
+                         stdin=subprocess.DEVNULL, preexec_fn=lowered)
+    assert out.returncode == 0, out.stderr
+    run_id = out.stdout.strip()
+    pid = m.meta(run_id)["supervisor"][0]
+    limits = open(f"/proc/{pid}/limits").read()
+    line = next(l for l in limits.splitlines() if l.startswith("Max open files"))
+    got_soft, got_hard = line.split()[3:5]
+    assert int(got_soft) == hard and int(got_hard) == hard, line
+    m("stop", run_id, check=True)

@@ -53,11 +53,33 @@ pub fn supervise() -> i32 {
     if handoff.guard {
         return guard(&handoff);
     }
+    raise_descriptor_limit();
     match crate::rt::block_on(supervise_async(handoff)) {
         Ok(Ok(code)) => code,
         Ok(Err(e)) | Err(e) => {
             tracing::error!(error = %e, "the supervisor failed");
             2
+        }
+    }
+}
+
+/// Raises this process's soft limit on open descriptors to its hard limit:
+/// the run's proxy holds up to 4,096 client connections (each with its
+/// upstream), its forwarders and router more, and the usual soft limit of
+/// 1,024 would run out first, cutting all of them off at once.
+fn raise_descriptor_limit() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit and setrlimit read and write the struct given.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max
+        {
+            limit.rlim_cur = limit.rlim_max;
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                tracing::debug!("the descriptor limit cannot be raised");
+            }
         }
     }
 }
