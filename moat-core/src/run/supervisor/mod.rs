@@ -776,11 +776,17 @@ pub(crate) struct JsonlTrace {
 struct TraceFile {
     file: std::fs::File,
     written: u64,
+    limit: u64,
     lost: Option<(String, u64)>,
 }
 
+/// The most bytes a run's `network.jsonl` grows to: an agent sending
+/// requests with 60 KB URLs as fast as its proxy takes them would fill the
+/// host's disk (the moat home's and other runs') at gigabytes an hour.
+pub(crate) const TRACE_LIMIT: u64 = 256 << 20;
+
 impl JsonlTrace {
-    pub(crate) fn open(path: &Path) -> Result<JsonlTrace> {
+    pub(crate) fn open(path: &Path, limit: u64) -> Result<JsonlTrace> {
         let file = crate::paths::open_private(path, crate::paths::Open::Append)?;
         let written = file
             .metadata()
@@ -790,6 +796,7 @@ impl JsonlTrace {
             file: Mutex::new(TraceFile {
                 file,
                 written,
+                limit,
                 lost: None,
             }),
         })
@@ -813,6 +820,17 @@ impl TraceSink for JsonlTrace {
             return;
         }
         line.push(b'\n');
+        if f.written + line.len() as u64 > f.limit {
+            let limit = f.limit;
+            tracing::warn!(limit, "network.jsonl reached its limit");
+            let size = if limit >= 1 << 20 {
+                format!("{} MiB", limit >> 20)
+            } else {
+                format!("{limit} bytes")
+            };
+            f.lost = Some((format!("network.jsonl reached its limit of {size}"), 1));
+            return;
+        }
         match f.file.write_all(&line) {
             Ok(()) => f.written += line.len() as u64,
             Err(e) => {

@@ -361,7 +361,10 @@ impl Supervision {
             Listen::BeforeUp => builder.listen_before_up(SocketAddr::new(gateway, 0)),
         };
         let proxy = builder.start().await?;
-        let jsonl = Arc::new(JsonlTrace::open(&self.dir.join("network.jsonl"))?);
+        let jsonl = Arc::new(JsonlTrace::open(
+            &self.dir.join("network.jsonl"),
+            super::TRACE_LIMIT,
+        )?);
         self.built.trace = Some(jsonl.clone());
         let binding = self
             .built

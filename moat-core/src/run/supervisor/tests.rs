@@ -722,3 +722,30 @@ async fn an_agent_run_takes_its_image_state_and_environment_from_the_preset() {
     // The state stays for the next run of the workspace.
     assert!(state.join(".claude.json").is_file());
 }
+
+/// An agent's requests cannot grow the run's trace without bound: past its
+/// limit, records are counted, not kept, and the run's end says so.
+#[test]
+fn the_network_trace_stops_at_its_limit_and_counts_what_it_did_not_keep() {
+    use crate::trace::TraceSink;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("network.jsonl");
+    let trace = super::JsonlTrace::open(&path, 1000).unwrap();
+    for i in 0..50 {
+        trace.record(crate::trace::TraceRecord {
+            url: format!("https://blocked.test/{}", "x".repeat(i * 10)),
+            ..crate::trace::TraceRecord::default()
+        });
+    }
+    let size = std::fs::metadata(&path).unwrap().len();
+    assert!(size > 0 && size <= 1000, "{size}");
+    let kept = std::fs::read_to_string(&path).unwrap().lines().count();
+    let lost = trace.lost().unwrap();
+    assert_eq!(
+        lost,
+        format!(
+            "{} network trace records were not kept: network.jsonl reached its limit of 1000 bytes",
+            50 - kept
+        )
+    );
+}
