@@ -556,3 +556,42 @@ fn a_crash_while_reopening_is_not_taken_for_a_forgery() {
     assert_eq!((r.entries, r.unsigned), (5, 1));
     drop(w);
 }
+
+/// A log that reaches its size limit is handled as a full disk: the entry
+/// that would pass it fails, the writer turns unhealthy (the proxy then
+/// stops injecting credentials), later entries are counted, not written,
+/// and the closed log says how many, verifies and is final.
+#[test]
+fn a_log_at_its_size_limit_fails_closed_and_says_what_it_did_not_keep() {
+    let t = tempfile::tempdir().unwrap();
+    let (dir, home) = (t.path().join("run"), t.path().join("home"));
+    let w = AuditWriter::open_with_limit(&dir, &home, "run_test", 4000).unwrap();
+    let mut kept = 0;
+    let mut refused = 0;
+    for i in 0..100 {
+        match w.append(
+            "request",
+            json!({"i": i, "url": "https://blocked.test/xxxxxxxxxxxxxxxx"}),
+        ) {
+            Ok(_) => kept += 1,
+            Err(e) => {
+                assert!(
+                    e.to_string().contains("reached its limit of 4000 bytes"),
+                    "{e}"
+                );
+                refused += 1;
+            }
+        }
+    }
+    assert!(kept > 0 && refused > 0, "{kept} kept, {refused} refused");
+    assert!(w.healthy().unwrap_err().contains("reached its limit"));
+    w.close().unwrap();
+    let size = std::fs::metadata(dir.join("audit.jsonl")).unwrap().len();
+    let r = audit::verify(&dir, &home, None).unwrap();
+    assert!(r.ok && r.closed, "{:?}", r.problems);
+    let last: serde_json::Value = serde_json::from_str(lines(&dir).last().unwrap()).unwrap();
+    assert_eq!(last["type"], "entries_lost");
+    assert_eq!(last["data"]["entries"], refused);
+    // Past the limit by the closing note only.
+    assert!(size < 4000 + 1000, "{size}");
+}

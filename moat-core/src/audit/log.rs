@@ -346,8 +346,17 @@ struct State {
     last_checkpoint: u64,
     /// Bytes of `audit.jsonl` on disk and part of the log.
     committed: u64,
+    /// The most bytes `audit.jsonl` grows to ([`AUDIT_LIMIT`]).
+    limit: u64,
     _lock: File,
 }
+
+/// The most bytes one audit log grows to. Past it the log is treated as a
+/// full disk would be: the entries that follow are counted, not written,
+/// the proxy stops injecting credentials, and the final note and checkpoint
+/// say so. (An agent's refused requests, each audited, would otherwise fill
+/// the host's disk.)
+pub const AUDIT_LIMIT: u64 = 1 << 30;
 
 /// Why a checkpoint is signed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -470,6 +479,11 @@ impl AuditWriter {
     /// Opens (or continues) the log in `dir` with origin `moat/<name>`. Fails
     /// when another writer holds the log (after waiting up to 2 s for it).
     pub fn open(dir: &Path, home: &Path, name: &str) -> Result<AuditWriter> {
+        Self::open_with_limit(dir, home, name, AUDIT_LIMIT)
+    }
+
+    /// [`AuditWriter::open`], with `audit.jsonl` bounded at `limit` bytes.
+    pub fn open_with_limit(dir: &Path, home: &Path, name: &str, limit: u64) -> Result<AuditWriter> {
         paths::private_dir(dir)?;
         let lock_path = dir.join("audit.lock");
         let lock = paths::open_private(&lock_path, paths::Open::Keep)?;
@@ -502,6 +516,7 @@ impl AuditWriter {
         let mut state = State {
             file,
             committed,
+            limit,
             checkpoints,
             dir: dir.to_path_buf(),
             home: home.to_path_buf(),
@@ -673,6 +688,19 @@ impl State {
             buf.push_str(line);
             buf.push('\n');
         }
+        if self.committed + buf.len() as u64 > self.limit {
+            return Err(format!(
+                "the audit log {} reached its limit of {} bytes",
+                self.dir.join("audit.jsonl").display(),
+                self.limit
+            ));
+        }
+        self.commit_bytes(&buf, staged)
+    }
+
+    /// Writes `buf` (the staged lines) whatever the limit: the note that
+    /// closes a log which reached it must still be written.
+    fn commit_bytes(&mut self, buf: &str, staged: &[Staged]) -> std::result::Result<(), String> {
         let written = self
             .file
             .write_all(buf.as_bytes())
@@ -784,7 +812,12 @@ fn close_log(
             },
         });
         let staged = st.stage(vec![Msg::Entry(note, None, 0)]);
-        st.commit(&staged).map_err(|e| {
+        let buf = staged.iter().fold(String::new(), |mut b, (line, ..)| {
+            b.push_str(line);
+            b.push('\n');
+            b
+        });
+        st.commit_bytes(&buf, &staged).map_err(|e| {
             format!(
                 "{lost} audit entries could not be written ({}), nor a note of it: {e}",
                 why.as_deref().unwrap_or("")
