@@ -132,10 +132,7 @@ mod proxy_facade {
             let mut credentials = options.credentials;
             let mut phases = Vec::new();
             if !options.grants.is_empty() {
-                let home = match &options.home {
-                    Some(h) => h.clone(),
-                    None => crate::paths::moat_home()?,
-                };
+                let home = crate::paths::home_or_default(options.home.as_deref())?;
                 let session = options.name.clone().unwrap_or_else(|| "moat".to_string());
                 let grants = options
                     .grants
@@ -150,10 +147,7 @@ mod proxy_facade {
                 phases = binding.take_phases();
                 credentials.extend(binding.credentials);
             }
-            let home_dir = match &options.home {
-                Some(h) => h.clone(),
-                None => crate::paths::moat_home()?,
-            };
+            let home_dir = crate::paths::home_or_default(options.home.as_deref())?;
             let name = options.name.clone().unwrap_or_else(|| "client".to_string());
             let audit_log = match &options.audit_dir {
                 Some(dir) => Some(Arc::new(crate::audit::AuditWriter::open(

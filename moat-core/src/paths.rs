@@ -19,6 +19,23 @@ pub fn moat_home() -> Result<PathBuf> {
     }
 }
 
+/// The moat home a caller gave, else the default ([`moat_home`]): an empty
+/// path is none given (as an empty `MOAT_HOME` is), and a relative one is
+/// made absolute now, so that the files under it (the CA bundle a child
+/// process is pointed at) mean the same from any directory.
+pub fn home_or_default(home: Option<&Path>) -> Result<PathBuf> {
+    let home = match home.filter(|h| !h.as_os_str().is_empty()) {
+        Some(h) => h.to_path_buf(),
+        None => moat_home()?,
+    };
+    if home.is_absolute() {
+        return Ok(home);
+    }
+    std::env::current_dir()
+        .map(|cwd| cwd.join(&home))
+        .map_err(|e| Error::io(&home, "make absolute (the current directory is unknown)", e))
+}
+
 /// Creates `dir` (and its missing parents, all 0700) and makes it private
 /// (0700).
 pub(crate) fn private_dir(dir: &Path) -> Result<()> {

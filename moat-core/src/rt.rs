@@ -7,9 +7,14 @@ use std::sync::OnceLock;
 
 use crate::error::{Error, ErrorKind, Result};
 
-static RUNTIME: OnceLock<std::result::Result<tokio::runtime::Runtime, String>> = OnceLock::new();
+/// The runtime, and the process that made it.
+type Made = std::result::Result<(u32, tokio::runtime::Runtime), String>;
 
-/// The process-wide runtime of the blocking calls.
+static RUNTIME: OnceLock<Made> = OnceLock::new();
+
+/// The process-wide runtime of the blocking calls. In a child forked after
+/// it was made, an error: the child has the runtime's memory but none of
+/// its threads, so anything run on it would wait forever.
 pub fn runtime() -> Result<&'static tokio::runtime::Runtime> {
     let rt = RUNTIME.get_or_init(|| {
         tokio::runtime::Builder::new_multi_thread()
@@ -17,10 +22,19 @@ pub fn runtime() -> Result<&'static tokio::runtime::Runtime> {
             .thread_name("moat-worker")
             .enable_all()
             .build()
+            .map(|rt| (std::process::id(), rt))
             .map_err(|e| format!("cannot start the moat runtime: {e}"))
     });
-    rt.as_ref()
-        .map_err(|e| Error::new(ErrorKind::Internal, e.clone()))
+    match rt {
+        Ok((pid, rt)) if *pid == std::process::id() => Ok(rt),
+        Ok((pid, _)) => Err(Error::new(
+            ErrorKind::InvalidArgument,
+            format!(
+                "moat was started in process {pid} and this is a child forked from it, which has none of its threads: use moat in a child only after exec (multiprocessing's \"spawn\" or \"forkserver\"), or start it only in the child"
+            ),
+        )),
+        Err(e) => Err(Error::new(ErrorKind::Internal, e.clone())),
+    }
 }
 
 /// Runs `fut` to completion on the process-wide runtime, blocking this

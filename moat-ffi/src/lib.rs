@@ -1053,10 +1053,8 @@ pub unsafe extern "C" fn moat_proxy_free(proxy: *mut moat_proxy) {
 }
 
 fn home_or_default(home: Option<&str>) -> Result<PathBuf, moat_error> {
-    match home {
-        Some(h) => Ok(PathBuf::from(h)),
-        None => moat_core::paths::moat_home().map_err(|e| moat_error::from_error(&e)),
-    }
+    moat_core::paths::home_or_default(home.map(std::path::Path::new))
+        .map_err(|e| moat_error::from_error(&e))
 }
 
 fn to_json<T: serde::Serialize>(value: &T) -> Result<CString, moat_error> {

@@ -569,10 +569,7 @@ impl Proxy {
 }
 
 pub(crate) fn home_or_default(py: Python<'_>, home: Option<PathBuf>) -> PyResult<PathBuf> {
-    match home {
-        Some(h) => Ok(h),
-        None => moat_core::paths::moat_home().map_err(|e| to_py_err(py, &e)),
-    }
+    moat_core::paths::home_or_default(home.as_deref()).map_err(|e| to_py_err(py, &e))
 }
 
 /// Stores a credential for `provider` in the moat home's encrypted store.

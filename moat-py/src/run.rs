@@ -368,7 +368,8 @@ impl Run {
     fn wait(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<Option<i64>> {
         let home = &self.home;
         let id = &self.id;
-        let deadline = seconds(py, timeout)?.map(|t| std::time::Instant::now() + t);
+        // A deadline past what the clock can say (timeout=1e19) is none.
+        let deadline = seconds(py, timeout)?.and_then(|t| std::time::Instant::now().checked_add(t));
         loop {
             // Short waits without the GIL, so Ctrl+C gets through between.
             let slice = match deadline {
@@ -530,12 +531,14 @@ impl Run {
 fn seconds(py: Python<'_>, timeout: Option<f64>) -> PyResult<Option<Duration>> {
     match timeout {
         None => Ok(None),
-        Some(t) => Duration::try_from_secs_f64(t).map(Some).map_err(|_| {
-            bad(
-                py,
-                format!("timeout: {t} is not a number of seconds (a finite number, 0 or more)"),
-            )
-        }),
+        // Longer than a Duration holds (1e300) is as good as forever.
+        Some(t) if t.is_finite() && t >= 0.0 => Ok(Some(
+            Duration::try_from_secs_f64(t).unwrap_or(Duration::MAX),
+        )),
+        Some(t) => Err(bad(
+            py,
+            format!("timeout: {t} is not a number of seconds (a finite number, 0 or more)"),
+        )),
     }
 }
 
@@ -625,7 +628,12 @@ impl LogStream {
     ///     InvalidArgumentError: `timeout` is negative or not finite.
     ///     MoatIOError: logs.jsonl cannot be read.
     fn _poll(&mut self, py: Python<'_>, timeout: f64) -> PyResult<(bool, Vec<PyChunk>)> {
-        let deadline = std::time::Instant::now() + seconds(py, Some(timeout))?.unwrap_or_default();
+        let wait = seconds(py, Some(timeout))?.unwrap_or_default();
+        let now = std::time::Instant::now();
+        // Past what the clock can say: a day is as long as anyone polls.
+        let deadline = now
+            .checked_add(wait)
+            .unwrap_or(now + Duration::from_secs(86_400));
         let mut last = false;
         loop {
             if !self.pending.is_empty() || self.finished {

@@ -453,3 +453,59 @@ def test_the_wheel_is_manylinux_with_its_metadata(tmp_path):
                   "Description-Content-Type: text/markdown"):
         assert field in meta, field
     assert "pip install ." in meta, "the README says how to install the module"
+
+
+@pytest.mark.one_engine
+def test_an_empty_home_is_the_default_and_a_relative_one_is_made_absolute(tmp_path, monkeypatch):
+    """`home=""` meant the current directory: even `moat.grants(home="")`
+    made an encryption key and a credential store there, and a proxy's CA
+    bundle was handed to child processes by a relative path. Empty is none
+    given, as an empty MOAT_HOME is; a relative home is made absolute."""
+    cwd, default = tmp_path / "cwd", tmp_path / "default-home"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    monkeypatch.setenv("MOAT_HOME", str(default))
+    assert moat.grants(home="") == []
+    with moat.Proxy(home="") as p:
+        assert os.path.isabs(p.ca_cert_path) and p.ca_cert_path.startswith(str(default)), p.ca_cert_path
+    assert list(cwd.iterdir()) == []
+    with moat.Proxy(home="rel") as p:
+        assert p.ca_cert_path.startswith(str(cwd / "rel")), p.ca_cert_path
+
+
+@pytest.mark.one_engine
+def test_moat_in_a_child_forked_after_it_started_is_an_error_not_a_hang(tmp_path):
+    """A child forked after moat started has its runtime's memory but none
+    of its threads: a proxy started there reported an address, never
+    accepted, and its close never returned (with the GIL released, so not
+    even Ctrl+C). Now every call there says why, at once."""
+    import warnings
+    warnings.simplefilter("ignore", DeprecationWarning)  # fork with threads
+    p = moat.Proxy(home=tmp_path / "home")
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(r)
+        try:
+            moat.Proxy(home=tmp_path / "home")
+            said = b"started"
+        except moat.InvalidArgumentError as e:
+            said = b"refused: " + str(e).encode()
+        except BaseException as e:  # noqa: BLE001 - reported to the parent
+            said = b"other: " + repr(e).encode()
+        os.write(w, said)
+        os._exit(0)
+    os.close(w)
+    try:
+        deadline = time.time() + 20
+        while os.waitpid(pid, os.WNOHANG)[0] == 0:
+            if time.time() > deadline:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+                pytest.fail("moat in the forked child hung")
+            time.sleep(0.1)
+        said = os.read(r, 4096).decode()
+    finally:
+        os.close(r)
+        p.close()
+    assert said.startswith("refused: ") and "forked" in said, said

@@ -278,6 +278,21 @@ def test_moat_home_and_the_engine_socket_are_never_mounted(home, tmp_path):
     assert moat.runs(home=home) == []
 
 
+def test_a_timeout_longer_than_the_clock_can_count_is_forever_not_a_panic(home, workspace):
+    """1e19 s overflowed the deadline (a PanicException, past `except
+    Exception`); 1e300 was called not finite. Both are waits as long as it
+    takes."""
+    r = moat.run(workspace, image=IMAGE, command=["true"], detach=True, home=home)
+    try:
+        assert r.wait(timeout=1e19) == 0
+        assert r.wait(timeout=1e300) == 0
+        stream = r.logs(follow=True)
+        assert stream._poll(1e19)[0] is True
+    finally:
+        r.destroy()
+    assert moat.run(workspace, image=IMAGE, command=["true"], timeout=1e19, home=home).exit_code == 0
+
+
 @pytest.mark.parametrize("timeout", [-1.0, float("nan"), float("inf")])
 def test_a_bad_timeout_is_an_error_not_a_panic(home, workspace, timeout):
     with pytest.raises(moat.InvalidArgumentError, match="timeout"):

@@ -385,10 +385,7 @@ impl ProxyBuilder {
     /// Creates or loads the CA, binds the listener and starts serving. Must
     /// be called inside a tokio runtime.
     pub async fn start(self) -> Result<Proxy> {
-        let home = match self.home {
-            Some(h) => h,
-            None => crate::paths::moat_home()?,
-        };
+        let home = crate::paths::home_or_default(self.home.as_deref())?;
         let ca = CertificateAuthority::load_or_create(&home.join("proxy").join("ca"))?;
         let listener = crate::net::listen(self.listen, self.listen_at).map_err(|e| {
             Error::new(

@@ -310,7 +310,8 @@ fn wait_from(
     last: Option<RunMeta>,
 ) -> Result<RunMeta> {
     let dir = run_dir(home, id);
-    let deadline = timeout.map(|t| std::time::Instant::now() + t);
+    // A deadline past what the clock can say is none (wait as long as it takes).
+    let deadline = timeout.and_then(|t| std::time::Instant::now().checked_add(t));
     let mut delay = Duration::from_millis(2);
     let mut last = last;
     loop {
