@@ -69,8 +69,11 @@ mod proxy_facade {
     /// A proxy with one registered client, run on the facade's runtime: what
     /// a harness needs to run any subprocess through moat.
     pub struct BlockingProxy {
-        proxy: Option<Proxy>,
-        audit_log: Option<Arc<crate::audit::AuditWriter>>,
+        /// Taken by the first `close`: every method takes `&self`, so that
+        /// a caller may share one proxy between threads (one closing it
+        /// while another reads its trace).
+        proxy: std::sync::Mutex<Option<Proxy>>,
+        audit_log: std::sync::Mutex<Option<Arc<crate::audit::AuditWriter>>>,
         client: ClientHandle,
         sink: Arc<MemorySink>,
         url: String,
@@ -83,7 +86,7 @@ mod proxy_facade {
         fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
             f.debug_struct("BlockingProxy")
                 .field("address", &self.address)
-                .field("open", &self.proxy.is_some())
+                .field("open", &self.is_open())
                 .finish_non_exhaustive()
         }
     }
@@ -177,8 +180,8 @@ mod proxy_facade {
                 address: proxy.local_addr().to_string(),
                 ca_cert_path: proxy.ca_cert_path().to_path_buf(),
                 env: proxy.client_env(&client),
-                proxy: Some(proxy),
-                audit_log,
+                proxy: std::sync::Mutex::new(Some(proxy)),
+                audit_log: std::sync::Mutex::new(audit_log),
                 client,
                 sink,
             })
@@ -239,16 +242,20 @@ mod proxy_facade {
 
         /// Is the proxy still serving?
         pub fn is_open(&self) -> bool {
-            self.proxy.is_some()
+            self.proxy.lock().is_ok_and(|p| p.is_some())
         }
 
         /// Stops the proxy and waits for its connections to end. Closing
         /// twice is fine.
-        pub fn close(&mut self) -> Result<()> {
-            if let Some(proxy) = self.proxy.take() {
+        pub fn close(&self) -> Result<()> {
+            // Taken out under the lock, shut down outside it: a concurrent
+            // close returns at once, a reader never waits for the shutdown.
+            let proxy = self.proxy.lock().ok().and_then(|mut p| p.take());
+            if let Some(proxy) = proxy {
                 block_on(proxy.shutdown())?;
             }
-            if let Some(log) = self.audit_log.take() {
+            let log = self.audit_log.lock().ok().and_then(|mut l| l.take());
+            if let Some(log) = log {
                 log.close()?;
             }
             Ok(())

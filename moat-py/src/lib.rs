@@ -385,7 +385,9 @@ pub(crate) fn json_to_py<T: serde::Serialize>(py: Python<'_>, value: &T) -> PyRe
 ///     ConfigError: A grant in `grants` is not stored.
 ///     MoatIOError: `upstream_ca`, the CA or `audit_dir` cannot be read or
 ///         written, or `listen` cannot be bound.
-#[pyclass(module = "moat")]
+// frozen: one proxy may be shared by threads (one closing it while
+// another reads its trace); its state is behind locks of its own.
+#[pyclass(module = "moat", frozen)]
 struct Proxy {
     inner: BlockingProxy,
 }
@@ -536,8 +538,8 @@ impl Proxy {
     ///
     /// Raises:
     ///     MoatIOError: The audit log could not be finished.
-    fn close(&mut self, py: Python<'_>) -> PyResult<()> {
-        let inner = &mut self.inner;
+    fn close(&self, py: Python<'_>) -> PyResult<()> {
+        let inner = &self.inner;
         py.detach(|| inner.close()).map_err(|e| to_py_err(py, &e))
     }
     fn __enter__(slf: PyRef<'_, Self>) -> PyRef<'_, Self> {
@@ -545,7 +547,7 @@ impl Proxy {
     }
     /// Leaving a `with` block closes the proxy; exceptions propagate.
     fn __exit__(
-        &mut self,
+        &self,
         py: Python<'_>,
         exc_type: Option<Py<PyAny>>,
         exc: Option<Py<PyAny>>,

@@ -509,3 +509,35 @@ def test_moat_in_a_child_forked_after_it_started_is_an_error_not_a_hang(tmp_path
         os.close(r)
         p.close()
     assert said.startswith("refused: ") and "forked" in said, said
+
+
+@pytest.mark.one_engine
+def test_one_proxy_may_be_read_by_one_thread_while_another_closes_it(tmp_path):
+    """A read while close() ran raised RuntimeError('Already mutably
+    borrowed'), and a close() while another thread read raised 'Already
+    borrowed' and left the proxy serving."""
+    import threading
+    errors = []
+    for _ in range(30):
+        p = moat.Proxy(home=tmp_path / "home")
+        stop = threading.Event()
+
+        def reader():
+            while not stop.is_set():
+                try:
+                    p.url, p.env(), p.trace(), p.dropped, p.closed
+                except Exception as e:  # noqa: BLE001 - what the test looks for
+                    errors.append(e)
+                    return
+
+        t = threading.Thread(target=reader)
+        t.start()
+        time.sleep(0.01)
+        try:
+            p.close()
+        except Exception as e:  # noqa: BLE001
+            errors.append(e)
+        stop.set()
+        t.join()
+        assert p.closed
+    assert errors == []
