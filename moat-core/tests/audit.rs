@@ -595,3 +595,35 @@ fn a_log_at_its_size_limit_fails_closed_and_says_what_it_did_not_keep() {
     // Past the limit by the closing note only.
     assert!(size < 4000 + 1000, "{size}");
 }
+
+/// A closed log opened and closed again with nothing appended stays as it
+/// was (a proxy started and stopped on one audit directory added two
+/// checkpoints each time, and every start verified them all); the first
+/// entry after a close still comes after a `reopened` checkpoint.
+#[test]
+fn reopening_a_closed_log_adds_nothing_until_an_entry_follows() {
+    let t = tempfile::tempdir().unwrap();
+    let (dir, home) = (t.path().join("run"), t.path().join("home"));
+    write(&dir, &home, 3);
+    let checkpoints = || std::fs::read_to_string(dir.join("checkpoints.jsonl")).unwrap();
+    let before = checkpoints();
+    for _ in 0..5 {
+        AuditWriter::open(&dir, &home, "run_test")
+            .unwrap()
+            .close()
+            .unwrap();
+    }
+    assert_eq!(checkpoints(), before);
+    let r = audit::verify(&dir, &home, None).unwrap();
+    assert!(r.ok && r.closed && r.entries == 3, "{:?}", r.problems);
+    write(&dir, &home, 1);
+    let after = checkpoints();
+    let added: Vec<&str> = after[before.len()..].lines().collect();
+    assert_eq!(added.len(), 2, "{added:?}");
+    assert!(
+        added[0].contains("reopened") && added[1].contains("final"),
+        "{added:?}"
+    );
+    let r = audit::verify(&dir, &home, None).unwrap();
+    assert!(r.ok && r.closed && r.entries == 4, "{:?}", r.problems);
+}

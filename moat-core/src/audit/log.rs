@@ -348,6 +348,12 @@ struct State {
     committed: u64,
     /// The most bytes `audit.jsonl` grows to ([`AUDIT_LIMIT`]).
     limit: u64,
+    /// A closed log was opened again and nothing appended yet: its
+    /// `reopened` checkpoint is signed before the first new entry, and a
+    /// close with none leaves the log as it was (a proxy started and
+    /// stopped on one audit directory, over and over, would add two
+    /// checkpoints a time, each verified at every later start).
+    reopen_pending: bool,
     _lock: File,
 }
 
@@ -517,6 +523,7 @@ impl AuditWriter {
             file,
             committed,
             limit,
+            reopen_pending: false,
             checkpoints,
             dir: dir.to_path_buf(),
             home: home.to_path_buf(),
@@ -527,14 +534,10 @@ impl AuditWriter {
             last_checkpoint: report.checkpoints.last().map_or(0, |c| c.size),
             _lock: lock,
         };
-        if report.checkpoints.last().is_some_and(|c| c.is_final) {
-            // Opened again after it was closed: a checkpoint that is not
-            // final says so, so the entries that follow are not taken for
-            // ones forged after the close.
-            state
-                .checkpoint(Signing::Reopened)
-                .map_err(|e| bad(ErrorKind::Io, e))?;
-        }
+        // Opened again after it was closed: before any entry follows, a
+        // checkpoint that is not final says so, so the entries that follow
+        // are not taken for ones forged after the close.
+        state.reopen_pending = report.checkpoints.last().is_some_and(|c| c.is_final);
         let (tx, rx) = mpsc::sync_channel(MAX_QUEUED);
         let failed: Arc<Mutex<Option<String>>> = Arc::default();
         let thread_failed = failed.clone();
@@ -683,6 +686,10 @@ impl State {
     /// A failed write leaves no part of them behind (the file is cut back to
     /// its committed length) and the state as it was.
     fn commit(&mut self, staged: &[Staged]) -> std::result::Result<(), String> {
+        if self.reopen_pending && !staged.is_empty() {
+            self.checkpoint(Signing::Reopened)?;
+            self.reopen_pending = false;
+        }
         let mut buf = String::new();
         for (line, ..) in staged {
             buf.push_str(line);
@@ -803,6 +810,14 @@ fn close_log(
     failed: &Mutex<Option<String>>,
 ) -> std::result::Result<(), String> {
     let why = failed.lock().ok().and_then(|f| f.clone());
+    if st.reopen_pending && lost == 0 && why.is_none() {
+        // Reopened and closed with nothing new: its final checkpoint stands.
+        return Ok(());
+    }
+    if st.reopen_pending {
+        st.checkpoint(Signing::Reopened)?;
+        st.reopen_pending = false;
+    }
     if lost > 0 || why.is_some() {
         let note = serde_json::json!({
             "type": "entries_lost",
