@@ -4,6 +4,11 @@
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
+#include <dirent.h>
+#include <signal.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <time.h>
 
 #include "moat.h"
 
@@ -340,6 +345,56 @@ static void test_aws_grant(const char *scratch) {
   CHECK(moat_revoke("aws", home, &removed, NULL) == MOAT_OK && removed);
 }
 
+/* An empty home is the default (as an empty MOAT_HOME is), never the
+   current directory; moat in a child forked after it started says so at
+   once instead of waiting forever for threads the child does not have. */
+static void test_home_and_fork(const char *scratch) {
+  char cwd[4096], here[4096], fallback[4096];
+  CHECK(getcwd(cwd, sizeof cwd) != NULL);
+  snprintf(here, sizeof here, "%s/empty-home-cwd", scratch);
+  snprintf(fallback, sizeof fallback, "%s/default-home", scratch);
+  mkdir(here, 0700);
+  CHECK(chdir(here) == 0);
+  const char *old = getenv("MOAT_HOME");
+  char *saved = old ? strdup(old) : NULL;
+  setenv("MOAT_HOME", fallback, 1);
+  char *json = NULL;
+  CHECK(moat_grants_json("", &json, NULL) == MOAT_OK);
+  moat_string_free(json);
+  int entries = 0;
+  DIR *d = opendir(here);
+  CHECK(d != NULL);
+  for (struct dirent *e; d && (e = readdir(d));)
+    if (strcmp(e->d_name, ".") && strcmp(e->d_name, "..")) entries++;
+  if (d) closedir(d);
+  CHECK(entries == 0);
+  if (saved) { setenv("MOAT_HOME", saved, 1); free(saved); } else unsetenv("MOAT_HOME");
+  CHECK(chdir(cwd) == 0);
+
+  moat_proxy_options *o = moat_proxy_options_new();
+  CHECK(moat_proxy_options_set(o, "home", fallback, NULL) == MOAT_OK);
+  moat_proxy *proxy = NULL;
+  CHECK(moat_proxy_start(o, &proxy, NULL) == MOAT_OK);
+  pid_t pid = fork();
+  if (pid == 0) {
+    moat_proxy *child = NULL;
+    moat_error *err = NULL;
+    int ok = moat_proxy_start(o, &child, &err) == MOAT_ERR_INVALID_ARGUMENT && child == NULL &&
+             err && strstr(moat_error_message(err), "forked");
+    _exit(ok ? 0 : 1);
+  }
+  int status = -1, waited = 0;
+  for (int i = 0; i < 200 && !waited; i++) {
+    waited = waitpid(pid, &status, WNOHANG) == pid;
+    if (!waited) nanosleep(&(struct timespec){0, 100000000}, NULL);
+  }
+  if (!waited) { kill(pid, SIGKILL); waitpid(pid, &status, 0); }
+  CHECK(waited && WIFEXITED(status) && WEXITSTATUS(status) == 0);
+  CHECK(moat_proxy_close(proxy, NULL) == MOAT_OK);
+  moat_proxy_free(proxy);
+  moat_proxy_options_free(o);
+}
+
 int main(int argc, char **argv) {
   if (argc != 4) {
     fprintf(stderr, "usage: %s SCRATCH_DIR UPSTREAM_PORT UPSTREAM_CA\n", argv[0]);
@@ -352,6 +407,7 @@ int main(int argc, char **argv) {
   test_grants(argv[1], argv[2], argv[3]);
   test_ssh_grant(argv[1]);
   test_aws_grant(argv[1]);
+  test_home_and_fork(argv[1]);
   printf("%d passed, %d failed\n", passed, failed);
   return failed == 0 ? 0 : 1;
 }
