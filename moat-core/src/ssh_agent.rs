@@ -56,6 +56,9 @@ const IDLE_TIMEOUT: Duration = Duration::from_secs(120);
 /// Refused requests on one connection before it is closed (each is an
 /// audit entry).
 const MAX_REFUSALS: usize = 16;
+/// Requests on one connection before it is closed (each is an audit entry;
+/// an OpenSSH login makes a handful).
+const MAX_REQUESTS: usize = 256;
 /// Connections a forwarder carries at once.
 pub const MAX_FORWARDED: usize = 64;
 
@@ -210,9 +213,28 @@ impl FilterAgent {
     async fn connection(&self, mut stream: UnixStream) {
         let mut session = Session::default();
         let mut upstream = None;
-        while let Ok(Ok(Some(msg))) =
-            tokio::time::timeout(IDLE_TIMEOUT, read_message(&mut stream)).await
-        {
+        let mut requests = 0usize;
+        loop {
+            let msg = match tokio::time::timeout(IDLE_TIMEOUT, read_message(&mut stream)).await {
+                Ok(Ok(Some(msg))) => msg,
+                // The client closed it, or went quiet.
+                Ok(Ok(None)) | Err(_) => return,
+                Ok(Err(e)) => {
+                    self.record(Decision::refused(
+                        "close",
+                        format!("a malformed message: {e}"),
+                    ));
+                    return;
+                }
+            };
+            requests += 1;
+            if requests > MAX_REQUESTS {
+                self.record(Decision::refused(
+                    "close",
+                    format!("more than {MAX_REQUESTS} requests on one connection"),
+                ));
+                return;
+            }
             let reply = self.handle(&mut session, &mut upstream, &msg).await;
             if reply == [FAILURE] {
                 session.refused += 1;
@@ -228,6 +250,11 @@ impl FilterAgent {
                 return;
             }
         }
+    }
+
+    /// Why the audit log cannot be written, if it cannot.
+    fn audit_broken(&self) -> Option<String> {
+        self.audit.as_ref().and_then(|a| a.healthy().err())
     }
 
     fn record(&self, d: Decision) {
@@ -382,6 +409,15 @@ impl FilterAgent {
             Err(reason) => {
                 self.tell(&reason);
                 self.record(Decision::sign(bound_host, &fp, false, Some(reason)));
+                vec![FAILURE]
+            }
+            // Fail closed, as the proxy does: no signature the audit log
+            // cannot record.
+            Ok(host) if self.audit_broken().is_some() => {
+                let why = self.audit_broken().unwrap_or_default();
+                let reason = format!("the audit log cannot be written ({why}); nothing is signed");
+                self.tell(&reason);
+                self.record(Decision::sign(Some(host), &fp, false, Some(reason)));
                 vec![FAILURE]
             }
             Ok(host) => match self.ask(upstream, msg).await {
@@ -771,17 +807,46 @@ where
     }
 }
 
-async fn forward_one(mut inbound: tokio::net::TcpStream, to: &Forward) {
-    let started = Instant::now();
-    let mut record = TraceRecord {
-        time: crate::trace::now_rfc3339(),
-        client: to.client.clone(),
-        method: "SSH".into(),
-        url: format!("ssh://{}:{SSH_PORT}", to.host),
-        host: to.host.clone(),
-        port: SSH_PORT,
-        grant: Some(format!("ssh:{}", to.host)),
-        ..TraceRecord::default()
+/// A forwarded connection's record, written when the connection ends
+/// however it ends (closed, reset, or cut by the run's stop): with the
+/// bytes that passed either way, counted as they passed.
+struct Forwarded {
+    record: TraceRecord,
+    started: Instant,
+    up: Arc<std::sync::atomic::AtomicU64>,
+    down: Arc<std::sync::atomic::AtomicU64>,
+    trace: Option<Arc<dyn TraceSink>>,
+    audit: Option<Arc<dyn AuditSink>>,
+}
+
+impl Drop for Forwarded {
+    fn drop(&mut self) {
+        use std::sync::atomic::Ordering;
+        let mut record = std::mem::take(&mut self.record);
+        record.request_bytes = self.up.load(Ordering::Relaxed);
+        record.response_bytes = self.down.load(Ordering::Relaxed);
+        record.duration_ms = self.started.elapsed().as_secs_f64() * 1000.0;
+        crate::trace::emit(self.trace.as_ref(), self.audit.as_ref(), record);
+    }
+}
+
+async fn forward_one(inbound: tokio::net::TcpStream, to: &Forward) {
+    let mut done = Forwarded {
+        record: TraceRecord {
+            time: crate::trace::now_rfc3339(),
+            client: to.client.clone(),
+            method: "SSH".into(),
+            url: format!("ssh://{}:{SSH_PORT}", to.host),
+            host: to.host.clone(),
+            port: SSH_PORT,
+            grant: Some(format!("ssh:{}", to.host)),
+            ..TraceRecord::default()
+        },
+        started: Instant::now(),
+        up: Arc::default(),
+        down: Arc::default(),
+        trace: to.trace.clone(),
+        audit: to.audit.clone(),
     };
     match crate::proxy::upstream::dial(&to.host, SSH_PORT, &to.overrides, Duration::from_secs(10))
         .await
@@ -789,16 +854,14 @@ async fn forward_one(mut inbound: tokio::net::TcpStream, to: &Forward) {
         Ok(mut outbound) => {
             let _ = outbound.set_nodelay(true);
             let _ = inbound.set_nodelay(true);
-            if let Ok((up, down)) = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await
-            {
-                record.request_bytes = up;
-                record.response_bytes = down;
+            // Read from the client: up; written to it: down.
+            let mut inbound = crate::net::Metered::new(inbound, done.up.clone(), done.down.clone());
+            if let Err(e) = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await {
+                done.record.error = Some(e.to_string());
             }
         }
-        Err(e) => record.error = Some(e.to_string()),
+        Err(e) => done.record.error = Some(e.to_string()),
     }
-    record.duration_ms = started.elapsed().as_secs_f64() * 1000.0;
-    crate::trace::emit(to.trace.as_ref(), to.audit.as_ref(), record);
 }
 
 #[cfg(test)]

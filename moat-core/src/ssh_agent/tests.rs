@@ -112,6 +112,11 @@ impl Harness {
     /// Key A granted for git-a.test (host key `host_a`); key B held by the
     /// user's agent but not granted.
     async fn new() -> Harness {
+        Harness::with_audit(None).await
+    }
+
+    /// As `new`, with the audit log failing with `broken` when given.
+    async fn with_audit(broken: Option<&'static str>) -> Harness {
         let dir = tempfile::tempdir().unwrap();
         let (user_a, user_b, host_a, stranger) =
             (Key::new(1), Key::new(2), Key::new(3), Key::new(4));
@@ -120,11 +125,15 @@ impl Harness {
         let grant =
             HostGrant::new("git-a.test", &fingerprint(&user_a.blob()), &[host_a.line()]).unwrap();
         let audit = Arc::new(MemorySink::default());
+        let sink: Arc<dyn AuditSink> = match broken {
+            Some(why) => Arc::new(Broken(audit.clone(), why)),
+            None => audit.clone(),
+        };
         let agent = Arc::new(FilterAgent::new(
             "run_test",
             vec![grant],
             &upstream,
-            Some(audit.clone()),
+            Some(sink),
         ));
         let listener = bind_socket(&dir.path().join("ssh")).unwrap();
         let cancel = CancellationToken::new();
@@ -169,6 +178,19 @@ impl Harness {
                 _ => None,
             })
             .collect()
+    }
+}
+
+/// An audit log that can no longer be written (a full disk): it still
+/// shows what was offered to it.
+struct Broken(Arc<MemorySink>, &'static str);
+
+impl AuditSink for Broken {
+    fn event(&self, event: AuditEvent) {
+        self.0.event(event);
+    }
+    fn healthy(&self) -> std::result::Result<(), String> {
+        Err(self.1.to_string())
     }
 }
 
@@ -438,6 +460,15 @@ async fn malformed_and_oversized_messages_end_the_connection_not_the_agent() {
         .unwrap()
         .unwrap_or(0);
     assert_eq!(n, 0);
+    // And the close is audited, as every decision is.
+    assert!(h
+        .decisions()
+        .iter()
+        .any(|(op, allowed, reason)| op == "close"
+            && !allowed
+            && reason
+                .as_deref()
+                .is_some_and(|r| r.contains("malformed message"))));
     // Others are served.
     let mut s = h.connect().await;
     let answer = ask(&mut s, &[REQUEST_IDENTITIES]).await;
@@ -741,5 +772,116 @@ async fn a_refusal_is_told_once_in_the_runs_output() {
     assert_eq!(told.len(), 1, "{told:?}");
     assert!(told[0].starts_with("moat: the run's SSH agent refused to sign: "));
     assert!(told[0].contains("OpenSSH 8.9"), "{}", told[0]);
+    cancel.cancel();
+}
+
+/// As the proxy does, the agent fails closed: with the audit log broken (a
+/// full disk, or filled on purpose by a flood of audited requests) it signs
+/// nothing, not even a login it would allow.
+#[tokio::test]
+async fn nothing_is_signed_when_the_audit_log_cannot_be_written() {
+    let h = Harness::with_audit(Some("no space left on device")).await;
+    let mut s = h.connect().await;
+    let bind = bind_msg(&h.host_a, SID, &h.host_a.sign(SID), false);
+    assert_eq!(ask(&mut s, &bind).await, vec![SUCCESS]);
+    let data = userauth(SID, &h.user_a.blob(), None);
+    assert_eq!(
+        ask(&mut s, &sign_msg(&h.user_a.blob(), &data)).await,
+        vec![FAILURE]
+    );
+    assert_eq!(h.upstream_signs(), 0);
+    assert!(h
+        .decisions()
+        .iter()
+        .any(|(op, allowed, reason)| op == "sign"
+            && !allowed
+            && reason
+                .as_deref()
+                .is_some_and(|r| r.contains("audit log cannot be written"))));
+}
+
+/// Allowed requests are audited too, so one connection may make only so
+/// many: a flood of key listings is closed, and says why.
+#[tokio::test]
+async fn a_connection_making_too_many_requests_is_closed_and_audited() {
+    let h = Harness::new().await;
+    let mut s = h.connect().await;
+    for _ in 0..MAX_REQUESTS {
+        let answer = ask(&mut s, &[REQUEST_IDENTITIES]).await;
+        assert_eq!(answer[0], IDENTITIES_ANSWER);
+    }
+    write_message(&mut s, &[REQUEST_IDENTITIES]).await.unwrap();
+    let mut buf = [0u8; 1];
+    let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+        .await
+        .unwrap()
+        .unwrap_or(0);
+    assert_eq!(n, 0, "the connection was not closed");
+    assert!(h
+        .decisions()
+        .iter()
+        .any(|(op, allowed, reason)| op == "close"
+            && !allowed
+            && reason
+                .as_deref()
+                .is_some_and(|r| r.contains("more than 256 requests"))));
+}
+
+/// A forwarded connection's record keeps the bytes that passed however it
+/// ends: a client that resets its connection (which any agent can) once
+/// recorded 0 bytes each way, hiding what went through the granted host.
+#[tokio::test]
+async fn a_forwarded_connection_ended_by_a_reset_still_records_its_bytes() {
+    // The "SSH server": reads what comes, answers a banner.
+    let server = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let server_addr = server.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut c, _)) = server.accept().await {
+            tokio::spawn(async move {
+                let _ = c.write_all(b"SSH-2.0-test\r\n").await;
+                let mut buf = vec![0u8; 65536];
+                while let Ok(n) = c.read(&mut buf).await {
+                    if n == 0 {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    let mut overrides = crate::proxy::upstream::ResolveMap::new();
+    overrides.insert(("git-a.test".into(), SSH_PORT), server_addr);
+    let sink = Arc::new(MemorySink::default());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let at = listener.local_addr().unwrap();
+    let cancel = CancellationToken::new();
+    tokio::spawn(forward(
+        listener,
+        Forward {
+            client: "run_test".into(),
+            host: "git-a.test".into(),
+            overrides: Arc::new(overrides),
+            trace: Some(sink.clone()),
+            audit: Some(sink.clone()),
+        },
+        cancel.clone(),
+    ));
+    let mut c = tokio::net::TcpStream::connect(at).await.unwrap();
+    let mut banner = [0u8; 14];
+    c.read_exact(&mut banner).await.unwrap();
+    c.write_all(&[7u8; 100_000]).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // An abortive close: RST, not FIN.
+    c.set_zero_linger().unwrap();
+    drop(c);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let record = loop {
+        if let Some(r) = sink.records().into_iter().next() {
+            break r;
+        }
+        assert!(Instant::now() < deadline, "no record of the connection");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(record.request_bytes, 100_000, "{record:?}");
+    assert_eq!(record.response_bytes, 14, "{record:?}");
     cancel.cancel();
 }
