@@ -1756,7 +1756,14 @@ async fn judge_push(
     };
     let parsed = match tokio::time::timeout(within, read).await {
         Ok(Ok(p)) => p,
-        Ok(Err(why)) => return Err(refuse(out, why)),
+        Ok(Err(why)) => {
+            // What was held goes now; the rest is read (and dropped, within
+            // bounds) so that git reads the refusal rather than a reset.
+            drop(held);
+            drop(head);
+            drain(body, 1 << 20, std::time::Duration::from_secs(5)).await;
+            return Err(refuse(out, why));
+        }
         Err(_) => {
             return Err(refuse(
                 out,
