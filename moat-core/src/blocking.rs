@@ -242,7 +242,10 @@ mod proxy_facade {
 
         /// Is the proxy still serving?
         pub fn is_open(&self) -> bool {
-            self.proxy.lock().is_ok_and(|p| p.is_some())
+            self.proxy
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .is_some()
         }
 
         /// Stops the proxy and waits for its connections to end. Closing
@@ -250,11 +253,21 @@ mod proxy_facade {
         pub fn close(&self) -> Result<()> {
             // Taken out under the lock, shut down outside it: a concurrent
             // close returns at once, a reader never waits for the shutdown.
-            let proxy = self.proxy.lock().ok().and_then(|mut p| p.take());
+            // A lock poisoned by a panic elsewhere still holds the proxy:
+            // it is taken and shut down, never left serving unseen.
+            let proxy = self
+                .proxy
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .take();
             if let Some(proxy) = proxy {
                 block_on(proxy.shutdown())?;
             }
-            let log = self.audit_log.lock().ok().and_then(|mut l| l.take());
+            let log = self
+                .audit_log
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .take();
             if let Some(log) = log {
                 log.close()?;
             }

@@ -411,26 +411,39 @@ impl FilterAgent {
                 self.record(Decision::sign(bound_host, &fp, false, Some(reason)));
                 vec![FAILURE]
             }
-            // Fail closed, as the proxy does: no signature the audit log
-            // cannot record.
-            Ok(host) if self.audit_broken().is_some() => {
-                let why = self.audit_broken().unwrap_or_default();
-                let reason = format!("the audit log cannot be written ({why}); nothing is signed");
-                self.tell(&reason);
-                self.record(Decision::sign(Some(host), &fp, false, Some(reason)));
-                vec![FAILURE]
-            }
-            Ok(host) => match self.ask(upstream, msg).await {
-                Ok(answer) if answer.first() == Some(&SIGN_RESPONSE) => {
-                    self.record(Decision::sign(Some(host), &fp, true, None));
-                    answer
-                }
-                Ok(_) | Err(_) => {
-                    let reason = "the user's agent did not sign".to_string();
-                    self.record(Decision::sign(Some(host), &fp, true, Some(reason)));
+            Ok(host) => match self.audit_broken() {
+                // Fail closed, as the proxy does: no signature the audit
+                // log cannot record.
+                Some(why) => {
+                    let reason =
+                        format!("the audit log cannot be written ({why}); nothing is signed");
+                    self.tell(&reason);
+                    self.record(Decision::sign(Some(host), &fp, false, Some(reason)));
                     vec![FAILURE]
                 }
+                None => self.sign_upstream(upstream, msg, host, &fp).await,
             },
+        }
+    }
+
+    /// Asks the user's agent to sign an allowed login; audited either way.
+    async fn sign_upstream(
+        &self,
+        upstream: &mut Option<UnixStream>,
+        msg: &[u8],
+        host: String,
+        fp: &str,
+    ) -> Vec<u8> {
+        match self.ask(upstream, msg).await {
+            Ok(answer) if answer.first() == Some(&SIGN_RESPONSE) => {
+                self.record(Decision::sign(Some(host), fp, true, None));
+                answer
+            }
+            Ok(_) | Err(_) => {
+                let reason = "the user's agent did not sign".to_string();
+                self.record(Decision::sign(Some(host), fp, true, Some(reason)));
+                vec![FAILURE]
+            }
         }
     }
 

@@ -164,6 +164,13 @@ impl Harness {
             .count()
     }
 
+    /// Was `op` refused, audited with a reason that holds `why`?
+    fn refused_with(&self, op: &str, why: &str) -> bool {
+        self.decisions().iter().any(|(o, allowed, reason)| {
+            o == op && !allowed && reason.as_deref().is_some_and(|r| r.contains(why))
+        })
+    }
+
     fn decisions(&self) -> Vec<(String, bool, Option<String>)> {
         self.audit
             .events()
@@ -461,14 +468,7 @@ async fn malformed_and_oversized_messages_end_the_connection_not_the_agent() {
         .unwrap_or(0);
     assert_eq!(n, 0);
     // And the close is audited, as every decision is.
-    assert!(h
-        .decisions()
-        .iter()
-        .any(|(op, allowed, reason)| op == "close"
-            && !allowed
-            && reason
-                .as_deref()
-                .is_some_and(|r| r.contains("malformed message"))));
+    assert!(h.refused_with("close", "malformed message"));
     // Others are served.
     let mut s = h.connect().await;
     let answer = ask(&mut s, &[REQUEST_IDENTITIES]).await;
@@ -790,14 +790,7 @@ async fn nothing_is_signed_when_the_audit_log_cannot_be_written() {
         vec![FAILURE]
     );
     assert_eq!(h.upstream_signs(), 0);
-    assert!(h
-        .decisions()
-        .iter()
-        .any(|(op, allowed, reason)| op == "sign"
-            && !allowed
-            && reason
-                .as_deref()
-                .is_some_and(|r| r.contains("audit log cannot be written"))));
+    assert!(h.refused_with("sign", "audit log cannot be written"));
 }
 
 /// Allowed requests are audited too, so one connection may make only so
@@ -817,14 +810,7 @@ async fn a_connection_making_too_many_requests_is_closed_and_audited() {
         .unwrap()
         .unwrap_or(0);
     assert_eq!(n, 0, "the connection was not closed");
-    assert!(h
-        .decisions()
-        .iter()
-        .any(|(op, allowed, reason)| op == "close"
-            && !allowed
-            && reason
-                .as_deref()
-                .is_some_and(|r| r.contains("more than 256 requests"))));
+    assert!(h.refused_with("close", "more than 256 requests"));
 }
 
 /// A forwarded connection's record keeps the bytes that passed however it
